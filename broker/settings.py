@@ -1,0 +1,167 @@
+"""One typed settings object. Every setting is an env var and a CLI flag; the flag wins."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _setting(default: Any, env: str, help: str, roles: str = "edge worker dev") -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "roles": roles.split()})
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = _setting(
+        "redis://localhost:6379/0", "REDIS_URL", "Redis to use", "edge worker"
+    )
+    host: str = _setting(
+        "127.0.0.1", "BROKER_HOST",
+        "address the HTTP server binds (worker: its /metrics; cluster: HAProxy)",
+        "edge worker dev mock cluster",
+    )
+    port: int = _setting(
+        8000, "BROKER_PORT", "port the HTTP server listens on (cluster: HAProxy)",
+        "edge dev mock cluster",
+    )
+    openai_base_url: str | None = _setting(
+        None, "OPENAI_BASE_URL", "OpenAI-compatible API base URL (SDK default if unset)",
+        "worker dev cluster",
+    )
+    openai_api_key: str | None = _setting(
+        None, "OPENAI_API_KEY",
+        "API key for the LLM; `broker dev` and `broker cluster` use their mock LLM without one",
+        "worker dev cluster",
+    )
+    model: str = _setting(
+        "gpt-4o-mini", "BROKER_MODEL", "model when a request names none", "edge worker dev cluster"
+    )
+    flush_interval: float = _setting(
+        0.2, "BROKER_FLUSH_INTERVAL", "seconds text may wait in the sentence buffer", "worker dev"
+    )
+    max_message_chars: int = _setting(
+        400, "BROKER_MAX_MESSAGE_CHARS", "flush a message at this size even mid-sentence",
+        "worker dev",
+    )
+    keepalive_interval: float = _setting(
+        10.0, "BROKER_KEEPALIVE_INTERVAL", "seconds between SSE comment lines on an idle stream",
+        "edge dev",
+    )
+    probe_interval: float = _setting(
+        1.0, "BROKER_PROBE_INTERVAL", "seconds between delivery probes; /readyz fails after 3 lost",
+        "edge dev",
+    )
+    retry_ms: int = _setting(
+        1000, "BROKER_RETRY_MS", "reconnect delay the SSE stream advises (`retry:`)", "edge dev"
+    )
+    retention_ttl: float = _setting(
+        86400.0, "BROKER_RETENTION_TTL", "seconds a generation's keys live after its last event"
+    )
+    max_log_length: int = _setting(
+        10000, "BROKER_MAX_LOG_LENGTH", "events kept per generation log (older ones are trimmed)",
+        "worker edge dev",
+    )
+    job_shards: int = _setting(
+        1, "BROKER_JOB_SHARDS", "job queue streams (spread over Redis Cluster nodes); "
+        "every edge and worker must agree", "edge worker dev",
+    )
+    max_concurrency: int = _setting(
+        64, "BROKER_MAX_CONCURRENCY", "generations one worker runs at once", "worker dev"
+    )
+    max_body_bytes: int = _setting(
+        1 << 20, "BROKER_MAX_BODY_BYTES", "largest accepted request body", "edge dev"
+    )
+    lease_ttl: float = _setting(
+        5.0, "BROKER_LEASE_TTL", "seconds a worker's lease on a generation lasts unrenewed",
+        "worker dev",
+    )
+    llm_idle_timeout: float = _setting(
+        60.0, "BROKER_LLM_IDLE_TIMEOUT", "seconds without a token before the LLM call fails",
+        "worker dev",
+    )
+    llm_max_retries: int = _setting(
+        2, "BROKER_LLM_MAX_RETRIES", "retries of the LLM request before its first token",
+        "worker dev",
+    )
+    drain_timeout: float = _setting(
+        30.0, "BROKER_DRAIN_TIMEOUT", "seconds a stopping worker lets generations finish",
+        "worker dev",
+    )
+    replay_window: int = _setting(
+        512, "BROKER_REPLAY_WINDOW", "recent events an edge keeps in memory per generation",
+        "edge dev",
+    )
+    send_timeout: float = _setting(
+        30.0, "BROKER_SEND_TIMEOUT", "seconds a viewer may block a write before it is closed",
+        "edge dev",
+    )
+    redis_pool_size: int = _setting(
+        16, "BROKER_REDIS_POOL_SIZE", "Redis connections per process (pub/sub has its own)",
+        "edge worker",
+    )
+    worker_metrics_port: int = _setting(
+        9100, "BROKER_WORKER_METRICS_PORT", "port of the worker's own /metrics (0: none)",
+        "worker",
+    )
+    worker_id: str = _setting(
+        "", "BROKER_WORKER_ID", "consumer name in the jobs group (default: host-pid-random)",
+        "worker dev",
+    )
+    log_level: str = _setting(
+        "info", "BROKER_LOG_LEVEL", "logging level", "edge worker dev mock cluster"
+    )
+
+    def worker_name(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ) if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _base_type(f: dataclasses.Field[Any]) -> type:
+    annotation = str(f.type)
+    for name, typ in (("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return typ
+    return str
+
+
+def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    try:
+        return _base_type(f)(raw)
+    except ValueError as e:
+        expected = _base_type(f).__name__
+        raise SystemExit(f"{f.metadata['env']}: expected {expected}, got {raw!r}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
+    """One ``--flag`` per setting of ``role``; unset flags fall back to the env var."""
+    for f in dataclasses.fields(Settings):
+        if role not in f.metadata["roles"]:
+            continue
+        default = f.default if f.default not in ("", None) else "unset"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_base_type(f),
+            default=None,
+            help=f"{f.metadata['help']} [env {f.metadata['env']}; default {default}]",
+        )
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings.from_env(**{k: v for k, v in vars(args).items() if k in names})

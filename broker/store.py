@@ -1,0 +1,201 @@
+"""Redis operations on generations and jobs, shared by the edge and the worker.
+
+Names and formats come from ``broker.protocol``; this module only sequences the commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker import protocol
+from broker.protocol import Event, Job, JobEntry, Meta
+from broker.settings import Settings
+
+POOL_WAIT_TIMEOUT = 5.0
+
+
+def connect(settings: Settings, client_name: str) -> aioredis.Redis:
+    """A client whose pool is bounded and waits for a free connection when all are busy, so a
+    burst of viewers (late joins, resumes) never opens a connection each. Pub/sub connections
+    come on top of the pool. ``client_name`` shows in ``CLIENT LIST``."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_pool_size,
+        timeout=POOL_WAIT_TIMEOUT,
+        socket_connect_timeout=2.0,
+        socket_keepalive=True,
+        health_check_interval=15,
+        client_name=client_name,
+        # A pooled connection goes stale when Redis restarts: reconnect and retry instead of
+        # failing the first command on each (our writes are idempotent by seq).
+        retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Store:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.ttl_ms = str(int(settings.retention_ttl * 1000))
+        self.maxlen = str(settings.max_log_length)
+        self.publish_cmd = "PUBLISH"
+        self.job_streams = [protocol.jobs_stream(i) for i in range(settings.job_shards)]
+        self._publish = redis.register_script(protocol.PUBLISH_SCRIPT)
+        self._claim = redis.register_script(protocol.CLAIM_SCRIPT)
+        self._heartbeat = redis.register_script(protocol.HEARTBEAT_SCRIPT)
+        self._cancel = redis.register_script(protocol.CANCEL_SCRIPT)
+        self._reap = redis.register_script(protocol.REAP_SCRIPT)
+
+    # -- generations -----------------------------------------------------------------------
+
+    async def create(self, gen_id: str, request: dict[str, Any], model: str) -> None:
+        """Meta first, then the job, in one transaction: a worker never sees a job without meta."""
+        meta = protocol.meta_key(gen_id)
+        job = protocol.encode_job(protocol.Job(gen=gen_id, request=request))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, mapping=protocol.new_meta(model))
+            pipe.pexpire(meta, int(self.ttl_ms))
+            pipe.xadd(self.job_stream_of(gen_id), job)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def meta(self, gen_id: str) -> Meta | None:
+        return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
+
+    async def exists(self, gen_id: str) -> bool:
+        return bool(await self.redis.exists(protocol.meta_key(gen_id)))
+
+    async def text(self, gen_id: str) -> str:
+        raw = await self.redis.get(protocol.text_key(gen_id))
+        return raw.decode() if raw else ""
+
+    async def read_log(self, gen_id: str, after_seq: int, count: int) -> list[Event]:
+        entries = await self.redis.xrange(
+            protocol.log_key(gen_id), min=f"({protocol.stream_id(after_seq)}", count=count
+        )
+        return [protocol.decode_log_entry(eid, fields) for eid, fields in entries]
+
+    async def cancel(self, gen_id: str) -> str:
+        """Status before the cancel ('' if unknown): a queued generation ends at once."""
+        data = protocol.end_data("cancelled", None)
+        result = await self._cancel(
+            keys=self._keys(gen_id),
+            args=[gen_id, data, protocol.now_ms(), self.maxlen, self.ttl_ms,
+                  protocol.live_channel(gen_id), self.publish_cmd, protocol.CANCEL_CHANNEL],
+        )
+        return _str(result)
+
+    # -- worker side -----------------------------------------------------------------------
+
+    async def claim(self, gen_id: str, owner: str, lease_until_ms: int) -> str:
+        """'ok' when this owner now runs the generation, else the status that prevents it."""
+        keys = [protocol.meta_key(gen_id)]
+        return _str(await self._claim(keys=keys, args=[owner, lease_until_ms]))
+
+    async def cancel_requested(self, gen_id: str) -> bool:
+        return await self.redis.hget(protocol.meta_key(gen_id), "cancel") == b"1"
+
+    async def heartbeat(self, gen_id: str, owner: str, lease_until_ms: int) -> str:
+        """'run', 'cancel' (cancel was requested) or 'lost' (no longer ours)."""
+        keys = [protocol.meta_key(gen_id)]
+        return _str(await self._heartbeat(keys=keys, args=[owner, lease_until_ms]))
+
+    async def publish(
+        self, gen_id: str, owner: str, event: Event, *, text: str = "",
+        final_status: str = "", finish_reason: str = "",
+    ) -> int:
+        """Append ``event`` to the log and publish it, in one atomic call (see PUBLISH_SCRIPT)."""
+        result = await self._publish(
+            keys=self._keys(gen_id),
+            args=[owner, event.seq, event.kind, event.data, event.published_ms, text,
+                  self.maxlen, self.ttl_ms, protocol.live_channel(gen_id), self.publish_cmd,
+                  final_status, finish_reason],
+        )
+        return int(result)
+
+    async def reap(self, gen_id: str, reaper: str) -> str:
+        """End ``gen_id`` with ``worker_lost`` if its lease expired: 'reaped', else its status."""
+        data = protocol.error_data(
+            "worker_lost", "the worker running this generation stopped responding"
+        )
+        result = await self._reap(
+            keys=self._keys(gen_id),
+            args=[reaper, protocol.now_ms(), data, self.maxlen, self.ttl_ms,
+                  protocol.live_channel(gen_id), self.publish_cmd],
+        )
+        return _str(result)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def job_stream_of(self, gen_id: str) -> str:
+        return self.job_streams[protocol.jobs_shard(gen_id, len(self.job_streams))]
+
+    async def ensure_job_group(self, stream: str) -> None:
+        try:
+            await self.redis.xgroup_create(stream, protocol.WORKER_GROUP, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def read_jobs(
+        self, stream: str, consumer: str, count: int, block_ms: int
+    ) -> list[tuple[JobEntry, Job]]:
+        reply = await self.redis.xreadgroup(
+            protocol.WORKER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms,
+        )
+        return [(JobEntry(stream, _str(entry_id)), protocol.decode_job(fields))
+                for _stream, entries in reply or [] for entry_id, fields in entries]
+
+    async def touch_job(self, consumer: str, job: JobEntry) -> None:
+        """Reset the job's idle time in the group: a job idle past the lease has a dead worker."""
+        await self.redis.xclaim(
+            job.stream, protocol.WORKER_GROUP, consumer, 0, [job.entry_id], justid=True
+        )
+
+    async def reclaim_jobs(
+        self, stream: str, consumer: str, min_idle_ms: int, cursor: str, count: int
+    ) -> tuple[str, list[tuple[JobEntry, Job]]]:
+        """Take over jobs nobody touched for ``min_idle_ms`` (their worker died or stalled).
+        Scans the pending list from ``cursor``; returns the next cursor ('0-0': wrapped)."""
+        reply = await self.redis.xautoclaim(
+            stream, protocol.WORKER_GROUP, consumer, min_idle_ms, start_id=cursor, count=count,
+        )
+        entries = reply[1] if reply else []
+        jobs = [(JobEntry(stream, _str(eid)), protocol.decode_job(fields))
+                for eid, fields in entries if fields]
+        return (_str(reply[0]) if reply else "0-0"), jobs
+
+    async def queue_stats(self) -> tuple[int, float]:
+        """(jobs not yet taken by any worker, age in seconds of the oldest taken-unfinished)."""
+        depth, oldest_ms = 0, None
+        for stream in self.job_streams:
+            for group in await self.redis.xinfo_groups(stream):
+                if _str(group.get("name", b"")) == protocol.WORKER_GROUP:
+                    depth += int(group.get("lag") or 0)
+            pending = await self.redis.xpending(stream, protocol.WORKER_GROUP)
+            if pending and pending.get("min"):
+                ms = protocol.entry_time_ms(_str(pending["min"]))
+                oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
+        age = (protocol.now_ms() - oldest_ms) / 1000 if oldest_ms is not None else 0.0
+        return depth, max(0.0, age)
+
+    async def ack_job(self, job: JobEntry) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(job.stream, protocol.WORKER_GROUP, job.entry_id)
+            pipe.xdel(job.stream, job.entry_id)
+            await pipe.execute()
+
+    def _keys(self, gen_id: str) -> list[str]:
+        return [protocol.meta_key(gen_id), protocol.log_key(gen_id), protocol.text_key(gen_id)]
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
