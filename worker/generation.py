@@ -1,0 +1,242 @@
+"""One generation on a worker: LLM deltas -> sentence buffer -> atomic append+publish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker import protocol
+from broker.backoff import Backoff
+from broker.metrics import Metrics
+from broker.protocol import Event, JobEntry
+from broker.settings import Settings
+from broker.store import Store
+from worker.llm import LLM, Completion, LLMError
+from worker.sentences import SentenceBuffer
+
+log = logging.getLogger(__name__)
+
+PUBLISH_RETRY_DEADLINE = 30.0
+
+
+class Stop(Exception):
+    """The generation must stop without publishing more: it is no longer ours (or is gone)."""
+
+
+class Publisher:
+    """Numbers the events of one generation and publishes them in order, retrying safely."""
+
+    def __init__(
+        self, store: Store, gen_id: str, owner: str, metrics: Metrics, enqueued_ms: int
+    ) -> None:
+        self.store = store
+        self.gen_id = gen_id
+        self.owner = owner
+        self.metrics = metrics
+        self.enqueued_ms = enqueued_ms
+        self.seq = 0
+        self.lock = asyncio.Lock()  # one publish at a time, so seqs reach Redis in order
+
+    async def message(self, text: str) -> None:
+        first = self.seq == 0
+        await self._publish("message", protocol.message_data(text), text=text)
+        if first:
+            waited = max(0, protocol.now_ms() - self.enqueued_ms) / 1000
+            self.metrics.time_to_first_message.observe(waited)
+
+    async def end(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
+        status = "cancelled" if finish_reason == "cancelled" else "completed"
+        data = protocol.end_data(finish_reason, usage)
+        await self._publish("end", data, final_status=status, finish_reason=finish_reason)
+
+    async def error(self, code: str, message: str) -> None:
+        data = protocol.error_data(code, message)
+        await self._publish("error", data, final_status="failed", finish_reason="error")
+
+    async def _publish(self, kind: protocol.EventKind, data: str, **fields: str) -> None:
+        # Shielded: a caller cancelled mid-call (a cancel, a shutdown) must not leave Redis
+        # holding an event whose seq this publisher never counted.
+        await asyncio.shield(asyncio.ensure_future(self._publish_next(kind, data, fields)))
+
+    async def _publish_next(
+        self, kind: protocol.EventKind, data: str, fields: dict[str, str]
+    ) -> None:
+        async with self.lock:
+            event = Event(self.seq + 1, kind, data, protocol.now_ms())
+            result = await self._with_retries(event, fields)
+            if result < 0:
+                raise Stop("generation gone" if result == -1 else "lease lost")
+            self.seq = event.seq
+            self.metrics.events_published.inc()
+            if fields.get("final_status"):
+                self.metrics.generations_finished.labels(fields["final_status"]).inc()
+
+    async def _with_retries(self, event: Event, fields: dict[str, str]) -> int:
+        """Retry through a Redis restart: the explicit seq makes a repeated call a no-op."""
+        deadline = time.monotonic() + PUBLISH_RETRY_DEADLINE
+        backoff = Backoff(cap=1.0)
+        while True:
+            try:
+                return await self.store.publish(self.gen_id, self.owner, event, **fields)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self.metrics.redis_errors.labels("publish").inc()
+                if time.monotonic() + backoff.delay > deadline:
+                    raise
+                await backoff.sleep()
+
+
+class GenerationRun:
+    """Runs one claimed generation to its terminal event."""
+
+    def __init__(
+        self, gen_id: str, request: dict[str, Any], *, job_entry: JobEntry, owner: str,
+        store: Store,
+        llm: LLM, settings: Settings, metrics: Metrics,
+    ) -> None:
+        self.gen_id = gen_id
+        self.job_entry = job_entry
+        self.request = {"model": settings.model, **request}
+        self.owner = owner
+        self.store = store
+        self.llm = llm
+        self.settings = settings
+        self.metrics = metrics
+        self.publisher = Publisher(
+            store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
+        )
+        self.buffer = SentenceBuffer(settings.max_message_chars)
+        self.cancel_requested = asyncio.Event()
+        self.shutdown_requested = asyncio.Event()
+        self.lost = asyncio.Event()
+        self._pending = asyncio.Event()  # the buffer holds text the flusher must time
+        self.tokens_in = 0
+        self._first_token_at: float | None = None
+        self._last_token_at = 0.0
+        self.longest_wait = 0.0
+
+    async def run(self) -> None:
+        llm_task = asyncio.create_task(self.llm.stream(self.request, self._on_text))
+        helpers = [
+            asyncio.create_task(self._flush_on_time()),
+            asyncio.create_task(self._heartbeat()),
+        ]
+        stops = [
+            asyncio.create_task(self.cancel_requested.wait()),
+            asyncio.create_task(self.shutdown_requested.wait()),
+            asyncio.create_task(self.lost.wait()),
+        ]
+        try:
+            await asyncio.wait([llm_task, *stops], return_when=asyncio.FIRST_COMPLETED)
+            if not llm_task.done():
+                llm_task.cancel()  # closes the upstream response (``async with stream``)
+            outcome = await _outcome(llm_task)
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            if self.lost.is_set():
+                log.warning("generation %s: lease lost; another party ended it", self.gen_id)
+                return
+            await self._finish(outcome)
+        except Stop as e:
+            log.warning("generation %s stopped: %s", self.gen_id, e)
+        finally:
+            for task in [llm_task, *helpers, *stops]:
+                task.cancel()
+            await asyncio.gather(llm_task, *helpers, *stops, return_exceptions=True)
+
+    def _note_speed(self) -> None:
+        first = self._first_token_at
+        if first is not None and self.tokens_in > 1 and self._last_token_at > first:
+            speed = (self.tokens_in - 1) / (self._last_token_at - first)
+            self.metrics.llm_tokens_per_second.observe(speed)
+
+    async def _finish(self, outcome: Completion | LLMError | None) -> None:
+        self._note_speed()
+        since = self.buffer.pending_since
+        rest = self.buffer.flush()
+        if rest and since is not None:
+            self._note_wait(since)
+            await self.publisher.message(rest)
+        if isinstance(outcome, Completion):
+            await self.publisher.end(outcome.finish_reason, outcome.usage)
+        elif isinstance(outcome, LLMError):
+            log.info("generation %s failed upstream: %s", self.gen_id, outcome)
+            self.metrics.llm_errors.labels(outcome.code).inc()
+            await self.publisher.error(outcome.code, outcome.message)
+        elif self.cancel_requested.is_set():
+            await self.publisher.end("cancelled", None)
+        else:
+            await self.publisher.error(
+                "worker_shutdown", "the worker stopped before the answer was complete"
+            )
+
+    async def _on_text(self, delta: str) -> None:
+        self.tokens_in += 1
+        now = self._last_token_at = time.monotonic()
+        if self._first_token_at is None:
+            self._first_token_at = now
+        since = self.buffer.pending_since or now
+        messages = self.buffer.feed(delta, now)
+        if messages:
+            self._note_wait(since)
+        for message in messages:
+            await self.publisher.message(message)
+        if self.buffer.pending_since is not None:
+            self._pending.set()
+
+    def _note_wait(self, since: float) -> None:
+        """Record how long the oldest text of a message waited in the buffer."""
+        waited = time.monotonic() - since
+        self.longest_wait = max(self.longest_wait, waited)
+        self.metrics.buffer_wait.observe(waited)
+
+    async def _flush_on_time(self) -> None:
+        interval = self.settings.flush_interval
+        while True:
+            since = self.buffer.pending_since
+            if since is None:
+                self._pending.clear()
+                await self._pending.wait()
+                continue
+            delay = since + interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            self._note_wait(since)
+            text = self.buffer.flush()
+            if text:
+                await self.publisher.message(text)
+
+    async def _heartbeat(self) -> None:
+        """Renew the lease, and keep the job from looking idle to other workers' reapers.
+        The renewal also brings back a cancel flag whose pub/sub notice was missed."""
+        period = self.settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(period)
+            lease_until = protocol.now_ms() + int(self.settings.lease_ttl * 1000)
+            try:
+                state = await self.store.heartbeat(self.gen_id, self.owner, lease_until)
+                await self.store.touch_job(self.owner, self.job_entry)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self.metrics.redis_errors.labels("heartbeat").inc()
+                continue
+            if state == "cancel":
+                self.cancel_requested.set()
+            elif state == "lost":
+                self.lost.set()
+
+
+async def _outcome(llm_task: asyncio.Task[Completion]) -> Completion | LLMError | None:
+    """What the LLM call came to: a completion, its error, or None if it was stopped."""
+    with contextlib.suppress(asyncio.CancelledError):
+        try:
+            return await llm_task
+        except LLMError as e:
+            return e
+    return None

@@ -1,0 +1,223 @@
+"""The worker: takes jobs from the consumer group and runs many generations at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.exceptions import RedisError, ResponseError
+
+from broker import protocol
+from broker.backoff import Backoff
+from broker.metrics import Metrics
+from broker.protocol import Job, JobEntry
+from broker.settings import Settings
+from broker.store import Store
+from worker.generation import GenerationRun
+from worker.llm import LLM
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK_MS = 500
+REAP_INTERVAL = 1.0
+
+
+class Worker:
+    def __init__(
+        self, store: Store, llm: LLM, settings: Settings, metrics: Metrics | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.llm = llm
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.name = name or settings.worker_name()
+        self.running: dict[str, GenerationRun] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reserved = 0  # slots a shard reader is reading jobs for right now
+        self._stopping = asyncio.Event()
+        # Reaping waits until this worker has seen Redis healthy for a whole lease: after an
+        # outage, live owners must get the chance to renew before anyone judges them dead.
+        self._healthy_since = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop taking jobs; ``run`` then drains (see ``drain_timeout``) and returns."""
+        self._stopping.set()
+
+    async def run(self, burst: bool = False) -> None:
+        """Take jobs until ``stop()`` (or, with ``burst``, until the queue is empty and idle)."""
+        log.info("worker %s taking jobs (max %d at once)", self.name, self.settings.max_concurrency)
+        background = [
+            asyncio.create_task(self._listen_for_cancels()),
+            asyncio.create_task(self._reap_forever()),
+        ]
+        try:
+            await self._take_jobs(burst)
+        finally:
+            await self._drain()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+
+    async def _take_jobs(self, burst: bool) -> None:
+        """One reader per job shard; they share this worker's capacity."""
+        await asyncio.gather(*(self._read_shard(s, burst) for s in self.store.job_streams))
+
+    async def _read_shard(self, stream: str, burst: bool) -> None:
+        backoff = Backoff()
+        group_ready = False
+        # Each reader asks for at most its share, so one shard's blocking read does not hold
+        # every free slot while jobs wait on another.
+        share = max(1, self.settings.max_concurrency // len(self.store.job_streams))
+        while not self._stopping.is_set():
+            free = min(share, self.settings.max_concurrency - len(self._tasks) - self._reserved)
+            if free <= 0:
+                if self._tasks:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(READ_BLOCK_MS / 1000)  # the others' reads hold it
+                continue
+            self._reserved += free  # so readers of other shards do not take the same slots
+            try:
+                if not group_ready:
+                    await self.store.ensure_job_group(stream)
+                    group_ready = True
+                jobs = await self.store.read_jobs(stream, self.name, free, READ_BLOCK_MS)
+                backoff.reset()
+            except ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                group_ready = False  # Redis lost its data: recreate the group
+                continue
+            except (RedisError, OSError) as e:
+                self._healthy_since = time.monotonic()
+                self.metrics.redis_errors.labels("jobs").inc()
+                log.warning("reading jobs failed (%s); retrying in %.2fs", e, backoff.delay)
+                await backoff.sleep()
+                continue
+            finally:
+                self._reserved -= free
+            if self._stopping.is_set():
+                break  # read after the stop: left pending, another worker's reaper takes them
+            for entry, job in jobs:
+                self._start(entry, job)
+            if burst and not jobs and not self._tasks:
+                return
+
+    def _start(self, entry: JobEntry, job: Job) -> None:
+        task = asyncio.create_task(self._run_job(entry, job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, entry: JobEntry, job: Job) -> None:
+        gen_id = job["gen"]
+        lease_until = protocol.now_ms() + int(self.settings.lease_ttl * 1000)
+        try:
+            status = await self.store.claim(gen_id, self.name, lease_until)
+            if status == "ok":
+                await self._run_generation(gen_id, entry, job)
+            else:
+                log.info("skipping generation %s: it is %s", gen_id, status or "gone")
+            await self.store.ack_job(entry)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Not acked: the job stays pending, where a lease reaper can find it.
+            log.exception("generation %s failed in the worker", gen_id)
+
+    async def _run_generation(self, gen_id: str, entry: JobEntry, job: Job) -> None:
+        run = GenerationRun(
+            gen_id, job["request"], job_entry=entry, owner=self.name, store=self.store,
+            llm=self.llm, settings=self.settings, metrics=self.metrics,
+        )
+        self.running[gen_id] = run
+        self.metrics.generations_running.inc()
+        try:
+            # A cancel that came between the claim and now was published to nobody; its flag
+            # is in the meta. Any later one reaches this run through the listener.
+            if await self.store.cancel_requested(gen_id):
+                run.cancel_requested.set()
+            await run.run()
+        finally:
+            del self.running[gen_id]
+            self.metrics.generations_running.dec()
+        log.info(
+            "generation %s done: %d tokens in, %d events out, longest buffer wait %.0f ms",
+            gen_id, run.tokens_in, run.publisher.seq, run.longest_wait * 1000,
+        )
+
+    async def _drain(self) -> None:
+        """Let running generations finish up to the drain timeout, then end the rest."""
+        if self._tasks:
+            log.info("draining %d generation(s)", len(self._tasks))
+            await asyncio.wait(self._tasks, timeout=self.settings.drain_timeout)
+        for run in self.running.values():
+            run.shutdown_requested.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=10.0)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _reap_forever(self) -> None:
+        """Find jobs whose worker stopped touching them: run the ones that never started, end
+        the ones that did with ``worker_lost``. Every worker runs this; Redis arbitrates."""
+        cursors = dict.fromkeys(self.store.job_streams, "0-0")
+        lease_ms = int(self.settings.lease_ttl * 1000)
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            if time.monotonic() - self._healthy_since < self.settings.lease_ttl:
+                continue  # (the queue gauges wait too: they are updated on the same round)
+            try:
+                depth, oldest = await self.store.queue_stats()
+                self.metrics.queue_depth.set(depth)
+                self.metrics.oldest_pending_age.set(oldest)
+                for stream, cursor in cursors.items():
+                    cursors[stream], jobs = await self.store.reclaim_jobs(
+                        stream, self.name, lease_ms, cursor, 16
+                    )
+                    for entry, job in jobs:
+                        await self._reclaimed(entry, job)
+            except (RedisError, OSError) as e:
+                self._healthy_since = time.monotonic()
+                self.metrics.redis_errors.labels("reaper").inc()
+                log.warning("reaping failed: %s", e)
+
+    async def _reclaimed(self, entry: JobEntry, job: Job) -> None:
+        gen_id = job["gen"]
+        meta = await self.store.meta(gen_id)
+        if meta is not None and meta.status == "queued":
+            if not self._stopping.is_set() and len(self._tasks) < self.settings.max_concurrency:
+                log.info("taking over generation %s: its worker never started it", gen_id)
+                self._start(entry, job)
+            return
+        if meta is not None and meta.status == "running":
+            if await self.store.reap(gen_id, self.name) != "reaped":
+                return  # the lease still holds: its owner lives and will touch the job again
+            log.warning("generation %s: its worker was lost; ended it with worker_lost", gen_id)
+            self.metrics.generations_finished.labels("failed").inc()
+            self.metrics.workers_lost.inc()
+        await self.store.ack_job(entry)
+
+    async def _listen_for_cancels(self) -> None:
+        """Cancel notices arrive within milliseconds; the lease heartbeat is the fallback."""
+        pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            while True:
+                try:
+                    if not pubsub.subscribed:
+                        await pubsub.subscribe(protocol.CANCEL_CHANNEL)
+                    message = await pubsub.get_message(timeout=None)
+                except (RedisError, OSError):
+                    self.metrics.redis_errors.labels("cancel_listener").inc()
+                    await asyncio.sleep(0.5)
+                    continue
+                if message and message["type"] == "message":
+                    data = message["data"]
+                    run = self.running.get(data.decode() if isinstance(data, bytes) else data)
+                    if run is not None:
+                        run.cancel_requested.set()
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
