@@ -1,0 +1,106 @@
+"""Prometheus metrics. Each process (or test app) owns its registry, so apps can coexist."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.viewers = Gauge("broker_viewers", "SSE viewers connected to this edge", registry=r)
+        self.subscriptions = Gauge(
+            "broker_live_subscriptions", "generations this edge is subscribed to", registry=r
+        )
+        self.generations_created = Counter(
+            "broker_generations_created", "generations accepted by this edge", registry=r
+        )
+        self.generations_finished = Counter(
+            "broker_generations_finished",
+            "generations this process ended, by final status",
+            ["status"],
+            registry=r,
+        )
+        self.generations_running = Gauge(
+            "broker_generations_running", "generations this worker is running", registry=r
+        )
+        self.workers_lost = Counter(
+            "broker_workers_lost", "generations ended with worker_lost by this worker's reaper",
+            registry=r,
+        )
+        self.events_published = Counter(
+            "broker_events_published", "events this worker appended and published", registry=r
+        )
+        self.buffer_wait = Histogram(
+            "broker_buffer_wait_seconds", "how long the oldest text of a message waited in the "
+            "worker's sentence buffer", buckets=(0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0),
+            registry=r,
+        )
+        self.events_delivered = Counter(
+            "broker_events_delivered", "events this edge wrote to viewers", registry=r
+        )
+        self.resumes = Counter(
+            "broker_resumes", "viewers that connected with a Last-Event-ID", registry=r
+        )
+        self.log_reads = Counter(
+            "broker_log_reads", "reads of a generation log (late join, resume, gap)", registry=r
+        )
+        self.gaps = Counter(
+            "broker_live_gaps", "gaps in live ids, filled from the log", registry=r
+        )
+        self.resubscribes = Counter(
+            "broker_pubsub_resubscribes", "topics resubscribed after a pub/sub reconnect",
+            registry=r,
+        )
+        self.pubsub_stalls = Counter(
+            "broker_pubsub_stalls", "subscriptions dropped because probes stopped coming back",
+            registry=r,
+        )
+        self.readiness = Gauge(
+            "broker_readiness", "1 while delivery probes make the round trip, else 0", registry=r
+        )
+        self.slow_viewers_closed = Counter(
+            "broker_slow_viewers_closed", "viewers closed because a write blocked too long",
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "broker_redis_errors", "Redis commands or connections that failed", ["where"],
+            registry=r,
+        )
+
+        # -- latency and throughput
+        self.time_to_first_message = Histogram(
+            "broker_time_to_first_message_seconds",
+            "from the job's enqueueing to its first message being published (worker)",
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32), registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "broker_delivery_latency_seconds",
+            "from the worker's publish to the edge's write, for viewers that are live",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r,
+        )
+        self.llm_tokens_per_second = Histogram(
+            "broker_llm_tokens_per_second", "LLM stream speed per generation (deltas per second)",
+            buckets=(5, 10, 20, 40, 80, 160, 320, 640), registry=r,
+        )
+        self.replayed_events = Counter(
+            "broker_replayed_events", "events sent to viewers from the log (catch-up)", registry=r
+        )
+        self.pubsub_reconnects = Counter(
+            "broker_pubsub_reconnects", "new pub/sub connections after a failure", registry=r
+        )
+        self.llm_errors = Counter(
+            "broker_llm_errors", "generations the LLM failed, by cause", ["code"], registry=r
+        )
+        self.cancels = Counter("broker_cancels", "cancel requests accepted (202)", registry=r)
+        self.queue_depth = Gauge(
+            "broker_queue_depth", "jobs not yet taken by any worker", registry=r
+        )
+        self.oldest_pending_age = Gauge(
+            "broker_oldest_pending_job_age_seconds",
+            "age of the oldest job taken but not finished (0 when none)", registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,176 @@
+"""An OpenAI-compatible mock LLM: streams a scripted answer token by token over HTTP.
+
+``broker dev`` and the compose stack use it when no API key is set; the tests script it to
+fail in every way an upstream can (HTTP errors, a stream cut midway, silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Reply:
+    """What the mock answers to one request."""
+
+    tokens: list[str]
+    delay: float = 0.02  # seconds between tokens
+    finish_reason: str = "stop"
+    status: int = 200  # non-200: answer this HTTP error instead of a stream
+    break_after: int | None = None  # cut the connection after this many tokens
+    stall_after: int | None = None  # go silent (but keep the connection) after this many
+    hold_at: int | None = None  # before this token, wait until ``release`` is set
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Record:
+    """One request the mock received, and how its stream ended."""
+
+    body: dict[str, Any]
+    sent_tokens: int = 0
+    completed: bool = False
+    closed_by_client: threading.Event = field(default_factory=threading.Event)
+
+
+Script = Callable[[dict[str, Any]], Reply]
+
+_TOKEN_RE = re.compile(r"\s*\S+|\s+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Split like an LLM would, roughly: a word with its leading whitespace per token."""
+    return _TOKEN_RE.findall(text)
+
+
+_ANSWER = (
+    "Great question! Here is how it works, step by step.\n\n"
+    "When you ask something, the edge stores a job in Redis and returns an id right away. "
+    "A worker picks the job up, calls the model, and groups the tokens into whole sentences. "
+    "Each sentence is appended to a log with an increasing id, e.g. 1, 2, 3, and published "
+    "to every edge that has viewers.\n\n"
+    "Your browser's EventSource remembers the last id it saw. If the connection drops, it "
+    "reconnects with that id, and the edge replays exactly what you missed... nothing more, "
+    "nothing less. That works on any edge, because the log in Redis is the truth.\n\n"
+    "Numbers like 3.14 or URLs such as https://example.com/docs.html stay intact. "
+    "So do emoji 🎉 and other scripts: 句子也会被完整地传送。Enjoy!"
+)
+
+
+def default_script(body: dict[str, Any]) -> Reply:
+    """A realistic multi-sentence answer that quotes the question."""
+    question = ""
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            question = str(message.get("content", ""))[:200]
+            break
+    intro = f'You asked: "{question.strip()}"\n\n' if question.strip() else ""
+    return Reply(tokenize(intro + _ANSWER), delay=0.03)
+
+
+def create_mock_llm_app(script: Script = default_script) -> Starlette:
+    records: list[Record] = []
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            return _error(400, "invalid JSON")
+        if request.headers.get("authorization", "") in ("", "Bearer bad-key"):
+            return _error(401, "Incorrect API key provided")
+        reply = script(body)
+        record = Record(body)
+        records.append(record)
+        if reply.status != 200:
+            return _error(reply.status, f"mock upstream failure {reply.status}")
+        if not body.get("stream"):
+            return JSONResponse(_completion(body, reply))
+        return StreamingResponse(
+            _stream(body, reply, record), media_type="text/event-stream"
+        )
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "mock", "object": "model"}]})
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ])
+    app.state.records = records
+    return app
+
+
+async def _stream(body: dict[str, Any], reply: Reply, record: Record) -> AsyncIterator[bytes]:
+    cid = "chatcmpl-" + uuid.uuid4().hex[:12]
+    model = body.get("model", "mock")
+    try:
+        for i, token in enumerate(reply.tokens):
+            if reply.break_after is not None and i >= reply.break_after:
+                raise ConnectionAbortedError("mock: cutting the stream")
+            if reply.stall_after is not None and i >= reply.stall_after:
+                await asyncio.sleep(3600)
+            # The gate is a test's threading.Event: wait for it in short slices, so a stream
+            # closed meanwhile does not keep a worker thread blocked forever.
+            while i == reply.hold_at and not await asyncio.to_thread(reply.release.wait, 0.1):
+                pass
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+            delta = {"content": token} if i else {"role": "assistant", "content": token}
+            yield _sse(_chunk(cid, model, delta, None))
+            record.sent_tokens = i + 1
+        yield _sse(_chunk(cid, model, {}, reply.finish_reason))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = _usage(body, reply)
+            yield _sse({**_chunk(cid, model, {}, None), "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+        record.completed = True
+    finally:
+        if not record.completed:
+            record.closed_by_client.set()
+
+
+def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _usage(body: dict[str, Any], reply: Reply) -> dict[str, int]:
+    prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+    return {"prompt_tokens": prompt, "completion_tokens": len(reply.tokens),
+            "total_tokens": prompt + len(reply.tokens)}
+
+
+def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion",
+        "created": int(time.time()), "model": body.get("model", "mock"),
+        "choices": [{"index": 0, "finish_reason": reply.finish_reason,
+                     "message": {"role": "assistant", "content": "".join(reply.tokens)}}],
+        "usage": _usage(body, reply),
+    }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": None}},
+                        status_code=status)

@@ -1,0 +1,163 @@
+"""The SSE response of one viewer: a cursor over a hub topic, raced against the disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+
+from starlette.types import Message, Receive, Scope, Send
+
+from broker import sse
+from broker.errors import error_response
+from broker.hub import LOG_READ_CHUNK, Frame, HistoryLost, Hub, Topic
+from broker.metrics import Metrics
+from broker.protocol import error_data, now_ms
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class SendTimeout(Exception):
+    """A write to the viewer blocked longer than the send timeout: it reads too slowly."""
+
+
+class EventStream:
+    """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``."""
+
+    def __init__(
+        self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
+        send_timeout: float,
+    ) -> None:
+        self.hub = hub
+        self.metrics: Metrics = hub.metrics
+        self.gen_id = gen_id
+        self.cursor = cursor
+        self.position = cursor  # the last seq sent to this viewer
+        self.retry_ms = retry_ms
+        self.keepalive = keepalive
+        self.send_timeout = send_timeout
+        self._client_gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.current_task()
+        assert relay is not None
+        watcher = asyncio.create_task(self._watch_disconnect(receive, relay))
+        self.metrics.viewers.inc()
+        try:
+            async with self.hub.watch(self.gen_id) as topic:
+                changed = topic.changed()
+                try:
+                    frames = await self._next_frames(
+                        topic, self.cursor, topic.needs_log(self.cursor)
+                    )
+                except HistoryLost as e:
+                    # Before any byte is sent: a non-200 answer, so EventSource stops here
+                    # instead of reconnecting into the same hole forever.
+                    await error_response(410, "history_lost", str(e))(scope, receive, send)
+                    return
+                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                await self._send(send, sse.retry(self.retry_ms))
+                await self._relay(topic, send, frames, changed)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            relay.uncancel()  # the client left: a normal end of this response, not a shutdown
+        except SendTimeout:
+            self.metrics.slow_viewers_closed.inc()
+            log.info("closing a slow viewer of %s at event %d", self.gen_id, self.position)
+        finally:
+            self.metrics.viewers.dec()
+            watcher.cancel()
+
+    async def _relay(
+        self, topic: Topic, send: Send, frames: list[Frame], changed: asyncio.Event
+    ) -> None:
+        """Send what is after the cursor, wait for more, repeat until the terminal event."""
+        cursor, resyncs = self.cursor, topic.resyncs
+        caught_up = False  # the last look found nothing new: what comes next is live
+        while True:
+            if frames:
+                for batch in _batches(frames):
+                    await self._send(send, b"".join(f.data for f in batch))
+                    self.metrics.events_delivered.inc(len(batch))
+                    cursor = self.position = batch[-1].seq
+                if caught_up:
+                    self.metrics.delivery_latency.observe(
+                        max(0.0, now_ms() - frames[-1].published_ms) / 1000
+                    )
+                if frames[-1].terminal:
+                    return
+                caught_up = False
+            else:
+                caught_up = True
+                try:
+                    async with asyncio.timeout(self.keepalive):
+                        await changed.wait()
+                except TimeoutError:
+                    await self._send(send, sse.comment("keepalive"))
+            if self.hub.closing:
+                return
+            changed = topic.changed()  # taken before looking, so no change slips between
+            # A full chunk from the log may have more behind it; a resync may have missed some.
+            look_in_log = topic.resyncs != resyncs or len(frames) >= LOG_READ_CHUNK
+            resyncs = topic.resyncs
+            try:
+                frames = await self._next_frames(topic, cursor, look_in_log)
+            except HistoryLost as e:
+                await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
+                return
+
+    async def _next_frames(self, topic: Topic, cursor: int, look_in_log: bool) -> list[Frame]:
+        if topic.lost:
+            raise HistoryLost("the generation's history no longer exists")
+        if not look_in_log:
+            frames = topic.frames_after(cursor)
+            if frames is not None:
+                return frames
+            if not topic.window:
+                return []  # nothing live yet; the log was read already
+        frames = await topic.read_log(self.hub.store, cursor, self.metrics)
+        if frames and frames[0].seq != cursor + 1:
+            raise HistoryLost(f"events after {cursor} were trimmed from the log")
+        self.metrics.replayed_events.inc(len(frames))
+        return frames
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except TimeoutError as e:
+            raise SendTimeout from e
+
+    async def _watch_disconnect(self, receive: Receive, relay: asyncio.Task[object]) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                self._client_gone = True
+                relay.cancel()
+                return
+
+
+MAX_WRITE_BYTES = 64 * 1024
+
+
+def _batches(frames: list[Frame]) -> Iterator[list[Frame]]:
+    """Consecutive frames in writes of about ``MAX_WRITE_BYTES``: few sends when behind, but
+    never a copy of a whole backlog at once (it would sit in the socket's buffer)."""
+    batch: list[Frame] = []
+    size = 0
+    for frame in frames:
+        batch.append(frame)
+        size += len(frame.data)
+        if size >= MAX_WRITE_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
