@@ -1,0 +1,179 @@
+"""The ``broker`` command: the servers ``edge``, ``worker``, ``dev`` and ``mock-llm``, the local
+topology ``cluster``, and the terminal clients ``ask`` and ``tail`` (built on
+``broker.client``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+
+import uvicorn
+from starlette.applications import Starlette
+
+from broker.settings import Settings, add_arguments, from_args
+from broker.terminal import (
+    CLIENT_COMMANDS,
+    CLIENT_EPILOG,
+    EXIT_INTERRUPTED,
+    add_client_arguments,
+    run_client,
+)
+
+
+class EdgeServer(uvicorn.Server):
+    """Ends every SSE stream as shutdown begins, so viewers move to another edge at once
+    instead of holding this one until the graceful-shutdown timeout."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        if isinstance(app, Starlette) and hasattr(app.state, "edge"):
+            app.state.edge.hub.close_streams()
+        await super().shutdown(sockets)
+
+
+def serve(app: Starlette, settings: Settings) -> None:
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=5, lifespan="on", access_log=False,
+    )
+    EdgeServer(config).run()
+
+
+def run_edge(settings: Settings) -> None:
+    from broker.app import create_app
+
+    serve(create_app(settings), settings)
+
+
+def run_dev(settings: Settings) -> None:
+    from broker.dev import create_dev_app
+
+    print(f"broker dev: open http://{settings.host}:{settings.port}/", flush=True)
+    serve(create_dev_app(settings), settings)
+
+
+def run_worker(settings: Settings) -> None:
+    from prometheus_client import start_http_server
+
+    from broker.metrics import Metrics
+    from broker.store import Store, connect
+    from worker.llm import LLM
+    from worker.loop import Worker
+
+    worker_name = settings.worker_name()
+
+    async def main() -> None:
+        redis = connect(settings, "broker-worker-" + worker_name)
+        llm = LLM(settings)
+        metrics = Metrics()
+        if settings.worker_metrics_port:
+            start_http_server(settings.worker_metrics_port, settings.host, metrics.registry)
+        worker = Worker(Store(redis, settings), llm, settings, metrics, name=worker_name)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run()
+        finally:
+            await llm.aclose()
+            await redis.aclose()
+
+    _run(main())
+
+
+def run_mock_llm(settings: Settings) -> None:
+    from broker.mockllm import create_mock_llm_app
+
+    config = uvicorn.Config(
+        create_mock_llm_app(), host=settings.host, port=settings.port,
+        log_level=settings.log_level, access_log=False,
+    )
+    uvicorn.Server(config).run()
+
+
+def run_cluster(settings: Settings, edges: int = 3, workers: int = 2) -> None:
+    from broker.localcluster import LocalCluster
+
+    raise SystemExit(LocalCluster(settings, edges=edges, workers=workers).run())
+
+
+def _at_least_one(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``broker cluster`` alone (flags only, not settings: no env var)."""
+    parser.add_argument("--edges", type=_at_least_one, default=3,
+                        help="broker edges to start behind HAProxy [default 3]")
+    parser.add_argument("--workers", type=_at_least_one, default=2,
+                        help="broker workers to start [default 2]")
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+COMMANDS = {
+    "edge": (run_edge, "the stateless SSE edge (Starlette on uvicorn)"),
+    "worker": (run_worker, "a worker: takes jobs, calls the LLM, publishes"),
+    "dev": (run_dev, "edge + worker in one process, embedded store, mock LLM, demo page"),
+    "mock-llm": (run_mock_llm, "an OpenAI-compatible mock LLM server"),
+    "cluster": (run_cluster, "Redis, HAProxy, edges, workers and the mock LLM as local "
+                "processes; --host/--port are HAProxy's, the LLM settings go to the workers "
+                "(without an API key they use the mock); Ctrl-C stops them all"),
+}
+ROLES = {"edge": "edge", "worker": "worker", "dev": "dev", "mock-llm": "mock",
+         "cluster": "cluster"}
+COMMAND_OPTIONS = {"cluster": add_cluster_options}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="broker",
+        description="Fan-out broker for streaming LLM answers over Server-Sent Events. "
+        "Every flag falls back to the env var named in its help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p, ROLES[name])
+        if name in COMMAND_OPTIONS:
+            COMMAND_OPTIONS[name](p)
+    for name, (_, help_text) in CLIENT_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=CLIENT_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_client_arguments(p, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        if args.command in CLIENT_COMMANDS:
+            raise SystemExit(run_client(CLIENT_COMMANDS[args.command][0], args))
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    settings = from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    setting_names = {f.name for f in dataclasses.fields(Settings)}
+    options = {k: v for k, v in vars(args).items() if k != "command" and k not in setting_names}
+    COMMANDS[args.command][0](settings, **options)

@@ -1,0 +1,174 @@
+"""A Python viewer of a generation: iterate its messages, resuming across dropped connections.
+
+    async with httpx.AsyncClient(base_url="http://127.0.0.1:8000") as http:
+        created = await create(http, [{"role": "user", "content": "Hello?"}])
+        follower = Follower(http, created.events_url)
+        async for message in follower:
+            print(message.text, end="")
+        print(follower.result.finish_reason)
+
+Built on ``httpx-sse`` (a spec-following parser). Like a browser's ``EventSource`` it
+reconnects after a dropped connection with ``Last-Event-ID``, after ``retry:`` (doubling, with
+jitter, while reconnects bring nothing, up to 10 s), and stops on
+the terminal event or a 204; unlike it, it gives up after ``give_up_after`` seconds without
+progress and raises typed errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    finish_reason: str
+    usage: dict[str, Any] | None
+
+
+class StreamError(Exception):
+    """The stream could not be followed to its end."""
+
+
+class GenerationFailed(StreamError):
+    """The generation ended with ``event: error``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class GenerationNotFound(StreamError):
+    """404: the generation is unknown or expired."""
+
+
+MAX_RECONNECT_DELAY = 10.0
+
+
+class _Unavailable(Exception):
+    """A 5xx answer: the edge is unhealthy for now; retry like a dropped connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    id: str
+    events_url: str
+
+
+class RequestRejected(StreamError):
+    """The edge refused a request (4xx/5xx with the JSON error body): creating the generation,
+    or following it (``410 history_lost``, ``400 invalid_last_event_id``)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+async def create(
+    http: httpx.AsyncClient, messages: list[dict[str, str]], **fields: Any
+) -> Created:
+    """``POST /v1/generations``; ``fields`` are other chat-completions fields (model, ...)."""
+    response = await http.post("/v1/generations", json={"messages": messages, **fields})
+    if response.status_code != 201:
+        raise _rejected(response.status_code, response.text)
+    body = response.json()
+    return Created(body["id"], body["events_url"])
+
+
+def _rejected(status: int, body: str) -> RequestRejected:
+    """The typed error for an answer carrying the JSON error body (or anything else)."""
+    try:
+        error = json.loads(body)["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", body[:200]
+    return RequestRejected(status, code, message)
+
+
+class Follower:
+    """Follows one generation's events to its terminal event, across reconnects."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, events_url: str, *, last_event_id: str | None = None,
+        give_up_after: float = 30.0,
+    ) -> None:
+        self.http = http
+        self.events_url = events_url
+        self.last_event_id = last_event_id
+        self.give_up_after = give_up_after
+        self.retry_ms = 1000
+        self.reconnects = 0
+        self.result: Result | None = None
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._follow()
+
+    async def _follow(self) -> AsyncIterator[Message]:
+        progress_at = time.monotonic()
+        failures = 0  # reconnects in a row without a message: the delay doubles with each
+        while True:
+            if failures:
+                self.reconnects += 1
+                if time.monotonic() - progress_at > self.give_up_after:
+                    raise StreamError(f"no progress for {self.give_up_after}s; giving up")
+                delay = min(self.retry_ms / 1000 * 2 ** (failures - 1), MAX_RECONNECT_DELAY)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: no herds
+            failures += 1
+            try:
+                async for message in self._connect_once():
+                    progress_at = time.monotonic()
+                    failures = 1
+                    yield message
+            except (httpx.TransportError, SSEError, _Unavailable):
+                continue  # dropped: reconnect with Last-Event-ID, as EventSource does
+            if self.result is not None:
+                return
+
+    async def _connect_once(self) -> AsyncIterator[Message]:
+        headers = {"accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["last-event-id"] = self.last_event_id
+        async with aconnect_sse(self.http, "GET", self.events_url, headers=headers) as source:
+            status = source.response.status_code
+            if status == 204:
+                self.result = self.result or Result("unknown", None)
+                return
+            if status == 404:
+                raise GenerationNotFound(self.events_url)
+            if status != 200:
+                body = (await source.response.aread()).decode(errors="replace")
+                if status >= 500:
+                    raise _Unavailable(f"HTTP {status}: {body[:200]}")
+                raise _rejected(status, body)
+            async for event in source.aiter_sse():
+                if event.retry is not None:
+                    self.retry_ms = event.retry
+                if event.data == "":
+                    continue  # no event is dispatched for an empty data buffer
+                if event.id:
+                    self.last_event_id = event.id
+                data = json.loads(event.data)
+                if event.event == "message":
+                    yield Message(event.id, data["text"])
+                elif event.event == "end":
+                    self.result = Result(data.get("finish_reason", "unknown"), data.get("usage"))
+                    return
+                elif event.event == "error":
+                    raise GenerationFailed(data.get("code", "unknown"), data.get("message", ""))

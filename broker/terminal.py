@@ -1,0 +1,193 @@
+"""The terminal clients ``broker ask`` and ``broker tail``, built on ``broker.client``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from broker.client import (
+    Follower,
+    GenerationFailed,
+    GenerationNotFound,
+    RequestRejected,
+    StreamError,
+    create,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_OK = 0  # the generation ended with `event: end` (any finish_reason, cancelled too)
+EXIT_FAILED = 1  # it ended with `event: error`
+EXIT_REJECTED = 2  # a usage error, or the edge refused the request (4xx)
+EXIT_UNAVAILABLE = 3  # not found (404/410), or the edge unreachable / failing past the deadline
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_BROKEN_PIPE = 141  # stdout closed by the reader (`broker ask ... | head`)
+
+CLIENT_EPILOG = """\
+exit status:
+  0    the generation ended (event: end; any finish_reason, cancelled included)
+  1    the generation failed (event: error; `error: <code>: <message>` on stderr)
+  2    usage error, or the edge rejected the request (4xx)
+  3    generation not found (404/410), or the edge unreachable or failing too long
+  130  interrupted (Ctrl-C); the generation goes on, `broker tail ID` follows it
+"""
+
+
+class Printer:
+    """Writes a followed generation to stdout: its text as it arrives, or one JSON object per
+    event (``{"id", "text"}`` per message, then ``{"finish_reason", "usage"}``)."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.printed = False
+
+    def message(self, event_id: str, text: str) -> None:
+        if self.as_json:
+            self._line({"id": event_id, "text": text})
+        elif text:
+            self._write(text)
+            self.printed = True
+
+    def end(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
+        if self.as_json:
+            self._line({"finish_reason": finish_reason, "usage": usage})
+        else:
+            self._write("\n")
+
+    def failed(self, code: str, message: str) -> None:
+        if self.as_json:
+            self._line({"error": {"code": code, "message": message}})
+        self.stopped()
+
+    def stopped(self) -> None:
+        """Ends a partial answer with a newline, so the shell prompt starts on its own line."""
+        if self.printed and not self.as_json:
+            self._write("\n")
+            self.printed = False
+
+    def _line(self, obj: dict[str, Any]) -> None:
+        self._write(json.dumps(obj) + "\n")
+
+    def _write(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def _error(status: int, code: str, message: str) -> int:
+    print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _base_url(args: argparse.Namespace) -> str | None:
+    url = args.url or os.environ.get("BROKER_URL") or DEFAULT_URL
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    return url if parsed.scheme in ("http", "https") and parsed.host else None
+
+
+def _client(base_url: str) -> httpx.AsyncClient:
+    # Reads wait past the edge's keepalive comments (every <= 15 s by contract); a dropped or
+    # silent connection is the Follower's to resume.
+    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(30.0, connect=10.0))
+
+
+async def _follow(follower: Follower, printer: Printer) -> int:
+    """Prints the generation to its terminal event; the exit status says how it ended."""
+    try:
+        async for message in follower:
+            printer.message(message.id, message.text)
+    except GenerationFailed as e:
+        printer.failed(e.code, e.message)
+        return _error(EXIT_FAILED, e.code, e.message)
+    except GenerationNotFound:
+        printer.stopped()
+        return _error(EXIT_UNAVAILABLE, "not_found", "no such generation (unknown or expired)")
+    except RequestRejected as e:
+        printer.stopped()
+        gone = e.status in (404, 410)  # 410 history_lost: the start is no longer kept
+        return _error(EXIT_UNAVAILABLE if gone else EXIT_REJECTED, e.code, e.message)
+    except StreamError as e:
+        printer.stopped()
+        return _error(EXIT_UNAVAILABLE, "unavailable", str(e))
+    result = follower.result
+    assert result is not None
+    printer.end(result.finish_reason, result.usage)
+    return EXIT_OK
+
+
+async def ask(args: argparse.Namespace, printer: Printer) -> int:
+    base_url = _base_url(args)
+    if base_url is None:
+        return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
+    messages = [{"role": "user", "content": args.question}]
+    if args.system is not None:
+        messages.insert(0, {"role": "system", "content": args.system})
+    fields = {} if args.model is None else {"model": args.model}
+    async with _client(base_url) as http:
+        try:
+            created = await create(http, messages, **fields)
+        except RequestRejected as e:
+            status = EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REJECTED
+            return _error(status, e.code, e.message)
+        except httpx.HTTPError as e:
+            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+        print(created.id, file=sys.stderr, flush=True)  # first, so `broker tail` can pick it up
+        return await _follow(Follower(http, created.events_url), printer)
+
+
+async def tail(args: argparse.Namespace, printer: Printer) -> int:
+    base_url = _base_url(args)
+    if base_url is None:
+        return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
+    events_url = f"/v1/generations/{quote(args.id, safe='')}/events"
+    async with _client(base_url) as http:
+        return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    if command == "ask":
+        parser.add_argument("question", help="the question (the user message)")
+        parser.add_argument("--model", help="model to ask (default: the edge's BROKER_MODEL)")
+        parser.add_argument("--system", metavar="TEXT", help="a system message before it")
+    else:
+        parser.add_argument("id", metavar="ID", help="the generation's id (`broker ask` prints "
+                            "it on stderr)")
+        parser.add_argument("--from", dest="from_id", metavar="EVENT_ID",
+                            help="resume: print only what follows this event id "
+                            "(default: from the start)")
+    parser.add_argument("--url", help=f"base URL of an edge or its load balancer "
+                        f"[env BROKER_URL; default {DEFAULT_URL}]")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per event "
+                        "line: {id, text} per message, then {finish_reason, usage}")
+
+
+ClientCommand = Callable[[argparse.Namespace, Printer], Awaitable[int]]
+CLIENT_COMMANDS: dict[str, tuple[ClientCommand, str]] = {
+    "ask": (ask, "ask a question: create a generation and print its answer as it streams"),
+    "tail": (tail, "follow a generation from the start, or from an event id, to its end"),
+}
+
+
+def run_client(command: ClientCommand, args: argparse.Namespace) -> int:
+    printer = Printer(args.json)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character
+    try:
+        return asyncio.run(command(args, printer))
+    except KeyboardInterrupt:
+        printer.stopped()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # no second error when Python flushes
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
