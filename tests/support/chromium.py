@@ -1,0 +1,25 @@
+"""Debian's Chromium under Playwright (Playwright's own browser download does not work here)."""
+
+from __future__ import annotations
+
+from playwright.async_api import Browser, Playwright
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless as root, and quiet: without the background-networking flags Chromium keeps
+# trying hosts this sandbox cannot reach.
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+async def launch(playwright: Playwright) -> Browser:
+    return await playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+    )

@@ -1,0 +1,100 @@
+"""HAProxy in front of broker edges, as a load balancer of the test's own.
+
+The configuration is the product's (``broker.loadbalancer.haproxy_config``, whose docstring
+explains each setting for Server-Sent Events), so the fault suite runs behind exactly what
+``broker cluster`` runs. Every response carries ``X-Served-By: <server name>`` (``edge0``,
+``edge1``, ... in the order of ``backends``), so a test can tell which edge answered.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from broker import loadbalancer
+
+from .procs import free_port, wait_until
+
+SERVED_BY = "x-served-by"
+
+
+class HAProxy:
+    """``haproxy -f <cfg> -db`` on a free 127.0.0.1 port, balancing over ``backends``."""
+
+    def __init__(self, backends: list[str], *, check_path: str = "/readyz") -> None:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise RuntimeError("haproxy is not installed (.ci/run installs it via scripts/test)")
+        if not backends:
+            raise ValueError("HAProxy needs at least one backend")
+        self.binary = binary
+        self.backends = list(backends)
+        self.check_path = check_path
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="haproxy-test-"))
+        self.config = self.dir / "haproxy.cfg"
+        self.log = self.dir / "haproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def server_names(self) -> dict[str, str]:
+        """Server name (as in ``X-Served-By``) -> backend URL."""
+        return loadbalancer.server_names(self.backends)
+
+    def render_config(self) -> str:
+        return loadbalancer.haproxy_config(self.backends, port=self.port,
+                                           check_path=self.check_path)
+
+    def start(self, timeout: float = 10.0) -> HAProxy:
+        self.config.write_text(self.render_config())
+        check = subprocess.run([self.binary, "-c", "-f", str(self.config)],
+                               capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy rejected its config:\n{check.stdout}{check.stderr}")
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [self.binary, "-f", str(self.config), "-db"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )
+
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                return True  # exited: stop waiting, report below
+            return httpx.get(self.url + self.check_path, timeout=1).status_code == 200
+
+        try:
+            wait_until(ready, timeout, f"haproxy on {self.port} to answer {self.check_path}")
+        except TimeoutError as e:
+            output = self.output()
+            self.stop()
+            raise RuntimeError(f"{e}; haproxy's output:\n{output}") from e
+        if proc.poll() is not None:
+            output = self.output()
+            self.stop()
+            raise RuntimeError(f"haproxy exited with {proc.returncode}:\n{output}")
+        return self
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""A TCP proxy of the test's own, to break connections in ways a real network does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from dataclasses import dataclass
+
+from .procs import free_port, wait_until
+
+
+@dataclass
+class _Link:
+    subscriber: bool = False  # the client sent a (S)SUBSCRIBE on it
+    frozen: bool = False  # server -> client bytes are swallowed: up, but delivering nothing
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to ``target_port`` from a thread of its own."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.links: list[_Link] = []
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(5)
+        wait_until(lambda: self._server is not None, 5, "the proxy")
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self._server:
+                self._server.close()
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            if self._server:
+                await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def freeze_subscribers(self) -> int:
+        """Silently stop delivering to every pub/sub connection open now; new ones work."""
+        frozen = [link for link in self.links if link.subscriber]
+        for link in frozen:
+            link.frozen = True
+        return len(frozen)
+
+    async def _serve(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._relay(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Link()
+        self.links.append(link)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def client_to_server() -> None:
+            while data := await reader.read(65536):
+                if b"SUBSCRIBE" in data.upper():
+                    link.subscriber = True
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def server_to_client() -> None:
+            while data := await up_reader.read(65536):
+                if not link.frozen:
+                    writer.write(data)
+                    await writer.drain()
+
+        pumps = [asyncio.create_task(client_to_server()), asyncio.create_task(server_to_client())]
+        try:
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+            for w in (writer, up_writer):
+                w.close()
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()

@@ -1,0 +1,244 @@
+"""SSE framing: the exact bytes, and that a spec-following parser reads back what was framed."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from broker import protocol, sse
+from broker.protocol import Event
+
+# -- a small parser following the WHATWG "event stream interpretation" rules -----------------
+
+_SSE_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # only these three: not \x85, \u2028, ...
+
+
+@dataclass
+class Parsed:
+    type: str
+    data: str
+    last_event_id: str
+
+
+@dataclass
+class Stream:
+    events: list[Parsed]
+    retry: int | None
+
+
+def parse_sse(body: bytes) -> Stream:
+    text = body.decode("utf-8")
+    text = text.removeprefix("\ufeff")
+    *lines, _unterminated = _SSE_LINE_BREAK.split(text)  # an unfinished last line is dropped
+    events: list[Parsed] = []
+    data, event_type, last_id, retry = "", "", "", None
+    for line in lines:
+        if line == "":
+            if data:
+                events.append(Parsed(event_type or "message", data.removesuffix("\n"), last_id))
+            data, event_type = "", ""
+            continue
+        if line.startswith(":"):
+            continue
+        name, colon, value = line.partition(":")
+        if colon:
+            value = value.removeprefix(" ")
+        if name == "data":
+            data += value + "\n"
+        elif name == "event":
+            event_type = value
+        elif name == "id":
+            if "\0" not in value:
+                last_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            retry = int(value)
+    return Stream(events, retry)
+
+
+def normalise_breaks(text: str) -> str:
+    return _SSE_LINE_BREAK.sub("\n", text)
+
+
+def test_parser_self_check_follows_the_spec_examples() -> None:
+    # The examples of the WHATWG spec: the parser the properties rely on must get them right.
+    stream = parse_sse(b"data: YHOO\ndata: +2\ndata: 10\n\n")
+    assert [e.data for e in stream.events] == ["YHOO\n+2\n10"]
+    stream = parse_sse(b"data\n\ndata\ndata\n\ndata:")
+    assert [e.data for e in stream.events] == ["", "\n"]
+    stream = parse_sse(b"data:test\n\ndata: test\n\n")
+    assert [e.data for e in stream.events] == ["test", "test"]
+
+
+# -- frame() ---------------------------------------------------------------------------------
+
+
+def test_frame_with_id_event_and_data_is_three_lines_and_a_blank_line() -> None:
+    assert sse.frame("hello", id="7", event="end") == b"id: 7\nevent: end\ndata: hello\n\n"
+
+
+def test_frame_without_id_or_event_has_only_data() -> None:
+    assert sse.frame("{}") == b"data: {}\n\n"
+
+
+def test_frame_keeps_spaces_and_colons_in_data() -> None:
+    assert sse.frame("  a: b ") == b"data:   a: b \n\n"
+    assert parse_sse(sse.frame("  a: b ")).events[0].data == "  a: b "
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ("a\nb", b"data: a\ndata: b\n\n"),
+        ("a\r\nb", b"data: a\ndata: b\n\n"),
+        ("a\rb", b"data: a\ndata: b\n\n"),
+        ("a\n\nb", b"data: a\ndata: \ndata: b\n\n"),
+        ("a\r\rb", b"data: a\ndata: \ndata: b\n\n"),
+        ("a\n\rb", b"data: a\ndata: \ndata: b\n\n"),  # \n then \r is two breaks, not one
+        ("a\n", b"data: a\ndata: \n\n"),
+        ("\nb", b"data: \ndata: b\n\n"),
+    ],
+)
+def test_frame_splits_data_on_every_kind_of_line_break(data: str, expected: bytes) -> None:
+    assert sse.frame(data) == expected
+
+
+def test_frame_does_not_split_on_non_sse_line_separators() -> None:
+    # NEL and LINE SEPARATOR are line breaks for str.splitlines(), not for SSE.
+    assert sse.frame("a\x85b\u2028c") == "data: a\x85b\u2028c\n\n".encode()
+
+
+def test_frame_of_empty_data_is_one_empty_data_line() -> None:
+    body = sse.frame("")
+    assert body == b"data: \n\n"
+    # ...which a client still dispatches, as an event with empty data.
+    assert parse_sse(body).events == [Parsed("message", "", "")]
+
+
+def test_frame_encodes_as_utf8() -> None:
+    assert sse.frame("héllo ✓ 🎉") == "data: héllo ✓ 🎉\n\n".encode()
+
+
+@pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\r\n", "\n", "a\0b"])
+@pytest.mark.parametrize("field", ["id", "event"])
+def test_frame_rejects_line_breaks_and_nul_in_id_and_event(field: str, bad: str) -> None:
+    with pytest.raises(sse.FieldError, match=field):
+        sse.frame("x", **{field: bad})
+
+
+def test_field_error_is_a_value_error() -> None:
+    assert issubclass(sse.FieldError, ValueError)
+
+
+def test_data_may_contain_nul() -> None:
+    # Only id/event are checked: NUL in data is legal SSE.
+    assert sse.frame("a\0b") == b"data: a\0b\n\n"
+
+
+# -- comment() and retry() -------------------------------------------------------------------
+
+
+def test_comment_lines() -> None:
+    assert sse.comment() == b": \n\n"
+    assert sse.comment("keepalive") == b": keepalive\n\n"
+    assert sse.comment("a\nb\r\nc\rd") == b": a\n: b\n: c\n: d\n\n"
+
+
+@pytest.mark.parametrize("text", ["", "keepalive", "a\nb", "data: not really\nid: 9"])
+def test_comment_dispatches_no_event_and_sets_no_id(text: str) -> None:
+    # A comment after an event must not change what the client saw or its last event id.
+    body = sse.frame("x", id="1") + sse.comment(text)
+    assert parse_sse(body).events == [Parsed("message", "x", "1")]
+
+
+def test_retry_line() -> None:
+    assert sse.retry(1500) == b"retry: 1500\n\n"
+    assert sse.retry(0) == b"retry: 0\n\n"
+    stream = parse_sse(sse.retry(2500) + sse.frame("x"))
+    assert stream.retry == 2500
+    assert [e.data for e in stream.events] == ["x"]
+
+
+# -- encode_event() --------------------------------------------------------------------------
+
+
+def test_message_event_has_no_event_line() -> None:
+    data = protocol.message_data("Hello there. ")
+    body = sse.encode_event(Event(7, "message", data, 123))
+    assert body == b'id: 0000000007\ndata: {"text":"Hello there. "}\n\n'
+    assert b"event:" not in body
+    assert parse_sse(body).events == [Parsed("message", data, "0000000007")]
+
+
+def test_end_event_has_event_line() -> None:
+    data = protocol.end_data("stop", {"completion_tokens": 3})
+    body = sse.encode_event(Event(12, "end", data, 1))
+    assert body == f"id: 0000000012\nevent: end\ndata: {data}\n\n".encode()
+    assert parse_sse(body).events == [Parsed("end", data, "0000000012")]
+
+
+def test_error_event_has_event_line() -> None:
+    data = protocol.error_data("worker_lost", "the worker stopped")
+    body = sse.encode_event(Event(3, "error", data, 1))
+    assert body == f"id: 0000000003\nevent: error\ndata: {data}\n\n".encode()
+
+
+@pytest.mark.parametrize("seq", [1, 42, 9_999_999_999])
+def test_encode_event_id_is_protocol_event_id(seq: int) -> None:
+    body = sse.encode_event(Event(seq, "message", "{}", 0))
+    assert parse_sse(body).events[0].last_event_id == protocol.event_id(seq)
+
+
+def test_stream_of_events_parses_in_order_with_ids() -> None:
+    texts = ["One. ", "Two\nlines. ", ""]
+    events = [Event(i, "message", protocol.message_data(t), 0) for i, t in enumerate(texts, 1)]
+    events.append(Event(4, "end", protocol.end_data("stop", None), 0))
+    body = sse.retry(1000) + b"".join(sse.encode_event(e) for e in events) + sse.comment("k")
+    parsed = parse_sse(body).events
+    assert [p.type for p in parsed] == ["message", "message", "message", "end"]
+    assert [p.last_event_id for p in parsed] == [protocol.event_id(i) for i in range(1, 5)]
+    assert "".join(json.loads(p.data)["text"] for p in parsed[:3]) == "".join(texts)
+
+
+# -- properties ------------------------------------------------------------------------------
+
+LINE_BREAKY_TEXT = st.lists(
+    st.one_of(st.sampled_from(["\n", "\r", "\r\n", " ", ":", "a", "é"]), st.characters())
+).map("".join)
+
+
+@given(st.one_of(st.text(), LINE_BREAKY_TEXT))
+@example("")
+@example("\r\n\r\n")
+@example("\n\r")
+@example("a\r")
+@example("\ufeffdata")
+def test_any_data_round_trips_through_a_spec_parser(data: str) -> None:
+    body = sse.frame(data, id="5")
+    assert body.endswith(b"\n\n")
+    assert parse_sse(body).events == [Parsed("message", normalise_breaks(data), "5")]
+
+
+@given(
+    st.text().filter(lambda s: not any(c in s for c in "\r\n\0")),
+    st.text(min_size=1).filter(lambda s: not any(c in s for c in "\r\n\0")),
+)
+def test_any_legal_id_and_event_round_trip(id: str, event: str) -> None:
+    parsed = parse_sse(sse.frame("x", id=id, event=event)).events
+    assert parsed == [Parsed(event, "x", id)]
+
+
+@given(st.text())
+@example("line one\nline two\r\nthree\rfour")
+@example('quote " backslash \\ \u2028 \x00')
+def test_message_data_frame_round_trips_exactly_via_json(text: str) -> None:
+    body = sse.frame(protocol.message_data(text), id=protocol.event_id(1))
+    # JSON escapes every line break: id line, one data line, blank line.
+    assert b"\r" not in body
+    assert body.count(b"\n") == 3
+    (parsed,) = parse_sse(body).events
+    assert json.loads(parsed.data) == {"text": text}

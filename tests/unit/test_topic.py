@@ -1,0 +1,429 @@
+"""Topic: the per-generation window of encoded frames, and its single-flight log reads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import pytest
+
+from broker import protocol, sse
+from broker.hub import LOG_READ_CHUNK, Frame, Topic
+from broker.metrics import Metrics
+from broker.protocol import Event
+
+
+def frame(seq: int, terminal: bool = False) -> Frame:
+    return Frame(seq, f"frame {seq}".encode(), terminal, 0)
+
+
+def frames(first: int, last: int, terminal_last: bool = False) -> list[Frame]:
+    return [frame(s, terminal_last and s == last) for s in range(first, last + 1)]
+
+
+def seqs(window: Iterable[Frame] | None) -> list[int]:
+    assert window is not None
+    return [f.seq for f in window]
+
+
+def topic_with(first: int, last: int, capacity: int = 16) -> Topic:
+    topic = Topic("gen", capacity)
+    for f in frames(first, last):
+        topic.offer(f)
+    return topic
+
+
+# -- offer -----------------------------------------------------------------------------------
+
+
+async def test_offer_appends_contiguous_frames() -> None:
+    topic = Topic("gen", 8)
+    assert topic.head == 0
+    assert [topic.offer(f) for f in frames(1, 3)] == [True, True, True]
+    assert seqs(topic.window) == [1, 2, 3]
+    assert topic.head == 3
+
+
+async def test_first_offer_may_start_anywhere() -> None:
+    topic = Topic("gen", 8)
+    assert topic.offer(frame(40)) is True  # a viewer joined late: no gap yet, nothing to heal
+    assert seqs(topic.window) == [40]
+
+
+@pytest.mark.parametrize("duplicate", [1, 2, 3])
+async def test_duplicate_offer_is_ignored(duplicate: int) -> None:
+    topic = topic_with(1, 3)
+    original = list(topic.window)
+    changed = topic.changed()
+    assert topic.offer(Frame(duplicate, b"other bytes", False, 0)) is True
+    assert list(topic.window) == original
+    assert all(a is b for a, b in zip(topic.window, original, strict=True))
+    assert not changed.is_set()
+
+
+async def test_gap_returns_false_and_restarts_the_window() -> None:
+    topic = topic_with(1, 3)
+    changed = topic.changed()
+    assert topic.offer(frame(6)) is False
+    assert seqs(topic.window) == [6]
+    assert changed.is_set()
+    # ...and later frames are contiguous with the new start.
+    assert topic.offer(frame(7)) is True
+    assert seqs(topic.window) == [6, 7]
+
+
+async def test_window_is_capped_at_capacity() -> None:
+    topic = topic_with(1, 10, capacity=4)
+    assert seqs(topic.window) == [7, 8, 9, 10]
+    topic.offer(frame(11))
+    assert seqs(topic.window) == [8, 9, 10, 11]
+
+
+async def test_terminal_offer_sets_terminal_seq() -> None:
+    topic = topic_with(1, 2)
+    assert topic.terminal_seq is None
+    topic.offer(frame(3, terminal=True))
+    assert topic.terminal_seq == 3
+
+
+# -- frames_after ----------------------------------------------------------------------------
+
+
+async def test_frames_after_serves_the_window_slice() -> None:
+    topic = topic_with(1, 10, capacity=4)  # window 7..10
+    assert seqs(topic.frames_after(6)) == [7, 8, 9, 10]
+    assert seqs(topic.frames_after(8)) == [9, 10]
+    assert seqs(topic.frames_after(9)) == [10]
+    got = topic.frames_after(7)
+    assert got is not None and all(a is b for a, b in zip(got, list(topic.window)[1:], strict=True))
+
+
+@pytest.mark.parametrize("cursor", [10, 11, 1000])
+async def test_frames_after_head_is_empty(cursor: int) -> None:
+    topic = topic_with(1, 10, capacity=4)
+    assert topic.frames_after(cursor) == []
+
+
+@pytest.mark.parametrize("cursor", [0, 1, 5])
+async def test_frames_after_is_none_when_the_window_does_not_reach_back(cursor: int) -> None:
+    topic = topic_with(1, 10, capacity=4)  # window 7..10: cursor 6 is the earliest it serves
+    assert topic.frames_after(cursor) is None
+
+
+@pytest.mark.parametrize("cursor", [0, 5])
+async def test_frames_after_is_none_for_an_empty_window(cursor: int) -> None:
+    assert Topic("gen", 4).frames_after(cursor) is None
+
+
+# -- absorb ----------------------------------------------------------------------------------
+
+
+async def test_absorb_fills_an_empty_window() -> None:
+    topic = Topic("gen", 8)
+    topic.absorb(frames(1, 5))
+    assert seqs(topic.window) == [1, 2, 3, 4, 5]
+    assert topic.frames_after(0) is not None
+
+
+async def test_absorb_into_an_empty_window_keeps_the_newest_capacity_frames() -> None:
+    topic = Topic("gen", 3)
+    topic.absorb(frames(1, 5))
+    assert seqs(topic.window) == [3, 4, 5]
+
+
+async def test_absorb_prepends_an_older_contiguous_range() -> None:
+    topic = topic_with(5, 6)
+    topic.absorb(frames(1, 4))
+    assert seqs(topic.window) == [1, 2, 3, 4, 5, 6]
+    assert seqs(topic.frames_after(0)) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_absorb_prepends_an_older_range_overlapping_the_window() -> None:
+    topic = topic_with(5, 6)
+    topic.absorb(frames(2, 6))
+    assert seqs(topic.window) == [2, 3, 4, 5, 6]
+
+
+async def test_absorb_prepend_keeps_live_frames_and_respects_capacity() -> None:
+    topic = topic_with(5, 6, capacity=4)
+    live = list(topic.window)
+    topic.absorb(frames(1, 4))
+    assert seqs(topic.window) == [3, 4, 5, 6]  # the newest older frames that fit
+    assert list(topic.window)[2:] == live
+
+
+async def test_absorb_prepend_into_a_full_window_changes_nothing() -> None:
+    topic = topic_with(5, 8, capacity=4)
+    topic.absorb(frames(1, 4))
+    assert seqs(topic.window) == [5, 6, 7, 8]
+
+
+async def test_absorb_appends_a_following_contiguous_range() -> None:
+    topic = topic_with(1, 3)
+    topic.absorb(frames(4, 6))
+    assert seqs(topic.window) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_absorb_append_respects_capacity() -> None:
+    topic = topic_with(1, 3, capacity=4)
+    topic.absorb(frames(4, 6))
+    assert seqs(topic.window) == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [frames(1, 3), frames(8, 9, terminal_last=True), frames(20, 22, terminal_last=True)],
+    ids=["before-with-gap", "after-with-gap", "far-after"],
+)
+async def test_absorb_ignores_a_non_contiguous_range(batch: list[Frame]) -> None:
+    topic = topic_with(5, 6)
+    changed = topic.changed()
+    topic.absorb(batch)
+    assert seqs(topic.window) == [5, 6]
+    assert topic.terminal_seq is None
+    assert not changed.is_set()
+
+
+async def test_absorb_of_nothing_changes_nothing() -> None:
+    topic = topic_with(1, 2)
+    changed = topic.changed()
+    topic.absorb([])
+    assert seqs(topic.window) == [1, 2]
+    assert not changed.is_set()
+
+
+async def test_absorb_of_a_terminal_range_sets_terminal_seq() -> None:
+    topic = Topic("gen", 8)
+    topic.absorb(frames(1, 4, terminal_last=True))
+    assert topic.terminal_seq == 4
+
+    topic = topic_with(1, 2)
+    topic.absorb(frames(3, 5, terminal_last=True))
+    assert topic.terminal_seq == 5
+
+
+@pytest.mark.parametrize("first", [1, 6], ids=["from-before-window", "from-inside-window"])
+async def test_absorb_of_a_range_running_past_head_keeps_the_newer_frames(first: int) -> None:
+    topic = topic_with(5, 7)
+    topic.absorb(frames(first, 10, terminal_last=True))
+    assert seqs(topic.window) == list(range(min(first, 5), 11))
+    assert topic.terminal_seq == topic.head == 10
+
+
+# -- change notification ---------------------------------------------------------------------
+
+
+async def test_changed_is_set_by_offer_and_renewed() -> None:
+    topic = Topic("gen", 8)
+    first = topic.changed()
+    assert topic.changed() is first  # stable until something changes
+    assert not first.is_set()
+    topic.offer(frame(1))
+    assert first.is_set()
+    second = topic.changed()
+    assert second is not first
+    assert not second.is_set()
+
+
+async def test_changed_is_set_by_absorb() -> None:
+    topic = Topic("gen", 8)
+    event = topic.changed()
+    topic.absorb(frames(1, 2))
+    assert event.is_set()
+    assert not topic.changed().is_set()
+
+
+async def test_changed_is_set_by_resync_which_bumps_resyncs() -> None:
+    topic = topic_with(1, 2)
+    event = topic.changed()
+    assert topic.resyncs == 0
+    topic.resync()
+    assert topic.resyncs == 1
+    assert event.is_set()
+    assert not topic.changed().is_set()
+    topic.resync()
+    assert topic.resyncs == 2
+    assert seqs(topic.window) == [1, 2]  # a resync does not touch the window
+
+
+async def test_a_waiter_on_changed_wakes_on_offer() -> None:
+    topic = Topic("gen", 8)
+    waiter = asyncio.create_task(topic.changed().wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    topic.offer(frame(1))
+    await asyncio.wait_for(waiter, 1)
+
+
+# -- read_log: one store call per range, shared by every concurrent reader ---------------------
+
+
+class FakeStore:
+    """``Store.read_log`` stand-in: counts calls; each call blocks until ``gate`` is set."""
+
+    def __init__(self, events: list[Event], fail_times: int = 0) -> None:
+        self.events = events
+        self.fail_times = fail_times
+        self.calls: list[tuple[str, int, int]] = []
+        self.gate = asyncio.Event()
+
+    async def read_log(self, gen_id: str, after_seq: int, count: int) -> list[Event]:
+        self.calls.append((gen_id, after_seq, count))
+        await self.gate.wait()
+        if self.fail_times:
+            self.fail_times -= 1
+            raise RuntimeError("redis fell over")
+        return [e for e in self.events if e.seq > after_seq][:count]
+
+
+def log_events(n: int) -> list[Event]:
+    events = [Event(i, "message", protocol.message_data(f"part {i}. "), i) for i in range(1, n)]
+    return [*events, Event(n, "end", protocol.end_data("stop", None), n)]
+
+
+def log_reads(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("broker_log_reads_total")
+
+
+async def test_concurrent_reads_of_one_range_share_one_store_call() -> None:
+    store = FakeStore(log_events(5))
+    metrics = Metrics()
+    topic = Topic("gen", 16)
+    readers = [asyncio.create_task(topic.read_log(store, 0, metrics)) for _ in range(50)]
+    for _ in range(10):  # let every reader and the shared read task reach their waits
+        await asyncio.sleep(0)
+    assert len(store.calls) == 1
+    store.gate.set()
+    results = await asyncio.gather(*readers)
+
+    assert len(store.calls) == 1
+    assert store.calls[0][:2] == ("gen", 0)
+    assert log_reads(metrics) == 1
+    expected = [sse.encode_event(e) for e in store.events]
+    for result in results:
+        assert [f.data for f in result] == expected
+        assert [f.terminal for f in result] == [False] * 4 + [True]
+    # The read also fills the window, so the next viewer is served from memory.
+    assert seqs(topic.frames_after(0)) == [1, 2, 3, 4, 5]
+    assert topic.terminal_seq == 5
+
+
+async def test_reads_of_different_ranges_are_separate_calls() -> None:
+    store = FakeStore(log_events(5))
+    topic = Topic("gen", 16)
+    metrics = Metrics()
+    a = asyncio.create_task(topic.read_log(store, 0, metrics))
+    b = asyncio.create_task(topic.read_log(store, 3, metrics))
+    await asyncio.sleep(0)
+    store.gate.set()
+    got_a, got_b = await asyncio.gather(a, b)
+    assert sorted(call[1] for call in store.calls) == [0, 3]
+    assert seqs(got_a) == [1, 2, 3, 4, 5]
+    assert seqs(got_b) == [4, 5]
+
+
+async def test_sequential_reads_each_call_the_store() -> None:
+    store = FakeStore(log_events(2))
+    store.gate.set()
+    topic = Topic("gen", 16)
+    metrics = Metrics()
+    await topic.read_log(store, 0, metrics)
+    await topic.read_log(store, 0, metrics)
+    assert len(store.calls) == 2  # single flight is not a cache: a new read sees new events
+
+
+async def test_a_store_error_reaches_every_reader_and_a_later_read_retries() -> None:
+    store = FakeStore(log_events(3), fail_times=1)
+    metrics = Metrics()
+    topic = Topic("gen", 16)
+    readers = [asyncio.create_task(topic.read_log(store, 0, metrics)) for _ in range(50)]
+    await asyncio.sleep(0)
+    store.gate.set()
+    results = await asyncio.gather(*readers, return_exceptions=True)
+    assert len(store.calls) == 1
+    assert all(isinstance(r, RuntimeError) and "fell over" in str(r) for r in results)
+    assert len(topic.window) == 0
+
+    retried = await topic.read_log(store, 0, metrics)
+    assert len(store.calls) == 2
+    assert seqs(retried) == [1, 2, 3]
+
+
+async def test_cancelling_the_first_reader_does_not_cancel_the_others() -> None:
+    store = FakeStore(log_events(3))
+    metrics = Metrics()
+    topic = Topic("gen", 16)
+    first = asyncio.create_task(topic.read_log(store, 0, metrics))
+    await asyncio.sleep(0)
+    other = asyncio.create_task(topic.read_log(store, 0, metrics))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    store.gate.set()
+    await asyncio.gather(first, return_exceptions=True)
+    assert seqs(await asyncio.wait_for(other, 1)) == [1, 2, 3]
+
+
+# -- needs_log: viewers skip a log read the topic already made ---------------------------------
+
+
+async def test_a_fresh_topic_needs_the_log() -> None:
+    topic = Topic("gen", 16)
+    assert topic.needs_log(0)
+
+
+async def test_a_window_reaching_back_to_the_cursor_serves_without_the_log() -> None:
+    topic = Topic("gen", 16)
+    for f in frames(5, 8):
+        topic.offer(f)
+    assert not topic.needs_log(4) and not topic.needs_log(8) and not topic.needs_log(20)
+    assert topic.needs_log(3)  # event 4 is not in the window
+
+
+async def test_an_empty_log_read_spares_later_viewers_at_or_after_its_cursor() -> None:
+    store = FakeStore([])
+    store.gate.set()
+    topic = Topic("gen", 16)
+    assert await topic.read_log(store, 0, Metrics()) == []
+    assert topic.read_to == 0
+    assert not topic.needs_log(0)  # what follows arrives live: no second read
+    assert len(store.calls) == 1
+
+
+async def test_a_short_read_records_how_far_the_log_was_read() -> None:
+    store = FakeStore(log_events(5)[:3])  # three messages so far, no end yet
+    store.gate.set()
+    topic = Topic("gen", 16)
+    await topic.read_log(store, 1, Metrics())
+    assert topic.read_to == 3
+    assert not topic.needs_log(1)  # the window (absorbed from the read) covers it
+    assert topic.needs_log(0)  # event 1 was never read
+
+
+async def test_a_full_chunk_does_not_count_as_read_to_the_end() -> None:
+    store = FakeStore(log_events(LOG_READ_CHUNK + 10))
+    store.gate.set()
+    topic = Topic("gen", LOG_READ_CHUNK * 2)
+    await topic.read_log(store, 0, Metrics())
+    assert topic.read_to is None  # more may follow the chunk
+
+
+async def test_a_resync_forgets_how_far_the_log_was_read() -> None:
+    store = FakeStore([])
+    store.gate.set()
+    topic = Topic("gen", 16)
+    await topic.read_log(store, 0, Metrics())
+    topic.resync()
+    assert topic.read_to is None and topic.needs_log(0)
+
+
+async def test_a_read_overtaken_by_a_resync_records_nothing() -> None:
+    store = FakeStore([])
+    topic = Topic("gen", 16)
+    read = asyncio.create_task(topic.read_log(store, 0, Metrics()))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    topic.resync()  # messages may be missed while the read is in flight
+    store.gate.set()
+    await read
+    assert topic.read_to is None

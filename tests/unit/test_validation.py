@@ -1,0 +1,226 @@
+"""What clients send: create bodies and the resume cursor."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from broker import protocol
+from broker.errors import ApiError
+from broker.validation import parse_create_body, parse_last_event_id
+
+DEFAULT_MODEL = "default-model"
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+def parse(body: Any) -> dict[str, Any]:
+    return parse_create_body(json.dumps(body).encode(), DEFAULT_MODEL)
+
+
+def api_error(body: bytes) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse_create_body(body, DEFAULT_MODEL)
+    return info.value
+
+
+# -- parse_create_body: accepted -------------------------------------------------------------
+
+
+def test_minimal_body_gets_the_default_model() -> None:
+    assert parse({"messages": MESSAGES}) == {"messages": MESSAGES, "model": DEFAULT_MODEL}
+
+
+def test_null_model_gets_the_default_model() -> None:
+    assert parse({"messages": MESSAGES, "model": None})["model"] == DEFAULT_MODEL
+
+
+def test_explicit_model_is_kept() -> None:
+    assert parse({"messages": MESSAGES, "model": "llama-3"})["model"] == "llama-3"
+
+
+def test_sampling_and_unknown_fields_pass_through_unchanged() -> None:
+    extra = {
+        "temperature": 0.7,
+        "max_tokens": 64,
+        "top_p": 0.9,
+        "stop": ["\n\n", "END"],
+        "seed": 1234,
+        "top_k": 40,
+        "metadata": {"nested": [1, {"x": None}]},
+    }
+    request = parse({"messages": MESSAGES, "model": "m", **extra})
+    assert request == {"messages": MESSAGES, "model": "m", **extra}
+
+
+def test_messages_are_kept_in_order_with_extra_keys() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi", "name": "ann"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "héllo\n🎉"},
+    ]
+    assert parse({"messages": messages})["messages"] == messages
+
+
+@pytest.mark.parametrize(
+    "broker_fields",
+    [
+        {"stream": False},
+        {"stream": True, "stream_options": {"include_usage": False}},
+        {"stream_options": None},
+    ],
+)
+def test_stream_fields_are_stripped(broker_fields: dict[str, Any]) -> None:
+    request = parse({"messages": MESSAGES, "temperature": 0, **broker_fields})
+    assert "stream" not in request
+    assert "stream_options" not in request
+    assert request["temperature"] == 0
+
+
+def test_n_of_one_is_accepted() -> None:
+    assert parse({"messages": MESSAGES, "n": 1})["n"] == 1
+
+
+def test_utf8_body_with_unicode_is_accepted() -> None:
+    body = '{"messages": [{"role": "user", "content": "ünï 🎉"}]}'.encode()
+    assert parse_create_body(body, DEFAULT_MODEL)["messages"][0]["content"] == "ünï 🎉"
+
+
+# -- parse_create_body: rejected -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"{'messages': []}", b"not json", b'{"a": 1,}'])
+def test_malformed_json_is_400_invalid_json(body: bytes) -> None:
+    error = api_error(body)
+    assert (error.status, error.code) == (400, "invalid_json")
+    assert error.message
+
+
+def test_non_utf8_body_is_400() -> None:
+    error = api_error(b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}')
+    assert (error.status, error.code) == (400, "invalid_json")
+
+
+@pytest.mark.parametrize("body", [[], [{"messages": MESSAGES}], "hello", None, 1, True])
+def test_non_object_body_is_422(body: Any) -> None:
+    error = api_error(json.dumps(body).encode())
+    assert (error.status, error.code) == (422, "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param(..., id="missing"),
+        pytest.param([], id="empty"),
+        pytest.param(None, id="null"),
+        pytest.param("Hello", id="string"),
+        pytest.param({"role": "user", "content": "x"}, id="object"),
+        pytest.param(["Hello"], id="item-string"),
+        pytest.param([None], id="item-null"),
+        pytest.param([["user", "x"]], id="item-list"),
+        pytest.param([{"content": "x"}], id="role-missing"),
+        pytest.param([{"role": 1, "content": "x"}], id="role-int"),
+        pytest.param([{"role": None, "content": "x"}], id="role-null"),
+        pytest.param([{"role": "user"}], id="content-missing"),
+        pytest.param([{"role": "user", "content": None}], id="content-null"),
+        pytest.param([{"role": "user", "content": 5}], id="content-int"),
+        pytest.param([{"role": "user", "content": ["x"]}], id="content-list"),
+        pytest.param([*MESSAGES, {"role": "user", "content": {}}], id="second-bad"),
+    ],
+)
+def test_bad_messages_are_422(messages: Any) -> None:
+    body = {} if messages is ... else {"messages": messages}
+    error = api_error(json.dumps(body).encode())
+    assert (error.status, error.code) == (422, "invalid_request")
+    assert "messages" in error.message
+
+
+@pytest.mark.parametrize("model", ["", "   ", 5, ["m"], {"name": "m"}, False])
+def test_bad_model_is_422(model: Any) -> None:
+    error = api_error(json.dumps({"messages": MESSAGES, "model": model}).encode())
+    assert (error.status, error.code) == (422, "invalid_request")
+    assert "model" in error.message
+
+
+@pytest.mark.parametrize("n", [2, 0, 10])
+def test_n_other_than_one_is_422(n: int) -> None:
+    error = api_error(json.dumps({"messages": MESSAGES, "n": n}).encode())
+    assert (error.status, error.code) == (422, "invalid_request")
+    assert "'n'" in error.message
+
+
+def test_api_error_carries_status_code_and_message() -> None:
+    error = ApiError(418, "teapot", "short and stout")
+    assert (error.status, error.code, error.message, str(error)) == (
+        418, "teapot", "short and stout", "short and stout"
+    )
+
+
+# -- parse_last_event_id ---------------------------------------------------------------------
+
+
+def test_no_cursor_means_from_the_start() -> None:
+    assert parse_last_event_id(None, None) == 0
+    assert parse_last_event_id("", "") == 0
+    assert parse_last_event_id("", None) == 0
+
+
+def test_header_is_parsed() -> None:
+    assert parse_last_event_id(protocol.event_id(42), None) == 42
+
+
+def test_query_is_used_without_a_header() -> None:
+    assert parse_last_event_id(None, protocol.event_id(7)) == 7
+
+
+def test_header_wins_over_query() -> None:
+    # EventSource keeps its first URL's query on reconnect but updates the header.
+    assert parse_last_event_id(protocol.event_id(9), protocol.event_id(3)) == 9
+
+
+def test_empty_header_falls_back_to_query() -> None:
+    assert parse_last_event_id("", protocol.event_id(3)) == 3
+
+
+def test_header_wins_even_over_a_malformed_query() -> None:
+    assert parse_last_event_id("5", "garbage") == 5
+
+
+@pytest.mark.parametrize(
+    ("header", "query"),
+    [("abc", None), (None, "abc"), ("-1", None), ("1-2", None), ("1" * 19, None),
+     ("abc", "5"), ("1.5", None)],
+)
+def test_malformed_cursor_is_400(header: str | None, query: str | None) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_last_event_id(header, query)
+    assert (info.value.status, info.value.code) == (400, "invalid_last_event_id")
+
+
+OPTIONAL_TEXT = st.none() | st.text() | st.from_regex(r"\A[0-9\s]{0,20}\Z")
+
+
+@given(OPTIONAL_TEXT, OPTIONAL_TEXT)
+def test_last_event_id_either_parses_or_is_a_400(header: str | None, query: str | None) -> None:
+    try:
+        cursor = parse_last_event_id(header, query)
+    except ApiError as e:
+        assert (e.status, e.code) == (400, "invalid_last_event_id")
+    else:
+        assert isinstance(cursor, int)
+        assert 0 <= cursor < 10**18
+
+
+@given(
+    st.text(alphabet="0123456789 \t\r\n", min_size=1).filter(lambda s: "\n" in s or "\r" in s)
+    | st.text().filter(lambda s: "\n" in s or "\r" in s)
+)
+@example("1\n")
+def test_last_event_id_with_a_line_break_is_never_accepted(value: str) -> None:
+    for header, query in ((value, None), (None, value)):
+        with pytest.raises(ApiError):
+            parse_last_event_id(header, query)
