@@ -1,0 +1,99 @@
+"""Helpers the fault-suite modules share: waiting for a worker, reporting a timing, counting the
+fake LLM's requests, and a viewer that reads a stream to its very end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from tests.support.fakellm import FakeLLM, prompt_of
+from tests.support.procs import BrokerProcess, wait_until
+from tests.support.sse import TERMINAL, Received
+
+
+async def wait_worker_ready(d: Any, worker: BrokerProcess) -> None:
+    """Until ``worker`` waits on the jobs group: one of its connections (named after its pid)
+    last ran XREADGROUP."""
+    client = d.redis.client()
+    tag = f"-{worker.proc.pid}-"
+
+    def ready() -> bool:
+        if worker.proc.poll() is not None:
+            raise AssertionError(f"the worker exited:\n{worker.output()}")
+        return any(c["name"].startswith("broker-worker-") and tag in c["name"]
+                   and c["cmd"] == "xreadgroup" for c in client.client_list())
+
+    try:
+        await asyncio.to_thread(wait_until, ready, 20, "the worker to take jobs")
+    finally:
+        client.close()
+
+
+def report(record_property: Any, scenario: str, seconds: float, what: str) -> None:
+    """Print a scenario's timing (``seconds`` from ``what``) and record it for the report."""
+    print(f"\n[{scenario}] {seconds:.3f} s from {what}")
+    record_property("seconds_to_terminal", round(seconds, 3))
+
+
+def requests_for(llm: FakeLLM, prompt: str) -> int:
+    """How many chat-completions requests the fake LLM has had for ``prompt``."""
+    return sum(1 for r in llm.records if prompt_of(r.body) == prompt)
+
+
+class Viewer:
+    """One viewer read to the very END of the response, not just to its first terminal event
+    (so a second terminal event would show); stamps when the terminal event arrived."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, last_event_id: str | None = None):
+        self.received = Received(0, httpx.Headers())
+        self.first_message = asyncio.Event()
+        self.terminal_at: float | None = None
+        self.task = asyncio.create_task(self._read(http, url, last_event_id))
+
+    async def _read(self, http: httpx.AsyncClient, url: str, last_event_id: str | None) -> None:
+        headers = {"last-event-id": last_event_id} if last_event_id else {}
+        async with aconnect_sse(http, "GET", url, headers=headers) as source:
+            self.received.status = source.response.status_code
+            self.received.headers = source.response.headers
+            if source.response.status_code != 200:
+                await source.response.aread()
+                return
+            async for event in source.aiter_sse():
+                if event.data == "":
+                    continue  # `retry:`
+                self.received.events.append(event)
+                if event.event == "message":
+                    self.first_message.set()
+                elif event.event in TERMINAL and self.terminal_at is None:
+                    self.terminal_at = time.monotonic()
+
+    async def wait_first_message(self, within: float = 20) -> None:
+        """Until the first ``message`` event arrived (fails if the stream ended without one)."""
+        waiter = asyncio.ensure_future(self.first_message.wait())
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.wait([self.task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        assert self.first_message.is_set(), f"the stream ended without a message: {self.events}"
+
+    async def result(self, within: float = 20, *, terminal_id: bool = True) -> Received:
+        """The whole stream: a 200 with exactly one terminal event, and that one last (and,
+        with ``terminal_id``, carrying an id)."""
+        await asyncio.wait_for(self.task, within)
+        got = self.received
+        assert got.status == 200, got.status
+        terminals = [e for e in got.events if e.event in TERMINAL]
+        assert len(terminals) == 1, f"expected exactly one terminal event, got {terminals}"
+        assert got.events[-1] is terminals[0], "events after the terminal event"
+        if terminal_id:
+            assert terminals[0].id
+        return got
+
+    @property
+    def events(self) -> list[Any]:
+        return self.received.events
