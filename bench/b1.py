@@ -1,0 +1,399 @@
+"""B1 fan-out: one generation, V viewers on ONE edge; the broker's edge vs the naive baseline.
+
+For each V and each implementation (a "cell"), on fresh processes: a redis-server, the edge
+(``python -m broker edge``, or ``python -m bench.naive_edge``), the publisher
+(``bench.publisher``: create + claim + the worker's PUBLISH_SCRIPT, N messages at R/s, then
+``end``) and 1-2 load generators (``bench.loadgen``: V raw-socket SSE viewers that check
+exactly-once, in-order delivery and record publish→receive latency). The publisher starts only
+once every viewer is connected; the costs are measured over the publishing window (from the
+first publish until every viewer has received the terminal event).
+
+    .venv/bin/python -m bench.b1 --viewers 1,100,1000
+
+Prints a markdown table, writes ``bench/results/b1.json`` and ``bench/results/b1_latency.png``.
+Exits 1 (loudly) if any viewer lost, repeated or reordered an event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
+from bench.support import (
+    calls_delta,
+    command_calls,
+    cpu_seconds,
+    percentile,
+    redis_cpu,
+    status_kb,
+)
+from broker import protocol
+
+IMPLS = ("broker", "naive")
+EDGE_CLIENT_NAMES = ("broker-edge-", "bench-naive-edge")
+VIEWERS_PER_LOADGEN = 500
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.b1", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--viewers", default="1,100,1000",
+                        help="comma-separated viewer counts V (3000 works too)")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="which edges to run")
+    parser.add_argument("--messages", type=int, default=300, help="messages published")
+    parser.add_argument("--rate", type=float, default=30.0, help="messages per second")
+    parser.add_argument("--size", type=int, default=100, help="characters per message")
+    parser.add_argument("--loadgens", type=int, default=0,
+                        help=f"load generator processes (0: one per {VIEWERS_PER_LOADGEN} "
+                             "viewers, at most 2: the machine has 2 cores)")
+    parser.add_argument("--connect-timeout", type=float, default=120.0,
+                        help="seconds for all viewers to connect")
+    parser.add_argument("--run-timeout", type=float, default=0.0,
+                        help="seconds for the publishing window to complete, every viewer "
+                             "included (0: 60 + 6 x messages/rate)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="output directory")
+    args = parser.parse_args(argv)
+    try:
+        args.viewer_counts = [int(v) for v in args.viewers.split(",") if v.strip()]
+    except ValueError:
+        parser.error("--viewers takes integers, e.g. 1,100,1000")
+    if not args.viewer_counts or min(args.viewer_counts) < 1:
+        parser.error("--viewers needs counts >= 1")
+    args.impl_list = [i.strip() for i in args.impls.split(",") if i.strip()]
+    if not args.impl_list or set(args.impl_list) - set(IMPLS):
+        parser.error(f"--impls takes a subset of {','.join(IMPLS)}")
+    return args
+
+
+# -- one cell ------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """The edge's peak resident memory, sampled every 50 ms while the cell runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(OSError):
+            self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+
+
+def loadgen_split(viewers: int, requested: int) -> list[int]:
+    count = requested or min(2, math.ceil(viewers / VIEWERS_PER_LOADGEN))
+    count = max(1, min(count, viewers))
+    return [viewers // count + (1 if i < viewers % count else 0) for i in range(count)]
+
+
+def read_latencies(paths: list[str]) -> array[float]:
+    latencies = array("d")
+    for path in paths:
+        latencies.frombytes(Path(path).read_bytes())
+    return latencies
+
+
+async def edge_viewers(http: httpx.AsyncClient) -> float:
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line.startswith("broker_viewers "):
+            return float(line.split()[1])
+    return -1.0
+
+
+async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[str, Any]:
+    group = ProcessGroup()
+    rss: RssSampler | None = None
+    redis = None
+    try:
+        _, redis, redis_url = await start_redis(group)
+        edge, edge_url = await start_edge(group, impl, redis_url)
+        rss = RssSampler(edge.pid)
+        rss.start()
+
+        publisher = await group.start(Proc("publisher", [
+            sys.executable, "-m", "bench.publisher", "--redis-url", redis_url,
+            "--messages", str(args.messages), "--rate", str(args.rate), "--size", str(args.size),
+        ], env=child_env(), lines=True, log_dir=group.log_dir))
+        (gen_id,) = await publisher.expect("ready", 30)
+
+        # Connect phase: every viewer connected and subscribed before anything is published.
+        calls_0 = command_calls(await redis.info("commandstats"))
+        edge_cpu_0 = cpu_seconds(edge.pid)
+        t_connect = time.monotonic()
+        run_budget = args.run_timeout or 60 + 6 * args.messages / args.rate
+        loadgens: list[Proc] = []
+        first = 0
+        for i, n in enumerate(loadgen_split(viewers, args.loadgens)):
+            out = group.log_dir / f"loadgen{i}.json"
+            loadgens.append(await group.start(Proc(f"loadgen{i}", [
+                sys.executable, "-m", "bench.loadgen", "--port", edge_url.rsplit(":", 1)[1],
+                "--gen-id", gen_id, "--viewers", str(n), "--first-index", str(first),
+                "--messages", str(args.messages), "--out", str(out),
+                "--connect-timeout", str(args.connect_timeout),
+                "--run-timeout", str(run_budget),
+            ], env=child_env(), lines=True, log_dir=group.log_dir)))
+            first += n
+        for lg in loadgens:
+            await lg.expect("ready", args.connect_timeout + 10)
+        async with httpx.AsyncClient(base_url=edge_url, timeout=5) as http:
+            deadline = time.monotonic() + 30
+            while (seen := await edge_viewers(http)) != viewers:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{impl} edge reports {seen} viewers, expected {viewers}")
+                await asyncio.sleep(0.1)
+        connect_s = time.monotonic() - t_connect
+
+        clients = await redis.client_list()
+        edge_conns = sum(1 for c in clients if c.get("name", "").startswith(EDGE_CLIENT_NAMES))
+        connected = int((await redis.info("clients"))["connected_clients"])
+        subscribers = dict(await redis.pubsub_numsub(protocol.live_channel(gen_id)))
+        channel_subs = int(next(iter(subscribers.values()), 0))
+
+        # Publish window.
+        calls_1 = command_calls(await redis.info("commandstats"))
+        redis_cpu_1 = redis_cpu(await redis.info("cpu"))
+        edge_cpu_1 = cpu_seconds(edge.pid)
+        lg_cpu_1 = sum(cpu_seconds(lg.pid) for lg in loadgens)
+        await publisher.send("go")
+        first_ns, published_ns = map(int, await publisher.expect("published", run_budget))
+        for lg in loadgens:
+            await lg.expect("done", run_budget + 10)
+        edge_cpu_2 = cpu_seconds(edge.pid)
+        lg_cpu_2 = sum(cpu_seconds(lg.pid) for lg in loadgens)
+        redis_cpu_2 = redis_cpu(await redis.info("cpu"))
+        calls_2 = command_calls(await redis.info("commandstats"))
+        await rss.stop()
+        hwm_kb = status_kb(edge.pid, "VmHWM")
+
+        results = [json.loads((group.log_dir / f"loadgen{i}.json").read_text())
+                   for i in range(len(loadgens))]
+        errors = [e for r in results for e in r["errors"]]
+        error_count = sum(r["error_count"] for r in results)
+        if error_count:
+            shown = "\n  ".join(errors)
+            raise BenchError(
+                f"{impl} V={viewers}: {error_count} viewer(s) did not get exactly events "
+                f"1..{args.messages} + end, in order:\n  {shown}{edge.tail()}"
+            )
+        ordered = sorted(read_latencies([r["latencies_file"] for r in results]))
+        deliveries = len(ordered)
+        expected = viewers * args.messages
+        if deliveries != expected:
+            raise BenchError(f"{impl} V={viewers}: {deliveries} deliveries, expected {expected}")
+        last_recv_ns = max(r["last_recv_ns"] for r in results)
+        window_s = (last_recv_ns - first_ns) / 1e9
+        edge_cpu = edge_cpu_2 - edge_cpu_1
+        window_calls = calls_delta(calls_1, calls_2)
+        connect_calls = calls_delta(calls_0, calls_1)
+        return {
+            "impl": impl,
+            "viewers": viewers,
+            "loadgens": len(loadgens),
+            "deliveries": deliveries,
+            "window_s": round(window_s, 3),
+            "publish_s": round((published_ns - first_ns) / 1e9, 3),
+            "deliveries_per_s": round(deliveries / window_s, 1),
+            "latency_ms": {
+                "p50": round(percentile(ordered, 50), 3),
+                "p99": round(percentile(ordered, 99), 3),
+                "max": round(ordered[-1], 3),
+                "mean": round(sum(ordered) / deliveries, 3),
+            },
+            "edge_cpu_s": round(edge_cpu, 3),
+            "edge_cpu_s_per_1000_deliveries": round(edge_cpu / deliveries * 1000, 4),
+            "edge_connect_cpu_s": round(edge_cpu_1 - edge_cpu_0, 3),
+            "edge_rss_peak_mb": round(rss.peak_kb / 1024, 1),
+            "edge_vmhwm_mb": round(hwm_kb / 1024, 1),
+            "redis_cpu_s": round(redis_cpu_2 - redis_cpu_1, 3),
+            "redis_commands": sum(window_calls.values()),
+            "redis_commands_per_message": round(sum(window_calls.values()) / args.messages, 2),
+            "redis_commandstats": window_calls,
+            "redis_connect_commands": sum(connect_calls.values()),
+            "redis_connect_commandstats": connect_calls,
+            "redis_connected_clients": connected,
+            "edge_redis_connections": edge_conns,
+            "channel_subscribers": channel_subs,
+            "loadgen_cpu_s": round(lg_cpu_2 - lg_cpu_1, 3),
+            "connect_s": round(connect_s, 2),
+        }
+    finally:
+        if rss is not None:
+            await rss.stop()
+        if redis is not None:
+            with contextlib.suppress(Exception):
+                await redis.aclose()
+        await group.stop_all()
+        group.cleanup()
+
+
+# -- report --------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("edge", lambda c: c["impl"]),
+    ("V", lambda c: str(c["viewers"])),
+    ("deliveries/s", lambda c: f"{c['deliveries_per_s']:.0f}"),
+    ("p50 ms", lambda c: f"{c['latency_ms']['p50']:.2f}"),
+    ("p99 ms", lambda c: f"{c['latency_ms']['p99']:.2f}"),
+    ("max ms", lambda c: f"{c['latency_ms']['max']:.2f}"),
+    ("edge CPU s /1000 deliv", lambda c: f"{c['edge_cpu_s_per_1000_deliveries']:.4f}"),
+    ("edge CPU s", lambda c: f"{c['edge_cpu_s']:.2f}"),
+    ("edge RSS peak MB", lambda c: f"{c['edge_rss_peak_mb']:.1f}"),
+    ("Redis CPU s", lambda c: f"{c['redis_cpu_s']:.3f}"),
+    ("Redis cmds/msg", lambda c: f"{c['redis_commands_per_message']:.2f}"),
+    ("Redis clients", lambda c: str(c["redis_connected_clients"])),
+    ("edge→Redis conns", lambda c: str(c["edge_redis_connections"])),
+    ("channel subs", lambda c: str(c["channel_subscribers"])),
+    ("loadgen CPU s", lambda c: f"{c['loadgen_cpu_s']:.2f}"),
+]
+
+RATIOS = [
+    ("edge→Redis conns", lambda c: c["edge_redis_connections"]),
+    ("Redis clients", lambda c: c["redis_connected_clients"]),
+    ("Redis CPU", lambda c: c["redis_cpu_s"]),
+    ("edge CPU / delivery", lambda c: c["edge_cpu_s_per_1000_deliveries"]),
+    ("latency p99", lambda c: c["latency_ms"]["p99"]),
+]
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_key = {(c["impl"], c["viewers"]): c for c in cells}
+    out = []
+    for v in sorted({c["viewers"] for c in cells}):
+        broker, naive = by_key.get(("broker", v)), by_key.get(("naive", v))
+        if broker is None or naive is None:
+            continue
+        row: dict[str, Any] = {"viewers": v}
+        for name, get in RATIOS:
+            b, n = get(broker), get(naive)
+            row[name] = round(n / b, 2) if b else None
+        out.append(row)
+    return out
+
+
+def report(cells: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
+    table = markdown_table([h for h, _ in COLUMNS], [[f(c) for _, f in COLUMNS] for c in cells])
+    if not ratio_rows:
+        return table
+    names = [name for name, _ in RATIOS]
+    ratio_table = markdown_table(
+        ["V", *[f"naive/broker {n}" for n in names]],
+        [[str(r["viewers"]), *("n/a" if r[n] is None else f"{r[n]:.2f}" for n in names)]
+         for r in ratio_rows],
+    )
+    return f"{table}\n\n{ratio_table}"
+
+
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"broker": "tab:blue", "naive": "tab:red"}
+    for impl in IMPLS:
+        mine = sorted((c for c in cells if c["impl"] == impl), key=lambda c: c["viewers"])
+        if not mine:
+            continue
+        xs = [c["viewers"] for c in mine]
+        for q, style in (("p50", "-o"), ("p99", "--s")):
+            ys = [c["latency_ms"][q] for c in mine]
+            ax.plot(xs, ys, style, color=colors[impl], label=f"{impl} {q}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("viewers on one edge (V)")
+    ax.set_ylabel("publish → receive latency (ms)")
+    ax.set_title("B1 fan-out: one generation, 30 msg/s, one edge (2 shared cores)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/loadavg", encoding="ascii") as f:
+        load = f.read().split()[:3]
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": [float(x) for x in load],
+    }
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    args.results.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {
+        "scenario": "B1 fan-out",
+        "params": {"viewers": args.viewer_counts, "impls": args.impl_list,
+                   "messages": args.messages, "rate": args.rate, "size": args.size},
+        "machine": machine(),
+        "cells": [],
+    }
+    status = 0
+    try:
+        for viewers in args.viewer_counts:
+            for impl in args.impl_list:
+                print(f"# running {impl} V={viewers} ...", file=sys.stderr, flush=True)
+                cell = await run_cell(impl, viewers, args)
+                out["cells"].append(cell)
+                print(f"#   {cell['deliveries_per_s']:.0f} deliveries/s, "
+                      f"p99 {cell['latency_ms']['p99']:.2f} ms", file=sys.stderr, flush=True)
+    except BenchError as e:
+        out["failure"] = str(e)
+        print(f"\nB1 FAILED: {e}", file=sys.stderr)
+        status = 1
+    out["ratios"] = ratios(out["cells"])
+    json_path = args.results / "b1.json"
+    json_path.write_text(json.dumps(out, indent=2) + "\n")
+    if out["cells"]:
+        png_path = args.results / "b1_latency.png"
+        plot(out["cells"], png_path)
+        print(report(out["cells"], out["ratios"]))
+        print(f"\nresults: {json_path}, {png_path}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> None:
+    raise SystemExit(asyncio.run(main_async(parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()

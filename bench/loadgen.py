@@ -1,0 +1,280 @@
+"""The benchmark's load generator: N SSE viewers of one generation, as cheap as Python allows.
+
+Each viewer is an ``asyncio.Protocol`` on a raw socket (no HTTP client library): it sends a
+``GET /v1/generations/{id}/events``, decodes the chunked body and the SSE frames itself, and
+checks exactly-once, in-order delivery: ids 1..N as message events, then ``event: end`` with
+id N+1, nothing else. Any other id (a loss, a duplicate, a reordering), a missing terminal or
+an early close is an error. Each message's text starts with ``t=<publish ns> s=<seq> ``, so
+each delivery yields a publish→receive latency (receive time: when its bytes were read).
+
+Protocol with the orchestrator (lines on stdout): ``ready`` once every viewer has its response
+headers (the edge answers after its subscription is in place), ``done`` once every viewer has
+finished (results written to ``--out``), then it waits for stdin to close so its CPU can be
+read while it is still alive. An error prints ``error <message>`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import select
+import sys
+import time
+from array import array
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+    uvloop = None  # type: ignore[assignment]
+
+MAX_ERRORS_KEPT = 20
+CONNECTS_IN_FLIGHT = 64
+
+
+class Run:
+    """What all viewers of this process share: expectations, latencies, errors."""
+
+    def __init__(self, messages: int) -> None:
+        self.messages = messages
+        self.latencies_ms = array("d")
+        self.errors: list[str] = []
+        self.error_count = 0
+        self.finished = 0
+        self.first_ns = 0
+        self.last_ns = 0
+        self.all_done = asyncio.Event()
+        self.viewers = 0
+
+    def fail(self, viewer: int, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(f"viewer {viewer}: {message}")
+
+    def viewer_over(self) -> None:
+        self.finished += 1
+        if self.finished == self.viewers:
+            self.all_done.set()
+
+
+class Viewer(asyncio.Protocol):
+    def __init__(self, run: Run, index: int, request: bytes) -> None:
+        self.run = run
+        self.index = index
+        self.request = request
+        self.headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.raw = bytearray()  # bytes not yet decoded (head, then chunked body)
+        self.sse = bytearray()  # decoded body not yet split into events
+        self.in_body = False
+        self.chunked = True
+        self.chunk_left = 0  # bytes left in the current chunk, its CRLF included
+        self.next_seq = 1
+        self.over = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time_ns()
+        if self.over:
+            return
+        self.raw += data
+        if not self.in_body and not self._read_head():
+            return
+        if self.chunked:
+            self._dechunk()
+        else:
+            self.sse += self.raw
+            self.raw.clear()
+        self._read_events(now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.over:
+            self._end(f"connection closed before the terminal event (next id {self.next_seq})")
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    def _read_head(self) -> bool:
+        end = self.raw.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = bytes(self.raw[:end]).decode("latin-1")
+        del self.raw[: end + 4]
+        status_line, _, fields = head.partition("\r\n")
+        if status_line.split(" ", 2)[1:2] != ["200"]:
+            self._end(f"answered {status_line!r}")
+            return False
+        self.chunked = "transfer-encoding: chunked" in fields.lower()
+        self.in_body = True
+        if not self.headers.done():
+            self.headers.set_result(None)
+        return True
+
+    def _dechunk(self) -> None:
+        raw, pos = self.raw, 0
+        while pos < len(raw):
+            if self.chunk_left == 0:
+                eol = raw.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                size = int(bytes(raw[pos:eol]).split(b";", 1)[0], 16)
+                pos = eol + 2
+                if size == 0:  # the response ended
+                    break
+                self.chunk_left = size + 2
+            take = min(self.chunk_left, len(raw) - pos)
+            data = min(take, max(0, self.chunk_left - 2))  # leave the chunk's CRLF out
+            if data:
+                self.sse += raw[pos : pos + data]
+            pos += take
+            self.chunk_left -= take
+        del raw[:pos]
+
+    def _read_events(self, now: int) -> None:
+        sse = self.sse
+        start = 0
+        while not self.over:
+            end = sse.find(b"\n\n", start)
+            if end < 0:
+                break
+            self._event(bytes(sse[start:end]), now)
+            start = end + 2
+        del sse[:start]
+
+    def _event(self, block: bytes, now: int) -> None:
+        seq = -1
+        kind = b""
+        data = b""
+        for line in block.split(b"\n"):
+            if line.startswith(b"id: "):
+                seq = int(line[4:])
+            elif line.startswith(b"data: "):
+                data = line[6:]
+            elif line.startswith(b"event: "):
+                kind = line[7:]
+        if seq < 0 and not data:
+            return  # retry: or a comment (keepalive)
+        expected = self.next_seq
+        if kind == b"":
+            if seq != expected or seq > self.run.messages:
+                what = "duplicate or out of order" if 0 < seq < expected else "lost events"
+                self._end(f"got id {seq}, expected {expected} ({what})")
+                return
+            if not data.startswith(b'{"text":"t=') or b" s=%d " % seq not in data:
+                self._end(f"event {seq} carries someone else's data: {data[:60]!r}")
+                return
+            published = int(data[11 : data.index(b" ", 11)])
+            self.run.latencies_ms.append((now - published) / 1e6)
+            if self.run.first_ns == 0:
+                self.run.first_ns = now
+            self.run.last_ns = max(self.run.last_ns, now)
+            self.next_seq = seq + 1
+        elif kind == b"end" and seq == expected == self.run.messages + 1:
+            self._end(None)
+        else:
+            self._end(f"got event {kind!r} id {seq}, expected id {expected}: {data[:80]!r}")
+
+    def _end(self, error: str | None) -> None:
+        self.over = True
+        if error is not None:
+            self.run.fail(self.index, error)
+            if not self.headers.done():
+                self.headers.set_exception(RuntimeError(error))
+        if self.transport is not None:
+            self.transport.close()
+        self.run.viewer_over()
+
+
+async def open_viewers(args: argparse.Namespace, run: Run) -> list[Viewer]:
+    loop = asyncio.get_running_loop()
+    path = f"/v1/generations/{args.gen_id}/events"
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+        "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+    ).encode()
+    gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
+    viewers: list[Viewer] = []
+
+    async def connect(index: int) -> None:
+        async with gate:
+            viewer = Viewer(run, args.first_index + index, request)
+            viewers.append(viewer)
+            await loop.create_connection(lambda: viewer, args.host, args.port)
+            await viewer.headers
+
+    run.viewers = args.viewers
+    async with asyncio.timeout(args.connect_timeout):
+        await asyncio.gather(*(connect(i) for i in range(args.viewers)))
+    return viewers
+
+
+async def run_viewers(args: argparse.Namespace) -> Run:
+    """Open every viewer, say ``ready``, then wait (bounded) until each has finished."""
+    run = Run(args.messages)
+    viewers: list[Viewer] = []
+    try:
+        viewers = await open_viewers(args, run)
+        print("ready", flush=True)
+        try:
+            async with asyncio.timeout(args.run_timeout):
+                await run.all_done.wait()
+        except TimeoutError:
+            stuck = [v for v in viewers if not v.over]
+            for v in stuck[:MAX_ERRORS_KEPT]:
+                run.fail(v.index, f"timed out after id {v.next_seq - 1}")
+            run.error_count += max(0, len(stuck) - MAX_ERRORS_KEPT)
+    finally:
+        for v in viewers:
+            if v.transport is not None:
+                v.transport.close()
+    return run
+
+
+def write_results(args: argparse.Namespace, run: Run) -> None:
+    with open(args.out + ".lat", "wb") as f:
+        run.latencies_ms.tofile(f)
+    summary = {
+        "viewers": args.viewers,
+        "finished_ok": args.viewers - run.error_count,
+        "error_count": run.error_count,
+        "errors": run.errors,
+        "deliveries": len(run.latencies_ms),
+        "first_recv_ns": run.first_ns,
+        "last_recv_ns": run.last_ns,
+        "latencies_file": args.out + ".lat",
+    }
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--gen-id", required=True)
+    parser.add_argument("--viewers", type=int, required=True)
+    parser.add_argument("--first-index", type=int, default=0, help="number of the first viewer")
+    parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--out", required=True, help="results file (JSON; latencies in .lat)")
+    parser.add_argument("--connect-timeout", type=float, default=60.0)
+    parser.add_argument("--run-timeout", type=float, default=120.0,
+                        help="seconds after 'ready' for every viewer to finish")
+    args = parser.parse_args()
+    runner = uvloop.run if uvloop is not None else asyncio.run
+    try:
+        run = runner(run_viewers(args))
+    except Exception as e:
+        print(f"error {type(e).__name__}: {e}".replace("\n", " "), flush=True)
+        raise SystemExit(1) from e
+    write_results(args, run)
+    print("done", flush=True)
+    # Stay alive until the orchestrator has read our CPU time (it closes our stdin).
+    select.select([sys.stdin], [], [], 60)
+
+
+if __name__ == "__main__":
+    main()
