@@ -1,11 +1,8 @@
 """One Redis subscription per generation per edge, fanned out to local viewers in memory.
 
-A ``Topic`` keeps a window of the most recent events of one generation, each already encoded
-to SSE bytes (encoded once per edge, not once per viewer). A viewer is only a cursor: it takes
-what the window holds after its cursor, and whatever the window no longer (or not yet) holds
-comes from the log, in one read shared by every viewer that needs the same range. So a slow
-viewer costs no queue, a late or resuming viewer costs a log read, and a gap in the live ids
-(missed pub/sub messages) is healed the same way.
+The hub owns this edge's pub/sub connections and its topics (``broker.topic``): one connection
+on a single Redis, one per master on a Redis Cluster (a ``Shard`` each), where a generation's
+channel is subscribed with SSUBSCRIBE on the master serving its slot.
 """
 
 from __future__ import annotations
@@ -15,160 +12,194 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from typing import Any
 
+import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from broker import protocol, sse
+from broker import protocol
 from broker.backoff import Backoff
 from broker.metrics import Metrics
-from broker.protocol import Event
 from broker.store import Store
+from broker.topic import Topic, to_frame
 
 log = logging.getLogger(__name__)
 
-LOG_READ_CHUNK = 200
 SUBSCRIBE_TIMEOUT = 5.0
 
 
-class HistoryLost(Exception):
-    """Events a viewer needs are no longer in the log (trimmed, expired or lost)."""
+class Shard:
+    """One pub/sub connection and the reader that owns it: to the single Redis, or to one
+    cluster master, where the channels of the slots it serves are subscribed with SSUBSCRIBE.
 
+    Each shard proves its own delivery: it publishes probes on a channel of its own (on a
+    cluster, one whose slot this master serves) and must see them come back. A connection that
+    is up but silently stopped delivering shows as probes published and never seen.
+    """
 
-@dataclass(slots=True)
-class Frame:
-    seq: int
-    data: bytes
-    terminal: bool
-    published_ms: int
+    def __init__(self, hub: Hub, name: str, client: aioredis.Redis, *, sharded: bool,
+                 probe_channel: str) -> None:
+        self.hub = hub
+        self.name = name
+        self.client = client
+        self.sharded = sharded
+        self.probe_channel = probe_channel
+        self.channels: set[str] = set()  # the live channels routed to this shard
+        # SUBSCRIBE commands sent per channel and not yet confirmed: a confirmation nobody
+        # waits for is a resubscription after a reconnect (see ``_dispatch``).
+        self._unconfirmed: dict[str, int] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._probe_seen_at: float | None = None
+        self._unseen_since: float | None = None  # first probe published after the last seen
+        self.retired = False  # no longer a master: its channels went elsewhere
 
+    def ready(self) -> bool:
+        seen = self._probe_seen_at
+        return seen is not None and time.monotonic() - seen <= self.hub.probe_timeout
 
-def to_frame(event: Event) -> Frame:
-    return Frame(event.seq, sse.encode_event(event), event.terminal, event.published_ms)
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_forever(), name=f"hub-reader-{self.name}")
 
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
 
-@dataclass
-class Topic:
-    gen_id: str
-    capacity: int
-    window: deque[Frame] = field(default_factory=deque)
-    viewers: int = 0
-    terminal_seq: int | None = None
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-    # Bumped when live messages may have been missed (a resubscription, an idle audit):
-    # each viewer then looks in the log after its cursor once.
-    resyncs: int = 0
-    lost: bool = False  # the generation's keys vanished (expired, or Redis lost its data)
-    # The log was read to this seq, complete, while subscribed: anything later comes live.
-    read_to: int | None = None
-    last_change: float = 0.0
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _reads: dict[int, asyncio.Future[list[Frame]]] = field(default_factory=dict)
+    async def restart(self) -> None:
+        """Drop a stalled subscription: a new reader subscribes everything again and every
+        topic catches up from the log."""
+        await self.stop()
+        self.start()
 
-    @property
-    def head(self) -> int:
-        """Highest seq in the window (0 when empty)."""
-        return self.window[-1].seq if self.window else 0
+    async def subscribe(self, channel: str) -> None:
+        self.channels.add(channel)
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # between connections: the reader subscribes every channel when it reconnects
+        self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
+        try:
+            await self._subscribe(pubsub, channel)
+        except (RedisError, OSError):
+            self._unconfirmed[channel] -= 1  # the reader reconnects and subscribes it then
 
-    def changed(self) -> asyncio.Event:
-        """An event set at the next change; take it before looking, then wait on it."""
-        return self._changed
+    async def unsubscribe(self, channel: str) -> None:
+        self.channels.discard(channel)
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                # A failed unsubscribe is harmless: stray messages for unknown topics are ignored.
+                if self.sharded:
+                    await self._pubsub.sunsubscribe(channel)
+                else:
+                    await self._pubsub.unsubscribe(channel)
 
-    def offer(self, frame: Frame) -> bool:
-        """Add a live frame. False if it left a gap (the window restarts at it, viewers heal)."""
-        if self.window and frame.seq <= self.head:
-            return True  # already have it (a log read got there first)
-        gap = bool(self.window) and frame.seq != self.head + 1
-        if gap:
-            self.window.clear()
-        self._append(frame)
-        self._notify()
-        return not gap
-
-    def absorb(self, frames: list[Frame]) -> None:
-        """Merge contiguous frames read from the log, so later viewers are served from memory."""
-        if not frames:
+    async def _subscribe(self, pubsub: PubSub, *channels: str) -> None:
+        if not self.sharded:
+            await pubsub.subscribe(*channels)
             return
-        if self.window:
-            if frames[-1].seq < self.window[0].seq - 1 or frames[0].seq > self.head + 1:
-                return  # not contiguous with the window: nothing to merge
-            first = self.window[0].seq
-            older = [f for f in frames if f.seq < first]
-            room = self.capacity - len(self.window)
-            if older and room > 0:
-                self.window.extendleft(reversed(older[-room:]))
-            frames = [f for f in frames if f.seq > self.head]
-        for f in frames:
-            self._append(f)
-        self._notify()
+        # One SSUBSCRIBE may only name channels of one slot (else CROSSSLOT).
+        by_slot: dict[int, list[str]] = {}
+        for channel in channels:
+            by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
+        for same_slot in by_slot.values():
+            await pubsub.ssubscribe(*same_slot)
 
-    def needs_log(self, cursor: int) -> bool:
-        """Must a viewer at ``cursor`` read the log? Not if the window reaches back to it, nor
-        if the log was read past it since subscribing (what follows arrives live)."""
-        if self.window:
-            return self.window[0].seq > cursor + 1
-        return self.read_to is None or cursor < self.read_to
+    async def probe(self, now: float) -> None:
+        metrics = self.hub.metrics
+        try:
+            if self.sharded:
+                await self.client.execute_command("SPUBLISH", self.probe_channel, str(now))
+            else:
+                await self.client.publish(self.probe_channel, str(now))
+            if self._unseen_since is None:
+                self._unseen_since = now
+        except (RedisError, OSError):
+            metrics.redis_errors.labels("probe").inc()
+        if self._unseen_since is not None and now - self._unseen_since > self.hub.probe_timeout:
+            log.warning("pub/sub connection to %s stopped delivering; resubscribing", self.name)
+            metrics.pubsub_stalls.inc()
+            self._unseen_since = None
+            await self.restart()
 
-    def frames_after(self, cursor: int) -> list[Frame] | None:
-        """Window frames after ``cursor``; None when the window does not reach back to it."""
-        if not self.window or self.window[0].seq > cursor + 1:
-            return None
-        if cursor >= self.head:
-            return []
-        start = cursor + 1 - self.window[0].seq
-        return [self.window[i] for i in range(start, len(self.window))]
+    async def _read_forever(self) -> None:
+        """Own the pub/sub connection. After any failure it starts over on a new connection
+        and subscribes every channel again; their confirmations then make each topic check its
+        generation and resync from the log (see ``_dispatch``)."""
+        backoff = Backoff()
+        while not self.retired:
+            pubsub = self.client.pubsub()
+            try:
+                self._unconfirmed.clear()
+                await self._subscribe(pubsub, self.probe_channel, *self.channels)
+                self._pubsub = pubsub
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    backoff.reset()
+                    if message is not None:
+                        self._dispatch(message)
+            except (RedisError, OSError) as e:
+                self.hub.metrics.redis_errors.labels("subscribe").inc()
+                self.hub.metrics.pubsub_reconnects.inc()
+                log.warning("pub/sub connection to %s failed (%s); retrying in %.2fs",
+                            self.name, e, backoff.delay)
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await backoff.sleep()
+            if self.sharded:
+                # The master may be gone (failed over): find out who serves these slots now.
+                await self.hub.rebalance()
 
-    async def read_log(self, store: Store, cursor: int, metrics: Metrics) -> list[Frame]:
-        """Log events after ``cursor``; concurrent reads of the same range share one call.
-
-        The read runs in a task of its own, so a viewer leaving mid-read cancels only its wait.
-        """
-        read = self._reads.get(cursor)
-        if read is None:
-            read = asyncio.ensure_future(self._read_log(store, cursor, metrics))
-            self._reads[cursor] = read
-            read.add_done_callback(lambda done: self._read_done(cursor, done))
-        return await asyncio.shield(read)
-
-    def _read_done(self, cursor: int, read: asyncio.Future[list[Frame]]) -> None:
-        del self._reads[cursor]
-        if not read.cancelled():
-            read.exception()  # retrieved here: every waiter may have left already
-
-    async def _read_log(self, store: Store, cursor: int, metrics: Metrics) -> list[Frame]:
-        metrics.log_reads.inc()
-        resyncs = self.resyncs
-        frames = [to_frame(e) for e in await store.read_log(self.gen_id, cursor, LOG_READ_CHUNK)]
-        self.absorb(frames)
-        if len(frames) < LOG_READ_CHUNK and self.resyncs == resyncs:
-            end = frames[-1].seq if frames else cursor
-            self.read_to = end if self.read_to is None else max(self.read_to, end)
-        return frames
-
-    def _append(self, frame: Frame) -> None:
-        self.window.append(frame)
-        if len(self.window) > self.capacity:
-            self.window.popleft()
-        if frame.terminal:
-            self.terminal_seq = frame.seq
-
-    def resync(self) -> None:
-        self.resyncs += 1
-        self.read_to = None  # messages may have been missed since that read
-        self._notify()
-
-    def _notify(self) -> None:
-        self.last_change = time.monotonic()
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = message["channel"]
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        if channel == self.probe_channel:
+            if kind in ("message", "smessage"):
+                self._probe_seen_at = time.monotonic()
+                self._unseen_since = None
+            return
+        hub = self.hub
+        topic = hub.topics.get(protocol.gen_id_of_channel(channel))
+        if kind in ("message", "smessage"):
+            if topic is None:
+                return
+            try:
+                event = protocol.decode_payload(message["data"])
+            except protocol.ProtocolError:
+                log.exception("dropping a malformed live payload on %s", channel)
+                return
+            if not topic.offer(to_frame(event)):
+                hub.metrics.gaps.inc()
+        elif kind in ("subscribe", "ssubscribe"):
+            waiting = self._unconfirmed.get(channel, 0)
+            if waiting > 1:
+                self._unconfirmed[channel] = waiting - 1
+                return
+            self._unconfirmed.pop(channel, None)
+            if topic is None:
+                return
+            if topic.subscribed.is_set():
+                # A resubscription after a reconnect or a slot move: anything published
+                # meanwhile was missed, and if Redis restarted empty, the history is gone.
+                hub.metrics.resubscribes.inc()
+                hub.verify_soon(topic)
+            topic.subscribed.set()
+        elif kind == "sunsubscribe" and channel in self.channels:
+            # Unasked: the master no longer serves this channel's slot (it moved, or the node
+            # became a replica). Find the new owner and subscribe there.
+            hub.rebalance_soon()
 
 
 class Hub:
-    """Owns this edge's pub/sub connection and its topics."""
+    """Owns this edge's topics and the pub/sub shards they are subscribed on."""
 
     def __init__(
         self, store: Store, metrics: Metrics, *, window: int, audit_interval: float,
@@ -179,27 +210,26 @@ class Hub:
         self.window = window
         self.audit_interval = audit_interval
         self.topics: dict[str, Topic] = {}
-        # SUBSCRIBE commands sent per channel and not yet confirmed: a confirmation nobody
-        # waits for is a resubscription after a reconnect (see ``_dispatch``).
-        self._unconfirmed: dict[str, int] = {}
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self.shards: dict[str, Shard] = {}
+        self._shard_of: dict[str, Shard] = {}  # channel -> the shard it is subscribed on
         self._tasks: list[asyncio.Task[None]] = []
-        self._verifying: set[asyncio.Task[None]] = set()
-        self.closing = False
-        # Delivery probe: this edge publishes on a channel of its own and must see each probe
-        # come back through its subscription. A connection that is up but silently stopped
-        # delivering shows as probes published and never seen.
-        self.probe_channel = f"broker:edge:{uuid.uuid4().hex}"
+        self._background: set[asyncio.Task[None]] = set()
+        self._rebalancing = asyncio.Lock()
+        self._id = uuid.uuid4().hex
         self.probe_interval = probe_interval
         self.probe_timeout = 3 * probe_interval
-        self._probe_seen_at: float | None = None
-        self._unseen_since: float | None = None  # first probe published after the last seen
+        self.closing = False
+
+    @property
+    def cluster(self) -> aioredis.RedisCluster | None:
+        redis = self.store.redis
+        return redis if isinstance(redis, aioredis.RedisCluster) else None
 
     def ready(self) -> bool:
-        """True while probes make the round trip: Redis is reachable AND delivering to us."""
-        seen = self._probe_seen_at
-        return seen is not None and time.monotonic() - seen <= self.probe_timeout
+        """True while probes make the round trip on every shard: Redis is reachable AND
+        delivering to us (on a cluster: every master)."""
+        shards = list(self.shards.values())
+        return bool(shards) and all(s.ready() for s in shards)
 
     def close_streams(self) -> None:
         """Shutdown: every stream ends now (without a terminal event), so viewers reconnect."""
@@ -208,48 +238,116 @@ class Hub:
             topic.resync()
 
     async def start(self) -> None:
-        self._start_reader()
+        if self.cluster is None:
+            self._add_shard("redis", self.store.redis, sharded=False,  # type: ignore[arg-type]
+                            probe_channel=f"broker:edge:{self._id}")
+        else:
+            await self.cluster.initialize()
+            await self.rebalance()
         self._tasks = [
             asyncio.create_task(self._audit_forever(self.audit_interval), name="hub-audit"),
             asyncio.create_task(self._probe_forever(), name="hub-probe"),
         ]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._verifying, *([self._reader] if self._reader else [])]
+        tasks = [*self._tasks, *self._background]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for shard in list(self.shards.values()):
+            await self._drop_shard(shard)
 
-    def _start_reader(self) -> None:
-        self._reader = asyncio.create_task(self._read_forever(), name="hub-reader")
+    # -- shards ----------------------------------------------------------------------------
 
-    async def _restart_reader(self) -> None:
-        """Drop a stalled subscription: a new reader subscribes everything again and every
-        topic catches up from the log."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        self._start_reader()
+    def _add_shard(self, name: str, client: aioredis.Redis, *, sharded: bool,
+                   probe_channel: str) -> Shard:
+        shard = Shard(self, name, client, sharded=sharded, probe_channel=probe_channel)
+        self.shards[name] = shard
+        shard.start()
+        return shard
 
-    async def _probe_forever(self) -> None:
-        while True:
-            now = time.monotonic()
+    async def _drop_shard(self, shard: Shard) -> None:
+        shard.retired = True
+        self.shards.pop(shard.name, None)
+        await shard.stop()
+        if shard.sharded:
+            with contextlib.suppress(RedisError, OSError):
+                await shard.client.aclose()
+
+    def _route(self, channel: str) -> Shard:
+        """The shard a channel belongs on: on a cluster, the master that serves its slot."""
+        cluster = self.cluster
+        if cluster is None:
+            return self.shards["redis"]
+        node = cluster.get_node_from_key(channel)
+        return self.shards.get(node.name) or self._add_node_shard(node.name, node.host, node.port)
+
+    def _add_node_shard(self, name: str, host: str, port: int) -> Shard:
+        cluster = self.cluster
+        assert cluster is not None
+        kwargs = cluster.get_connection_kwargs()
+        # Two connections: the subscription, and the probes published to it.
+        client = aioredis.Redis(
+            host=host, port=int(port), max_connections=2,
+            socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+            socket_keepalive=True, health_check_interval=15,
+            client_name=kwargs.get("client_name"), username=kwargs.get("username"),
+            password=kwargs.get("password"),
+        )
+        probe = self._probe_channel_on(name)
+        return self._add_shard(name, client, sharded=True, probe_channel=probe)
+
+    def _probe_channel_on(self, node_name: str) -> str:
+        """A probe channel whose slot ``node_name`` serves, so its probes test that master."""
+        cluster = self.cluster
+        assert cluster is not None
+        slots = cluster.nodes_manager.slots_cache
+        for i in range(100_000):
+            channel = f"broker:edge:{{{self._id}:{i}}}"
+            owners = slots.get(key_slot(channel.encode()))
+            if owners and owners[0].name == node_name:
+                return channel
+        raise RuntimeError(f"no slot of {node_name} found for a probe channel")
+
+    def rebalance_soon(self) -> None:
+        self._in_background(self.rebalance())
+
+    async def rebalance(self) -> None:
+        """Cluster only: learn who serves which slot now, and move every channel (and the
+        probes) to the master that serves it. A moved channel is subscribed anew, and its
+        confirmation makes its topic catch up from the log."""
+        cluster = self.cluster
+        if cluster is None or self._rebalancing.locked():
+            return
+        async with self._rebalancing:
             try:
-                await self.store.redis.publish(self.probe_channel, str(now))
-                if self._unseen_since is None:
-                    self._unseen_since = now
-            except (RedisError, OSError):
-                self.metrics.redis_errors.labels("probe").inc()
-            if self._unseen_since is not None and now - self._unseen_since > self.probe_timeout:
-                log.warning("the pub/sub connection stopped delivering; resubscribing")
-                self.metrics.pubsub_stalls.inc()
-                self._unseen_since = None
-                await self._restart_reader()
-            self.metrics.readiness.set(1 if self.ready() else 0)
-            await asyncio.sleep(self.probe_interval)
+                await cluster.nodes_manager.initialize()
+            except (RedisError, OSError) as e:
+                log.warning("could not refresh the cluster's slot map (%s)", e)
+                return
+            primaries = {node.name: node for node in cluster.get_primaries()}
+            for shard in list(self.shards.values()):
+                if shard.name not in primaries or (
+                    shard.probe_channel != self._probe_channel_on(shard.name)
+                ):
+                    # Not a master any more, or its probe slot moved: start it over elsewhere.
+                    await self._drop_shard(shard)
+            for name, node in primaries.items():
+                if name not in self.shards and any(
+                    owners and owners[0].name == name
+                    for owners in cluster.nodes_manager.slots_cache.values()
+                ):
+                    self._add_node_shard(name, node.host, node.port)
+            for channel, shard in list(self._shard_of.items()):
+                target = self._route(channel)
+                if target is not shard or shard.retired:
+                    await shard.unsubscribe(channel)
+                    self._shard_of[channel] = target
+                    await target.subscribe(channel)
+
+    # -- topics ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def watch(self, gen_id: str) -> AsyncIterator[Topic]:
@@ -278,85 +376,28 @@ class Hub:
                 await self._unsubscribe(gen_id)
 
     async def _subscribe(self, gen_id: str) -> None:
-        pubsub = self._pubsub
-        if pubsub is None:
-            return  # between connections: the reader subscribes every topic when it reconnects
         channel = protocol.live_channel(gen_id)
-        self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
         try:
-            await pubsub.subscribe(channel)
-        except (RedisError, OSError):
-            self._unconfirmed[channel] -= 1  # the reader reconnects and subscribes it then
+            shard = self._route(channel)
+        except (RedisError, OSError) as e:
+            raise RedisConnectionError(f"no master serves {channel}") from e
+        self._shard_of[channel] = shard
+        await shard.subscribe(channel)
 
     async def _unsubscribe(self, gen_id: str) -> None:
-        if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                # A failed unsubscribe is harmless: stray messages for unknown topics are ignored.
-                await self._pubsub.unsubscribe(protocol.live_channel(gen_id))
+        shard = self._shard_of.pop(protocol.live_channel(gen_id), None)
+        if shard is not None:
+            await shard.unsubscribe(protocol.live_channel(gen_id))
 
-    async def _read_forever(self) -> None:
-        """Own the pub/sub connection. After any failure it starts over on a new connection
-        and subscribes every current topic again; their confirmations then make each topic
-        check its generation and resync from the log (see ``_dispatch``)."""
-        backoff = Backoff()
+    # -- checks ----------------------------------------------------------------------------
+
+    async def _probe_forever(self) -> None:
         while True:
-            pubsub = self.store.redis.pubsub()
-            try:
-                self._unconfirmed.clear()
-                channels = [protocol.live_channel(gen_id) for gen_id in self.topics]
-                await pubsub.subscribe(self.probe_channel, *channels)
-                self._pubsub = pubsub
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    backoff.reset()
-                    if message is not None:
-                        self._dispatch(message)
-            except (RedisError, OSError) as e:
-                self.metrics.redis_errors.labels("subscribe").inc()
-                self.metrics.pubsub_reconnects.inc()
-                log.warning("pub/sub connection failed (%s); retrying in %.2fs", e, backoff.delay)
-            finally:
-                self._pubsub = None
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-            await backoff.sleep()
-
-    def _dispatch(self, message: dict[str, object]) -> None:
-        kind = message["type"]
-        channel = message["channel"]
-        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
-        if channel == self.probe_channel:
-            if kind == "message":
-                self._probe_seen_at = time.monotonic()
-                self._unseen_since = None
-            return
-        topic = self.topics.get(protocol.gen_id_of_channel(channel))
-        if kind == "message":
-            if topic is None:
-                return
-            try:
-                event = protocol.decode_payload(message["data"])  # type: ignore[arg-type]
-            except protocol.ProtocolError:
-                log.exception("dropping a malformed live payload on %s", channel)
-                return
-            if not topic.offer(to_frame(event)):
-                self.metrics.gaps.inc()
-        elif kind == "subscribe":
-            waiting = self._unconfirmed.get(channel, 0)
-            if waiting > 1:
-                self._unconfirmed[channel] = waiting - 1
-                return
-            self._unconfirmed.pop(channel, None)
-            if topic is None:
-                return
-            if topic.subscribed.is_set():
-                # A resubscription after a reconnect: anything published meanwhile was missed,
-                # and if Redis restarted empty, the history itself is gone.
-                self.metrics.resubscribes.inc()
-                task = asyncio.create_task(self._verify(topic))
-                self._verifying.add(task)
-                task.add_done_callback(self._verifying.discard)
-            topic.subscribed.set()
+            now = time.monotonic()
+            for shard in list(self.shards.values()):
+                await shard.probe(now)
+            self.metrics.readiness.set(1 if self.ready() else 0)
+            await asyncio.sleep(self.probe_interval)
 
     async def _audit_forever(self, interval: float) -> None:
         """Resync topics idle for ``interval``: a missed last event must not leave them hanging."""
@@ -370,12 +411,28 @@ class Hub:
             for topic in idle:
                 await self._verify(topic)
 
+    def verify_soon(self, topic: Topic) -> None:
+        self._in_background(self._verify(topic))
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _verify(self, topic: Topic) -> None:
-        """Does the generation still exist? Then viewers look in the log; else they end."""
+        """Does the generation still exist, with the history this edge served? Then viewers
+        look in the log; else they end with ``history_lost``."""
+        delivered = topic.head  # taken first: live events arriving during the read are newer
         try:
-            topic.lost = not await self.store.exists(topic.gen_id)
+            meta = await self.store.meta(topic.gen_id)
         except (RedisError, OSError) as e:
             self.metrics.redis_errors.labels("verify").inc()
             log.warning("could not check generation %s (%r); the next audit will", topic.gen_id, e)
             return
+        except protocol.ProtocolError:
+            meta = None
+        if meta is None:
+            topic.lost = True
+        elif meta.seq < delivered:
+            topic.diverged()  # Redis forgot events this edge has already delivered
         topic.resync()

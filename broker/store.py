@@ -5,13 +5,15 @@ Names and formats come from ``broker.protocol``; this module only sequences the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import protocol
@@ -19,16 +21,21 @@ from broker.protocol import Event, Job, JobEntry, Meta
 from broker.settings import Settings
 
 POOL_WAIT_TIMEOUT = 5.0
+CLUSTER_SCHEME = "redis+cluster://"
+
+# One Redis, or a Redis Cluster (``REDIS_URL=redis+cluster://host:port``, any node as the seed).
+RedisClient = aioredis.Redis | aioredis.RedisCluster
 
 
-def connect(settings: Settings, client_name: str) -> aioredis.Redis:
-    """A client whose pool is bounded and waits for a free connection when all are busy, so a
-    burst of viewers (late joins, resumes) never opens a connection each. Pub/sub connections
+def is_cluster_url(url: str) -> bool:
+    return url.startswith((CLUSTER_SCHEME, "rediss+cluster://"))
+
+
+def connect(settings: Settings, client_name: str) -> RedisClient:
+    """A client whose pool is bounded, so a burst of viewers (late joins, resumes) never opens a
+    connection each; on one Redis a command waits for a free connection. Pub/sub connections
     come on top of the pool. ``client_name`` shows in ``CLIENT LIST``."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_pool_size,
-        timeout=POOL_WAIT_TIMEOUT,
+    options: dict[str, Any] = dict(
         socket_connect_timeout=2.0,
         socket_keepalive=True,
         health_check_interval=15,
@@ -38,16 +45,53 @@ def connect(settings: Settings, client_name: str) -> aioredis.Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.5), 3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    if is_cluster_url(settings.redis_url):
+        # The cluster client keeps a pool per node and follows MOVED/ASK and failovers itself.
+        # Headroom over the in-flight bound: pipelines and the worker's subscription take
+        # connections of their own.
+        url = settings.redis_url.replace("+cluster", "", 1)
+        return WaitingRedisCluster.from_url(
+            url, max_connections=settings.redis_pool_size + 4,
+            max_in_flight=settings.redis_pool_size, **options,
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_TIMEOUT,
+        **options,
+    )
     return aioredis.Redis(connection_pool=pool)
 
 
+class WaitingRedisCluster(aioredis.RedisCluster):
+    """A cluster client under which a burst of commands waits for a free connection, as it
+    does on one Redis (``BlockingConnectionPool``): redis-py's per-node pools raise
+    ``MaxConnectionsError`` when full instead."""
+
+    def __init__(self, *args: Any, max_in_flight: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(POOL_WAIT_TIMEOUT):
+                await self._in_flight.acquire()
+        except TimeoutError as e:
+            raise RedisConnectionError("no Redis connection became free") from e
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._in_flight.release()
+
+
 class Store:
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
         self.ttl_ms = str(int(settings.retention_ttl * 1000))
         self.maxlen = str(settings.max_log_length)
-        self.publish_cmd = "PUBLISH"
+        # On a cluster, a generation's events travel on sharded pub/sub: only the node that owns
+        # the generation's slot carries them, instead of every node of the cluster.
+        self.cluster = isinstance(redis, aioredis.RedisCluster)
+        self.publish_cmd = "SPUBLISH" if self.cluster else "PUBLISH"
         self.job_streams = [protocol.jobs_stream(i) for i in range(settings.job_shards)]
         self._publish = redis.register_script(protocol.PUBLISH_SCRIPT)
         self._claim = redis.register_script(protocol.CLAIM_SCRIPT)
@@ -58,14 +102,21 @@ class Store:
     # -- generations -----------------------------------------------------------------------
 
     async def create(self, gen_id: str, request: dict[str, Any], model: str) -> None:
-        """Meta first, then the job, in one transaction: a worker never sees a job without meta."""
+        """Meta first, then the job, so a worker never sees a job without meta. The two live in
+        different slots on a cluster, so no transaction spans them: if the job cannot be queued,
+        the meta is taken back (and expires anyway) and the caller gets the error."""
         meta = protocol.meta_key(gen_id)
         job = protocol.encode_job(protocol.Job(gen=gen_id, request=request))
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
             pipe.hset(meta, mapping=protocol.new_meta(model))
             pipe.pexpire(meta, int(self.ttl_ms))
-            pipe.xadd(self.job_stream_of(gen_id), job)  # type: ignore[arg-type]
             await pipe.execute()
+        try:
+            await self.redis.xadd(self.job_stream_of(gen_id), job)  # type: ignore[arg-type]
+        except BaseException:
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.delete(meta)
+            raise
 
     async def meta(self, gen_id: str) -> Meta | None:
         return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))

@@ -10,9 +10,10 @@ from starlette.types import Message, Receive, Scope, Send
 
 from broker import sse
 from broker.errors import error_response
-from broker.hub import LOG_READ_CHUNK, Frame, HistoryLost, Hub, Topic
+from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
+from broker.topic import LOG_READ_CHUNK, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
+from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, free_port
 
@@ -49,9 +51,10 @@ def start_broker() -> Iterator[StartBroker]:
 
 
 class Stack:
-    """Two edges and a worker on one Redis, as a load balancer would spread them."""
+    """Two edges and a worker on one Redis or on a Redis Cluster, as a load balancer would
+    spread them."""
 
-    def __init__(self, redis: RedisServer, edges: list[BrokerProcess],
+    def __init__(self, redis: RedisServer | RedisClusterServers, edges: list[BrokerProcess],
                  worker: BrokerProcess | None) -> None:
         self.redis = redis
         self.edges = edges
@@ -65,12 +68,50 @@ class Stack:
     def b(self) -> str:
         return self.edges[-1].url
 
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.redis, RedisClusterServers)
+
+    def numsub(self, channel: str) -> int:
+        """Subscribers of a generation's channel (sharded ones, summed over masters, on a
+        cluster)."""
+        if isinstance(self.redis, RedisClusterServers):
+            return sum(int(reply[1]) for reply in self.redis.everywhere(
+                "PUBSUB", "SHARDNUMSUB", channel))
+        return int(dict(self.redis.client().pubsub_numsub(channel))[channel.encode()])
+
+    def connections_of(self, client_name: str) -> list[list[dict[str, Any]]]:
+        """``CLIENT LIST`` entries named ``client_name``, one list per (live) node."""
+        servers = (self.redis.live_nodes() if isinstance(self.redis, RedisClusterServers)
+                   else [self.redis])
+        return [[c for c in server.client().client_list() if c["name"] == client_name]
+                for server in servers]
+
 
 @pytest.fixture(scope="session")
-def stack(redis_server: RedisServer, fake_llm: FakeLLM, start_broker: StartBroker) -> Stack:
-    edges = [start_broker("edge", redis_server.url) for _ in range(2)]
-    worker = start_broker("worker", redis_server.url, fake_llm, broker_max_concurrency="100")
-    return Stack(redis_server, edges, worker)
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    cluster = RedisClusterServers(masters=3).start()
+    yield cluster
+    cluster.stop()
+
+
+# On a cluster the jobs queue is spread over streams in different slots (and nodes).
+CLUSTER_JOB_SHARDS = "6"
+
+
+@pytest.fixture(scope="session", params=["redis", "cluster"])
+def stack(request: pytest.FixtureRequest, fake_llm: FakeLLM, start_broker: StartBroker) -> Stack:
+    """The contract's stack, run once on one Redis and once on a three-master Redis Cluster."""
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        url, settings = cluster.url, {"broker_job_shards": CLUSTER_JOB_SHARDS}
+        redis: RedisServer | RedisClusterServers = cluster
+    else:
+        redis = request.getfixturevalue("redis_server")
+        url, settings = redis.url, {}
+    edges = [start_broker("edge", url, **settings) for _ in range(2)]
+    worker = start_broker("worker", url, fake_llm, broker_max_concurrency="100", **settings)
+    return Stack(redis, edges, worker)
 
 
 @pytest.fixture(scope="session")

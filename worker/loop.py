@@ -201,23 +201,25 @@ class Worker:
         await self.store.ack_job(entry)
 
     async def _listen_for_cancels(self) -> None:
-        """Cancel notices arrive within milliseconds; the lease heartbeat is the fallback."""
-        pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            while True:
-                try:
-                    if not pubsub.subscribed:
-                        await pubsub.subscribe(protocol.CANCEL_CHANNEL)
+        """Cancel notices arrive within milliseconds; the lease heartbeat is the fallback.
+
+        Classic pub/sub on purpose: a cancel notice is for every worker, and on a cluster a
+        PUBLISH reaches the subscribers of every node. After a failure it starts over on a new
+        connection (on a cluster, possibly to another node: the old one may be gone)."""
+        while True:
+            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(protocol.CANCEL_CHANNEL)
+                while True:
                     message = await pubsub.get_message(timeout=None)
-                except (RedisError, OSError):
-                    self.metrics.redis_errors.labels("cancel_listener").inc()
-                    await asyncio.sleep(0.5)
-                    continue
-                if message and message["type"] == "message":
-                    data = message["data"]
-                    run = self.running.get(data.decode() if isinstance(data, bytes) else data)
-                    if run is not None:
-                        run.cancel_requested.set()
-        finally:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
+                    if message and message["type"] == "message":
+                        data = message["data"]
+                        run = self.running.get(data.decode() if isinstance(data, bytes) else data)
+                        if run is not None:
+                            run.cancel_requested.set()
+            except (RedisError, OSError):
+                self.metrics.redis_errors.labels("cancel_listener").inc()
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(0.5)

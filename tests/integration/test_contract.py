@@ -239,7 +239,7 @@ async def test_keepalive_comments_while_idle(queue_only: Stack, http: httpx.Asyn
 
 def numsub(stack: Stack, gen_id: str) -> int:
     channel = protocol.live_channel(gen_id)
-    return int(dict(stack.redis.client().pubsub_numsub(channel))[channel.encode()])
+    return stack.numsub(channel)
 
 
 async def test_fifty_viewers_share_one_subscription(
@@ -258,11 +258,14 @@ async def test_fifty_viewers_share_one_subscription(
 
     assert {r.text for r in results} == {STORY * 2}
     assert all(r.ids == results[0].ids for r in results)
-    # One subscription, and the edge did not open a Redis connection per viewer.
-    edge_a = [c for c in stack.redis.client().client_list()
-              if c["name"] == f"broker-edge-{stack.edges[0].proc.pid}"]
-    assert sum(1 for c in edge_a if int(c["sub"]) > 0) == 1
-    assert len(edge_a) <= 16 + 1  # the bounded pool plus the pub/sub connection
+    # One subscription, and the edge did not open a Redis connection per viewer: per node,
+    # the bounded pool plus one pub/sub connection (on a cluster, one per master).
+    name = f"broker-edge-{stack.edges[0].proc.pid}"
+    for on_node in stack.connections_of(name):
+        assert sum(1 for c in on_node if int(c["sub"]) + int(c.get("ssub", 0)) > 0) <= 1
+        assert len(on_node) <= 16 + 2  # + the cluster's probe connection
+    assert sum(1 for on_node in stack.connections_of(name) for c in on_node
+               if int(c["sub"]) + int(c.get("ssub", 0)) > 0) == (3 if stack.cluster else 1)
     await asyncio.to_thread(
         wait_until, lambda: numsub(stack, gen_id) == 0, 10, "the edge to unsubscribe"
     )

@@ -8,9 +8,9 @@ from collections.abc import Iterable
 import pytest
 
 from broker import protocol, sse
-from broker.hub import LOG_READ_CHUNK, Frame, Topic
 from broker.metrics import Metrics
 from broker.protocol import Event
+from broker.topic import LOG_READ_CHUNK, Frame, Topic, to_frame
 
 
 def frame(seq: int, terminal: bool = False) -> Frame:
@@ -55,10 +55,32 @@ async def test_duplicate_offer_is_ignored(duplicate: int) -> None:
     topic = topic_with(1, 3)
     original = list(topic.window)
     changed = topic.changed()
-    assert topic.offer(Frame(duplicate, b"other bytes", False, 0)) is True
+    assert topic.offer(frame(duplicate)) is True
     assert list(topic.window) == original
     assert all(a is b for a, b in zip(topic.window, original, strict=True))
     assert not changed.is_set()
+    assert not topic.lost
+
+
+async def test_same_seq_with_other_content_is_a_diverged_history() -> None:
+    # Redis now holds another event under a seq this edge already delivered (a failover lost
+    # acknowledged writes): the viewers cannot be continued and must be told.
+    topic = topic_with(1, 3)
+    changed = topic.changed()
+    assert topic.offer(Frame(2, b"other bytes", False, 0)) is True
+    assert topic.lost
+    assert changed.is_set()
+
+
+def test_log_and_live_copies_of_an_event_encode_to_the_same_bytes() -> None:
+    # Divergence is detected by comparing bytes, so both paths must encode identically.
+    event = Event(7, "message", protocol.message_data("Hi.\nThere"), 1234)
+    live = protocol.decode_payload(protocol.encode_payload(event))
+    entry_id = protocol.stream_id(7)
+    logged = protocol.decode_log_entry(
+        entry_id, {b"k": b"message", b"d": event.data.encode(), b"t": b"1234"}
+    )
+    assert to_frame(live) == to_frame(logged) == to_frame(event)
 
 
 async def test_gap_returns_false_and_restarts_the_window() -> None:
