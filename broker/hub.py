@@ -66,6 +66,8 @@ class Shard:
         self._reader = asyncio.create_task(self._read_forever(), name=f"hub-reader-{self.name}")
 
     async def stop(self) -> None:
+        if self._reader is asyncio.current_task():
+            return  # retired from its own reader (see ``Hub.rebalance``): the loop ends itself
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,7 +138,14 @@ class Shard:
             pubsub = self.client.pubsub()
             try:
                 self._unconfirmed.clear()
-                await self._subscribe(pubsub, self.probe_channel, *self.channels)
+                # Channels added while subscribing were not in the list: take them too, and
+                # publish the connection (for direct subscribes) with no await in between.
+                done: set[str] = set()
+                todo = {self.probe_channel, *self.channels}
+                while todo:
+                    await self._subscribe(pubsub, *todo)
+                    done |= todo
+                    todo = self.channels - done
                 self._pubsub = pubsub
                 while True:
                     message = await pubsub.get_message(timeout=None)

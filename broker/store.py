@@ -15,6 +15,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from broker import protocol
 from broker.protocol import Event, Job, JobEntry, Meta
@@ -52,7 +53,14 @@ def connect(settings: Settings, client_name: str) -> RedisClient:
         url = settings.redis_url.replace("+cluster", "", 1)
         return WaitingRedisCluster.from_url(
             url, max_connections=settings.redis_pool_size + 4,
-            max_in_flight=settings.redis_pool_size, **options,
+            max_in_flight=settings.redis_pool_size,
+            # Follow each MOVED by patching that slot: the periodic full re-initialization
+            # closes every connection of the client, blocking reads of other tasks included.
+            reinitialize_steps=0,
+            # Maintenance push notifications are a Redis Enterprise feature; their handshake is
+            # one more round trip on every new connection.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            **options,
         )
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url, max_connections=settings.redis_pool_size, timeout=POOL_WAIT_TIMEOUT,
@@ -78,6 +86,11 @@ class WaitingRedisCluster(aioredis.RedisCluster):
             raise RedisConnectionError("no Redis connection became free") from e
         try:
             return await super().execute_command(*args, **kwargs)
+        except (RuntimeError, AttributeError) as e:
+            # redis-py closes every connection of the client on some cluster errors (CLUSTERDOWN
+            # during a failover); a command in flight on another task then fails on a closed
+            # transport with these instead of a ConnectionError. Callers retry ConnectionErrors.
+            raise RedisConnectionError(f"the connection closed under the command: {e!r}") from e
         finally:
             self._in_flight.release()
 

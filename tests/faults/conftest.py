@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, free_port
 
@@ -15,10 +16,11 @@ from tests.support.procs import BrokerProcess, RedisServer, free_port
 class Deployment:
     """A redis-server with broker processes around it; everything is stopped at teardown."""
 
-    def __init__(self, llm: FakeLLM, redis_args: tuple[str, ...], settings: dict[str, Any]):
+    def __init__(self, llm: FakeLLM, redis: RedisServer | RedisClusterServers,
+                 settings: dict[str, Any]):
         self.llm = llm
         self.settings = {k.upper(): str(v) for k, v in settings.items()}
-        self.redis = RedisServer(*redis_args).start()
+        self.redis = redis
         self.edges: list[BrokerProcess] = []
         self.workers: list[BrokerProcess] = []
 
@@ -46,12 +48,15 @@ class Deployment:
 
 @pytest.fixture
 def deploy(fake_llm: FakeLLM) -> Iterator[Any]:
-    """``deploy(edges=2, workers=1, redis_args=(...), **settings)`` -> Deployment."""
+    """``deploy(edges=2, workers=1, redis_args=(...), **settings)`` -> Deployment; with
+    ``cluster=(masters, replicas)`` on a Redis Cluster instead of one redis-server."""
     made: list[Deployment] = []
 
     def make(edges: int = 1, workers: int = 1, redis_args: tuple[str, ...] = (),
-             **settings: Any) -> Deployment:
-        d = Deployment(fake_llm, redis_args, settings)
+             cluster: tuple[int, int] | None = None, **settings: Any) -> Deployment:
+        redis = (RedisClusterServers(*cluster).start() if cluster
+                 else RedisServer(*redis_args).start())
+        d = Deployment(fake_llm, redis, settings)
         made.append(d)
         for _ in range(edges):
             d.add_edge()

@@ -41,7 +41,15 @@ class RedisClusterServers:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
         )
         wait_until(self.healthy, 30, "the cluster to converge")
+        # A replica that never finished its first sync refuses to take over a failed master.
+        wait_until(self.replicas_in_sync, 30, "the replicas' first sync")
         return self
+
+    def replicas_in_sync(self) -> bool:
+        return all(
+            node.client().info("replication").get("master_link_status") == "up"
+            for node in self.live_nodes() if self.role(node) != "master"
+        )
 
     def healthy(self) -> bool:
         """Every live node sees all slots served and agrees on the number of masters."""
@@ -69,6 +77,20 @@ class RedisClusterServers:
             if start <= slot <= end:
                 return next(n for n in self.live_nodes() if n.port == int(master[1]))
         raise LookupError(f"no live master serves {key!r}")
+
+    def move_slot_of(self, key: str, target: RedisServer) -> None:
+        """Migrate ``key``'s slot, keys and all, to ``target`` (what resharding does)."""
+        slot = self.client().keyslot(key)
+        source = self.node_of(key)
+        src, dst = source.client(), target.client()
+        src_id = src.execute_command("CLUSTER", "MYID").decode()
+        dst_id = dst.execute_command("CLUSTER", "MYID").decode()
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        for node in [dst, src, *(n.client() for n in self.live_nodes())]:
+            node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
     def role(self, node: RedisServer) -> str:
         return str(node.client().execute_command("ROLE")[0].decode())

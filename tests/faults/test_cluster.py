@@ -1,0 +1,179 @@
+"""Redis Cluster under a live stream: sharded pub/sub, spread job shards, a slot moved away
+mid-stream, and a master killed so that its replica takes over."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from broker import protocol
+from tests.faults.test_redis import until_messages, wait_ready_status, watch
+from tests.support.api import create, events_url, status, unique
+from tests.support.cluster import RedisClusterServers
+from tests.support.fakellm import FakeLLM
+from tests.support.procs import wait_until
+from tests.support.sse import Received
+
+ANSWER = "".join(f"Sentence {i} of a clustered answer, with 2.5 and 你好。\n" for i in range(80))
+JOB_SHARDS = 6
+
+
+def counter(metrics: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
+
+
+def assert_exact_once(got: Received, expected: str) -> None:
+    assert got.terminal is not None and got.terminal.event == "end", got.terminal
+    assert got.text == expected
+    ids = [protocol.parse_event_id(i) for i in got.ids]
+    assert ids == list(range(1, len(ids) + 1))
+
+
+async def test_generations_travel_sharded_and_jobs_spread_over_nodes(
+    deploy, fake_llm: FakeLLM
+):
+    d = deploy(edges=2, workers=2, cluster=(3, 0), broker_job_shards=JOB_SHARDS)
+    cluster: RedisClusterServers = d.redis
+    held = fake_llm.script(unique("sharded"), ANSWER, delay=0.002, hold_at=3)
+    prompts = [held] + [fake_llm.script(unique(f"spread{i}"), ANSWER, delay=0.002)
+                        for i in range(11)]
+    async with httpx.AsyncClient(timeout=60) as http:
+        ids = [await create(http, d.edges[i % 2].url, p) for i, p in enumerate(prompts)]
+        progress: list[Received] = []
+        viewers = [watch(http, events_url(d.edges[(i + 1) % 2].url, gen_id), progress)
+                   for i, gen_id in enumerate(ids)]
+
+        # While the held generation's viewer waits: its channel has one sharded subscriber, on
+        # the master of its slot, and no classic subscriber anywhere (a classic PUBLISH would
+        # be copied to every node of the cluster).
+        channel = protocol.live_channel(ids[0])
+        owner = cluster.node_of(channel)
+
+        def one_sharded_subscriber() -> bool:
+            return owner.client().execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] >= 1
+
+        await asyncio.to_thread(wait_until, one_sharded_subscriber, 10, "the SSUBSCRIBE")
+        for node in cluster.live_nodes():
+            assert node.client().pubsub_numsub(channel)[0][1] == 0
+            if node is not owner:
+                reply = node.client().execute_command("PUBSUB", "SHARDNUMSUB", channel)
+                assert reply[1] == 0
+        # The meta, the log and the text live with the channel, on one slot.
+        for key in (protocol.meta_key(ids[0]), protocol.log_key(ids[0]),
+                    protocol.text_key(ids[0])):
+            assert cluster.node_of(key) is owner
+        fake_llm.reply_for(held).release.set()
+
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*viewers), 30)
+        except TimeoutError:  # say where it stuck: which viewers, which generations, which logs
+            for p, gen_id in zip(progress, ids, strict=False):
+                state = (await status(http, d.edges[0].url, gen_id))["status"]
+                print(f"viewer: {p.status} {len(p.events)} events, generation {state}")
+            for proc in d.workers + d.edges:
+                print(proc.output()[-3000:])
+            raise
+    for got in results:
+        assert_exact_once(got, ANSWER)
+    # The jobs queue is spread over streams on different masters, and every stream was drained.
+    streams = [protocol.jobs_stream(i) for i in range(JOB_SHARDS)]
+    assert len({cluster.node_of(s).port for s in streams}) >= 2
+    used = {protocol.jobs_shard(gen_id, JOB_SHARDS) for gen_id in ids}
+    assert len(used) >= 2
+    for stream in streams:
+        assert cluster.node_of(stream).client().xlen(stream) == 0  # acked and deleted
+    for node in cluster.live_nodes():
+        # Edges and workers publish generation events only with SPUBLISH.
+        assert node.client().info("commandstats").get("cmdstat_publish", {}).get("calls", 0) == 0
+
+
+async def test_slot_moved_mid_stream_loses_nothing(
+    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
+):
+    d = deploy(edges=2, workers=1, cluster=(3, 0))
+    cluster: RedisClusterServers = d.redis
+    prompt = fake_llm.script(unique("moved"), ANSWER, delay=0.01)
+    async with httpx.AsyncClient(timeout=60) as http:
+        gen_id = await create(http, d.edges[0].url, prompt)
+        progress: list[Received] = []
+        viewers = [watch(http, events_url(d.edges[i % 2].url, gen_id), progress)
+                   for i in range(4)]
+        await until_messages(progress, 4, 3)
+
+        source = cluster.node_of(protocol.meta_key(gen_id))
+        target = next(n for n in cluster.live_nodes() if n is not source)
+        moved_at = time.monotonic()
+        await asyncio.to_thread(cluster.move_slot_of, protocol.meta_key(gen_id), target)
+        assert cluster.node_of(protocol.meta_key(gen_id)) is target
+        assert not any(got.terminal for got in progress), "the move came too late to matter"
+
+        results = await asyncio.wait_for(asyncio.gather(*viewers), 60)
+        elapsed = time.monotonic() - moved_at
+        metrics = [(await http.get(edge.url + "/metrics")).text for edge in d.edges]
+        assert (await status(http, d.edges[1].url, gen_id))["status"] == "completed"
+    for got in results:
+        assert_exact_once(got, ANSWER)
+    # Each edge was told its subscription moved, subscribed on the new master and caught up.
+    for text in metrics:
+        assert counter(text, "broker_pubsub_resubscribes_total") >= 1
+    assert cluster.node_of(protocol.live_channel(gen_id)) is target
+    record_property("seconds_to_terminal", round(elapsed, 2))
+    print(f"slot moved mid-stream: 4 viewers had the exact text {elapsed:.2f}s after the move")
+
+
+async def test_master_killed_its_replica_takes_over(
+    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
+):
+    d = deploy(edges=2, workers=1, cluster=(3, 1))
+    cluster: RedisClusterServers = d.redis
+    prompt = fake_llm.script(unique("failover"), ANSWER, delay=0.01)
+    async with httpx.AsyncClient(timeout=60) as http:
+        gen_id = await create(http, d.edges[0].url, prompt)
+        progress: list[Received] = []
+        viewers = [watch(http, events_url(d.edges[i % 2].url, gen_id), progress)
+                   for i in range(4)]
+        await until_messages(progress, 4, 3)
+
+        master = cluster.node_of(protocol.meta_key(gen_id))
+        killed_at = time.monotonic()
+        master.kill()
+        # The edges cannot deliver from that master's slots until its replica is promoted.
+        await wait_ready_status(http, d.edges[0], 503)
+        unready_at = time.monotonic()
+        await asyncio.to_thread(wait_until, cluster.healthy, 30, "the failover")
+        failed_over_at = time.monotonic()
+        await wait_ready_status(http, d.edges[0], 200)
+        ready_at = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*viewers), 60)
+        ended_at = time.monotonic()
+        final = await status(http, d.edges[1].url, gen_id)
+
+    # Replication is asynchronous: a failover may lose the last acknowledged writes. Then the
+    # viewers end with a clear error, never with a wrong or repeated text, and never hang.
+    outcomes = set()
+    for got in results:
+        assert got.terminal is not None
+        ids = [protocol.parse_event_id(i) for i in got.ids]
+        assert ids == sorted(set(ids))
+        assert ANSWER.startswith(got.text)
+        if got.terminal.event == "end":
+            assert_exact_once(got, ANSWER)
+            outcomes.add("exact text")
+        else:
+            code = got.terminal_data["code"]
+            assert code in {"history_lost", "worker_lost"}
+            outcomes.add(code)
+    if outcomes == {"exact text"}:
+        assert final["status"] == "completed" and final["text"] == ANSWER
+    timings = {
+        "seconds_to_unready": round(unready_at - killed_at, 2),
+        "seconds_to_failover": round(failed_over_at - killed_at, 2),
+        "seconds_to_ready": round(ready_at - killed_at, 2),
+        "seconds_to_terminal": round(ended_at - killed_at, 2),
+    }
+    for name, value in timings.items():
+        record_property(name, value)
+    print(f"master killed: {timings}; viewers: {sorted(outcomes)}")
