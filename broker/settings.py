@@ -18,7 +18,8 @@ def _setting(default: Any, env: str, help: str, roles: str = "edge worker dev") 
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = _setting(
-        "redis://localhost:6379/0", "REDIS_URL", "Redis to use", "edge worker"
+        "redis://localhost:6379/0", "REDIS_URL",
+        "Redis to use; `redis+cluster://host:port` for a Redis Cluster", "edge worker"
     )
     host: str = _setting(
         "127.0.0.1", "BROKER_HOST",
