@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import json
+import logging
 from dataclasses import dataclass
 from importlib import resources
 
@@ -13,7 +16,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from broker import protocol
+from broker import logs, openapi, protocol
+from broker.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
 from broker.errors import ApiError, error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
@@ -21,6 +25,8 @@ from broker.settings import Settings
 from broker.store import Store
 from broker.stream import EventStream
 from broker.validation import parse_create_body, parse_last_event_id
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +37,19 @@ class Edge:
     store: Store
     hub: Hub
     metrics: Metrics
+    api_keys: ApiKeys
+    viewer_tokens: ViewerTokens
+
+    def events_url(self, gen_id: str) -> str:
+        """The stream's URL as a browser will open it: with a viewer token when tokens are on."""
+        url = f"/v1/generations/{gen_id}/events"
+        if self.viewer_tokens.enabled:
+            url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(gen_id)}"
+        return url
+
+    def producer(self, request: Request) -> str | None:
+        """The caller's API key id (401 without a valid key); None when keys are off."""
+        return self.api_keys.check(request.headers.get("authorization"))
 
 
 def _edge(request: Request) -> Edge:
@@ -38,20 +57,23 @@ def _edge(request: Request) -> Edge:
     return edge
 
 
-def events_url(gen_id: str) -> str:
-    return f"/v1/generations/{gen_id}/events"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing (413) as soon as it passes ``limit`` rather than after reading it all."""
+async def read_body(request: Request, limit: int, within: float) -> bytes:
+    """The body, refusing (413) as soon as it passes ``limit`` rather than after reading it all,
+    and (408) past ``within`` seconds: a trickling client holds nothing for long."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"request body is larger than {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, "body_too_large", f"request body is larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(
+                        413, "body_too_large", f"request body is larger than {limit} bytes"
+                    )
+    except TimeoutError as e:
+        raise ApiError(408, "request_timeout", f"the body took longer than {within:g}s") from e
     return bytes(body)
 
 
@@ -64,14 +86,36 @@ def _gen_id(request: Request) -> str:
 
 async def create_generation(request: Request) -> Response:
     edge = _edge(request)
-    body = await read_body(request, edge.settings.max_body_bytes)
-    chat_request = parse_create_body(body, edge.settings.model)
+    s = edge.settings
+    producer = edge.producer(request)
+    body = await read_body(request, s.max_body_bytes, s.request_timeout)
+    chat_request = parse_create_body(
+        body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
+    )
     gen_id = protocol.new_generation_id()
-    await edge.store.create(gen_id, chat_request, chat_request["model"])
+    logs.generation.set(gen_id)
+    if producer and not await edge.store.reserve_queue_slot(
+        producer, gen_id, s.max_queued_per_key
+    ):
+        raise ApiError(
+            429, "too_many_queued",
+            f"this API key already has {s.max_queued_per_key} generations waiting for a worker",
+            headers={"retry-after": "1"},
+        )
+    try:
+        await edge.store.create(gen_id, chat_request, chat_request["model"], producer)
+    except BaseException:
+        if producer:
+            with contextlib.suppress(RedisError, OSError):
+                await edge.store.release_queue_slot(producer, gen_id)
+        raise
     edge.metrics.generations_created.inc()
-    url = events_url(gen_id)
+    log.info("created generation %s (model %s)", gen_id, chat_request["model"])
+    if s.log_prompts:  # asked for explicitly: prompts are private by default
+        log.info("generation %s prompt: %s", gen_id,
+                 json.dumps(chat_request["messages"], ensure_ascii=False))
     return JSONResponse(
-        {"id": gen_id, "events_url": url, "status": "queued"},
+        {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"},
         status_code=201,
         headers={"location": f"/v1/generations/{gen_id}"},
     )
@@ -79,6 +123,7 @@ async def create_generation(request: Request) -> Response:
 
 async def get_generation(request: Request) -> Response:
     edge = _edge(request)
+    edge.producer(request)
     gen_id = _gen_id(request)
     meta, text = await asyncio.gather(edge.store.meta(gen_id), edge.store.text(gen_id))
     if meta is None:
@@ -95,6 +140,7 @@ async def get_generation(request: Request) -> Response:
 
 async def cancel_generation(request: Request) -> Response:
     edge = _edge(request)
+    edge.producer(request)
     gen_id = _gen_id(request)
     before = await edge.store.cancel(gen_id)
     if not before:
@@ -109,7 +155,18 @@ async def cancel_generation(request: Request) -> Response:
 
 async def generation_events(request: Request) -> Response:
     edge = _edge(request)
+    gen_id: str = request.path_params["gen_id"]
+    # The token first: without one, no answer may tell whether the id exists.
+    edge.viewer_tokens.check(
+        request.query_params.get(TOKEN_PARAM) or request.cookies.get(TOKEN_COOKIE_PREFIX + gen_id),
+        gen_id,
+    )
     gen_id = _gen_id(request)
+    if edge.hub.streams >= edge.settings.max_viewers:
+        raise ApiError(
+            503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
+            headers={"retry-after": "5"},
+        )
     cursor = parse_last_event_id(
         request.headers.get("last-event-id"), request.query_params.get("last_event_id")
     )
@@ -126,6 +183,7 @@ async def generation_events(request: Request) -> Response:
     return EventStream(  # type: ignore[return-value]
         edge.hub, gen_id, cursor,
         retry_ms=s.retry_ms, keepalive=s.keepalive_interval, send_timeout=s.send_timeout,
+        max_seconds=s.max_stream_seconds,
     )
 
 
@@ -146,6 +204,10 @@ async def readyz(request: Request) -> Response:
             503, "not_delivering", "the pub/sub subscription is not delivering (probe lost)"
         )
     return JSONResponse({"status": "ready"})
+
+
+async def openapi_json(request: Request) -> Response:
+    return JSONResponse(openapi.document(_edge(request).settings))
 
 
 async def metrics(request: Request) -> Response:
@@ -171,4 +233,5 @@ routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,10 +13,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
 from broker.api import Edge, routes
+from broker.auth import ApiKeys, ViewerTokens, parse_keys
 from broker.errors import ApiError, error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
@@ -32,9 +36,12 @@ def create_app(
     redis: aioredis.Redis | None = None,
     metrics: Metrics | None = None,
     extra_lifespan: Lifespan | None = None,
+    dev: bool = False,
 ) -> Starlette:
     """The edge. ``redis`` defaults to ``settings.redis_url``; ``extra_lifespan`` runs inside the
-    edge's own (``broker dev`` starts its worker there)."""
+    edge's own (``broker dev`` starts its worker there). Refuses (``InsecureConfig``) to run
+    without API keys and viewer-token keys unless ``settings.insecure`` or ``dev``."""
+    api_keys, viewer_tokens = _credentials(settings, dev)
     metrics = metrics or Metrics()
     client = redis if redis is not None else connect(settings, f"broker-edge-{os.getpid()}")
     store = Store(client, settings)
@@ -42,7 +49,7 @@ def create_app(
         store, metrics, window=settings.replay_window, audit_interval=settings.keepalive_interval,
         probe_interval=settings.probe_interval,
     )
-    edge = Edge(settings, store, hub, metrics)
+    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -58,9 +65,19 @@ def create_app(
             if redis is None:
                 await client.aclose()
 
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    middleware = [Middleware(
+        CORSMiddleware, allow_origins=origins,
+        # Credentials (cookies) only for named origins: never for "*".
+        allow_credentials="*" not in origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["authorization", "content-type", "last-event-id"],
+        expose_headers=["location", "retry-after"], max_age=600,
+    )] if origins else []
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=middleware,
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,
@@ -72,9 +89,37 @@ def create_app(
     return app
 
 
+class InsecureConfig(SystemExit):
+    """The edge would serve without auth, and nobody said that is intended."""
+
+
+def _credentials(settings: Settings, dev: bool) -> tuple[ApiKeys, ViewerTokens]:
+    api_keys = ApiKeys(parse_keys(settings.api_keys, settings.api_keys_file))
+    token_keys = parse_keys(settings.viewer_token_keys)
+    if dev and not token_keys:
+        # An ephemeral key: dev mode exercises viewer tokens with no set-up (they die with it).
+        token_keys = [secrets.token_urlsafe(32)]
+    viewer_tokens = ViewerTokens(token_keys, settings.viewer_token_ttl)
+    missing = [name for name, ok in (("BROKER_API_KEYS", api_keys.enabled),
+                                     ("BROKER_VIEWER_TOKEN_KEYS", viewer_tokens.enabled)) if not ok]
+    if missing and not (settings.insecure or dev):
+        raise InsecureConfig(
+            f"refusing to start: {' and '.join(missing)} not set, so anyone could create, read "
+            "and watch generations. Set them (see docs/security.md), or pass --insecure "
+            "(BROKER_INSECURE=1) to run open on a trusted network."
+        )
+    if not api_keys.enabled:
+        log.warning("INSECURE: no API keys: anyone who reaches this edge may create, read and "
+                    "cancel generations")
+    if not viewer_tokens.enabled:
+        log.warning("INSECURE: no viewer-token keys: anyone who knows a generation id may "
+                    "watch its stream")
+    return api_keys, viewer_tokens
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import signal
-import socket
 import sys
 
 import uvicorn
-from starlette.applications import Starlette
 
+from broker import logs
+from broker.server import serve
 from broker.settings import Settings, add_arguments, from_args
 from broker.terminal import (
     CLIENT_COMMANDS,
@@ -23,25 +22,6 @@ from broker.terminal import (
     add_client_arguments,
     run_client,
 )
-
-
-class EdgeServer(uvicorn.Server):
-    """Ends every SSE stream as shutdown begins, so viewers move to another edge at once
-    instead of holding this one until the graceful-shutdown timeout."""
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        app = self.config.app
-        if isinstance(app, Starlette) and hasattr(app.state, "edge"):
-            app.state.edge.hub.close_streams()
-        await super().shutdown(sockets)
-
-
-def serve(app: Starlette, settings: Settings) -> None:
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=5, lifespan="on", access_log=False,
-    )
-    EdgeServer(config).run()
 
 
 def run_edge(settings: Settings) -> None:
@@ -170,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         raise SystemExit(EXIT_INTERRUPTED) from None
     settings = from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
     setting_names = {f.name for f in dataclasses.fields(Settings)}
     options = {k: v for k, v in vars(args).items() if k != "command" and k not in setting_names}
     COMMANDS[args.command][0](settings, **options)

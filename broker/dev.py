@@ -51,7 +51,7 @@ def create_dev_app(settings: Settings) -> Starlette:
             await task
             await llm.aclose()
 
-    app = create_app(settings, redis=redis, metrics=metrics, extra_lifespan=run_worker)
+    app = create_app(settings, redis=redis, metrics=metrics, extra_lifespan=run_worker, dev=True)
     if use_mock:
         app.router.routes.append(Mount(MOCK_PREFIX, app=create_mock_llm_app()))
     return app

@@ -219,6 +219,7 @@ class Hub:
         self.window = window
         self.audit_interval = audit_interval
         self.topics: dict[str, Topic] = {}
+        self.streams = 0  # open SSE responses on this edge (``BROKER_MAX_VIEWERS`` bounds it)
         self.shards: dict[str, Shard] = {}
         self._shard_of: dict[str, Shard] = {}  # channel -> the shard it is subscribed on
         self._tasks: list[asyncio.Task[None]] = []

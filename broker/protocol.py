@@ -19,13 +19,14 @@ Shared:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 # -- names ----------------------------------------------------------------------------------
 
@@ -198,10 +199,12 @@ class JobEntry:
 
 
 class Job(TypedDict):
-    """A jobs-stream entry: which generation to run and the chat-completions request for it."""
+    """A jobs-stream entry: which generation to run and the chat-completions request for it;
+    ``producer`` is the id of the API key that created it (its queue quota), if any."""
 
     gen: str
     request: dict[str, Any]
+    producer: NotRequired[str]
 
 
 def entry_time_ms(entry_id: str) -> int:
@@ -213,15 +216,26 @@ def entry_time_ms(entry_id: str) -> int:
 
 
 def encode_job(job: Job) -> dict[str, str]:
-    return {"gen": job["gen"], "request": json.dumps(job["request"], ensure_ascii=False)}
+    fields = {"gen": job["gen"], "request": json.dumps(job["request"], ensure_ascii=False)}
+    if job.get("producer"):
+        fields["producer"] = job["producer"]
+    return fields
 
 
 def decode_job(fields: dict[Any, Any]) -> Job:
     get = _field_getter(fields)
     try:
-        return Job(gen=get("gen"), request=json.loads(get("request")))
+        job = Job(gen=get("gen"), request=json.loads(get("request")))
     except (KeyError, ValueError) as e:
         raise ProtocolError("bad job entry") from e
+    with contextlib.suppress(KeyError):
+        job["producer"] = get("producer")
+    return job
+
+
+def queued_key(producer: str) -> str:
+    """The generations of one API key that wait for a worker (its queue quota)."""
+    return f"{{broker:queued:{producer}}}"
 
 
 # -- meta ----------------------------------------------------------------------------------
@@ -310,6 +324,17 @@ end
 return 1
 """
 )
+
+# KEYS: a producer's queued set. ARGV: gen_id, now_ms, limit, stale_before_ms, ttl_ms.
+# Reserves a place in the producer's queue quota: 1, or 0 when ``limit`` already wait.
+# Entries older than ``stale_before_ms`` are forgotten (their release was lost with a worker).
+QUEUE_QUOTA_SCRIPT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[4])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 # KEYS: meta. ARGV: owner, lease_until_ms.
 # Returns 'ok' (now running under owner) or the status that prevents it ('' when gone).

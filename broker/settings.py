@@ -116,6 +116,61 @@ class Settings:
     log_level: str = _setting(
         "info", "BROKER_LOG_LEVEL", "logging level", "edge worker dev mock cluster"
     )
+    log_format: str = _setting(
+        "text", "BROKER_LOG_FORMAT", "`text` or `json` (one JSON object per line)",
+        "edge worker dev mock cluster",
+    )
+    log_prompts: bool = _setting(
+        False, "BROKER_LOG_PROMPTS", "log each generation's prompt messages (off: never)",
+        "edge dev",
+    )
+    # -- who may do what (docs/security.md) --
+    insecure: bool = _setting(
+        False, "BROKER_INSECURE", "run the edge without API keys and viewer tokens (loudly)",
+        "edge",
+    )
+    api_keys: str = _setting(
+        "", "BROKER_API_KEYS", "producer API keys, comma-separated (any one is accepted)",
+        "edge dev",
+    )
+    api_keys_file: str = _setting(
+        "", "BROKER_API_KEYS_FILE", "file of producer API keys, one per line", "edge dev"
+    )
+    viewer_token_keys: str = _setting(
+        "", "BROKER_VIEWER_TOKEN_KEYS",
+        "viewer-token signing keys, comma-separated: the first signs, all verify", "edge dev",
+    )
+    viewer_token_ttl: float = _setting(
+        3600.0, "BROKER_VIEWER_TOKEN_TTL", "seconds a viewer token in `events_url` stays valid",
+        "edge dev",
+    )
+    cors_origins: str = _setting(
+        "", "BROKER_CORS_ORIGINS", "origins allowed to call the API from a browser, "
+        "comma-separated (none: no CORS headers)", "edge dev",
+    )
+    # -- limits --
+    max_messages: int = _setting(
+        256, "BROKER_MAX_MESSAGES", "messages one create request may carry", "edge dev"
+    )
+    max_content_chars: int = _setting(
+        200_000, "BROKER_MAX_CONTENT_CHARS", "characters of one message's content", "edge dev"
+    )
+    max_viewers: int = _setting(
+        10_000, "BROKER_MAX_VIEWERS", "open streams per edge; more get 503 + Retry-After",
+        "edge dev",
+    )
+    max_queued_per_key: int = _setting(
+        1000, "BROKER_MAX_QUEUED_PER_KEY", "generations one API key may have waiting for a "
+        "worker; more get 429", "edge dev",
+    )
+    max_stream_seconds: float = _setting(
+        3600.0, "BROKER_MAX_STREAM_SECONDS", "a stream is closed after this long (EventSource "
+        "resumes it)", "edge dev",
+    )
+    request_timeout: float = _setting(
+        10.0, "BROKER_REQUEST_TIMEOUT", "seconds a client may take to send request headers, "
+        "and a body", "edge dev",
+    )
 
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -134,13 +189,20 @@ class Settings:
 
 def _base_type(f: dataclasses.Field[Any]) -> type:
     annotation = str(f.type)
-    for name, typ in (("int", int), ("float", float)):
+    for name, typ in (("int", int), ("float", float), ("bool", bool)):
         if annotation.startswith(name):
             return typ
     return str
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
 def _convert(f: dataclasses.Field[Any], raw: str) -> Any:
+    if _base_type(f) is bool:
+        if raw.strip().lower() not in _TRUE | _FALSE:
+            raise SystemExit(f"{f.metadata['env']}: expected 1/0/true/false, got {raw!r}")
+        return raw.strip().lower() in _TRUE
     try:
         return _base_type(f)(raw)
     except ValueError as e:
@@ -154,6 +216,12 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
         if role not in f.metadata["roles"]:
             continue
         default = f.default if f.default not in ("", None) else "unset"
+        if _base_type(f) is bool:  # a switch: present means on
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=True,
+                default=None, help=f"{f.metadata['help']} [env {f.metadata['env']}]",
+            )
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,6 +23,7 @@ from broker.protocol import Event, Job, JobEntry, Meta
 from broker.settings import Settings
 
 POOL_WAIT_TIMEOUT = 5.0
+IGNORED_BLOCK_PAUSE = 0.05
 CLUSTER_SCHEME = "redis+cluster://"
 
 # One Redis, or a Redis Cluster (``REDIS_URL=redis+cluster://host:port``, any node as the seed).
@@ -111,15 +113,35 @@ class Store:
         self._heartbeat = redis.register_script(protocol.HEARTBEAT_SCRIPT)
         self._cancel = redis.register_script(protocol.CANCEL_SCRIPT)
         self._reap = redis.register_script(protocol.REAP_SCRIPT)
+        self._queue_quota = redis.register_script(protocol.QUEUE_QUOTA_SCRIPT)
 
     # -- generations -----------------------------------------------------------------------
 
-    async def create(self, gen_id: str, request: dict[str, Any], model: str) -> None:
+    async def reserve_queue_slot(self, producer: str, gen_id: str, limit: int) -> bool:
+        """Count ``gen_id`` against ``producer``'s queue quota: False if it is full."""
+        now = protocol.now_ms()
+        stale_before = now - int(self.ttl_ms)
+        result = await self._queue_quota(
+            keys=[protocol.queued_key(producer)],
+            args=[gen_id, now, limit, stale_before, self.ttl_ms],
+        )
+        return bool(result)
+
+    async def release_queue_slot(self, producer: str, gen_id: str) -> None:
+        """A worker took the job (or it will never run): it no longer waits."""
+        await self.redis.zrem(protocol.queued_key(producer), gen_id)
+
+    async def create(
+        self, gen_id: str, request: dict[str, Any], model: str, producer: str | None = None
+    ) -> None:
         """Meta first, then the job, so a worker never sees a job without meta. The two live in
         different slots on a cluster, so no transaction spans them: if the job cannot be queued,
         the meta is taken back (and expires anyway) and the caller gets the error."""
         meta = protocol.meta_key(gen_id)
-        job = protocol.encode_job(protocol.Job(gen=gen_id, request=request))
+        job_fields = protocol.Job(gen=gen_id, request=request)
+        if producer:
+            job_fields["producer"] = producer
+        job = protocol.encode_job(job_fields)
         async with self.redis.pipeline(transaction=not self.cluster) as pipe:
             pipe.hset(meta, mapping=protocol.new_meta(model))
             pipe.pexpire(meta, int(self.ttl_ms))
@@ -212,11 +234,17 @@ class Store:
     async def read_jobs(
         self, stream: str, consumer: str, count: int, block_ms: int
     ) -> list[tuple[JobEntry, Job]]:
+        started = time.monotonic()
         reply = await self.redis.xreadgroup(
             protocol.WORKER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms,
         )
-        return [(JobEntry(stream, _str(entry_id)), protocol.decode_job(fields))
+        jobs = [(JobEntry(stream, _str(entry_id)), protocol.decode_job(fields))
                 for _stream, entries in reply or [] for entry_id, fields in entries]
+        if not jobs and time.monotonic() - started < block_ms / 2000:
+            # Empty before the block ran out: a store that ignores BLOCK (fakeredis, under
+            # `broker dev`) would otherwise make the caller's read loop spin a core.
+            await asyncio.sleep(IGNORED_BLOCK_PAUSE)
+        return jobs
 
     async def touch_job(self, consumer: str, job: JobEntry) -> None:
         """Reset the job's idle time in the group: a job idle past the lease has a dead worker."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
 from starlette.types import Message, Receive, Scope, Send
@@ -33,7 +34,7 @@ class EventStream:
 
     def __init__(
         self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
-        send_timeout: float,
+        send_timeout: float, max_seconds: float = float("inf"),
     ) -> None:
         self.hub = hub
         self.metrics: Metrics = hub.metrics
@@ -43,6 +44,9 @@ class EventStream:
         self.retry_ms = retry_ms
         self.keepalive = keepalive
         self.send_timeout = send_timeout
+        # Past this, the stream ends without a terminal event and EventSource resumes it: no
+        # connection lives forever (tokens are checked again, load rebalances).
+        self.deadline = time.monotonic() + max_seconds
         self._client_gone = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -50,6 +54,7 @@ class EventStream:
         assert relay is not None
         watcher = asyncio.create_task(self._watch_disconnect(receive, relay))
         self.metrics.viewers.inc()
+        self.hub.streams += 1
         try:
             async with self.hub.watch(self.gen_id) as topic:
                 changed = topic.changed()
@@ -75,6 +80,7 @@ class EventStream:
             log.info("closing a slow viewer of %s at event %d", self.gen_id, self.position)
         finally:
             self.metrics.viewers.dec()
+            self.hub.streams -= 1
             watcher.cancel()
 
     async def _relay(
@@ -98,12 +104,14 @@ class EventStream:
                 caught_up = False
             else:
                 caught_up = True
+                left = self.deadline - time.monotonic()
                 try:
-                    async with asyncio.timeout(self.keepalive):
+                    async with asyncio.timeout(min(self.keepalive, max(0.0, left))):
                         await changed.wait()
                 except TimeoutError:
-                    await self._send(send, sse.comment("keepalive"))
-            if self.hub.closing:
+                    if left > self.keepalive:
+                        await self._send(send, sse.comment("keepalive"))
+            if self.hub.closing or time.monotonic() >= self.deadline:
                 return
             changed = topic.changed()  # taken before looking, so no change slips between
             # A full chunk from the log may have more behind it; a resync may have missed some.

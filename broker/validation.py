@@ -12,7 +12,10 @@ from broker.errors import ApiError
 _BROKER_FIELDS = ("stream", "stream_options")
 
 
-def parse_create_body(body: bytes, default_model: str) -> dict[str, Any]:
+def parse_create_body(
+    body: bytes, default_model: str, *, max_messages: int = 256,
+    max_content_chars: int = 200_000,
+) -> dict[str, Any]:
     """The chat-completions request to run: validated messages, a model, other fields as given."""
     try:
         request = json.loads(body)
@@ -20,7 +23,7 @@ def parse_create_body(body: bytes, default_model: str) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
     if not isinstance(request, dict):
         raise ApiError(422, "invalid_request", "request body must be a JSON object")
-    _check_messages(request.get("messages"))
+    _check_messages(request.get("messages"), max_messages, max_content_chars)
     model = request.get("model", default_model)
     if model is None:
         model = default_model
@@ -35,15 +38,22 @@ def parse_create_body(body: bytes, default_model: str) -> dict[str, Any]:
     return request
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any, max_messages: int, max_content_chars: int) -> None:
     if not isinstance(messages, list) or not messages:
         raise ApiError(422, "invalid_request", "'messages' must be a non-empty list")
+    if len(messages) > max_messages:
+        raise ApiError(422, "too_many_messages", f"at most {max_messages} messages per request")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ApiError(422, "invalid_request", f"messages[{i}] must be an object")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise ApiError(422, "invalid_request", f"messages[{i}].{key} must be a string")
+        if len(message["content"]) > max_content_chars:
+            raise ApiError(
+                422, "content_too_long",
+                f"messages[{i}].content is longer than {max_content_chars} characters",
+            )
 
 
 def parse_last_event_id(header: str | None, query: str | None) -> int:

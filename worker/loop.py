@@ -9,7 +9,7 @@ import time
 
 from redis.exceptions import RedisError, ResponseError
 
-from broker import protocol
+from broker import logs, protocol
 from broker.backoff import Backoff
 from broker.metrics import Metrics
 from broker.protocol import Job, JobEntry
@@ -113,9 +113,13 @@ class Worker:
 
     async def _run_job(self, entry: JobEntry, job: Job) -> None:
         gen_id = job["gen"]
+        logs.generation.set(gen_id)  # this task's log records carry the generation id
         lease_until = protocol.now_ms() + int(self.settings.lease_ttl * 1000)
         try:
             status = await self.store.claim(gen_id, self.name, lease_until)
+            if job.get("producer"):
+                # Taken (or never to run): it no longer counts against its producer's quota.
+                await self.store.release_queue_slot(job["producer"], gen_id)
             if status == "ok":
                 await self._run_generation(gen_id, entry, job)
             else:
