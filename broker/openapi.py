@@ -1,0 +1,160 @@
+"""The OpenAPI 3.1 document of the edge's HTTP API, served at ``/openapi.json``.
+
+Written by hand from API.md (the routes are plain Starlette): ``tests/integration/
+test_api_fuzz.py`` fuzzes a live edge from it with schemathesis, which also checks every
+answer against it, so it cannot drift from what the edge does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker.settings import Settings
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_GEN_ID = {
+    "name": "gen_id", "in": "path", "required": True,
+    "schema": {"type": "string"}, "description": "the generation id (22 URL-safe characters)",
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    descriptions = {
+        400: "malformed JSON or Last-Event-ID", 401: "no valid API key or viewer token",
+        403: "the viewer token is wrong, expired or for another generation",
+        404: "no such generation", 405: "method not allowed", 408: "the body was too slow",
+        409: "the generation already ended", 410: "the history to resume from is gone",
+        413: "the body is too large", 422: "the request has the wrong shape",
+        429: "this API key has too many generations waiting",
+        503: "Redis is unavailable, or this edge serves as many streams as it may",
+    }
+    return {
+        str(code): {
+            "description": descriptions[code],
+            "content": {"application/json": {"schema": _ERROR}},
+        }
+        for code in codes
+    }
+
+
+def document(settings: Settings) -> dict[str, Any]:
+    generation = {
+        "type": "object",
+        "required": ["id", "status", "text", "finish_reason", "model", "created_ms"],
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["queued", "running", "completed", "failed", "cancelled"]},
+            "text": {"type": "string"},
+            "finish_reason": {"type": ["string", "null"]},
+            "model": {"type": "string"},
+            "created_ms": {"type": "integer"},
+        },
+    }
+    message = {
+        "type": "object", "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string"},
+            "content": {"type": "string", "maxLength": settings.max_content_chars},
+        },
+    }
+    create_body = {
+        "type": "object", "required": ["messages"],
+        "properties": {
+            "messages": {"type": "array", "items": message, "minItems": 1,
+                         "maxItems": settings.max_messages},
+            "model": {"type": "string", "minLength": 1},
+            "n": {"const": 1},
+        },
+        "additionalProperties": True,
+        "description": "an OpenAI chat-completions request; other fields pass through to the LLM",
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sse-broker edge", "version": "1",
+            "description": "Streams LLM answers to many viewers over Server-Sent Events.",
+        },
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer",
+                           "description": "a producer API key (BROKER_API_KEYS)"},
+                "viewerToken": {"type": "apiKey", "in": "query", "name": "token",
+                                "description": "the token in the create answer's events_url"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object", "required": ["error"],
+                    "properties": {"error": {
+                        "type": "object", "required": ["code", "message"],
+                        "properties": {"code": {"type": "string"},
+                                       "message": {"type": "string"}},
+                    }},
+                },
+                "Generation": generation,
+            },
+        },
+        "paths": {
+            "/v1/generations": {"post": {
+                "summary": "create a generation",
+                "security": [{"apiKey": []}],
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": create_body}}},
+                "responses": {
+                    "201": {"description": "queued", "content": {"application/json": {
+                        "schema": {"type": "object",
+                                   "required": ["id", "events_url", "status"],
+                                   "properties": {"id": {"type": "string"},
+                                                  "events_url": {"type": "string"},
+                                                  "status": {"const": "queued"}}}}}},
+                    **_errors(400, 401, 408, 413, 422, 429, 503),
+                },
+            }},
+            "/v1/generations/{gen_id}": {"get": {
+                "summary": "status and text so far",
+                "security": [{"apiKey": []}],
+                "parameters": [_GEN_ID],
+                "responses": {
+                    "200": {"description": "the generation", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Generation"}}
+                    }},
+                    **_errors(401, 404, 503),
+                },
+            }},
+            "/v1/generations/{gen_id}/cancel": {"post": {
+                "summary": "cancel a generation",
+                "security": [{"apiKey": []}],
+                "parameters": [_GEN_ID],
+                "responses": {
+                    "202": {"description": "cancelling", "content": {"application/json": {
+                        "schema": {"type": "object", "required": ["id", "status"],
+                                   "properties": {"id": {"type": "string"},
+                                                  "status": {"const": "cancelling"}}}}}},
+                    **_errors(401, 404, 409, 503),
+                },
+            }},
+            "/v1/generations/{gen_id}/events": {"get": {
+                "summary": "the stream (Server-Sent Events); resumes after Last-Event-ID",
+                "security": [{"viewerToken": []}],
+                "parameters": [
+                    _GEN_ID,
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "last_event_id", "in": "query", "required": False,
+                     "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "the event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    "204": {"description": "nothing after Last-Event-ID: the stream ended"},
+                    **_errors(400, 401, 403, 404, 410, 503),
+                },
+            }},
+            "/healthz": {"get": {"summary": "the process is up", "responses": {
+                "200": {"description": "up"}}}},
+            "/readyz": {"get": {"summary": "Redis reachable and delivering", "responses": {
+                "200": {"description": "ready"}, **_errors(503)}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+    }
