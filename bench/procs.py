@@ -153,7 +153,7 @@ async def start_edge(group: ProcessGroup, impl: str, redis_url: str) -> tuple[Pr
     if impl == "broker":
         argv = [sys.executable, "-m", "broker", "edge"]
         env = child_env(REDIS_URL=redis_url, BROKER_PORT=str(port), BROKER_HOST="127.0.0.1",
-                        BROKER_LOG_LEVEL="warning")
+                        BROKER_LOG_LEVEL="warning", BROKER_INSECURE="1")
         ready_path = "/readyz"  # the hub's subscription delivers its probes
     else:
         argv = [sys.executable, "-m", "bench.naive_edge", "--redis-url", redis_url,

@@ -177,12 +177,16 @@ class LocalCluster:
 
         common = {"REDIS_URL": redis_url, "BROKER_HOST": LOOPBACK,
                   "BROKER_MODEL": self.settings.model}
+        # A local topology to try the product: its edges run open unless the environment
+        # brings keys (BROKER_API_KEYS, BROKER_VIEWER_TOKEN_KEYS) or BROKER_INSECURE=0.
+        edge_env = {"BROKER_INSECURE": os.environ.get("BROKER_INSECURE", "1")}
         checks: dict[Child, Callable[[], bool]] = {}
         edges = []
         for i in range(self.n_edges):
             port = free_port()
             edge = self._spawn(f"edge{i}", self._broker("edge"),
-                               {**common, "BROKER_PORT": str(port)}, f"http://{LOOPBACK}:{port}")
+                               {**common, **edge_env, "BROKER_PORT": str(port)},
+                               f"http://{LOOPBACK}:{port}")
             edges.append(edge)
             checks[edge] = _bind(_http_ok, edge.url + "/readyz")
         llm = self._llm_env(mock.url)

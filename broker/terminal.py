@@ -95,10 +95,13 @@ def _base_url(args: argparse.Namespace) -> str | None:
     return url if parsed.scheme in ("http", "https") and parsed.host else None
 
 
-def _client(base_url: str) -> httpx.AsyncClient:
+def _client(base_url: str, api_key: str | None = None) -> httpx.AsyncClient:
     # Reads wait past the edge's keepalive comments (every <= 15 s by contract); a dropped or
     # silent connection is the Follower's to resume.
-    return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(30.0, connect=10.0))
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=httpx.Timeout(30.0, connect=10.0)
+    )
 
 
 async def _follow(follower: Follower, printer: Printer) -> int:
@@ -133,7 +136,7 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
     fields = {} if args.model is None else {"model": args.model}
-    async with _client(base_url) as http:
+    async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
         try:
             created = await create(http, messages, **fields)
         except RequestRejected as e:
@@ -150,6 +153,9 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
     if base_url is None:
         return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
     events_url = f"/v1/generations/{quote(args.id, safe='')}/events"
+    token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
+    if token:
+        events_url += f"?token={quote(token, safe='')}"
     async with _client(base_url) as http:
         return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
 
@@ -159,12 +165,17 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("question", help="the question (the user message)")
         parser.add_argument("--model", help="model to ask (default: the edge's BROKER_MODEL)")
         parser.add_argument("--system", metavar="TEXT", help="a system message before it")
+        parser.add_argument("--api-key", help="a producer API key, when the edge requires one "
+                            "[env BROKER_API_KEY]")
     else:
         parser.add_argument("id", metavar="ID", help="the generation's id (`broker ask` prints "
                             "it on stderr)")
         parser.add_argument("--from", dest="from_id", metavar="EVENT_ID",
                             help="resume: print only what follows this event id "
                             "(default: from the start)")
+        parser.add_argument("--token", help="the viewer token (the `token` of the create "
+                            "answer's events_url), when the edge requires one "
+                            "[env BROKER_VIEWER_TOKEN]")
     parser.add_argument("--url", help=f"base URL of an edge or its load balancer "
                         f"[env BROKER_URL; default {DEFAULT_URL}]")
     parser.add_argument("--json", action="store_true", help="print one JSON object per event "
