@@ -109,6 +109,10 @@ class BrokerProcess:
         full_env.setdefault("BROKER_LOG_LEVEL", "info")
         if port is not None:
             full_env["BROKER_PORT"] = str(port)
+        if command == "edge":
+            # The suites hold the contract open; tests/integration/test_security.py runs edges
+            # with API keys and viewer tokens.
+            full_env.setdefault("BROKER_INSECURE", "1")
         if command == "worker":  # each worker's own /metrics needs a port of its own
             full_env.setdefault("BROKER_WORKER_METRICS_PORT", str(free_port()))
         self.metrics_port = int(full_env.get("BROKER_WORKER_METRICS_PORT", 0))

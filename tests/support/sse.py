@@ -49,8 +49,9 @@ async def read_events(
     """Read a stream until its terminal event (or ``stop_after`` events, then hang up).
     ``progress``, if given, gets the ``Received`` at once, to watch it fill while it runs."""
     headers = {"last-event-id": last_event_id} if last_event_id is not None else {}
-    params = {"last_event_id": query_last_event_id} if query_last_event_id is not None else {}
-    async with aconnect_sse(client, "GET", url, headers=headers, params=params) as source:
+    if query_last_event_id is not None:  # added to the URL's own query (a viewer token)
+        url = str(httpx.URL(url).copy_merge_params({"last_event_id": query_last_event_id}))
+    async with aconnect_sse(client, "GET", url, headers=headers) as source:
         received = Received(source.response.status_code, source.response.headers)
         if progress is not None:
             progress.append(received)

@@ -58,12 +58,24 @@ def test_every_env_var_is_read() -> None:
     for f in dataclasses.fields(Settings):
         kind = str(f.type)
         env[f.metadata["env"]] = (
-            "7" if kind.startswith("int") else "7.5" if kind.startswith("float") else f"v-{f.name}"
+            "7" if kind.startswith("int") else "7.5" if kind.startswith("float")
+            else "True" if kind.startswith("bool") else f"v-{f.name}"
         )
     settings = Settings.from_env(env)
     for f in dataclasses.fields(Settings):
         assert getattr(settings, f.name) != f.default, f.name
         assert str(getattr(settings, f.name)) == env[f.metadata["env"]], f.name
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("yes", True), ("TRUE", True),
+                                            ("0", False), ("off", False), ("false", False)])
+def test_switches_read_the_usual_spellings(raw: str, value: bool) -> None:
+    assert Settings.from_env({"BROKER_INSECURE": raw}).insecure is value
+
+
+def test_a_switch_rejects_anything_else() -> None:
+    with pytest.raises(SystemExit, match="BROKER_INSECURE"):
+        Settings.from_env({"BROKER_INSECURE": "maybe"})
 
 
 def test_empty_env_var_means_default(monkeypatch: pytest.MonkeyPatch) -> None:

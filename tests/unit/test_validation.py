@@ -224,3 +224,32 @@ def test_last_event_id_with_a_line_break_is_never_accepted(value: str) -> None:
     for header, query in ((value, None), (None, value)):
         with pytest.raises(ApiError):
             parse_last_event_id(header, query)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
+                                                                  max_size=5),
+    max_leaves=20,
+)
+CREATE_BODIES = st.fixed_dictionaries(
+    {"messages": st.lists(st.fixed_dictionaries({"role": JSON_VALUES, "content": JSON_VALUES}),
+                          max_size=6) | JSON_VALUES},
+    optional={"model": JSON_VALUES, "n": JSON_VALUES, "temperature": JSON_VALUES},
+)
+
+
+@given(st.one_of(CREATE_BODIES.map(json.dumps), JSON_VALUES.map(json.dumps),
+                 st.text().map(str), st.binary().map(bytes)))
+def test_any_create_body_is_accepted_or_refused_with_a_4xx(body: str | bytes) -> None:
+    raw = body.encode() if isinstance(body, str) else body
+    try:
+        request = parse_create_body(raw, "default-model", max_messages=4, max_content_chars=50)
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.code and e.message
+        return
+    assert isinstance(request["model"], str) and request["model"]
+    assert 1 <= len(request["messages"]) <= 4
+    assert all(isinstance(m["content"], str) and len(m["content"]) <= 50
+               for m in request["messages"])
+    assert "stream" not in request and "stream_options" not in request
