@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
+from tests.browser.helpers import VIEWER_TOKEN_KEY
 from tests.support.chromium import launch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +62,9 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     base_url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     env["BROKER_LOG_LEVEL"] = "warning"
+    # A known viewer-token key (dev mode makes a random one otherwise), so tests can sign a
+    # token for an id the server never issued one for.
+    env["BROKER_VIEWER_TOKEN_KEYS"] = VIEWER_TOKEN_KEY
     logs = tmp_path_factory.mktemp("broker-dev")
     stdout_path, stderr_path = logs / "stdout.log", logs / "stderr.log"
 

@@ -9,7 +9,16 @@ from urllib.parse import urlsplit
 
 from playwright.async_api import Page, Request
 
+from broker.auth import ViewerTokens
+
 EVENTS_PATH = re.compile(r"/v1/generations/[^/?#]+/events$")
+VIEWER_TOKEN_KEY = "browser-tests-viewer-key"  # the `broker dev` of these tests signs with it
+
+
+def signed_events_url(gen_id: str) -> str:
+    """The events URL with a valid viewer token, for any id (even one never created)."""
+    token = ViewerTokens([VIEWER_TOKEN_KEY], ttl=3600).issue(gen_id)
+    return f"/v1/generations/{gen_id}/events?token={token}"
 
 
 def record_events_requests(page: Page) -> list[Request]:

@@ -208,7 +208,8 @@ async def test_native_eventsource_stops_on_204_after_end(
 
     assert len(requests) == 2, [r.url for r in requests]
     first, second = requests
-    assert urlsplit(first.url).path == urlsplit(second.url).path == events_url
+    assert urlsplit(first.url).path == urlsplit(second.url).path == urlsplit(events_url).path
+    assert urlsplit(second.url).query == urlsplit(events_url).query  # the token, kept
     # `Request.headers` holds only Chromium's provisional headers, which lack Last-Event-ID;
     # `all_headers()` has what went on the wire.
     assert "last-event-id" not in await first.all_headers()

@@ -16,7 +16,11 @@ import httpx
 import pytest
 from playwright.async_api import Page
 
-from tests.browser.helpers import assert_ids_strictly_increasing, record_events_requests
+from tests.browser.helpers import (
+    assert_ids_strictly_increasing,
+    record_events_requests,
+    signed_events_url,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -165,7 +169,8 @@ async def test_follows_a_generation_to_end_with_the_exact_text(
     assert_ended(rest, "stop")
     assert rest["handle"]["ids"] == handle["ids"][3:]
     assert rest["outcome"]["text"] == "".join(m["text"] for m in rec["messages"][3:])
-    assert parse_qs(urlsplit(requests[1].url).query) == {"last_event_id": [after]}
+    assert parse_qs(urlsplit(requests[1].url).query) == {
+        **parse_qs(urlsplit(created["events_url"]).query), "last_event_id": [after]}
 
     # reconnect() after the end asks again: the server answers 204, the state stays ended.
     assert await page.evaluate("() => window.follows.a.follow.reconnect()") is True
@@ -195,8 +200,8 @@ async def test_drop_mid_stream_resumes_without_loss_or_duplicates(
     page: Page, api: httpx.AsyncClient
 ) -> None:
     created = await create(api, "Drop me halfway, helper.")
-    # The events URL may already carry a query (a token, say): the resume appends with `&`.
-    url = created["events_url"] + "?viewer=drop-test"
+    # The events URL carries a query (its token) and one more parameter: the resume keeps both.
+    url = created["events_url"] + "&viewer=drop-test"
     requests = record_events_requests(page)
     await page.goto("/healthz")
     await start(page, "a", url)
@@ -217,9 +222,10 @@ async def test_drop_mid_stream_resumes_without_loss_or_duplicates(
     # The resume asked for the events after an id the viewer had, mid-stream, and kept the
     # URL's own query.
     assert len(requests) == 2, [r.url for r in requests]
-    assert urlsplit(requests[0].url).query == "viewer=drop-test"
+    assert urlsplit(requests[0].url).query == urlsplit(url).query
     query = parse_qs(urlsplit(requests[1].url).query)
     assert query["viewer"] == ["drop-test"]
+    assert query["token"] == parse_qs(urlsplit(url).query)["token"]
     assert len(query["last_event_id"]) == 1, requests[1].url
     resumed_after = query["last_event_id"][0]
     assert resumed_after in handle["ids"][:-1], (resumed_after, handle["ids"])
@@ -313,11 +319,14 @@ async def test_close_before_the_end_rejects_closed_and_stops(
 
 
 @pytest.mark.browser
-async def test_unknown_generation_rejects_not_found_without_reconnecting(
-    page: Page, api: httpx.AsyncClient
+@pytest.mark.parametrize(("events_url", "code", "status"), [
+    (signed_events_url(UNKNOWN_ID), "not_found", 404),  # a valid token; the id is unknown
+    (f"/v1/generations/{UNKNOWN_ID}/events", "unauthorized", 401),  # no token at all
+])
+async def test_refused_stream_rejects_without_reconnecting(
+    page: Page, api: httpx.AsyncClient, events_url: str, code: str, status: int
 ) -> None:
-    events_url = f"/v1/generations/{UNKNOWN_ID}/events"
-    assert (await api.get(events_url)).status_code == 404
+    assert (await api.get(events_url)).status_code == status
     requests = record_events_requests(page)
     await page.goto("/healthz")
     await start(page, "a", events_url)
@@ -326,15 +335,15 @@ async def test_unknown_generation_rejects_not_found_without_reconnecting(
     outcome = rec["outcome"]
     assert not outcome["ok"], outcome
     assert outcome["isError"] and outcome["name"] == "GenerationError", outcome
-    assert outcome["code"] == "not_found"
-    assert outcome["status"] == 404
+    assert outcome["code"] == code
+    assert outcome["status"] == status
     assert outcome["terminal"] is False
     assert rec["readyState"] == 2, "the EventSource is not closed"
     handle = rec["handle"]
     assert handle["state"] == "error"
-    assert handle["error"]["code"] == "not_found"
+    assert handle["error"]["code"] == code
     assert handle["text"] == "" and handle["ids"] == []
-    assert rec["errors"] == [{**handle["error"], "status": 404, "terminal": False}]
+    assert rec["errors"] == [{**handle["error"], "status": status, "terminal": False}]
 
     # No reconnect storm: the browser's one attempt, the helper's one question, then quiet.
     def kinds() -> list[str]:

@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
+from tests.support.api import create, events_url
 from tests.support.fakellm import FakeLLM, prompt_of
-from tests.support.procs import BrokerProcess, wait_until
-from tests.support.sse import TERMINAL, Received
+from tests.support.procs import BrokerProcess, eventually, wait_until
+from tests.support.sse import TERMINAL, Received, read_events
 
 
 async def wait_worker_ready(d: Any, worker: BrokerProcess) -> None:
@@ -97,3 +98,40 @@ class Viewer:
     @property
     def events(self) -> list[Any]:
         return self.received.events
+
+
+async def until_messages(progress: list[Received], viewers: int, count: int) -> None:
+    """Wait until ``viewers`` streams (watched through ``progress``) have ``count`` messages."""
+
+    async def enough() -> bool:
+        return len(progress) == viewers and all(len(v.messages) >= count for v in progress)
+
+    await eventually(enough, 15, f"{viewers} viewers with {count} messages")
+
+
+def watch(http: httpx.AsyncClient, url: str, progress: list[Received]) -> asyncio.Task[Received]:
+    return asyncio.create_task(read_events(http, url, progress=progress))
+
+
+async def readyz(http: httpx.AsyncClient, edge: BrokerProcess) -> int:
+    return (await http.get(edge.url + "/readyz")).status_code
+
+
+async def wait_ready_status(http: httpx.AsyncClient, edge: BrokerProcess, code: int) -> None:
+    async def reached() -> bool:
+        return await readyz(http, edge) == code
+
+    await eventually(reached, 15, f"/readyz {code}")
+
+
+async def viewers_mid_stream(
+    http: httpx.AsyncClient, d: Any, prompt: str, count: int, messages: int
+) -> tuple[str, list[asyncio.Task[Received]], list[Received]]:
+    """Create a generation and ``count`` viewers of it spread over ``d``'s edges; return once
+    each has ``messages`` messages: (the id, the viewers' tasks, their progress)."""
+    gen_id = await create(http, d.edges[0].url, prompt)
+    progress: list[Received] = []
+    viewers = [watch(http, events_url(d.edges[i % len(d.edges)].url, gen_id), progress)
+               for i in range(count)]
+    await until_messages(progress, count, messages)
+    return gen_id, viewers, progress

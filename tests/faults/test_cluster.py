@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from broker import protocol
-from tests.faults.test_redis import until_messages, wait_ready_status, watch
+from tests.faults.helpers import viewers_mid_stream, wait_ready_status, watch
 from tests.support.api import create, events_url, status, unique
 from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
@@ -97,11 +97,7 @@ async def test_slot_moved_mid_stream_loses_nothing(
     cluster: RedisClusterServers = d.redis
     prompt = fake_llm.script(unique("moved"), ANSWER, delay=0.01)
     async with httpx.AsyncClient(timeout=60) as http:
-        gen_id = await create(http, d.edges[0].url, prompt)
-        progress: list[Received] = []
-        viewers = [watch(http, events_url(d.edges[i % 2].url, gen_id), progress)
-                   for i in range(4)]
-        await until_messages(progress, 4, 3)
+        gen_id, viewers, progress = await viewers_mid_stream(http, d, prompt, 4, messages=3)
 
         source = cluster.node_of(protocol.meta_key(gen_id))
         target = next(n for n in cluster.live_nodes() if n is not source)
@@ -131,11 +127,7 @@ async def test_master_killed_its_replica_takes_over(
     cluster: RedisClusterServers = d.redis
     prompt = fake_llm.script(unique("failover"), ANSWER, delay=0.01)
     async with httpx.AsyncClient(timeout=60) as http:
-        gen_id = await create(http, d.edges[0].url, prompt)
-        progress: list[Received] = []
-        viewers = [watch(http, events_url(d.edges[i % 2].url, gen_id), progress)
-                   for i in range(4)]
-        await until_messages(progress, 4, 3)
+        gen_id, viewers, _ = await viewers_mid_stream(http, d, prompt, 4, messages=3)
 
         master = cluster.node_of(protocol.meta_key(gen_id))
         killed_at = time.monotonic()

@@ -10,39 +10,16 @@ import httpx
 import pytest
 
 from broker import protocol
+from tests.faults.helpers import until_messages, viewers_mid_stream, wait_ready_status, watch
 from tests.support.api import assert_error_body, create, events_url, status, unique
 from tests.support.fakellm import FakeLLM
-from tests.support.procs import BrokerProcess, eventually, wait_until
-from tests.support.sse import Received, read_events
+from tests.support.procs import BrokerProcess, wait_until
+from tests.support.sse import Received
 
 ANSWER = "".join(
     f"Sentence {i} of the answer, with 3.14 and 你好。 And an emoji 🎉.\r\n" for i in range(60)
 )
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
-
-
-async def until_messages(progress: list[Received], viewers: int, count: int) -> None:
-    """Wait until ``viewers`` streams (watched through ``progress``) have ``count`` messages."""
-
-    async def enough() -> bool:
-        return len(progress) == viewers and all(len(v.messages) >= count for v in progress)
-
-    await eventually(enough, 15, f"{viewers} viewers with {count} messages")
-
-
-def watch(http: httpx.AsyncClient, url: str, progress: list[Received]) -> asyncio.Task[Received]:
-    return asyncio.create_task(read_events(http, url, progress=progress))
-
-
-async def readyz(http: httpx.AsyncClient, edge: BrokerProcess) -> int:
-    return (await http.get(edge.url + "/readyz")).status_code
-
-
-async def wait_ready_status(http: httpx.AsyncClient, edge: BrokerProcess, code: int) -> None:
-    async def reached() -> bool:
-        return await readyz(http, edge) == code
-
-    await eventually(reached, 15, f"/readyz {code}")
 
 
 async def test_redis_restart_with_aof_loses_nothing(
@@ -51,11 +28,7 @@ async def test_redis_restart_with_aof_loses_nothing(
     d = deploy(edges=2, workers=1, redis_args=AOF)
     prompt = fake_llm.script(unique("aof"), ANSWER, delay=0.01)
     async with httpx.AsyncClient(timeout=60) as http:
-        gen_id = await create(http, d.edges[0].url, prompt)
-        progress: list[Received] = []
-        viewers = [watch(http, events_url(d.edges[i % 2].url, gen_id), progress)
-                   for i in range(4)]
-        await until_messages(progress, 4, 2)
+        gen_id, viewers, _ = await viewers_mid_stream(http, d, prompt, 4, messages=2)
 
         d.redis.kill()
         down_at = time.monotonic()
