@@ -225,6 +225,7 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._rebalancing = asyncio.Lock()
+        self._rebalance_again = False
         self._id = uuid.uuid4().hex
         self.probe_interval = probe_interval
         self.probe_timeout = 3 * probe_interval
@@ -329,33 +330,40 @@ class Hub:
         probes) to the master that serves it. A moved channel is subscribed anew, and its
         confirmation makes its topic catch up from the log."""
         cluster = self.cluster
-        if cluster is None or self._rebalancing.locked():
+        if cluster is None:
+            return
+        if self._rebalancing.locked():
+            self._rebalance_again = True  # the running one may have read the map too early
             return
         async with self._rebalancing:
-            try:
-                await cluster.nodes_manager.initialize()
-            except (RedisError, OSError) as e:
-                log.warning("could not refresh the cluster's slot map (%s)", e)
-                return
-            primaries = {node.name: node for node in cluster.get_primaries()}
-            for shard in list(self.shards.values()):
-                if shard.name not in primaries or (
-                    shard.probe_channel != self._probe_channel_on(shard.name)
-                ):
-                    # Not a master any more, or its probe slot moved: start it over elsewhere.
-                    await self._drop_shard(shard)
-            for name, node in primaries.items():
-                if name not in self.shards and any(
-                    owners and owners[0].name == name
-                    for owners in cluster.nodes_manager.slots_cache.values()
-                ):
-                    self._add_node_shard(name, node.host, node.port)
-            for channel, shard in list(self._shard_of.items()):
-                target = self._route(channel)
-                if target is not shard or shard.retired:
-                    await shard.unsubscribe(channel)
-                    self._shard_of[channel] = target
-                    await target.subscribe(channel)
+            self._rebalance_again = True
+            while self._rebalance_again:
+                self._rebalance_again = False
+                try:
+                    await cluster.nodes_manager.initialize()
+                except (RedisError, OSError) as e:
+                    log.warning("could not refresh the cluster's slot map (%s)", e)
+                    return
+                await self._follow_slot_map(cluster)
+
+    async def _follow_slot_map(self, cluster: aioredis.RedisCluster) -> None:
+        slots = cluster.nodes_manager.slots_cache
+        serving = {owners[0].name: owners[0] for owners in slots.values() if owners}
+        for shard in list(self.shards.values()):
+            if shard.name not in serving or shard.probe_channel != self._probe_channel_on(
+                shard.name
+            ):
+                # Not a master with slots any more, or its probe slot moved: start over.
+                await self._drop_shard(shard)
+        for name, node in serving.items():
+            if name not in self.shards:
+                self._add_node_shard(name, node.host, node.port)
+        for channel, shard in list(self._shard_of.items()):
+            target = self._route(channel)
+            if target is not shard or shard.retired:
+                await shard.unsubscribe(channel)
+                self._shard_of[channel] = target
+                await target.subscribe(channel)
 
     # -- topics ----------------------------------------------------------------------------
 
