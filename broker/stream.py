@@ -25,10 +25,6 @@ SSE_HEADERS = [
 ]
 
 
-class SendTimeout(Exception):
-    """A write to the viewer blocked longer than the send timeout: it reads too slowly."""
-
-
 class EventStream:
     """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``."""
 
@@ -48,13 +44,21 @@ class EventStream:
         # connection lives forever (tokens are checked again, load rebalances).
         self.deadline = time.monotonic() + max_seconds
         self._client_gone = False
+        # Set while a write is in flight. A write returns at once unless the socket's buffer is
+        # full, so rather than a timer around every write (once half the edge's CPU), the hub
+        # looks at this now and then and closes viewers blocked past the send timeout.
+        self._sending_since: float | None = None
+        self._last_write = time.monotonic()
+        self._too_slow = False
+        self._relay_task: asyncio.Task[object] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.current_task()
         assert relay is not None
+        self._relay_task = relay
         watcher = asyncio.create_task(self._watch_disconnect(receive, relay))
         self.metrics.viewers.inc()
-        self.hub.streams += 1
+        self.hub.open_streams.add(self)
         try:
             async with self.hub.watch(self.gen_id) as topic:
                 changed = topic.changed()
@@ -72,15 +76,15 @@ class EventStream:
                 await self._relay(topic, send, frames, changed)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not self._client_gone:
+            if not (self._client_gone or self._too_slow):
                 raise
-            relay.uncancel()  # the client left: a normal end of this response, not a shutdown
-        except SendTimeout:
-            self.metrics.slow_viewers_closed.inc()
-            log.info("closing a slow viewer of %s at event %d", self.gen_id, self.position)
+            relay.uncancel()  # the client left or was too slow: not a shutdown
+            if self._too_slow:
+                self.metrics.slow_viewers_closed.inc()
+                log.info("closing a slow viewer of %s at event %d", self.gen_id, self.position)
         finally:
             self.metrics.viewers.dec()
-            self.hub.streams -= 1
+            self.hub.open_streams.discard(self)
             watcher.cancel()
 
     async def _relay(
@@ -104,13 +108,12 @@ class EventStream:
                 caught_up = False
             else:
                 caught_up = True
-                left = self.deadline - time.monotonic()
-                try:
-                    async with asyncio.timeout(min(self.keepalive, max(0.0, left))):
-                        await changed.wait()
-                except TimeoutError:
-                    if left > self.keepalive:
-                        await self._send(send, sse.comment("keepalive"))
+                # No timer per wait: the hub wakes quiet topics a few times per keepalive
+                # interval, and whoever has written nothing for that long sends a comment.
+                await changed.wait()
+                now = time.monotonic()
+                if now < self.deadline and now - self._last_write >= self.keepalive:
+                    await self._send(send, sse.comment("keepalive"))
             if self.hub.closing or time.monotonic() >= self.deadline:
                 return
             changed = topic.changed()  # taken before looking, so no change slips between
@@ -139,11 +142,19 @@ class EventStream:
         return frames
 
     async def _send(self, send: Send, body: bytes) -> None:
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-        except TimeoutError as e:
-            raise SendTimeout from e
+        self._sending_since = time.monotonic()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        self._sending_since = None
+        self._last_write = time.monotonic()
+
+    def close_if_blocked(self, now: float) -> None:
+        """Called by the hub's watch: a write blocked past the send timeout ends this stream
+        (the viewer resumes from the log when it catches up)."""
+        since = self._sending_since
+        if since is not None and now - since > self.send_timeout and not self._too_slow:
+            self._too_slow = True
+            if self._relay_task is not None:
+                self._relay_task.cancel()
 
     async def _watch_disconnect(self, receive: Receive, relay: asyncio.Task[object]) -> None:
         while True:

@@ -159,6 +159,12 @@ class Topic:
         self.read_to = None  # messages may have been missed since that read
         self._notify()
 
+    def wake(self) -> None:
+        """Wake the viewers without a change (they check their keepalive and deadline); the
+        topic still counts as quiet for the audit."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     def _notify(self) -> None:
         self.last_change = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
