@@ -17,9 +17,10 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from broker import protocol
 from broker.backoff import Backoff
@@ -30,6 +31,13 @@ from broker.topic import Topic, to_frame
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT = 5.0
+# What a shard's own connection to a master takes from the cluster client's settings.
+_NODE_CONNECTION_OPTIONS = {
+    "username", "password", "credential_provider", "client_name", "socket_timeout",
+    "socket_connect_timeout", "socket_keepalive", "socket_keepalive_options",
+    "health_check_interval",
+}
+SEND_WATCH_INTERVAL = 0.5
 
 
 class Shard:
@@ -70,8 +78,8 @@ class Shard:
             return  # retired from its own reader (see ``Hub.rebalance``): the loop ends itself
         if self._reader is not None:
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader  # its failure, if any, was logged where it happened
             self._reader = None
 
     async def restart(self) -> None:
@@ -89,7 +97,8 @@ class Shard:
         try:
             await self._subscribe(pubsub, channel)
         except (RedisError, OSError):
-            self._unconfirmed[channel] -= 1  # the reader reconnects and subscribes it then
+            # The reader reconnects and subscribes it then (and may have cleared the count).
+            self._unconfirmed[channel] = max(0, self._unconfirmed.get(channel, 0) - 1)
 
     async def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
@@ -112,8 +121,7 @@ class Shard:
         for same_slot in by_slot.values():
             await pubsub.ssubscribe(*same_slot)
 
-    async def probe(self, now: float) -> None:
-        metrics = self.hub.metrics
+    async def publish_probe(self, now: float) -> None:
         try:
             if self.sharded:
                 await self.client.execute_command("SPUBLISH", self.probe_channel, str(now))
@@ -122,10 +130,14 @@ class Shard:
             if self._unseen_since is None:
                 self._unseen_since = now
         except (RedisError, OSError):
-            metrics.redis_errors.labels("probe").inc()
+            self.hub.metrics.redis_errors.labels("probe").inc()
+
+    async def restart_if_stalled(self, now: float) -> None:
+        """Probes published and none seen back for a probe timeout: the connection is up but
+        silently stopped delivering. Replace it."""
         if self._unseen_since is not None and now - self._unseen_since > self.hub.probe_timeout:
             log.warning("pub/sub connection to %s stopped delivering; resubscribing", self.name)
-            metrics.pubsub_stalls.inc()
+            self.hub.metrics.pubsub_stalls.inc()
             self._unseen_since = None
             await self.restart()
 
@@ -164,7 +176,8 @@ class Shard:
             await backoff.sleep()
             if self.sharded:
                 # The master may be gone (failed over): find out who serves these slots now.
-                await self.hub.rebalance()
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                    await self.hub.rebalance()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -204,7 +217,7 @@ class Shard:
         elif kind == "sunsubscribe" and channel in self.channels:
             # Unasked: the master no longer serves this channel's slot (it moved, or the node
             # became a replica). Find the new owner and subscribe there.
-            hub.rebalance_soon()
+            hub.channel_dropped(channel)
 
 
 class Hub:
@@ -219,12 +232,15 @@ class Hub:
         self.window = window
         self.audit_interval = audit_interval
         self.topics: dict[str, Topic] = {}
-        self.streams = 0  # open SSE responses on this edge (``BROKER_MAX_VIEWERS`` bounds it)
+        # Open SSE responses on this edge (``BROKER_MAX_VIEWERS`` bounds them); each has a
+        # ``close_if_blocked(now)`` that the send watch calls.
+        self.open_streams: set[Any] = set()
         self.shards: dict[str, Shard] = {}
         self._shard_of: dict[str, Shard] = {}  # channel -> the shard it is subscribed on
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._rebalancing = asyncio.Lock()
+        self._dropped: set[str] = set()  # channels a master unsubscribed us from (slot moved)
         self._rebalance_again = False
         self._id = uuid.uuid4().hex
         self.probe_interval = probe_interval
@@ -258,6 +274,8 @@ class Hub:
         self._tasks = [
             asyncio.create_task(self._audit_forever(self.audit_interval), name="hub-audit"),
             asyncio.create_task(self._probe_forever(), name="hub-probe"),
+            asyncio.create_task(self._watch_sends_forever(), name="hub-send-watch"),
+            asyncio.create_task(self._wake_quiet_topics_forever(), name="hub-wake"),
         ]
 
     async def stop(self) -> None:
@@ -292,21 +310,25 @@ class Hub:
         cluster = self.cluster
         if cluster is None:
             return self.shards["redis"]
-        node = cluster.get_node_from_key(channel)
+        try:
+            node = cluster.get_node_from_key(channel)
+        except RedisClusterException as e:  # the slot is not covered (mid-failover)
+            raise RedisConnectionError(f"no master serves {channel} now") from e
         return self.shards.get(node.name) or self._add_node_shard(node.name, node.host, node.port)
 
     def _add_node_shard(self, name: str, host: str, port: int) -> Shard:
         cluster = self.cluster
         assert cluster is not None
         kwargs = cluster.get_connection_kwargs()
-        # Two connections: the subscription, and the probes published to it.
-        client = aioredis.Redis(
-            host=host, port=int(port), max_connections=2,
-            socket_connect_timeout=kwargs.get("socket_connect_timeout"),
-            socket_keepalive=True, health_check_interval=15,
-            client_name=kwargs.get("client_name"), username=kwargs.get("username"),
-            password=kwargs.get("password"),
+        # The cluster's own connection settings (TLS, credentials, timeouts, name), with two
+        # connections: the subscription, and the probes published to it.
+        options = {k: v for k, v in kwargs.items()
+                   if k in _NODE_CONNECTION_OPTIONS or (k.startswith("ssl_") and v is not None)}
+        pool = aioredis.ConnectionPool(
+            connection_class=kwargs.get("connection_class", Connection), host=host,
+            port=int(port), max_connections=2, **options,
         )
+        client = aioredis.Redis(connection_pool=pool)
         probe = self._probe_channel_on(name)
         return self._add_shard(name, client, sharded=True, probe_channel=probe)
 
@@ -322,8 +344,23 @@ class Hub:
                 return channel
         raise RuntimeError(f"no slot of {node_name} found for a probe channel")
 
+    def channel_dropped(self, channel: str) -> None:
+        self._dropped.add(channel)
+        self.rebalance_soon()
+
     def rebalance_soon(self) -> None:
-        self._in_background(self.rebalance())
+        self._in_background(self._rebalance_until_done())
+
+    async def _rebalance_until_done(self) -> None:
+        """A slot moved away from a shard: keep trying until the hub follows the new map (an
+        unasked ``sunsubscribe`` comes once; nothing else would ask again)."""
+        backoff = Backoff()
+        while True:
+            try:
+                await self.rebalance()
+                return
+            except (RedisError, RedisClusterException, OSError):
+                await backoff.sleep()
 
     async def rebalance(self) -> None:
         """Cluster only: learn who serves which slot now, and move every channel (and the
@@ -341,10 +378,11 @@ class Hub:
                 self._rebalance_again = False
                 try:
                     await cluster.nodes_manager.initialize()
-                except (RedisError, OSError) as e:
-                    log.warning("could not refresh the cluster's slot map (%s)", e)
-                    return
-                await self._follow_slot_map(cluster)
+                    await self._follow_slot_map(cluster)
+                except (RedisError, RedisClusterException, OSError) as e:
+                    # Retried: by the failing shard's reader, or by rebalance_soon.
+                    log.warning("could not follow the cluster's slot map (%s)", e)
+                    raise
 
     async def _follow_slot_map(self, cluster: aioredis.RedisCluster) -> None:
         slots = cluster.nodes_manager.slots_cache
@@ -358,11 +396,16 @@ class Hub:
         for name, node in serving.items():
             if name not in self.shards:
                 self._add_node_shard(name, node.host, node.port)
+        dropped, self._dropped = self._dropped, set()
         for channel, shard in list(self._shard_of.items()):
+            if self._shard_of.get(channel) is not shard:
+                continue  # its last viewer left (or it moved) during an await of this loop
             target = self._route(channel)
-            if target is not shard or shard.retired:
-                await shard.unsubscribe(channel)
+            if target is not shard or shard.retired or channel in dropped:
+                # Moved, or dropped by the server even if the map still names the same node:
+                # subscribe it (again) where it belongs; the confirmation resyncs its topic.
                 self._shard_of[channel] = target
+                await shard.unsubscribe(channel)
                 await target.subscribe(channel)
 
     # -- topics ----------------------------------------------------------------------------
@@ -412,10 +455,42 @@ class Hub:
     async def _probe_forever(self) -> None:
         while True:
             now = time.monotonic()
-            for shard in list(self.shards.values()):
-                await shard.probe(now)
+            # All at once and bounded: a blackholed master must not delay the others' probes.
+            await asyncio.gather(*(self._probe(shard, now) for shard in list(self.shards.values())))
             self.metrics.readiness.set(1 if self.ready() else 0)
             await asyncio.sleep(self.probe_interval)
+
+    @property
+    def streams(self) -> int:
+        return len(self.open_streams)
+
+    async def _watch_sends_forever(self) -> None:
+        """Close viewers whose writes stay blocked past the send timeout (slow readers)."""
+        while True:
+            await asyncio.sleep(SEND_WATCH_INTERVAL)
+            now = time.monotonic()
+            for stream in list(self.open_streams):
+                stream.close_if_blocked(now)
+
+    async def _probe(self, shard: Shard, now: float) -> None:
+        try:
+            async with asyncio.timeout(self.probe_interval):
+                await shard.publish_probe(now)
+        except TimeoutError:
+            self.metrics.redis_errors.labels("probe").inc()
+        await shard.restart_if_stalled(now)
+
+    async def _wake_quiet_topics_forever(self) -> None:
+        """Viewers wait on their topic with no timer of their own; quiet topics are woken
+        four times per keepalive interval (the audit interval is the edge's keepalive), so a
+        keepalive comment is at most 1.25 intervals late."""
+        tick = self.audit_interval / 4
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for topic in list(self.topics.values()):
+                if now - topic.last_change >= tick:
+                    topic.wake()
 
     async def _audit_forever(self, interval: float) -> None:
         """Resync topics idle for ``interval``: a missed last event must not leave them hanging."""
