@@ -108,6 +108,10 @@ def _credentials(settings: Settings, dev: bool) -> tuple[ApiKeys, ViewerTokens]:
             "and watch generations. Set them (see docs/security.md), or pass --insecure "
             "(BROKER_INSECURE=1) to run open on a trusted network."
         )
+    if viewer_tokens.enabled and settings.viewer_token_ttl <= settings.max_stream_seconds:
+        log.warning("BROKER_VIEWER_TOKEN_TTL (%gs) is not longer than BROKER_MAX_STREAM_SECONDS "
+                    "(%gs): a stream cut at its maximum duration cannot resume with its token",
+                    settings.viewer_token_ttl, settings.max_stream_seconds)
     if not api_keys.enabled:
         log.warning("INSECURE: no API keys: anyone who reaches this edge may create, read and "
                     "cancel generations")

@@ -141,7 +141,8 @@ class Settings:
         "viewer-token signing keys, comma-separated: the first signs, all verify", "edge dev",
     )
     viewer_token_ttl: float = _setting(
-        3600.0, "BROKER_VIEWER_TOKEN_TTL", "seconds a viewer token in `events_url` stays valid",
+        86400.0, "BROKER_VIEWER_TOKEN_TTL", "seconds a viewer token in `events_url` stays "
+        "valid (longer than a stream may be watched, resumes included)",
         "edge dev",
     )
     cors_origins: str = _setting(

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -93,6 +93,10 @@ class WaitingRedisCluster(aioredis.RedisCluster):
             # during a failover); a command in flight on another task then fails on a closed
             # transport with these instead of a ConnectionError. Callers retry ConnectionErrors.
             raise RedisConnectionError(f"the connection closed under the command: {e!r}") from e
+        except RedisClusterException as e:
+            # Not a RedisError: no node reachable, a slot not covered. For the callers this is
+            # Redis being unavailable (a JSON 503 at the edge, a retry in the worker).
+            raise RedisConnectionError(f"the cluster is unavailable: {e}") from e
         finally:
             self._in_flight.release()
 

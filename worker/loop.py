@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from broker import logs, protocol
 from broker.backoff import Backoff
@@ -119,7 +119,11 @@ class Worker:
             status = await self.store.claim(gen_id, self.name, lease_until)
             if job.get("producer"):
                 # Taken (or never to run): it no longer counts against its producer's quota.
-                await self.store.release_queue_slot(job["producer"], gen_id)
+                # A failure here must not stop the run: a stale entry ages out of the quota.
+                try:
+                    await self.store.release_queue_slot(job["producer"], gen_id)
+                except (RedisError, OSError):
+                    self.metrics.redis_errors.labels("quota").inc()
             if status == "ok":
                 await self._run_generation(gen_id, entry, job)
             else:
@@ -221,7 +225,7 @@ class Worker:
                         run = self.running.get(data.decode() if isinstance(data, bytes) else data)
                         if run is not None:
                             run.cancel_requested.set()
-            except (RedisError, OSError):
+            except (RedisError, RedisClusterException, OSError):
                 self.metrics.redis_errors.labels("cancel_listener").inc()
             finally:
                 with contextlib.suppress(RedisError, OSError):
