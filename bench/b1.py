@@ -157,7 +157,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
             out = group.log_dir / f"loadgen{i}.json"
             loadgens.append(await group.start(Proc(f"loadgen{i}", [
                 sys.executable, "-m", "bench.loadgen", "--port", edge_url.rsplit(":", 1)[1],
-                "--gen-id", gen_id, "--viewers", str(n), "--first-index", str(first),
+                # One argument with "=": an id may start with "-", which argparse would take
+                # for an option.
+                f"--gen-id={gen_id}", "--viewers", str(n), "--first-index", str(first),
                 "--messages", str(args.messages), "--out", str(out),
                 "--connect-timeout", str(args.connect_timeout),
                 "--run-timeout", str(run_budget),
