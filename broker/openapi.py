@@ -62,7 +62,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "properties": {
             "messages": {"type": "array", "items": message, "minItems": 1,
                          "maxItems": settings.max_messages},
-            "model": {"type": "string", "minLength": 1},
+            "model": {"type": "string", "pattern": "\\S"},
             "n": {"const": 1},
         },
         "additionalProperties": True,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from broker import protocol
 from broker.errors import ApiError
+
+# A usable model name has a non-space character (the same rule as the OpenAPI `pattern`).
+_NOT_BLANK = re.compile(r"\S")
 
 # Fields the broker owns: it always streams, with usage, one choice.
 _BROKER_FIELDS = ("stream", "stream_options")
@@ -23,11 +27,18 @@ def parse_create_body(
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
     if not isinstance(request, dict):
         raise ApiError(422, "invalid_request", "request body must be a JSON object")
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text (the job,
+        # the LLM request) can carry: refuse it here rather than fail later (the fuzz found it).
+        json.dumps(request, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ApiError(400, "invalid_json", "request body has an unpaired UTF-16 surrogate "
+                       f"escape at {e.start}") from e
     _check_messages(request.get("messages"), max_messages, max_content_chars)
     model = request.get("model", default_model)
     if model is None:
         model = default_model
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str) or not _NOT_BLANK.search(model):
         raise ApiError(422, "invalid_request", "'model' must be a non-empty string")
     n = request.get("n", 1)
     if n != 1:

@@ -7,10 +7,17 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, free_port
+
+# The suite is deterministic: hypothesis draws the same examples every run (CI must not fail
+# on a new draw). To hunt for new failures, run with `--hypothesis-profile=explore`.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile("deterministic")
 
 
 @pytest.fixture(scope="session")

@@ -253,3 +253,20 @@ def test_any_create_body_is_accepted_or_refused_with_a_4xx(body: str | bytes) ->
     assert all(isinstance(m["content"], str) and len(m["content"]) <= 50
                for m in request["messages"])
     assert "stream" not in request and "stream_options" not in request
+
+
+@pytest.mark.parametrize("escaped", ['"\\ud800"', '"a\\udbf3b"', '"\\udc00\\ud800"'])
+@pytest.mark.parametrize("where", ["content", "role", "extra"])
+def test_unpaired_surrogates_are_refused_not_crashed_on(escaped: str, where: str) -> None:
+    role = escaped if where == "role" else '"user"'
+    content = escaped if where == "content" else '"hi"'
+    extra = f', "user": {escaped}' if where == "extra" else ""
+    body = f'{{"messages": [{{"role": {role}, "content": {content}}}]{extra}}}'.encode()
+    with pytest.raises(ApiError) as e:
+        parse_create_body(body, DEFAULT_MODEL)
+    assert (e.value.status, e.value.code) == (400, "invalid_json")
+
+
+def test_paired_surrogate_escapes_are_fine() -> None:
+    body = b'{"messages": [{"role": "user", "content": "\\ud83c\\udf89 party"}]}'
+    assert parse_create_body(body, DEFAULT_MODEL)["messages"][0]["content"] == "\U0001f389 party"
