@@ -147,6 +147,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         (gen_id,) = await publisher.expect("ready", 30)
 
         # Connect phase: every viewer connected and subscribed before anything is published.
+        rss_idle_kb = status_kb(edge.pid, "VmRSS")
         calls_0 = command_calls(await redis.info("commandstats"))
         edge_cpu_0 = cpu_seconds(edge.pid)
         t_connect = time.monotonic()
@@ -174,6 +175,8 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
                     raise BenchError(f"{impl} edge reports {seen} viewers, expected {viewers}")
                 await asyncio.sleep(0.1)
         connect_s = time.monotonic() - t_connect
+        # What the viewers cost the edge while connected and idle (B3 reads this).
+        rss_connected_kb = status_kb(edge.pid, "VmRSS")
 
         clients = await redis.client_list()
         edge_conns = sum(1 for c in clients if c.get("name", "").startswith(EDGE_CLIENT_NAMES))
@@ -247,6 +250,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
             "channel_subscribers": channel_subs,
             "loadgen_cpu_s": round(lg_cpu_2 - lg_cpu_1, 3),
             "connect_s": round(connect_s, 2),
+            "edge_rss_before_connect_mb": round(rss_idle_kb / 1024, 1),
+            "edge_rss_connected_mb": round(rss_connected_kb / 1024, 1),
+            "edge_rss_kb_per_idle_viewer": round((rss_connected_kb - rss_idle_kb) / viewers, 2),
         }
     finally:
         if rss is not None:
