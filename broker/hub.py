@@ -249,8 +249,7 @@ class Hub:
 
     @property
     def cluster(self) -> aioredis.RedisCluster | None:
-        redis = self.store.redis
-        return redis if isinstance(redis, aioredis.RedisCluster) else None
+        return self.store.redis if self.store.cluster else None  # type: ignore[return-value]
 
     def ready(self) -> bool:
         """True while probes make the round trip on every shard: Redis is reachable AND

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
+from broker import protocol
 from tests.support.api import create, events_url
 from tests.support.fakellm import FakeLLM, prompt_of
 from tests.support.procs import BrokerProcess, eventually, wait_until
@@ -122,6 +123,14 @@ async def wait_ready_status(http: httpx.AsyncClient, edge: BrokerProcess, code: 
         return await readyz(http, edge) == code
 
     await eventually(reached, 15, f"/readyz {code}")
+
+
+def assert_exact_once(got: Received, expected: str) -> None:
+    """Ended with ``end`` after exactly the text, ids 1..n: none missing, none repeated."""
+    assert got.terminal is not None and got.terminal.event == "end", got.terminal
+    assert got.text == expected
+    ids = [protocol.parse_event_id(i) for i in got.ids]
+    assert ids == list(range(1, len(ids) + 1))
 
 
 async def viewers_mid_stream(

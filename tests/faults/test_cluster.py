@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from broker import protocol
-from tests.faults.helpers import viewers_mid_stream, wait_ready_status, watch
-from tests.support.api import create, events_url, status, unique
+from tests.faults.helpers import assert_exact_once, viewers_mid_stream, wait_ready_status, watch
+from tests.support.api import create, events_url, metric, status, unique
 from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import wait_until
@@ -19,17 +19,6 @@ from tests.support.sse import Received
 
 ANSWER = "".join(f"Sentence {i} of a clustered answer, with 2.5 and 你好。\n" for i in range(80))
 JOB_SHARDS = 6
-
-
-def counter(metrics: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
-
-
-def assert_exact_once(got: Received, expected: str) -> None:
-    assert got.terminal is not None and got.terminal.event == "end", got.terminal
-    assert got.text == expected
-    ids = [protocol.parse_event_id(i) for i in got.ids]
-    assert ids == list(range(1, len(ids) + 1))
 
 
 async def test_generations_travel_sharded_and_jobs_spread_over_nodes(
@@ -114,7 +103,7 @@ async def test_slot_moved_mid_stream_loses_nothing(
         assert_exact_once(got, ANSWER)
     # Each edge was told its subscription moved, subscribed on the new master and caught up.
     for text in metrics:
-        assert counter(text, "broker_pubsub_resubscribes_total") >= 1
+        assert metric(text, "broker_pubsub_resubscribes_total") >= 1
     assert cluster.node_of(protocol.live_channel(gen_id)) is target
     record_property("seconds_to_terminal", round(elapsed, 2))
     print(f"slot moved mid-stream: 4 viewers had the exact text {elapsed:.2f}s after the move")

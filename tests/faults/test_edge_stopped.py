@@ -10,17 +10,12 @@ import httpx
 import pytest
 
 from broker.client import Follower
-from tests.support.api import create, events_url, unique
+from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import FakeLLM
 from tests.support.haproxy import HAProxy
 from tests.support.procs import eventually
 
 ANSWER = "".join(f"Sentence {i} keeps the answer going for a while. " for i in range(80))
-
-
-def viewers_on(text: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith("broker_viewers "))
 
 
 async def test_sigterm_on_an_edge_moves_its_viewers_without_loss(
@@ -45,7 +40,8 @@ async def test_sigterm_on_an_edge_moves_its_viewers_without_loss(
                                                                           strict=True)]
             await eventually(lambda: asyncio.sleep(0, all(len(t) >= 2 for t in texts)), 15,
                              "every viewer to have two messages")
-            counts = [viewers_on((await http.get(e.url + "/metrics")).text) for e in d.edges]
+            counts = [metric((await http.get(e.url + "/metrics")).text, "broker_viewers ")
+                      for e in d.edges]
             victim = d.edges[counts.index(max(counts))]
 
             victim.signal(signal.SIGTERM)

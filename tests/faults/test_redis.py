@@ -9,9 +9,14 @@ import time
 import httpx
 import pytest
 
-from broker import protocol
-from tests.faults.helpers import until_messages, viewers_mid_stream, wait_ready_status, watch
-from tests.support.api import assert_error_body, create, events_url, status, unique
+from tests.faults.helpers import (
+    assert_exact_once,
+    until_messages,
+    viewers_mid_stream,
+    wait_ready_status,
+    watch,
+)
+from tests.support.api import assert_error_body, create, events_url, metric, status, unique
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, wait_until
 from tests.support.sse import Received
@@ -41,10 +46,8 @@ async def test_redis_restart_with_aof_loses_nothing(
             await wait_ready_status(http, edge, 200)
 
         for got in results:
-            assert got.text == ANSWER
+            assert_exact_once(got, ANSWER)
             assert got.terminal_data()["finish_reason"] == "stop"
-            ids = [protocol.parse_event_id(i) for i in got.ids]
-            assert ids == list(range(1, len(ids) + 1))  # none missing, none repeated
         assert (await status(http, d.edges[1].url, gen_id))["text"] == ANSWER
     record_property("seconds_to_terminal", round(elapsed, 2))
     print(f"Redis restart (AOF): every viewer had the exact text {elapsed:.2f}s after the kill")
@@ -118,13 +121,9 @@ async def test_pubsub_overflow_drops_the_subscriber_and_the_log_fills_the_gap(
         elapsed = time.monotonic() - dropped_at
 
         for got in results:
-            assert got.text == expected
-            ids = [protocol.parse_event_id(i) for i in got.ids]
-            assert ids == list(range(1, len(ids) + 1))
+            assert_exact_once(got, expected)
         metrics = (await http.get(edge.url + "/metrics")).text
-        resubscribes = [line for line in metrics.splitlines()
-                        if line.startswith("broker_pubsub_resubscribes_total")]
-        assert resubscribes and float(resubscribes[0].split()[-1]) >= 1
+        assert metric(metrics, "broker_pubsub_resubscribes_total") >= 1
         now = subscriber_of(d, edge)
         assert now is not None and now["id"] != original["id"]
     record_property("seconds_to_terminal", round(elapsed, 2))

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from broker.client import Follower
 from broker.protocol import meta_key, text_key
-from tests.support.api import create, events_url, unique
+from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import FakeLLM
 from tests.support.sse import read_events
 
@@ -27,10 +27,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 async def test_slow_viewer_is_bounded_and_delays_nobody(

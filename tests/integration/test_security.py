@@ -19,7 +19,7 @@ import pytest
 from broker import protocol
 from broker.client import Follower
 from tests.conftest import StartBroker
-from tests.support.api import assert_error_body, unique
+from tests.support.api import assert_error_body, metric, unique
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, eventually, free_port
 from tests.support.sse import read_events
@@ -216,9 +216,7 @@ async def test_viewers_past_the_edge_limit_get_503_with_retry_after(
 
 async def wait_for_streams(http: httpx.AsyncClient, edge: BrokerProcess, count: int) -> None:
     async def enough() -> bool:
-        metrics = (await http.get(edge.url + "/metrics")).text
-        return sum(float(line.split()[-1]) for line in metrics.splitlines()
-                   if line.startswith("broker_viewers ")) >= count
+        return metric((await http.get(edge.url + "/metrics")).text, "broker_viewers ") >= count
 
     await eventually(enough, 10, f"{count} open streams")
 

@@ -27,6 +27,12 @@ async def create(http: httpx.AsyncClient, base: str, prompt: str, **fields: obje
     return str(response.json()["id"])
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of the samples in Prometheus ``text`` whose line starts with ``name`` (0 if
+    none): one series, or every label set of it."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 def events_url(base: str, gen_id: str) -> str:
     return f"{base}/v1/generations/{gen_id}/events"
 
