@@ -190,7 +190,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         edge_cpu_1 = cpu_seconds(edge.pid)
         lg_cpu_1 = sum(cpu_seconds(lg.pid) for lg in loadgens)
         await publisher.send("go")
-        first_ns, published_ns = map(int, await publisher.expect("published", run_budget))
+        first_ns, published_ns = map(int, (await publisher.expect("published", run_budget))[:2])
         for lg in loadgens:
             await lg.expect("done", run_budget + 10)
         edge_cpu_2 = cpu_seconds(edge.pid)

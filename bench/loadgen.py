@@ -1,4 +1,4 @@
-"""The benchmark's load generator: N SSE viewers of one generation, as cheap as Python allows.
+"""The benchmark's load generator: N SSE viewers, as cheap as Python allows.
 
 Each viewer is an ``asyncio.Protocol`` on a raw socket (no HTTP client library): it sends a
 ``GET /v1/generations/{id}/events``, decodes the chunked body and the SSE frames itself, and
@@ -6,6 +6,14 @@ checks exactly-once, in-order delivery: ids 1..N as message events, then ``event
 id N+1, nothing else. Any other id (a loss, a duplicate, a reordering), a missing terminal or
 an early close is an error. Each message's text starts with ``t=<publish ns> s=<seq> ``, so
 each delivery yields a publish→receive latency (receive time: when its bytes were read).
+
+Viewers may watch several generations (``--gen-ids-file``: viewer i watches generation
+i // viewers-per-generation) on several edges (``--port 8001,8002``: viewer i connects to
+port i mod n, so each generation's viewers are spread over the edges), and may resume
+(``--last-event-id K``: sent as ``Last-Event-ID``; the stream must then start at K+1). With
+``--caught-up-at H`` each viewer records when it received event H (the log's head when it
+connected: from then on it is live) and only events after H count for latency (the ones
+before were published long ago).
 
 Protocol with the orchestrator (lines on stdout): ``ready`` once every viewer has its response
 headers (the edge answers after its subscription is in place), ``done`` once every viewer has
@@ -29,14 +37,17 @@ except ImportError:  # pragma: no cover - uvicorn[standard] brings it
     uvloop = None  # type: ignore[assignment]
 
 MAX_ERRORS_KEPT = 20
-CONNECTS_IN_FLIGHT = 64
 
 
 class Run:
     """What all viewers of this process share: expectations, latencies, errors."""
 
-    def __init__(self, messages: int) -> None:
+    def __init__(self, messages: int, caught_up_at: int = 0) -> None:
         self.messages = messages
+        self.caught_up_at = caught_up_at
+        self.caught_up = 0  # viewers that have received event ``caught_up_at``
+        self.last_caught_up_ns = 0
+        self.all_caught_up = asyncio.Event()
         self.latencies_ms = array("d")
         self.errors: list[str] = []
         self.error_count = 0
@@ -45,6 +56,7 @@ class Run:
         self.last_ns = 0
         self.all_done = asyncio.Event()
         self.viewers = 0
+        self.connect_start_ns = 0
 
     def fail(self, viewer: int, message: str) -> None:
         self.error_count += 1
@@ -58,7 +70,7 @@ class Run:
 
 
 class Viewer(asyncio.Protocol):
-    def __init__(self, run: Run, index: int, request: bytes) -> None:
+    def __init__(self, run: Run, index: int, request: bytes, first_seq: int = 1) -> None:
         self.run = run
         self.index = index
         self.request = request
@@ -69,7 +81,7 @@ class Viewer(asyncio.Protocol):
         self.in_body = False
         self.chunked = True
         self.chunk_left = 0  # bytes left in the current chunk, its CRLF included
-        self.next_seq = 1
+        self.next_seq = first_seq
         self.over = False
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -167,11 +179,18 @@ class Viewer(asyncio.Protocol):
             if not data.startswith(b'{"text":"t=') or b" s=%d " % seq not in data:
                 self._end(f"event {seq} carries someone else's data: {data[:60]!r}")
                 return
-            published = int(data[11 : data.index(b" ", 11)])
-            self.run.latencies_ms.append((now - published) / 1e6)
-            if self.run.first_ns == 0:
-                self.run.first_ns = now
-            self.run.last_ns = max(self.run.last_ns, now)
+            run = self.run
+            if seq > run.caught_up_at:
+                published = int(data[11 : data.index(b" ", 11)])
+                run.latencies_ms.append((now - published) / 1e6)
+                if run.first_ns == 0:
+                    run.first_ns = now
+                run.last_ns = max(run.last_ns, now)
+            elif seq == run.caught_up_at:
+                run.caught_up += 1
+                run.last_caught_up_ns = max(run.last_caught_up_ns, now)
+                if run.caught_up == run.viewers:
+                    run.all_caught_up.set()
             self.next_seq = seq + 1
         elif kind == b"end" and seq == expected == self.run.messages + 1:
             self._end(None)
@@ -189,36 +208,63 @@ class Viewer(asyncio.Protocol):
         self.run.viewer_over()
 
 
+def viewer_plan(args: argparse.Namespace) -> list[tuple[int, str, int]]:
+    """(global viewer index, generation id, port) of each viewer of this process."""
+    if args.gen_ids_file:
+        with open(args.gen_ids_file, encoding="ascii") as f:
+            gen_ids = f.read().split()
+    else:
+        gen_ids = [args.gen_id]
+    ports = [int(p) for p in str(args.port).split(",")]
+    plan = []
+    for index in range(args.first_index, args.first_index + args.viewers):
+        generation = index // args.viewers_per_gen
+        if generation >= len(gen_ids):
+            raise SystemExit(f"viewer {index} has no generation ({len(gen_ids)} given)")
+        plan.append((index, gen_ids[generation], ports[index % len(ports)]))
+    return plan
+
+
 async def open_viewers(args: argparse.Namespace, run: Run) -> list[Viewer]:
     loop = asyncio.get_running_loop()
-    path = f"/v1/generations/{args.gen_id}/events"
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
-        "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
-    ).encode()
-    gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
+    resume = f"Last-Event-ID: {args.last_event_id}\r\n" if args.last_event_id else ""
+    requests: dict[tuple[str, int], bytes] = {}
+    gate = asyncio.Semaphore(args.connects_in_flight)
     viewers: list[Viewer] = []
 
-    async def connect(index: int) -> None:
+    async def connect(index: int, gen_id: str, port: int) -> None:
+        request = requests.get((gen_id, port))
+        if request is None:
+            request = requests[gen_id, port] = (
+                f"GET /v1/generations/{gen_id}/events HTTP/1.1\r\n"
+                f"Host: {args.host}:{port}\r\n{resume}"
+                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+            ).encode()
         async with gate:
-            viewer = Viewer(run, args.first_index + index, request)
+            viewer = Viewer(run, index, request, first_seq=args.last_event_id + 1)
             viewers.append(viewer)
-            await loop.create_connection(lambda: viewer, args.host, args.port)
+            await loop.create_connection(lambda: viewer, args.host, port)
             await viewer.headers
 
-    run.viewers = args.viewers
+    plan = viewer_plan(args)
+    run.viewers = len(plan)
+    run.connect_start_ns = time.time_ns()
     async with asyncio.timeout(args.connect_timeout):
-        await asyncio.gather(*(connect(i) for i in range(args.viewers)))
+        await asyncio.gather(*(connect(*viewer) for viewer in plan))
     return viewers
 
 
 async def run_viewers(args: argparse.Namespace) -> Run:
     """Open every viewer, say ``ready``, then wait (bounded) until each has finished."""
-    run = Run(args.messages)
+    run = Run(args.messages, args.caught_up_at)
     viewers: list[Viewer] = []
     try:
         viewers = await open_viewers(args, run)
         print("ready", flush=True)
+        if args.caught_up_at:
+            async with asyncio.timeout(args.run_timeout):
+                await run.all_caught_up.wait()
+            print("caught_up", flush=True)
         try:
             async with asyncio.timeout(args.run_timeout):
                 await run.all_done.wait()
@@ -245,6 +291,9 @@ def write_results(args: argparse.Namespace, run: Run) -> None:
         "deliveries": len(run.latencies_ms),
         "first_recv_ns": run.first_ns,
         "last_recv_ns": run.last_ns,
+        "connect_start_ns": run.connect_start_ns,
+        "caught_up": run.caught_up,
+        "last_caught_up_ns": run.last_caught_up_ns,
         "latencies_file": args.out + ".lat",
     }
     with open(args.out, "w", encoding="utf-8") as f:
@@ -254,11 +303,25 @@ def write_results(args: argparse.Namespace, run: Run) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--gen-id", required=True)
+    parser.add_argument("--port", required=True,
+                        help="the edge's port, or several comma-separated: viewer i uses "
+                             "port i mod n")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gen-id", help="the one generation every viewer watches")
+    source.add_argument("--gen-ids-file",
+                        help="whitespace-separated generation ids: viewer i watches "
+                             "id number i // --viewers-per-gen")
+    parser.add_argument("--viewers-per-gen", type=int, default=1 << 30)
     parser.add_argument("--viewers", type=int, required=True)
     parser.add_argument("--first-index", type=int, default=0, help="number of the first viewer")
     parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--last-event-id", type=int, default=0,
+                        help="resume: send this Last-Event-ID, expect the stream from the next")
+    parser.add_argument("--caught-up-at", type=int, default=0,
+                        help="say 'caught_up' once every viewer has received this event; "
+                             "latency counts only events after it")
+    parser.add_argument("--connects-in-flight", type=int, default=64,
+                        help="connections opened at once (B4's storm: all of them)")
     parser.add_argument("--out", required=True, help="results file (JSON; latencies in .lat)")
     parser.add_argument("--connect-timeout", type=float, default=60.0)
     parser.add_argument("--run-timeout", type=float, default=120.0,

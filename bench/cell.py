@@ -1,0 +1,151 @@
+"""What every benchmark cell does the same way: start load generators, wait until the edges
+count the viewers, take cost snapshots (process CPU, Redis CPU and commands), and collect the
+viewers' verdicts and latencies (any loss, duplicate or reordering fails the cell)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+
+from bench.procs import BenchError, Proc, ProcessGroup, child_env
+from bench.support import calls_delta, command_calls, cpu_seconds, percentile, redis_cpu
+
+VIEWERS_PER_LOADGEN = 500
+
+
+def loadgen_split(viewers: int, requested: int = 0) -> list[int]:
+    """Viewers per load generator: one per ``VIEWERS_PER_LOADGEN``, at most 2 (2 cores)."""
+    count = requested or min(2, math.ceil(viewers / VIEWERS_PER_LOADGEN))
+    count = max(1, min(count, viewers))
+    return [viewers // count + (1 if i < viewers % count else 0) for i in range(count)]
+
+
+async def start_loadgens(
+    group: ProcessGroup, ports: list[int], viewers: int, loadgen_args: list[str], *,
+    requested: int = 0,
+) -> list[Proc]:
+    """Start the load generators (``bench.loadgen``); ``loadgen_args`` say what to watch
+    (``--gen-id=...`` or ``--gen-ids-file``), how many messages, timeouts. Their results go
+    to ``loadgen<i>.json`` in the group's log directory."""
+    loadgens: list[Proc] = []
+    first = 0
+    for i, n in enumerate(loadgen_split(viewers, requested)):
+        loadgens.append(await group.start(Proc(f"loadgen{i}", [
+            sys.executable, "-m", "bench.loadgen", "--port", ",".join(map(str, ports)),
+            "--viewers", str(n), "--first-index", str(first),
+            "--out", str(group.log_dir / f"loadgen{i}.json"), *loadgen_args,
+        ], env=child_env(), lines=True, log_dir=group.log_dir)))
+        first += n
+    return loadgens
+
+
+async def edge_viewers(http: httpx.AsyncClient) -> float:
+    """The edge's ``broker_viewers`` gauge (-1 when absent)."""
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line.startswith("broker_viewers "):
+            return float(line.split()[1])
+    return -1.0
+
+
+async def wait_viewers(edge_urls: list[str], expected: list[int], within: float = 30) -> None:
+    """Until each edge's ``broker_viewers`` equals its expected count."""
+    deadline = time.monotonic() + within
+    for url, want in zip(edge_urls, expected, strict=True):
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            while (seen := await edge_viewers(http)) != want:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"edge {url} reports {seen} viewers, expected {want}")
+                await asyncio.sleep(0.1)
+
+
+@dataclass
+class Costs:
+    """A snapshot of what the cell's processes and Redis have used so far."""
+
+    cpu: dict[str, float]
+    redis_cpu: float
+    calls: dict[str, int]
+
+    @classmethod
+    async def take(cls, redis: aioredis.Redis, procs: dict[str, list[Proc]]) -> Costs:
+        cpu = {name: sum(cpu_seconds(p.pid) for p in ps) for name, ps in procs.items()}
+        return cls(cpu, redis_cpu(await redis.info("cpu")),
+                   command_calls(await redis.info("commandstats")))
+
+    def since(self, earlier: Costs) -> CostDelta:
+        return CostDelta(
+            {name: round(self.cpu[name] - earlier.cpu.get(name, 0.0), 3) for name in self.cpu},
+            round(self.redis_cpu - earlier.redis_cpu, 3),
+            calls_delta(earlier.calls, self.calls),
+        )
+
+
+@dataclass
+class CostDelta:
+    cpu: dict[str, float]  # CPU seconds per process kind
+    redis_cpu: float
+    calls: dict[str, int] = field(default_factory=dict)  # Redis calls, ``info`` excluded
+
+    @property
+    def commands(self) -> int:
+        return sum(self.calls.values())
+
+
+@dataclass
+class Verdict:
+    """The load generators' results, merged."""
+
+    results: list[dict[str, Any]]
+    latencies: array[float]  # sorted, ms
+
+    @property
+    def deliveries(self) -> int:
+        return len(self.latencies)
+
+    def latency_ms(self) -> dict[str, float]:
+        ordered = self.latencies
+        if not ordered:
+            return {"p50": math.nan, "p99": math.nan, "max": math.nan, "mean": math.nan}
+        return {
+            "p50": round(percentile(ordered, 50), 3),
+            "p99": round(percentile(ordered, 99), 3),
+            "max": round(ordered[-1], 3),
+            "mean": round(sum(ordered) / len(ordered), 3),
+        }
+
+    def max_of(self, key: str) -> int:
+        return max(r[key] for r in self.results)
+
+    def min_of(self, key: str) -> int:
+        return min(r[key] for r in self.results)
+
+
+def collect(group: ProcessGroup, loadgens: list[Proc], what: str, expected_deliveries: int,
+            tail: str = "") -> Verdict:
+    """Read the load generators' results; a viewer that did not get exactly the expected
+    events, in order, or a delivery count off the expectation fails the cell."""
+    results = [json.loads((group.log_dir / f"loadgen{i}.json").read_text())
+               for i in range(len(loadgens))]
+    error_count = sum(r["error_count"] for r in results)
+    if error_count:
+        shown = "\n  ".join(e for r in results for e in r["errors"])
+        raise BenchError(f"{what}: {error_count} viewer(s) did not get exactly the expected "
+                         f"events, in order:\n  {shown}{tail}")
+    latencies = array("d")
+    for r in results:
+        latencies.frombytes(Path(r["latencies_file"]).read_bytes())
+    verdict = Verdict(results, array("d", sorted(latencies)))
+    if verdict.deliveries != expected_deliveries:
+        raise BenchError(f"{what}: {verdict.deliveries} deliveries, "
+                         f"expected {expected_deliveries}{tail}")
+    return verdict
