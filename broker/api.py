@@ -7,7 +7,7 @@ import contextlib
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from redis.exceptions import RedisError
@@ -21,6 +21,7 @@ from broker.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
 from broker.errors import ApiError, error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
+from broker.protocol import Meta
 from broker.settings import Settings
 from broker.store import Store
 from broker.stream import EventStream
@@ -39,6 +40,28 @@ class Edge:
     metrics: Metrics
     api_keys: ApiKeys
     viewer_tokens: ViewerTokens
+    _meta_reads: dict[str, asyncio.Future[Meta | None]] = field(default_factory=dict)
+
+    async def stream_meta(self, gen_id: str, cursor: int) -> Meta | None:
+        """The generation's meta for a stream request. Requests that arrive together (a
+        resume storm, a crowd joining) share one read; an answer that would refuse the
+        request (no such id, a cursor past its end) may predate this request's arrival, so
+        it is read again for this request alone."""
+        read = self._meta_reads.get(gen_id)
+        if read is None:
+            read = asyncio.ensure_future(self.store.meta(gen_id))
+            self._meta_reads[gen_id] = read
+            read.add_done_callback(functools.partial(self._meta_read_done, gen_id))
+            return await asyncio.shield(read)
+        meta = await asyncio.shield(read)
+        if meta is None or cursor > meta.seq:
+            meta = await self.store.meta(gen_id)
+        return meta
+
+    def _meta_read_done(self, gen_id: str, read: asyncio.Future[Meta | None]) -> None:
+        del self._meta_reads[gen_id]
+        if not read.cancelled():
+            read.exception()  # retrieved here: every waiter may have left already
 
     def events_url(self, gen_id: str) -> str:
         """The stream's URL as a browser will open it: with a viewer token when tokens are on."""
@@ -170,7 +193,7 @@ async def generation_events(request: Request) -> Response:
     cursor = parse_last_event_id(
         request.headers.get("last-event-id"), request.query_params.get("last_event_id")
     )
-    meta = await edge.store.meta(gen_id)
+    meta = await edge.stream_meta(gen_id, cursor)
     if meta is None:
         raise ApiError(404, "not_found", "no such generation")
     if cursor > meta.seq:

@@ -14,7 +14,7 @@ from broker.errors import error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
-from broker.topic import LOG_READ_CHUNK, Frame, HistoryLost, Topic
+from broker.topic import Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class EventStream:
             async with self.hub.watch(self.gen_id) as topic:
                 changed = topic.changed()
                 try:
-                    frames = await self._next_frames(
+                    frames, check_log = await self._next_frames(
                         topic, self.cursor, topic.needs_log(self.cursor)
                     )
                 except HistoryLost as e:
@@ -73,7 +73,7 @@ class EventStream:
                     return
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                 await self._send(send, sse.retry(self.retry_ms))
-                await self._relay(topic, send, frames, changed)
+                await self._relay(topic, send, frames, check_log, changed)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not (self._client_gone or self._too_slow):
@@ -88,9 +88,14 @@ class EventStream:
             watcher.cancel()
 
     async def _relay(
-        self, topic: Topic, send: Send, frames: list[Frame], changed: asyncio.Event
+        self, topic: Topic, send: Send, frames: list[Frame], check_log: bool,
+        changed: asyncio.Event,
     ) -> None:
-        """Send what is after the cursor, wait for more, repeat until the terminal event."""
+        """Send what is after the cursor, wait for more, repeat until the terminal event.
+
+        ``check_log``: the log may hold events after the ones in hand that will not come live
+        (a full chunk was read, or live messages may have been missed): look there once the
+        window has nothing more after the cursor."""
         cursor, resyncs = self.cursor, topic.resyncs
         caught_up = False  # the last look found nothing new: what comes next is live
         while True:
@@ -117,29 +122,38 @@ class EventStream:
             if self.hub.closing or time.monotonic() >= self.deadline:
                 return
             changed = topic.changed()  # taken before looking, so no change slips between
-            # A full chunk from the log may have more behind it; a resync may have missed some.
-            look_in_log = topic.resyncs != resyncs or len(frames) >= LOG_READ_CHUNK
+            check_log = check_log or topic.resyncs != resyncs  # a resync may have missed some
             resyncs = topic.resyncs
             try:
-                frames = await self._next_frames(topic, cursor, look_in_log)
+                frames, check_log = await self._next_frames(topic, cursor, check_log)
             except HistoryLost as e:
                 await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
                 return
 
-    async def _next_frames(self, topic: Topic, cursor: int, look_in_log: bool) -> list[Frame]:
+    async def _next_frames(
+        self, topic: Topic, cursor: int, check_log: bool
+    ) -> tuple[list[Frame], bool]:
+        """The frames after ``cursor`` and whether the log must still be checked after them.
+
+        The window comes first even while the log must be checked: during a resume storm
+        the viewers' reads fill it, so most viewers follow from memory instead of each
+        reading every chunk themselves."""
         if topic.lost:
             raise HistoryLost("the generation's history no longer exists")
-        if not look_in_log:
-            frames = topic.frames_after(cursor)
-            if frames is not None:
-                return frames
-            if not topic.window:
-                return []  # nothing live yet; the log was read already
-        frames = await topic.read_log(self.hub.store, cursor, self.metrics)
+        frames = topic.frames_after(cursor)
+        if frames:
+            return frames, check_log
+        if check_log and topic.read_to is not None and cursor >= topic.read_to:
+            check_log = False  # another viewer's read reached the log's end: the rest is live
+        if not check_log and (frames is not None or not topic.window):
+            # Caught up with the window, or nothing live yet and the log was read already:
+            # what follows arrives live.
+            return [], False
+        frames, more = await topic.read_log(self.hub.store, cursor, self.metrics)
         if frames and frames[0].seq != cursor + 1:
             raise HistoryLost(f"events after {cursor} were trimmed from the log")
         self.metrics.replayed_events.inc(len(frames))
-        return frames
+        return frames, more
 
     async def _send(self, send: Send, body: bytes) -> None:
         self._sending_since = time.monotonic()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from broker import sse
@@ -21,6 +21,10 @@ from broker.protocol import Event
 from broker.store import Store
 
 LOG_READ_CHUNK = 200
+# Full chunks a topic keeps after reading them (log content never changes): in a resume storm
+# each chunk is read once for every viewer, not once per group of viewers that happen to ask
+# at the same moment. At most this many x LOG_READ_CHUNK frames, only while the topic lives.
+KEPT_CHUNKS = 8
 
 
 class HistoryLost(Exception):
@@ -55,7 +59,9 @@ class Topic:
     read_to: int | None = None
     last_change: float = 0.0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _reads: dict[int, asyncio.Future[list[Frame]]] = field(default_factory=dict)
+    # Log reads by chunk start: in flight, or done and full (then kept, least recently used
+    # first, see KEPT_CHUNKS).
+    _chunks: OrderedDict[int, asyncio.Future[list[Frame]]] = field(default_factory=OrderedDict)
 
     @property
     def head(self) -> int:
@@ -113,30 +119,44 @@ class Topic:
         start = cursor + 1 - self.window[0].seq
         return [self.window[i] for i in range(start, len(self.window))]
 
-    async def read_log(self, store: Store, cursor: int, metrics: Metrics) -> list[Frame]:
-        """Log events after ``cursor``; concurrent reads of the same range share one call.
+    async def read_log(
+        self, store: Store, cursor: int, metrics: Metrics
+    ) -> tuple[list[Frame], bool]:
+        """Log events after ``cursor``, and whether more may follow them in the log.
 
-        The read runs in a task of its own, so a viewer leaving mid-read cancels only its wait.
+        Reads go by chunks aligned on ``LOG_READ_CHUNK``, so viewers at different cursors in
+        one chunk share one call, and a full chunk is kept for the next viewers. A read runs
+        in a task of its own: a viewer leaving mid-read cancels only its own wait.
         """
-        read = self._reads.get(cursor)
+        start = cursor - cursor % LOG_READ_CHUNK
+        read = self._chunks.get(start)
         if read is None:
-            read = asyncio.ensure_future(self._read_log(store, cursor, metrics))
-            self._reads[cursor] = read
-            read.add_done_callback(lambda done: self._read_done(cursor, done))
-        return await asyncio.shield(read)
+            read = asyncio.ensure_future(self._read_log(store, start, metrics))
+            self._chunks[start] = read
+            read.add_done_callback(lambda done: self._read_done(start, done))
+        else:
+            self._chunks.move_to_end(start)
+        chunk = await asyncio.shield(read)
+        return [f for f in chunk if f.seq > cursor], len(chunk) >= LOG_READ_CHUNK
 
-    def _read_done(self, cursor: int, read: asyncio.Future[list[Frame]]) -> None:
-        del self._reads[cursor]
-        if not read.cancelled():
-            read.exception()  # retrieved here: every waiter may have left already
+    def _read_done(self, start: int, read: asyncio.Future[list[Frame]]) -> None:
+        failed = read.cancelled() or read.exception() is not None  # retrieved: waiters may be gone
+        if failed or len(read.result()) < LOG_READ_CHUNK:
+            # Not kept: a short chunk grows as the generation goes on.
+            if self._chunks.get(start) is read:
+                del self._chunks[start]
+            return
+        done = [key for key, r in self._chunks.items() if r.done()]
+        for key in done[: max(0, len(done) - KEPT_CHUNKS)]:
+            del self._chunks[key]
 
-    async def _read_log(self, store: Store, cursor: int, metrics: Metrics) -> list[Frame]:
+    async def _read_log(self, store: Store, start: int, metrics: Metrics) -> list[Frame]:
         metrics.log_reads.inc()
         resyncs = self.resyncs
-        frames = [to_frame(e) for e in await store.read_log(self.gen_id, cursor, LOG_READ_CHUNK)]
+        frames = [to_frame(e) for e in await store.read_log(self.gen_id, start, LOG_READ_CHUNK)]
         self.absorb(frames)
         if len(frames) < LOG_READ_CHUNK and self.resyncs == resyncs:
-            end = frames[-1].seq if frames else cursor
+            end = frames[-1].seq if frames else start
             self.read_to = end if self.read_to is None else max(self.read_to, end)
         return frames
 
@@ -157,6 +177,9 @@ class Topic:
     def resync(self) -> None:
         self.resyncs += 1
         self.read_to = None  # messages may have been missed since that read
+        # Redis may have come back with another history: read the log afresh.
+        for start in [k for k, read in self._chunks.items() if read.done()]:
+            del self._chunks[start]
         self._notify()
 
     def wake(self) -> None:

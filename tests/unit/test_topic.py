@@ -10,7 +10,7 @@ import pytest
 from broker import protocol, sse
 from broker.metrics import Metrics
 from broker.protocol import Event
-from broker.topic import LOG_READ_CHUNK, Frame, Topic, to_frame
+from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, Frame, Topic, to_frame
 
 
 def frame(seq: int, terminal: bool = False) -> Frame:
@@ -322,7 +322,8 @@ async def test_concurrent_reads_of_one_range_share_one_store_call() -> None:
     assert store.calls[0][:2] == ("gen", 0)
     assert log_reads(metrics) == 1
     expected = [sse.encode_event(e) for e in store.events]
-    for result in results:
+    for result, more in results:
+        assert not more  # a short chunk: the log's end
         assert [f.data for f in result] == expected
         assert [f.terminal for f in result] == [False] * 4 + [True]
     # The read also fills the window, so the next viewer is served from memory.
@@ -330,18 +331,41 @@ async def test_concurrent_reads_of_one_range_share_one_store_call() -> None:
     assert topic.terminal_seq == 5
 
 
-async def test_reads_of_different_ranges_are_separate_calls() -> None:
-    store = FakeStore(log_events(5))
+async def test_cursors_in_one_chunk_share_a_read_and_other_chunks_are_separate() -> None:
+    store = FakeStore(log_events(LOG_READ_CHUNK + 5))
     topic = Topic("gen", 16)
     metrics = Metrics()
     a = asyncio.create_task(topic.read_log(store, 0, metrics))
     b = asyncio.create_task(topic.read_log(store, 3, metrics))
+    c = asyncio.create_task(topic.read_log(store, LOG_READ_CHUNK + 1, metrics))
     await asyncio.sleep(0)
     store.gate.set()
-    got_a, got_b = await asyncio.gather(a, b)
-    assert sorted(call[1] for call in store.calls) == [0, 3]
-    assert seqs(got_a) == [1, 2, 3, 4, 5]
-    assert seqs(got_b) == [4, 5]
+    (got_a, more_a), (got_b, more_b), (got_c, more_c) = await asyncio.gather(a, b, c)
+    assert sorted(call[1] for call in store.calls) == [0, LOG_READ_CHUNK]
+    assert seqs(got_a) == list(range(1, LOG_READ_CHUNK + 1)) and more_a
+    assert seqs(got_b) == list(range(4, LOG_READ_CHUNK + 1)) and more_b
+    assert seqs(got_c) == list(range(LOG_READ_CHUNK + 2, LOG_READ_CHUNK + 6)) and not more_c
+
+
+async def test_full_chunks_are_kept_for_later_readers_but_not_past_a_resync() -> None:
+    store = FakeStore(log_events(LOG_READ_CHUNK * (KEPT_CHUNKS + 2)))
+    store.gate.set()
+    topic = Topic("gen", 16)
+    metrics = Metrics()
+    for chunk in range(KEPT_CHUNKS + 2):  # one viewer walks the whole log
+        frames, more = await topic.read_log(store, chunk * LOG_READ_CHUNK, metrics)
+        assert len(frames) == LOG_READ_CHUNK and more
+    assert len(store.calls) == KEPT_CHUNKS + 2
+    # The next viewers walking the recent chunks read nothing: log content never changes.
+    for chunk in range(2, KEPT_CHUNKS + 2):
+        frames, _ = await topic.read_log(store, chunk * LOG_READ_CHUNK + 7, metrics)
+        assert frames[0].seq == chunk * LOG_READ_CHUNK + 8
+    assert len(store.calls) == KEPT_CHUNKS + 2
+    await topic.read_log(store, 0, metrics)  # the oldest chunk was let go
+    assert len(store.calls) == KEPT_CHUNKS + 3
+    topic.resync()  # Redis may hold another history now
+    await topic.read_log(store, 2 * LOG_READ_CHUNK, metrics)
+    assert len(store.calls) == KEPT_CHUNKS + 4
 
 
 async def test_sequential_reads_each_call_the_store() -> None:
@@ -351,7 +375,7 @@ async def test_sequential_reads_each_call_the_store() -> None:
     metrics = Metrics()
     await topic.read_log(store, 0, metrics)
     await topic.read_log(store, 0, metrics)
-    assert len(store.calls) == 2  # single flight is not a cache: a new read sees new events
+    assert len(store.calls) == 2  # a short chunk is not kept: a new read sees new events
 
 
 async def test_a_store_error_reaches_every_reader_and_a_later_read_retries() -> None:
@@ -366,7 +390,7 @@ async def test_a_store_error_reaches_every_reader_and_a_later_read_retries() -> 
     assert all(isinstance(r, RuntimeError) and "fell over" in str(r) for r in results)
     assert len(topic.window) == 0
 
-    retried = await topic.read_log(store, 0, metrics)
+    retried, _ = await topic.read_log(store, 0, metrics)
     assert len(store.calls) == 2
     assert seqs(retried) == [1, 2, 3]
 
@@ -383,7 +407,7 @@ async def test_cancelling_the_first_reader_does_not_cancel_the_others() -> None:
     await asyncio.sleep(0)
     store.gate.set()
     await asyncio.gather(first, return_exceptions=True)
-    assert seqs(await asyncio.wait_for(other, 1)) == [1, 2, 3]
+    assert seqs((await asyncio.wait_for(other, 1))[0]) == [1, 2, 3]
 
 
 # -- needs_log: viewers skip a log read the topic already made ---------------------------------
@@ -406,7 +430,7 @@ async def test_an_empty_log_read_spares_later_viewers_at_or_after_its_cursor() -
     store = FakeStore([])
     store.gate.set()
     topic = Topic("gen", 16)
-    assert await topic.read_log(store, 0, Metrics()) == []
+    assert await topic.read_log(store, 0, Metrics()) == ([], False)
     assert topic.read_to == 0
     assert not topic.needs_log(0)  # what follows arrives live: no second read
     assert len(store.calls) == 1
@@ -419,7 +443,8 @@ async def test_a_short_read_records_how_far_the_log_was_read() -> None:
     await topic.read_log(store, 1, Metrics())
     assert topic.read_to == 3
     assert not topic.needs_log(1)  # the window (absorbed from the read) covers it
-    assert topic.needs_log(0)  # event 1 was never read
+    # Reads start at their chunk's boundary: event 1 came with it.
+    assert not topic.needs_log(0)
 
 
 async def test_a_full_chunk_does_not_count_as_read_to_the_end() -> None:
