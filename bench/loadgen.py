@@ -47,6 +47,7 @@ class Run:
         self.caught_up_at = caught_up_at
         self.caught_up = 0  # viewers that have received event ``caught_up_at``
         self.last_caught_up_ns = 0
+        self.caught_up_ns: list[int] = []  # when each viewer received ``caught_up_at``
         self.all_caught_up = asyncio.Event()
         self.latencies_ms = array("d")
         self.errors: list[str] = []
@@ -189,6 +190,7 @@ class Viewer(asyncio.Protocol):
             elif seq == run.caught_up_at:
                 run.caught_up += 1
                 run.last_caught_up_ns = max(run.last_caught_up_ns, now)
+                run.caught_up_ns.append(now)
                 if run.caught_up == run.viewers:
                     run.all_caught_up.set()
             self.next_seq = seq + 1
@@ -258,6 +260,8 @@ async def run_viewers(args: argparse.Namespace) -> Run:
     """Open every viewer, say ``ready``, then wait (bounded) until each has finished."""
     run = Run(args.messages, args.caught_up_at)
     viewers: list[Viewer] = []
+    if args.start_at_ns:  # several load generators start their storm at the same instant
+        await asyncio.sleep(max(0.0, (args.start_at_ns - time.time_ns()) / 1e9))
     try:
         viewers = await open_viewers(args, run)
         print("ready", flush=True)
@@ -294,6 +298,7 @@ def write_results(args: argparse.Namespace, run: Run) -> None:
         "connect_start_ns": run.connect_start_ns,
         "caught_up": run.caught_up,
         "last_caught_up_ns": run.last_caught_up_ns,
+        "caught_up_ns": run.caught_up_ns,
         "latencies_file": args.out + ".lat",
     }
     with open(args.out, "w", encoding="utf-8") as f:
@@ -320,6 +325,8 @@ def main() -> None:
     parser.add_argument("--caught-up-at", type=int, default=0,
                         help="say 'caught_up' once every viewer has received this event; "
                              "latency counts only events after it")
+    parser.add_argument("--start-at-ns", type=int, default=0,
+                        help="start connecting at this time.time_ns() (0: at once)")
     parser.add_argument("--connects-in-flight", type=int, default=64,
                         help="connections opened at once (B4's storm: all of them)")
     parser.add_argument("--out", required=True, help="results file (JSON; latencies in .lat)")
