@@ -1,4 +1,5 @@
-"""B1 fan-out: one generation, V viewers on ONE edge; the broker's edge vs the naive baseline.
+"""B1 fan-out: one generation, V viewers on ONE edge; the broker's edge vs the naive baseline
+and the Nchan peer.
 
 For each V and each implementation (a "cell"), on fresh processes: a redis-server, the edge
 (``python -m broker edge``, or ``python -m bench.naive_edge``), the publisher
@@ -7,6 +8,11 @@ For each V and each implementation (a "cell"), on fresh processes: a redis-serve
 exactly-once, in-order delivery and record publish→receive latency). The publisher starts only
 once every viewer is connected; the costs are measured over the publishing window (from the
 first publish until every viewer has received the terminal event).
+
+The ``nchan`` cells (``bench.nchan``: nginx + Nchan, Redis storage, one worker) differ where
+Nchan does: the publisher POSTs to Nchan (``--nchan-url``), the load generator checks order on
+the ``s=<seq>`` in each text (``--seq-from-text``), readiness is read from
+``nchan_stub_status``, and the edge's CPU and RSS are the nginx worker's.
 
     .venv/bin/python -m bench.b1 --viewers 1,100,1000
 
@@ -31,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from bench import nchan
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
 from bench.support import (
     calls_delta,
@@ -42,7 +49,7 @@ from bench.support import (
 )
 from broker import protocol
 
-IMPLS = ("broker", "naive")
+IMPLS = ("broker", "naive", "nchan")
 EDGE_CLIENT_NAMES = ("broker-edge-", "bench-naive-edge")
 VIEWERS_PER_LOADGEN = 500
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,12 +143,18 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
     redis = None
     try:
         _, redis, redis_url = await start_redis(group)
-        edge, edge_url = await start_edge(group, impl, redis_url)
+        if impl == "nchan":  # edge.pid is its worker's; the master is measured apart
+            edge, edge_url = await nchan.start_nchan(group, redis_url)
+        else:
+            edge, edge_url = await start_edge(group, impl, redis_url)
+        master_pid: int | None = getattr(edge, "master_pid", None)
         rss = RssSampler(edge.pid)
         rss.start()
 
         publisher = await group.start(Proc("publisher", [
-            sys.executable, "-m", "bench.publisher", "--redis-url", redis_url,
+            sys.executable, "-m", "bench.publisher",
+            *(["--nchan-url", edge_url + nchan.PUBLISH_PATH] if impl == "nchan"
+              else ["--redis-url", redis_url]),
             "--messages", str(args.messages), "--rate", str(args.rate), "--size", str(args.size),
         ], env=child_env(), lines=True, log_dir=group.log_dir))
         (gen_id,) = await publisher.expect("ready", 30)
@@ -164,41 +177,58 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
                 "--messages", str(args.messages), "--out", str(out),
                 "--connect-timeout", str(args.connect_timeout),
                 "--run-timeout", str(run_budget),
+                *(["--seq-from-text"] if impl == "nchan" else []),
             ], env=child_env(), lines=True, log_dir=group.log_dir)))
             first += n
         for lg in loadgens:
             await lg.expect("ready", args.connect_timeout + 10)
         async with httpx.AsyncClient(base_url=edge_url, timeout=5) as http:
             deadline = time.monotonic() + 30
-            while (seen := await edge_viewers(http)) != viewers:
+            count = nchan.subscribers if impl == "nchan" else edge_viewers
+            while (seen := await count(http)) != viewers:
                 if time.monotonic() > deadline:
                     raise BenchError(f"{impl} edge reports {seen} viewers, expected {viewers}")
                 await asyncio.sleep(0.1)
+        if impl == "nchan":  # its headers come before its Redis subscription is confirmed
+            await nchan.wait_subscribed(redis, gen_id)
         connect_s = time.monotonic() - t_connect
         # What the viewers cost the edge while connected and idle (B3 reads this).
         rss_connected_kb = status_kb(edge.pid, "VmRSS")
 
         clients = await redis.client_list()
         edge_conns = sum(1 for c in clients if c.get("name", "").startswith(EDGE_CLIENT_NAMES))
+        if impl == "nchan":  # nchan names none of its connections; everything else here does
+            edge_conns = sum(1 for c in clients if not c.get("name"))
         connected = int((await redis.info("clients"))["connected_clients"])
-        subscribers = dict(await redis.pubsub_numsub(protocol.live_channel(gen_id)))
+        live = nchan.redis_channel(gen_id) if impl == "nchan" else protocol.live_channel(gen_id)
+        subscribers = dict(await redis.pubsub_numsub(live))
         channel_subs = int(next(iter(subscribers.values()), 0))
 
         # Publish window.
         calls_1 = command_calls(await redis.info("commandstats"))
         redis_cpu_1 = redis_cpu(await redis.info("cpu"))
         edge_cpu_1 = cpu_seconds(edge.pid)
+        master_cpu_1 = cpu_seconds(master_pid) if master_pid else 0.0
         lg_cpu_1 = sum(cpu_seconds(lg.pid) for lg in loadgens)
         await publisher.send("go")
         first_ns, published_ns = map(int, (await publisher.expect("published", run_budget))[:2])
         for lg in loadgens:
             await lg.expect("done", run_budget + 10)
         edge_cpu_2 = cpu_seconds(edge.pid)
+        master_cpu_2 = cpu_seconds(master_pid) if master_pid else 0.0
         lg_cpu_2 = sum(cpu_seconds(lg.pid) for lg in loadgens)
         redis_cpu_2 = redis_cpu(await redis.info("cpu"))
         calls_2 = command_calls(await redis.info("commandstats"))
         await rss.stop()
         hwm_kb = status_kb(edge.pid, "VmHWM")
+        extra: dict[str, Any] = {}
+        if master_pid:  # nginx: the edge columns are its worker's; its master's figures here
+            extra = {
+                "nginx_master_cpu_s": round(master_cpu_2 - master_cpu_1, 3),
+                "nginx_master_rss_mb": round(status_kb(master_pid, "VmRSS") / 1024, 1),
+                # Part of the worker's RSS: nchan's shared memory zone pages it touched.
+                "edge_rss_shmem_mb": round(status_kb(edge.pid, "RssShmem") / 1024, 1),
+            }
 
         results = [json.loads((group.log_dir / f"loadgen{i}.json").read_text())
                    for i in range(len(loadgens))]
@@ -253,6 +283,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
             "edge_rss_before_connect_mb": round(rss_idle_kb / 1024, 1),
             "edge_rss_connected_mb": round(rss_connected_kb / 1024, 1),
             "edge_rss_kb_per_idle_viewer": round((rss_connected_kb - rss_idle_kb) / viewers, 2),
+            **extra,
         }
     finally:
         if rss is not None:
@@ -292,6 +323,17 @@ RATIOS = [
     ("latency p99", lambda c: c["latency_ms"]["p99"]),
 ]
 
+# Against the Nchan peer, as broker/nchan: above 1, the broker's edge costs more.
+NCHAN_RATIOS = [
+    ("edge CPU / delivery", lambda c: c["edge_cpu_s_per_1000_deliveries"]),
+    ("latency p99", lambda c: c["latency_ms"]["p99"]),
+    ("Redis CPU", lambda c: c["redis_cpu_s"]),
+    ("Redis cmds/msg", lambda c: c["redis_commands_per_message"]),
+    ("edge RSS peak", lambda c: c["edge_rss_peak_mb"]),
+]
+NCHAN_TARGET = 3.0  # issue 6: the broker within 3x of Nchan's edge CPU per delivery...
+NCHAN_TARGET_V = 1000  # ...on B1 at V=1000
+
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -299,32 +341,51 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ratios(cells: list[dict[str, Any]], numerator: str = "naive", denominator: str = "broker",
+           specs: list[Any] = RATIOS) -> list[dict[str, Any]]:
     by_key = {(c["impl"], c["viewers"]): c for c in cells}
     out = []
     for v in sorted({c["viewers"] for c in cells}):
-        broker, naive = by_key.get(("broker", v)), by_key.get(("naive", v))
-        if broker is None or naive is None:
+        top, bottom = by_key.get((numerator, v)), by_key.get((denominator, v))
+        if top is None or bottom is None:
             continue
         row: dict[str, Any] = {"viewers": v}
-        for name, get in RATIOS:
-            b, n = get(broker), get(naive)
+        for name, get in specs:
+            b, n = get(bottom), get(top)
             row[name] = round(n / b, 2) if b else None
         out.append(row)
     return out
 
 
-def report(cells: list[dict[str, Any]], ratio_rows: list[dict[str, Any]]) -> str:
-    table = markdown_table([h for h, _ in COLUMNS], [[f(c) for _, f in COLUMNS] for c in cells])
-    if not ratio_rows:
-        return table
-    names = [name for name, _ in RATIOS]
-    ratio_table = markdown_table(
-        ["V", *[f"naive/broker {n}" for n in names]],
+def ratio_table(label: str, specs: list[Any], rows: list[dict[str, Any]]) -> str:
+    names = [name for name, _ in specs]
+    return markdown_table(
+        ["V", *[f"{label} {n}" for n in names]],
         [[str(r["viewers"]), *("n/a" if r[n] is None else f"{r[n]:.2f}" for n in names)]
-         for r in ratio_rows],
+         for r in rows],
     )
-    return f"{table}\n\n{ratio_table}"
+
+
+def nchan_verdict(nchan_rows: list[dict[str, Any]]) -> str:
+    row = next((r for r in nchan_rows if r["viewers"] == NCHAN_TARGET_V), None)
+    if row is None or row["edge CPU / delivery"] is None:
+        return ""
+    ratio = row["edge CPU / delivery"]
+    verdict = "meets" if ratio <= NCHAN_TARGET else "misses"
+    return (f"broker/nchan edge CPU per delivery at V={NCHAN_TARGET_V}: {ratio:.2f} "
+            f"({verdict} the within-{NCHAN_TARGET:g}x target)")
+
+
+def report(cells: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
+           nchan_rows: list[dict[str, Any]] | None = None) -> str:
+    parts = [markdown_table([h for h, _ in COLUMNS], [[f(c) for _, f in COLUMNS] for c in cells])]
+    if ratio_rows:
+        parts.append(ratio_table("naive/broker", RATIOS, ratio_rows))
+    if nchan_rows:
+        parts.append(ratio_table("broker/nchan", NCHAN_RATIOS, nchan_rows))
+        if verdict := nchan_verdict(nchan_rows):
+            parts.append(verdict)
+    return "\n\n".join(parts)
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
@@ -334,7 +395,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"broker": "tab:blue", "naive": "tab:red"}
+    colors = {"broker": "tab:blue", "naive": "tab:red", "nchan": "tab:green"}
     for impl in IMPLS:
         mine = sorted((c for c in cells if c["impl"] == impl), key=lambda c: c["viewers"])
         if not mine:
@@ -377,6 +438,8 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     status = 0
     try:
+        if "nchan" in args.impl_list:
+            nchan.find_installed()  # fail before any cell runs, saying how to install it
         for viewers in args.viewer_counts:
             for impl in args.impl_list:
                 print(f"# running {impl} V={viewers} ...", file=sys.stderr, flush=True)
@@ -389,12 +452,13 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"\nB1 FAILED: {e}", file=sys.stderr)
         status = 1
     out["ratios"] = ratios(out["cells"])
+    out["ratios_nchan"] = ratios(out["cells"], "broker", "nchan", NCHAN_RATIOS)
     json_path = args.results / "b1.json"
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     if out["cells"]:
         png_path = args.results / "b1_latency.png"
         plot(out["cells"], png_path)
-        print(report(out["cells"], out["ratios"]))
+        print(report(out["cells"], out["ratios"], out["ratios_nchan"]))
         print(f"\nresults: {json_path}, {png_path}")
     return status
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import nchan
 from bench.b1 import IMPLS, RESULTS, machine, markdown_table, run_cell
 from bench.procs import BenchError
 
@@ -54,6 +55,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"scenario": "B3 idle connections", "params": {
         "viewers": args.viewers, "impls": args.impl_list}, "machine": machine(), "cells": []}
     try:
+        if "nchan" in args.impl_list:
+            nchan.find_installed()  # fail before any cell runs, saying how to install it
         for impl in args.impl_list:
             print(f"# running {impl} V={args.viewers} ...", file=sys.stderr, flush=True)
             out["cells"].append(await run_cell(impl, args.viewers, args))
@@ -69,6 +72,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "naive/broker Redis clients": round(
                 n["redis_connected_clients"] / b["redis_connected_clients"], 2),
         }
+    if "broker" in cells and "nchan" in cells:
+        # As broker/nchan (above 1: the broker's edge costs more); nchan's is its worker's RSS.
+        b, n = cells["broker"], cells["nchan"]
+        kb_nchan = n["edge_rss_kb_per_idle_viewer"]
+        out.setdefault("ratios", {})["broker/nchan KB per idle viewer"] = (
+            round(b["edge_rss_kb_per_idle_viewer"] / kb_nchan, 2) if kb_nchan > 0 else None)
     return out
 
 

@@ -19,6 +19,9 @@ Protocol with the orchestrator (lines on stdout): ``ready`` once every viewer ha
 headers (the edge answers after its subscription is in place), ``done`` once every viewer has
 finished (results written to ``--out``), then it waits for stdin to close so its CPU can be
 read while it is still alive. An error prints ``error <message>`` and exits 1.
+
+``--seq-from-text`` (the Nchan peer, whose SSE ids are its own ``<time>:<tag>``): the same
+exactly-once, in-order check on the ``s=<seq>`` in each text, then ``event: end``.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ MAX_ERRORS_KEPT = 20
 class Run:
     """What all viewers of this process share: expectations, latencies, errors."""
 
-    def __init__(self, messages: int, caught_up_at: int = 0) -> None:
+    def __init__(self, messages: int, caught_up_at: int = 0, seq_from_text: bool = False) -> None:
         self.messages = messages
+        self.seq_from_text = seq_from_text
         self.caught_up_at = caught_up_at
         self.caught_up = 0  # viewers that have received event ``caught_up_at``
         self.last_caught_up_ns = 0
@@ -159,6 +163,9 @@ class Viewer(asyncio.Protocol):
         del sse[:start]
 
     def _event(self, block: bytes, now: int) -> None:
+        if self.run.seq_from_text:
+            self._event_by_text(block, now)
+            return
         seq = -1
         kind = b""
         data = b""
@@ -198,6 +205,41 @@ class Viewer(asyncio.Protocol):
             self._end(None)
         else:
             self._end(f"got event {kind!r} id {seq}, expected id {expected}: {data[:80]!r}")
+
+    def _event_by_text(self, block: bytes, now: int) -> None:
+        """``--seq-from-text``: ids are the server's own (Nchan's ``<time>:<tag>``), so order
+        and exactly-once are checked on the ``s=<seq>`` each text carries: seq 1..N as message
+        events, then ``event: end``, nothing else."""
+        kind = b""
+        data = b""
+        has_id = False
+        for line in block.split(b"\n"):
+            if line.startswith(b"id: "):
+                has_id = True
+            elif line.startswith(b"data: "):
+                data = line[6:]
+            elif line.startswith(b"event: "):
+                kind = line[7:]
+        if not data and not kind:
+            return  # a comment (Nchan's ": hi", keepalives) or retry:
+        expected = self.next_seq
+        if kind == b"" and data.startswith(b'{"text":"t='):
+            head = data[11 : data.find(b" ", data.find(b" s=") + 3)]  # b"<ns> s=<seq>"
+            published, _, seq_text = head.partition(b" s=")
+            seq = int(seq_text) if seq_text.isdigit() else -1
+            if seq != expected or seq > self.run.messages or not has_id:
+                what = "duplicate or out of order" if 0 < seq < expected else "lost events"
+                self._end(f"got s={seq}, expected {expected} ({what}; id line: {has_id})")
+                return
+            self.run.latencies_ms.append((now - int(published)) / 1e6)
+            if self.run.first_ns == 0:
+                self.run.first_ns = now
+            self.run.last_ns = max(self.run.last_ns, now)
+            self.next_seq = seq + 1
+        elif kind == b"end" and expected == self.run.messages + 1:
+            self._end(None)
+        else:
+            self._end(f"got event {kind!r}, expected s={expected}: {data[:80]!r}")
 
     def _end(self, error: str | None) -> None:
         self.over = True
@@ -258,7 +300,7 @@ async def open_viewers(args: argparse.Namespace, run: Run) -> list[Viewer]:
 
 async def run_viewers(args: argparse.Namespace) -> Run:
     """Open every viewer, say ``ready``, then wait (bounded) until each has finished."""
-    run = Run(args.messages, args.caught_up_at)
+    run = Run(args.messages, args.caught_up_at, args.seq_from_text)
     viewers: list[Viewer] = []
     if args.start_at_ns:  # several load generators start their storm at the same instant
         await asyncio.sleep(max(0.0, (args.start_at_ns - time.time_ns()) / 1e9))
@@ -333,6 +375,9 @@ def main() -> None:
     parser.add_argument("--connect-timeout", type=float, default=60.0)
     parser.add_argument("--run-timeout", type=float, default=120.0,
                         help="seconds after 'ready' for every viewer to finish")
+    parser.add_argument("--seq-from-text", action="store_true",
+                        help="check order on the s=<seq> in each text, not on the SSE id "
+                             "(servers with ids of their own: the Nchan peer)")
     args = parser.parse_args()
     runner = uvloop.run if uvloop is not None else asyncio.run
     try:

@@ -14,6 +14,10 @@ Protocol with the orchestrator (lines): prints ``ready <first gen_id>`` once the
 are running, waits for ``go`` on stdin, publishes, prints
 ``published <first_ns> <last_ns> <max lag ms>`` (lag: how late, at worst, a publish call
 started against its schedule: a publisher that cannot keep up shows here).
+
+With ``--nchan-url`` it publishes the same texts on the same schedule by HTTP POST to the Nchan
+peer's publisher location instead (``run_nchan``), on the channel named by a new id (one
+generation, no prefill).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from broker import protocol
 from broker.protocol import Event
@@ -139,9 +145,49 @@ async def run(args: argparse.Namespace) -> None:
         await redis.aclose()
 
 
+async def run_nchan(args: argparse.Namespace) -> None:
+    """The same messages on the same schedule, POSTed to Nchan's publisher location.
+
+    Each body is the JSON the broker's edge sends as ``data`` (``{"text": ...}``), so viewers
+    parse both alike; the end marker is the broker's ``end`` data, named ``end`` by the
+    ``X-EventSource-Event`` header. Nchan is told nothing else: the channel is ``gen_id``.
+    """
+    gen_id = protocol.new_generation_id()
+    url = f"{args.nchan_url}/{gen_id}"
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        print(f"ready {gen_id}", flush=True)
+        ready, _, _ = await asyncio.to_thread(select.select, [sys.stdin], [], [], args.wait_timeout)
+        line = sys.stdin.readline() if ready else ""
+        if line.strip() != "go":
+            raise SystemExit(f"expected 'go' on stdin, got {line!r}")
+
+        interval = 1.0 / args.rate
+        start = time.monotonic()
+        first_ns = 0
+        for seq in range(1, args.messages + 1):
+            delay = start + (seq - 1) * interval - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            text = message_text(seq, args.size)
+            if seq == 1:
+                first_ns = int(text[2 : text.index(" ")])
+            response = await http.post(url, content=protocol.message_data(text), headers=headers)
+            if not response.is_success:
+                raise SystemExit(f"publish of seq {seq} answered {response.status_code}")
+        response = await http.post(url, content=protocol.end_data("stop", None),
+                                   headers={**headers, "x-eventsource-event": "end"})
+        if not response.is_success:
+            raise SystemExit(f"publish of the end event answered {response.status_code}")
+        print(f"published {first_ns} {time.time_ns()}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--redis-url", help="publish through the store (broker, naive)")
+    target.add_argument("--nchan-url", help="POST to Nchan's publisher location instead, "
+                                            "e.g. http://127.0.0.1:8080/pub")
     parser.add_argument("--generations", type=int, default=1, help="generations published")
     parser.add_argument("--ids-file", help="write the generations' ids here, one per line")
     parser.add_argument("--prefill", type=int, default=0,
@@ -151,7 +197,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=100, help="characters per message")
     parser.add_argument("--wait-timeout", type=float, default=300.0,
                         help="seconds to wait for 'go' before giving up")
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    asyncio.run(run_nchan(args) if args.nchan_url else run(args))
 
 
 if __name__ == "__main__":

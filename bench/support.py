@@ -62,3 +62,19 @@ def percentile(ordered: Sequence[float], q: float) -> float:
         return math.nan
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return float(ordered[rank - 1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (e.g. nginx's workers under its master)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # field 4: the parent
+            children.append(int(entry))
+    return children
