@@ -26,24 +26,29 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
-import os
-import platform
 import sys
 import time
-from array import array
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import nchan
+from bench.cell import (
+    RESULTS,
+    VIEWERS_PER_LOADGEN,
+    RssSampler,
+    collect,
+    edge_viewers,
+    machine,
+    markdown_table,
+    start_loadgens,
+)
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
 from bench.support import (
     calls_delta,
     command_calls,
     cpu_seconds,
-    percentile,
     redis_cpu,
     status_kb,
 )
@@ -51,8 +56,6 @@ from broker import protocol
 
 IMPLS = ("broker", "naive", "nchan")
 EDGE_CLIENT_NAMES = ("broker-edge-", "bench-naive-edge")
-VIEWERS_PER_LOADGEN = 500
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,52 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- one cell ------------------------------------------------------------------------------
 
 
-class RssSampler:
-    """The edge's peak resident memory, sampled every 50 ms while the cell runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak_kb = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
-                await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(OSError):
-            self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
-
-
-def loadgen_split(viewers: int, requested: int) -> list[int]:
-    count = requested or min(2, math.ceil(viewers / VIEWERS_PER_LOADGEN))
-    count = max(1, min(count, viewers))
-    return [viewers // count + (1 if i < viewers % count else 0) for i in range(count)]
-
-
-def read_latencies(paths: list[str]) -> array[float]:
-    latencies = array("d")
-    for path in paths:
-        latencies.frombytes(Path(path).read_bytes())
-    return latencies
-
-
-async def edge_viewers(http: httpx.AsyncClient) -> float:
-    for line in (await http.get("/metrics")).text.splitlines():
-        if line.startswith("broker_viewers "):
-            return float(line.split()[1])
-    return -1.0
-
-
 async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[str, Any]:
     group = ProcessGroup()
     rss: RssSampler | None = None
@@ -165,21 +122,13 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         edge_cpu_0 = cpu_seconds(edge.pid)
         t_connect = time.monotonic()
         run_budget = args.run_timeout or 60 + 6 * args.messages / args.rate
-        loadgens: list[Proc] = []
-        first = 0
-        for i, n in enumerate(loadgen_split(viewers, args.loadgens)):
-            out = group.log_dir / f"loadgen{i}.json"
-            loadgens.append(await group.start(Proc(f"loadgen{i}", [
-                sys.executable, "-m", "bench.loadgen", "--port", edge_url.rsplit(":", 1)[1],
-                # One argument with "=": an id may start with "-", which argparse would take
-                # for an option.
-                f"--gen-id={gen_id}", "--viewers", str(n), "--first-index", str(first),
-                "--messages", str(args.messages), "--out", str(out),
-                "--connect-timeout", str(args.connect_timeout),
-                "--run-timeout", str(run_budget),
-                *(["--seq-from-text"] if impl == "nchan" else []),
-            ], env=child_env(), lines=True, log_dir=group.log_dir)))
-            first += n
+        loadgens = await start_loadgens(group, [int(edge_url.rsplit(":", 1)[1])], viewers, [
+            # One argument with "=": an id may start with "-", which argparse would take for an
+            # option.
+            f"--gen-id={gen_id}", "--messages", str(args.messages),
+            "--connect-timeout", str(args.connect_timeout), "--run-timeout", str(run_budget),
+            *(["--seq-from-text"] if impl == "nchan" else []),
+        ], requested=args.loadgens)
         for lg in loadgens:
             await lg.expect("ready", args.connect_timeout + 10)
         async with httpx.AsyncClient(base_url=edge_url, timeout=5) as http:
@@ -230,22 +179,10 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
                 "edge_rss_shmem_mb": round(status_kb(edge.pid, "RssShmem") / 1024, 1),
             }
 
-        results = [json.loads((group.log_dir / f"loadgen{i}.json").read_text())
-                   for i in range(len(loadgens))]
-        errors = [e for r in results for e in r["errors"]]
-        error_count = sum(r["error_count"] for r in results)
-        if error_count:
-            shown = "\n  ".join(errors)
-            raise BenchError(
-                f"{impl} V={viewers}: {error_count} viewer(s) did not get exactly events "
-                f"1..{args.messages} + end, in order:\n  {shown}{edge.tail()}"
-            )
-        ordered = sorted(read_latencies([r["latencies_file"] for r in results]))
-        deliveries = len(ordered)
-        expected = viewers * args.messages
-        if deliveries != expected:
-            raise BenchError(f"{impl} V={viewers}: {deliveries} deliveries, expected {expected}")
-        last_recv_ns = max(r["last_recv_ns"] for r in results)
+        verdict = collect(group, loadgens, f"{impl} V={viewers}", viewers * args.messages,
+                          edge.tail())
+        deliveries = verdict.deliveries
+        last_recv_ns = verdict.max_of("last_recv_ns")
         window_s = (last_recv_ns - first_ns) / 1e9
         edge_cpu = edge_cpu_2 - edge_cpu_1
         window_calls = calls_delta(calls_1, calls_2)
@@ -258,12 +195,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
             "window_s": round(window_s, 3),
             "publish_s": round((published_ns - first_ns) / 1e9, 3),
             "deliveries_per_s": round(deliveries / window_s, 1),
-            "latency_ms": {
-                "p50": round(percentile(ordered, 50), 3),
-                "p99": round(percentile(ordered, 99), 3),
-                "max": round(ordered[-1], 3),
-                "mean": round(sum(ordered) / deliveries, 3),
-            },
+            "latency_ms": verdict.latency_ms(),
             "edge_cpu_s": round(edge_cpu, 3),
             "edge_cpu_s_per_1000_deliveries": round(edge_cpu / deliveries * 1000, 4),
             "edge_connect_cpu_s": round(edge_cpu_1 - edge_cpu_0, 3),
@@ -333,12 +265,6 @@ NCHAN_RATIOS = [
 ]
 NCHAN_TARGET = 3.0  # issue 6: the broker within 3x of Nchan's edge CPU per delivery...
 NCHAN_TARGET_V = 1000  # ...on B1 at V=1000
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def ratios(cells: list[dict[str, Any]], numerator: str = "naive", denominator: str = "broker",
@@ -414,17 +340,6 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine() -> dict[str, Any]:
-    with open("/proc/loadavg", encoding="ascii") as f:
-        load = f.read().split()[:3]
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_at_start": [float(x) for x in load],
-    }
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -30,8 +30,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.b1 import RESULTS, RssSampler, machine, markdown_table
-from bench.cell import Costs, collect, start_loadgens, wait_viewers
+from bench.cell import (
+    RESULTS,
+    Costs,
+    RssSampler,
+    collect,
+    machine,
+    markdown_table,
+    start_loadgens,
+    wait_viewers,
+)
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
 from broker import protocol
 

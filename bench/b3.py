@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import nchan
-from bench.b1 import IMPLS, RESULTS, machine, markdown_table, run_cell
+from bench.b1 import IMPLS, run_cell
+from bench.cell import RESULTS, machine, markdown_table
 from bench.procs import BenchError
 
 TARGET_KB_PER_VIEWER = 16  # the benchmark issue's target for the broker's edge

@@ -5,8 +5,11 @@ viewers' verdicts and latencies (any loss, duplicate or reordering fails the cel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import os
+import platform
 import sys
 import time
 from array import array
@@ -18,9 +21,17 @@ import httpx
 import redis.asyncio as aioredis
 
 from bench.procs import BenchError, Proc, ProcessGroup, child_env
-from bench.support import calls_delta, command_calls, cpu_seconds, percentile, redis_cpu
+from bench.support import (
+    calls_delta,
+    command_calls,
+    cpu_seconds,
+    percentile,
+    redis_cpu,
+    status_kb,
+)
 
 VIEWERS_PER_LOADGEN = 500
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def loadgen_split(viewers: int, requested: int = 0) -> list[int]:
@@ -149,3 +160,46 @@ def collect(group: ProcessGroup, loadgens: list[Proc], what: str, expected_deliv
         raise BenchError(f"{what}: {verdict.deliveries} deliveries, "
                          f"expected {expected_deliveries}{tail}")
     return verdict
+
+
+class RssSampler:
+    """The edge's peak resident memory, sampled every 50 ms while the cell runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(OSError):
+            self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/loadavg", encoding="ascii") as f:
+        load = f.read().split()[:3]
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": [float(x) for x in load],
+    }
