@@ -1,0 +1,185 @@
+"""Run every benchmark scenario, one after the other, then summarise the targets.
+
+    .venv/bin/python -m bench                 # everything (~30 minutes on 2 cores)
+    .venv/bin/python -m bench --only b1,b4    # some scenarios
+    .venv/bin/python -m bench --quick         # small sizes: proves the harness, not the numbers
+
+Each scenario runs as its own process (``python -m bench.<name>``) with the sizes the
+benchmark issue asks for; its markdown goes to ``bench/results/<name>.md`` and its JSON and
+plots next to it. Then ``bench/results/summary.md`` (also printed) holds the figures the
+targets are about and whether each is met, read from those JSON files. Exits 1 if any
+scenario failed (a correctness check included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.cell import RESULTS, markdown_table
+
+# name -> (full arguments, quick arguments)
+SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
+    "b1": (["--viewers", "1,100,1000,3000"], ["--viewers", "1,50", "--messages", "30"]),
+    "b2": ([], ["--cells", "20x3,20x6", "--messages", "5"]),
+    "b3": (["--viewers", "5000"], ["--viewers", "200"]),
+    "b4": ([], ["--viewers", "100", "--log", "400", "--live", "10"]),
+    "b5": ([], ["--quick"]),
+    "direct": ([], ["--quick"]),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SCENARIOS),
+                        help="comma-separated scenarios to run")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes, to check the harness end to end in a few minutes")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="don't run anything: summarise the results already there")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(args.names) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+    return args
+
+
+def run_scenario(name: str, args: argparse.Namespace) -> bool:
+    full, quick = SCENARIOS[name]
+    argv = [sys.executable, "-m", f"bench.{name}", *(quick if args.quick else full),
+            "--results", str(args.results)]
+    print(f"\n## {name}: {' '.join(argv[1:])}", flush=True)
+    started = time.monotonic()
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
+    (args.results / f"{name}.md").write_text(done.stdout)
+    print(done.stdout, flush=True)
+    print(f"# {name}: exit {done.returncode} after {time.monotonic() - started:.0f} s",
+          file=sys.stderr, flush=True)
+    return done.returncode == 0
+
+
+# -- the summary: each target, read from the scenarios' JSON ---------------------------------
+
+
+def load(results: Path, name: str) -> dict[str, Any] | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def cell(data: dict[str, Any] | None, **match: Any) -> dict[str, Any] | None:
+    for c in (data or {}).get("cells", []):
+        if all(c.get(k) == v for k, v in match.items()):
+            return c
+    return None
+
+
+Row = tuple[str, str, str, str]  # target, measured, verdict, note
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def b1_rows(results: Path) -> list[Row]:
+    data = load(results, "b1")
+    c = cell(data, impl="broker", viewers=1000)
+    if c is None:
+        return [("B1 V=1000", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    per_cpu_s = 1000 / c["edge_cpu_s_per_1000_deliveries"]
+    rows: list[Row] = [
+        ("B1 V=1000: zero loss", f"{c['deliveries']} deliveries, all in order", verdict(True), ""),
+        ("B1 V=1000: p99 ≤ 50 ms", f"{c['latency_ms']['p99']:.1f} ms",
+         verdict(c["latency_ms"]["p99"] <= 50), f"p50 {c['latency_ms']['p50']:.1f} ms"),
+        ("B1 V=1000: ≥ 60,000 deliveries per edge CPU-s", f"{per_cpu_s:,.0f}",
+         verdict(per_cpu_s >= 60_000), f"{c['edge_cpu_s_per_1000_deliveries']:.4f} s/1000"),
+    ]
+    nchan_row = next((r for r in data.get("ratios_nchan", []) if r["viewers"] == 1000), None)
+    if nchan_row is not None and nchan_row.get("edge CPU / delivery") is not None:
+        ratio = nchan_row["edge CPU / delivery"]
+        rows.append(("B1 V=1000: within 3x of Nchan's CPU per delivery", f"{ratio:.2f}x",
+                     verdict(ratio <= 3), f"p99 broker/nchan {nchan_row['latency p99']:.2f}"))
+    naive = next((r for r in data.get("ratios", []) if r["viewers"] == 1000), None)
+    if naive is not None:
+        rows.append(("B1 V=1000: naive/broker (no target)",
+                     f"Redis conns {naive['edge→Redis conns']}x, Redis CPU {naive['Redis CPU']}x",
+                     "", f"edge CPU/delivery {naive['edge CPU / delivery']}x, "
+                         f"p99 {naive['latency p99']}x"))
+    return rows
+
+
+def b2_rows(results: Path) -> list[Row]:
+    data = load(results, "b2")
+    cells = [c for c in (data or {}).get("cells", []) if c["impl"] == "broker"]
+    if not cells:
+        return [("B2", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    per_msg = [c["redis_commands_per_message"] for c in cells]
+    trips = [c["publish_round_trips_per_message"] for c in cells]
+    spread = (max(per_msg) - min(per_msg)) / min(per_msg)
+    shown = ", ".join(f"{c['generations']}x{c['viewers_per_generation']}: "
+                      f"{c['redis_commands_per_message']:.2f}" for c in cells)
+    return [
+        ("B2: Redis commands per message constant in V", shown, verdict(spread <= 0.05),
+         f"spread {spread:.1%}"),
+        ("B2: worker publish = 1 round trip", ", ".join(f"{t:.2f}" for t in trips),
+         verdict(all(t == 1.0 for t in trips)), "EVALSHA calls per published event"),
+    ]
+
+
+def b3_rows(results: Path) -> list[Row]:
+    data = load(results, "b3")
+    c = cell(data, impl="broker")
+    if c is None:
+        return [("B3", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    kb = c["edge_rss_kb_per_idle_viewer"]
+    others = ", ".join(f"{o['impl']} {o['edge_rss_kb_per_idle_viewer']:.1f} KB"
+                       for o in data["cells"] if o["impl"] != "broker")
+    return [(f"B3: ≤ 16 KB edge RSS per idle viewer (V={c['viewers']})", f"{kb:.1f} KB",
+             verdict(kb <= 16), others)]
+
+
+def b4_rows(results: Path) -> list[Row]:
+    data = load(results, "b4")
+    c = cell(data)
+    if c is None:
+        return [("B4", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    return [(f"B4: all {c['viewers']} live again within 2 s", f"{c['all_live_s']:.2f} s",
+             verdict(c["all_live_s"] <= 2), f"{c['storm_redis_commands']} Redis commands")]
+
+
+SUMMARIES: dict[str, Callable[[Path], list[Row]]] = {
+    "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows,
+}
+
+
+def summary(results: Path) -> str:
+    rows = [row for rows_of in SUMMARIES.values() for row in rows_of(results)]
+    return "# Benchmark summary\n\n" + markdown_table(
+        ["target", "measured", "verdict", "note"], [list(r) for r in rows]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    failed = []
+    if not args.summary_only:
+        for name in args.names:
+            if not run_scenario(name, args):
+                failed.append(name)
+    text = summary(args.results)
+    (args.results / "summary.md").write_text(text)
+    print("\n" + text)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
