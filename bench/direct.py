@@ -81,6 +81,7 @@ class Result:
         self.mode = mode
         self.key = key
         self.sent_ns = 0
+        self.answered_ns = 0  # broker: the POST's 201 arrived
         self.first_text_ns = 0
         self.first_sentence_ns = 0
         self.latencies_ms: list[float] = []
@@ -132,6 +133,7 @@ async def run_broker(edge: httpx.AsyncClient, key: str, seed: int) -> Result:
     result.sent_ns = time.time_ns()
     created = await edge.post(
         "/v1/generations", json={"messages": [{"role": "user", "content": key}], "seed": seed})
+    result.answered_ns = time.time_ns()
     if created.status_code != 201:
         raise BenchError(f"POST /v1/generations answered {created.status_code}: {created.text}")
     last_id = 0
@@ -182,6 +184,11 @@ def check(result: Result, records: dict[str, Any], tokens: int) -> str | None:
     return None
 
 
+def reached_llm_ms(result: Result, records: dict[str, Any]) -> float:
+    """Request sent (direct) or POST sent (broker) → the fake LLM has read the request."""
+    return (records[result.key]["arrived_ns"] - result.sent_ns) / 1e6
+
+
 def stats(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     return {
@@ -193,10 +200,13 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def summarize(mode: str, results: list[Result]) -> dict[str, Any]:
+def summarize(mode: str, results: list[Result], records: dict[str, Any]) -> dict[str, Any]:
     return {
         "mode": mode,
         "generations": len(results),
+        "reached_llm_ms": stats([reached_llm_ms(r, records) for r in results]),
+        **({"post_ms": stats([(r.answered_ns - r.sent_ns) / 1e6 for r in results])}
+           if mode == "broker" else {}),
         "ttft_ms": stats([r.ttft_ms for r in results]),
         "first_sentence_ms": stats([r.first_sentence_ms for r in results]),
         "message_latency_ms": stats([lat for r in results for lat in r.latencies_ms]),
@@ -253,7 +263,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                   if (problem := check(r, records, args.tokens))]
         if errors:
             raise BenchError(f"{len(errors)} generation(s) wrong:\n  " + "\n  ".join(errors[:10]))
-        out = {mode: summarize(mode, results[mode]) for mode in MODES}
+        out = {mode: summarize(mode, results[mode], records) for mode in MODES}
         out["cpu_s"] = {name: round(cpu_1[name] - cpu_0[name], 3) for name in procs}
         return out
     finally:
@@ -265,6 +275,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 METRICS = [
+    ("request reaches the LLM", "reached_llm_ms"),
     ("time-to-first-text", "ttft_ms"),
     ("time-to-first-sentence", "first_sentence_ms"),
     ("per-message latency", "message_latency_ms"),
@@ -285,10 +296,13 @@ def comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 def report(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     per_mode = markdown_table(
-        ["mode", "generations", "TTFT p50 ms", "TTFT p99 ms", "first sentence p50 ms",
+        ["mode", "generations", "to LLM p50 ms", "to LLM p99 ms", "TTFT p50 ms", "TTFT p99 ms",
+         "first sentence p50 ms",
          "first sentence p99 ms", "per-message p50 ms", "per-message p99 ms",
          "per-message max ms", "timed messages", "deliveries/gen"],
-        [[m, str(s["generations"]), f"{s['ttft_ms']['p50']:.2f}", f"{s['ttft_ms']['p99']:.2f}",
+        [[m, str(s["generations"]), f"{s['reached_llm_ms']['p50']:.2f}",
+          f"{s['reached_llm_ms']['p99']:.2f}",
+          f"{s['ttft_ms']['p50']:.2f}", f"{s['ttft_ms']['p99']:.2f}",
           f"{s['first_sentence_ms']['p50']:.2f}", f"{s['first_sentence_ms']['p99']:.2f}",
           f"{s['message_latency_ms']['p50']:.2f}", f"{s['message_latency_ms']['p99']:.2f}",
           f"{s['message_latency_ms']['max']:.2f}", str(s["message_latency_ms"]["n"]),

@@ -184,6 +184,7 @@ class Server:
             seed = zlib.crc32(key.encode())
         record = self.records.setdefault(key, {"requests": 0})
         record["requests"] += 1
+        record["arrived_ns"] = time.time_ns()  # the request, read whole
         tail = FINISH_CHUNK
         if (body.get("stream_options") or {}).get("include_usage"):
             prompt = sum(len(str(m.get("content", "")).split())
