@@ -1,4 +1,5 @@
-"""The processes a benchmark cell starts: redis-server, an edge, the publisher, load generators.
+"""The processes a benchmark cell starts: redis-server, an edge, a worker, the fake LLM, the
+publisher, load generators.
 
 Every wait has a deadline and every process is stopped by its owner in a ``finally``
 (``ProcessGroup.stop_all``): SIGTERM, a bounded wait, then SIGKILL.
@@ -187,3 +188,39 @@ async def poll(check: object, within: float, what: str, proc: Proc | None = None
     except TimeoutError as e:
         tail = proc.tail() if proc is not None else ""
         raise BenchError(f"{what} not ready within {within:.0f}s (last: {last!r}){tail}") from e
+
+
+async def start_fastllm(
+    group: ProcessGroup, *, rate: float, tokens: int, sentence_tokens: str
+) -> tuple[Proc, str]:
+    """``bench.fastllm`` on a free port; returns it and its base URL (``.../v1``)."""
+    proc = await group.start(Proc("fastllm", [
+        sys.executable, "-m", "bench.fastllm", "--port", "0", "--rate", str(rate),
+        "--tokens", str(tokens), "--sentence-tokens", sentence_tokens,
+    ], env=child_env(), lines=True, log_dir=group.log_dir))
+    (port,) = await proc.expect("listening", 30)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+WORKER_CLIENT_PREFIX = "broker-worker-"
+
+
+async def start_worker(
+    group: ProcessGroup, redis: aioredis.Redis, redis_url: str, llm_url: str, *,
+    concurrency: int, **extra: str,
+) -> Proc:
+    """``python -m worker`` against ``llm_url``; ready once it blocks reading the job queue."""
+    env = child_env(
+        REDIS_URL=redis_url, OPENAI_BASE_URL=llm_url, OPENAI_API_KEY="bench",
+        BROKER_MODEL="fastllm", BROKER_MAX_CONCURRENCY=str(concurrency),
+        BROKER_WORKER_METRICS_PORT="0", BROKER_LOG_LEVEL="warning", **extra,
+    )
+    proc = await group.start(Proc("worker", [sys.executable, "-m", "worker"], env=env,
+                                  log_dir=group.log_dir))
+
+    async def reading_jobs() -> bool:
+        return any(c.get("name", "").startswith(WORKER_CLIENT_PREFIX)
+                   and c.get("cmd") == "xreadgroup" for c in await redis.client_list())
+
+    await poll(reading_jobs, 30, "worker", proc)
+    return proc

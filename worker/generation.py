@@ -17,6 +17,7 @@ from broker.metrics import Metrics
 from broker.protocol import Event, JobEntry
 from broker.settings import Settings
 from broker.store import Store
+from broker.tasks import cancel_and_wait
 from worker.llm import LLM, Completion, LLMError
 from worker.sentences import SentenceBuffer
 
@@ -136,9 +137,7 @@ class GenerationRun:
             if not llm_task.done():
                 llm_task.cancel()  # closes the upstream response (``async with stream``)
             outcome = await _outcome(llm_task)
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await cancel_and_wait(*helpers)
             if self.lost.is_set():
                 log.warning("generation %s: lease lost; another party ended it", self.gen_id)
                 return
@@ -146,9 +145,7 @@ class GenerationRun:
         except Stop as e:
             log.warning("generation %s stopped: %s", self.gen_id, e)
         finally:
-            for task in [llm_task, *helpers, *stops]:
-                task.cancel()
-            await asyncio.gather(llm_task, *helpers, *stops, return_exceptions=True)
+            await cancel_and_wait(llm_task, *helpers, *stops)
 
     def _note_speed(self) -> None:
         first = self._first_token_at

@@ -15,6 +15,7 @@ from broker.metrics import Metrics
 from broker.protocol import Job, JobEntry
 from broker.settings import Settings
 from broker.store import Store
+from broker.tasks import cancel_and_wait
 from worker.generation import GenerationRun
 from worker.llm import LLM
 
@@ -57,9 +58,7 @@ class Worker:
             await self._take_jobs(burst)
         finally:
             await self._drain()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await cancel_and_wait(*background)
 
     async def _take_jobs(self, burst: bool) -> None:
         """One reader per job shard; they share this worker's capacity."""
