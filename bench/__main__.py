@@ -30,8 +30,8 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "b2": ([], ["--cells", "20x3,20x6", "--messages", "5"]),
     "b3": (["--viewers", "5000"], ["--viewers", "200"]),
     "b4": ([], ["--viewers", "100", "--log", "400", "--live", "10"]),
-    "b5": ([], ["--quick"]),
-    "direct": ([], ["--quick"]),
+    "b5": ([], ["--g", "10", "--tokens", "60", "--refine", "0"]),
+    "direct": ([], ["--generations", "4", "--tokens", "40"]),
 }
 
 
@@ -154,8 +154,37 @@ def b4_rows(results: Path) -> list[Row]:
              verdict(c["all_live_s"] <= 2), f"{c['storm_redis_commands']} Redis commands")]
 
 
+def b5_rows(results: Path) -> list[Row]:
+    data = load(results, "b5")
+    if not data or not data.get("cells"):
+        return [("B5", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    largest = data.get("largest_g_within_target")
+    c = cell(data, g=largest) if largest else None
+    measured = f"G = {largest}" if largest else "none"
+    note = (f"{c['worker_cpu_us_per_token']:.0f} µs worker CPU per token, "
+            f"{c['steady_tokens_per_s']:.0f} tokens/s" if c else "")
+    return [("B5: largest G before token→publish p99 > 50 ms (no target)", measured,
+             "" if c else "n/a", note)]
+
+
+def direct_rows(results: Path) -> list[Row]:
+    data = load(results, "direct")
+    if not data or "comparison" not in data:
+        return [("direct", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    rows = {(r["metric"], r["q"]): r for r in data["comparison"]}
+    out: list[Row] = []
+    for metric in ("time-to-first-text", "time-to-first-sentence", "per-message latency"):
+        p50, p99 = rows[metric, "p50"], rows[metric, "p99"]
+        out.append((f"direct: what the broker adds to {metric} (no target)",
+                    f"p50 {p50['broker_minus_direct_ms']:+.1f} ms, "
+                    f"p99 {p99['broker_minus_direct_ms']:+.1f} ms", "",
+                    f"broker p50 {p50['broker_ms']:.1f} ms vs direct {p50['direct_ms']:.1f} ms"))
+    return out
+
+
 SUMMARIES: dict[str, Callable[[Path], list[Row]]] = {
-    "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows,
+    "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows, "b5": b5_rows,
+    "direct": direct_rows,
 }
 
 
