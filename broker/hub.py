@@ -26,6 +26,7 @@ from broker import protocol
 from broker.backoff import Backoff
 from broker.metrics import Metrics
 from broker.store import Store
+from broker.tasks import cancel_and_wait
 from broker.topic import Topic, to_frame
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,9 @@ class Shard:
         if self._reader is asyncio.current_task():
             return  # retired from its own reader (see ``Hub.rebalance``): the loop ends itself
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader  # its failure, if any, was logged where it happened
+            # Its failure, if any, was logged where it happened. Cancelled for sure: a cancel
+            # landing as a Redis call completes can be lost (see broker.tasks).
+            await cancel_and_wait(self._reader)
             self._reader = None
 
     async def restart(self) -> None:
@@ -278,12 +279,7 @@ class Hub:
         ]
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._background]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks, *self._background)
         for shard in list(self.shards.values()):
             await self._drop_shard(shard)
 
