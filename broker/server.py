@@ -1,14 +1,17 @@
-"""The HTTP server under the edge: uvicorn, with a bound on slow request headers and a shutdown
-that ends SSE streams at once."""
+"""The HTTP server under the edge: uvicorn, with a bound on slow request headers, word of a
+lost connection for long responses, and a shutdown that ends SSE streams at once."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
+from typing import ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Receive
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.settings import Settings
 
@@ -16,10 +19,15 @@ from broker.settings import Settings
 class HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn waits for request headers forever (its keep-alive timer runs only between
     requests), so a client trickling headers, or connecting and sending nothing, would hold a
-    connection for good. Here each request's headers must arrive within ``header_timeout``."""
+    connection for good. Here each request's headers must arrive within ``header_timeout``.
+
+    It also tells a long response at once that its client left (``when_lost``), so an SSE
+    stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``."""
 
     header_timeout = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+    # One table for all connections: an attribute more on each would cost each a bigger dict.
+    _lost_callbacks: ClassVar[dict[HeaderTimeoutProtocol, Callable[[], None]]] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -36,6 +44,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        callback = self._lost_callbacks.pop(self, None)
+        if callback is not None:
+            callback()
 
     def _arm(self) -> None:
         self._disarm()
@@ -50,6 +61,26 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:
+    """Have ``callback`` called as soon as the connection of the request whose ``receive`` this
+    is is lost (None: not any more). False when that cannot be told here (another server or
+    protocol, a wrapped ``receive``, or the connection is closing already): then wait for
+    ``http.disconnect`` instead."""
+    cycle = getattr(receive, "__self__", None)
+    if not isinstance(cycle, RequestResponseCycle):
+        return False
+    protocol = cycle.transport.get_protocol()
+    if not isinstance(protocol, HeaderTimeoutProtocol):
+        return False
+    if callback is None:
+        protocol._lost_callbacks.pop(protocol, None)
+    elif cycle.disconnected or cycle.transport.is_closing():
+        return False
+    else:
+        protocol._lost_callbacks[protocol] = callback
+    return True
 
 
 class EdgeServer(uvicorn.Server):

@@ -1,4 +1,4 @@
-"""The SSE response of one viewer: a cursor over a hub topic, raced against the disconnect."""
+"""The SSE response of one viewer: a cursor over a hub topic, ended by the disconnect."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from broker.errors import error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
+from broker.server import when_lost
 from broker.topic import LOG_READ_CHUNK, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,13 @@ SSE_HEADERS = [
 
 class EventStream:
     """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``."""
+
+    # Thousands of these live at once: no per-instance dict.
+    __slots__ = (
+        "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "cursor",
+        "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
+        "send_timeout",
+    )
 
     def __init__(
         self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
@@ -56,7 +64,11 @@ class EventStream:
         relay = asyncio.current_task()
         assert relay is not None
         self._relay_task = relay
-        watcher = asyncio.create_task(self._watch_disconnect(receive, relay))
+        # The edge's protocol tells us at once when the client leaves; elsewhere (or when the
+        # connection is going already) a task waits for ``http.disconnect``.
+        watcher = None
+        if not when_lost(receive, self._client_left):
+            watcher = asyncio.create_task(self._watch_disconnect(receive))
         self.metrics.viewers.inc()
         self.hub.open_streams.add(self)
         try:
@@ -85,7 +97,10 @@ class EventStream:
         finally:
             self.metrics.viewers.dec()
             self.hub.open_streams.discard(self)
-            watcher.cancel()
+            if watcher is None:
+                when_lost(receive, None)
+            else:
+                watcher.cancel()
 
     async def _relay(
         self, topic: Topic, send: Send, frames: list[Frame], changed: asyncio.Event
@@ -156,12 +171,16 @@ class EventStream:
             if self._relay_task is not None:
                 self._relay_task.cancel()
 
-    async def _watch_disconnect(self, receive: Receive, relay: asyncio.Task[object]) -> None:
+    def _client_left(self) -> None:
+        self._client_gone = True
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
-                self._client_gone = True
-                relay.cancel()
+                self._client_left()
                 return
 
 
