@@ -1,5 +1,6 @@
 """The HTTP server under the edge: uvicorn, with a bound on slow request headers, word of a
-lost connection for long responses, and a shutdown that ends SSE streams at once."""
+lost connection for long responses, direct writes for the SSE fan-out, and a shutdown that
+ends SSE streams at once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.settings import Settings
@@ -61,6 +62,48 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class DirectWriter:
+    """Body chunks written straight to a streaming response's socket, beside its ASGI ``send``.
+
+    A fan-out writes the same event to every live viewer: through ``send`` that is a task
+    wake-up, three Starlette wrappers and uvicorn's framing per viewer; here it is one
+    ``transport.write`` of bytes framed once for all. Only for uvicorn's httptools responses in
+    chunked encoding, once started; ``send`` still starts and ends the response and does every
+    write that has to wait (``ready`` is False while flow control holds writes back)."""
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+        self._flow = cycle.flow
+
+    @staticmethod
+    def of(scope: Scope, receive: Receive) -> DirectWriter | None:
+        """The writer for the response ``receive`` belongs to, if uvicorn's httptools protocol
+        serves it in chunked encoding and it has started; else None (use ``send``)."""
+        cycle = getattr(receive, "__self__", None)  # middleware may have wrapped receive
+        if (
+            not isinstance(cycle, RequestResponseCycle)
+            or cycle.scope is not scope
+            or not cycle.response_started
+            or cycle.response_complete
+            or cycle.chunked_encoding is not True
+        ):
+            return None
+        return DirectWriter(cycle)
+
+    def ready(self) -> bool:
+        """Would a write go out now: the connection open, flow control not holding writes?"""
+        return not (
+            self._flow.write_paused or self._cycle.disconnected or self._transport.is_closing()
+        )
+
+    def write(self, chunk: bytes) -> None:
+        """Write one chunk framed by ``sse.http_chunk``; only when ``ready``."""
+        self._transport.write(chunk)
 
 
 def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:

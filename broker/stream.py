@@ -14,7 +14,7 @@ from broker.errors import error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
-from broker.server import when_lost
+from broker.server import DirectWriter, when_lost
 from broker.topic import LOG_READ_CHUNK, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,17 @@ SSE_HEADERS = [
 
 
 class EventStream:
-    """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``."""
+    """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``.
+
+    Live, it costs no running task: once caught up it parks at its topic's head, and the
+    topic's fan-out writes each next event straight to its socket (``push``). Its task runs
+    only to catch up (from the window or the log), for a write that has to wait, for a
+    keepalive, and to end the response."""
 
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
-        "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "cursor",
-        "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
+        "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
+        "cursor", "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
         "send_timeout",
     )
 
@@ -59,6 +64,7 @@ class EventStream:
         self._last_write = time.monotonic()
         self._too_slow = False
         self._relay_task: asyncio.Task[object] | None = None
+        self._writer: DirectWriter | None = None  # for the fan-out's writes, once started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.current_task()
@@ -84,6 +90,7 @@ class EventStream:
                     await error_response(410, "history_lost", str(e))(scope, receive, send)
                     return
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                self._writer = DirectWriter.of(scope, receive)
                 await self._send(send, sse.retry(self.retry_ms))
                 await self._relay(topic, send, frames, changed)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -97,6 +104,7 @@ class EventStream:
         finally:
             self.metrics.viewers.dec()
             self.hub.open_streams.discard(self)
+            self._writer = None
             if watcher is None:
                 when_lost(receive, None)
             else:
@@ -106,14 +114,14 @@ class EventStream:
         self, topic: Topic, send: Send, frames: list[Frame], changed: asyncio.Event
     ) -> None:
         """Send what is after the cursor, wait for more, repeat until the terminal event."""
-        cursor, resyncs = self.cursor, topic.resyncs
+        resyncs = topic.resyncs
         caught_up = False  # the last look found nothing new: what comes next is live
         while True:
             if frames:
                 for batch in _batches(frames):
                     await self._send(send, b"".join(f.data for f in batch))
                     self.metrics.events_delivered.inc(len(batch))
-                    cursor = self.position = batch[-1].seq
+                    self.position = batch[-1].seq
                 if caught_up:
                     self.metrics.delivery_latency.observe(
                         max(0.0, now_ms() - frames[-1].published_ms) / 1000
@@ -125,7 +133,12 @@ class EventStream:
                 caught_up = True
                 # No timer per wait: the hub wakes quiet topics a few times per keepalive
                 # interval, and whoever has written nothing for that long sends a comment.
-                await changed.wait()
+                if self._writer is not None and not changed.is_set():
+                    await topic.park(self)  # the fan-out writes to us meanwhile
+                    if self.position == topic.terminal_seq:
+                        return  # the fan-out wrote the terminal event
+                else:
+                    await changed.wait()
                 now = time.monotonic()
                 if now < self.deadline and now - self._last_write >= self.keepalive:
                     await self._send(send, sse.comment("keepalive"))
@@ -136,10 +149,26 @@ class EventStream:
             look_in_log = topic.resyncs != resyncs or len(frames) >= LOG_READ_CHUNK
             resyncs = topic.resyncs
             try:
-                frames = await self._next_frames(topic, cursor, look_in_log)
+                frames = await self._next_frames(topic, self.position, look_in_log)
             except HistoryLost as e:
                 await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
                 return
+
+    def push(self, seq: int, chunk: bytes, now: float) -> bool:
+        """The topic's fan-out, while this viewer is parked: write frame ``seq`` now if it is
+        the next one and the socket takes it without waiting (see ``LiveViewer``)."""
+        writer = self._writer
+        if self.position != seq - 1 or writer is None or not writer.ready():
+            return False
+        if now >= self.deadline:
+            return False  # woken, it ends the stream
+        try:
+            writer.write(chunk)
+        except (OSError, RuntimeError):
+            return False  # the fan-out goes on; this viewer's own send meets the failure
+        self.position = seq
+        self._last_write = now
+        return True
 
     async def _next_frames(self, topic: Topic, cursor: int, look_in_log: bool) -> list[Frame]:
         if topic.lost:

@@ -5,7 +5,8 @@ to SSE bytes (encoded once per edge, not once per viewer). A viewer is only a cu
 what the window holds after its cursor, and whatever the window no longer (or not yet) holds
 comes from the log, in one read shared by every viewer that needs the same range. So a slow
 viewer costs no queue, a late or resuming viewer costs a log read, and a gap in the live ids
-(missed pub/sub messages) is healed the same way.
+(missed pub/sub messages) is healed the same way. A viewer that has caught up parks at the head
+(``park``), and ``offer`` writes each next frame to it directly (``LiveViewer.push``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,24 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from broker import sse
 from broker.metrics import Metrics
-from broker.protocol import Event
+from broker.protocol import Event, now_ms
 from broker.store import Store
 
 LOG_READ_CHUNK = 200
+
+
+class LiveViewer(Protocol):
+    """A viewer parked at a topic's head (``Topic.park``)."""
+
+    def push(self, seq: int, chunk: bytes, now: float) -> bool:
+        """Write frame ``seq`` (``chunk``: framed by ``sse.http_chunk``) at once, if nothing
+        stands before it (the viewer's last frame is ``seq - 1``, its socket takes writes).
+        True if written; ``now`` is ``time.monotonic()``."""
+        ...
 
 
 class HistoryLost(Exception):
@@ -54,6 +66,9 @@ class Topic:
     # The log was read to this seq, complete, while subscribed: anything later comes live.
     read_to: int | None = None
     last_change: float = 0.0
+    metrics: Metrics | None = None  # counts what the fan-out writes
+    # Viewers parked at the head, each with the future that wakes it (see ``park``).
+    live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _reads: dict[int, asyncio.Future[list[Frame]]] = field(default_factory=dict)
 
@@ -77,8 +92,47 @@ class Topic:
         if gap:
             self.window.clear()
         self._append(frame)
-        self._notify()
+        if gap:
+            self._notify()  # live viewers too: they read what they miss from the log
+        else:
+            self._fan_out(frame)
+            self._notify(live=False)
         return not gap
+
+    async def park(self, viewer: LiveViewer) -> None:
+        """Wait at the head, live: ``offer`` writes each next frame to ``viewer`` itself
+        (``viewer.push``) and returns here only when the viewer has something else to do: a
+        frame it could not take at once, the terminal event, any other change (a gap, a
+        resync, a log read), or a keepalive tick. So a fan-out wakes no task per viewer."""
+        woken = asyncio.get_running_loop().create_future()
+        self.live[viewer] = woken
+        try:
+            await woken
+        finally:
+            if self.live.get(viewer) is woken:
+                del self.live[viewer]
+
+    def _fan_out(self, frame: Frame) -> None:
+        if not self.live:
+            return
+        chunk = sse.http_chunk(frame.data)  # framed once for every viewer
+        now = time.monotonic()
+        written = 0
+        # A copy: nothing a write triggers may change the set under the loop.
+        for viewer, woken in list(self.live.items()):
+            if woken.done():  # cancelled (its client left): its task is on its way out
+                continue
+            if viewer.push(frame.seq, chunk, now):
+                written += 1
+                if not frame.terminal:
+                    continue
+            # It could not take the frame (it goes the slow way), or its stream is over.
+            del self.live[viewer]
+            woken.set_result(None)
+        if written and self.metrics is not None:
+            self.metrics.events_delivered.inc(written)
+            # One observation per fan-out: the time to its last write, the slowest viewer's.
+            self.metrics.delivery_latency.observe(max(0.0, now_ms() - frame.published_ms) / 1000)
 
     def absorb(self, frames: list[Frame]) -> None:
         """Merge contiguous frames read from the log, so later viewers are served from memory."""
@@ -93,6 +147,8 @@ class Topic:
             if older and room > 0:
                 self.window.extendleft(reversed(older[-room:]))
             frames = [f for f in frames if f.seq > self.head]
+        if not frames:
+            return  # only older frames: nobody waiting at the head has anything new
         for f in frames:
             self._append(f)
         self._notify()
@@ -164,8 +220,19 @@ class Topic:
         topic still counts as quiet for the audit."""
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        self._wake_live()
 
-    def _notify(self) -> None:
+    def _notify(self, live: bool = True) -> None:
+        """Wake the viewers waiting for a change; ``live=False``: not the parked ones (the
+        fan-out wrote the change to them)."""
         self.last_change = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        if live:
+            self._wake_live()
+
+    def _wake_live(self) -> None:
+        live, self.live = self.live, {}
+        for woken in live.values():
+            if not woken.done():
+                woken.set_result(None)
