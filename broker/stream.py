@@ -19,6 +19,11 @@ from broker.topic import LOG_READ_CHUNK, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
 
+# A scope key: where the edge's app (``broker.app.EdgeApp``) collects the stream to serve
+# itself once Starlette's routing and middleware have returned (their frames, wrappers and
+# ``Request`` would otherwise live as long as the stream).
+HANDOFF = "broker.stream_handoff"
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -38,7 +43,7 @@ class EventStream:
     __slots__ = (
         "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
         "cursor", "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
-        "send_timeout",
+        "send_timeout", "started",
     )
 
     def __init__(
@@ -65,8 +70,17 @@ class EventStream:
         self._too_slow = False
         self._relay_task: asyncio.Task[object] | None = None
         self._writer: DirectWriter | None = None  # for the fan-out's writes, once started
+        self.started = False  # the response began (or its error answer did)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handoff: list[EventStream] | None = scope.get(HANDOFF)
+        if handoff is not None:
+            handoff.append(self)  # the app serves it once the routing has unwound
+            return
+        await self.serve(scope, receive, send)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The response; exceptions before it started (``started``) still need an answer."""
         relay = asyncio.current_task()
         assert relay is not None
         self._relay_task = relay
@@ -87,8 +101,10 @@ class EventStream:
                 except HistoryLost as e:
                     # Before any byte is sent: a non-200 answer, so EventSource stops here
                     # instead of reconnecting into the same hole forever.
+                    self.started = True
                     await error_response(410, "history_lost", str(e))(scope, receive, send)
                     return
+                self.started = True
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
                 self._writer = DirectWriter.of(scope, receive)
                 await self._send(send, sse.retry(self.retry_ms))
