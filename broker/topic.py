@@ -12,6 +12,7 @@ viewer costs no queue, a late or resuming viewer costs a log read, and a gap in 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from broker.protocol import Event, now_ms
 from broker.store import Store
 
 LOG_READ_CHUNK = 200
+
+log = logging.getLogger(__name__)
 
 
 class LiveViewer(Protocol):
@@ -122,7 +125,14 @@ class Topic:
         for viewer, woken in list(self.live.items()):
             if woken.done():  # cancelled (its client left): its task is on its way out
                 continue
-            if viewer.push(frame.seq, chunk, now):
+            try:
+                pushed = viewer.push(frame.seq, chunk, now)
+            except Exception:
+                # One viewer's failure must not stop the fan-out (nor the pub/sub reader that
+                # runs it): that viewer goes the slow way, where its own task meets the error.
+                log.exception("direct write to a viewer of %s failed", self.gen_id)
+                pushed = False
+            if pushed:
                 written += 1
                 if not frame.terminal:
                     continue

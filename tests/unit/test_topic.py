@@ -338,6 +338,20 @@ async def test_a_viewer_that_cannot_take_a_frame_is_woken_and_the_others_go_on()
     fast_park.cancel()
 
 
+async def test_a_viewer_whose_push_fails_is_woken_and_the_fan_out_goes_on() -> None:
+    class Broken(Viewer):
+        def push(self, seq: int, chunk: bytes, now: float) -> bool:
+            raise ValueError("a bug in one viewer")
+
+    topic = topic_with(1, 2)
+    broken, fine = Broken(2), Viewer(2)
+    broken_park, fine_park = await parked(topic, broken), await parked(topic, fine)
+    topic.offer(frame(3))
+    await asyncio.wait_for(broken_park, 1)
+    assert fine.position == 3 and not fine_park.done()
+    fine_park.cancel()
+
+
 async def test_a_gap_wakes_parked_viewers_without_writing() -> None:
     topic = topic_with(1, 2)
     viewer = Viewer(2)
