@@ -15,7 +15,7 @@ from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
 from broker.server import DirectWriter, when_lost
-from broker.topic import LOG_READ_CHUNK, Frame, HistoryLost, Topic
+from broker.topic import LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +170,12 @@ class EventStream:
                 await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
                 return
 
-    def push(self, seq: int, chunk: bytes, now: float) -> bool:
-        """The topic's fan-out, while this viewer is parked: write frame ``seq`` now if it is
-        the next one and the socket takes it without waiting (see ``LiveViewer``)."""
+    def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+        """The topic's fan-out, while this viewer is parked: write frames ``after + 1`` to
+        ``last`` now if they are the next ones and the socket takes them without waiting (see
+        ``LiveViewer``)."""
         writer = self._writer
-        if self.position != seq - 1 or writer is None or not writer.ready():
+        if self.position != after or writer is None or not writer.ready():
             return False
         if now >= self.deadline:
             return False  # woken, it ends the stream
@@ -182,7 +183,7 @@ class EventStream:
             writer.write(chunk)
         except (OSError, RuntimeError):
             return False  # the fan-out goes on; this viewer's own send meets the failure
-        self.position = seq
+        self.position = last
         self._last_write = now
         return True
 
@@ -227,9 +228,6 @@ class EventStream:
             if message["type"] == "http.disconnect":
                 self._client_left()
                 return
-
-
-MAX_WRITE_BYTES = 64 * 1024
 
 
 def _batches(frames: list[Frame]) -> Iterator[list[Frame]]:

@@ -6,7 +6,8 @@ what the window holds after its cursor, and whatever the window no longer (or no
 comes from the log, in one read shared by every viewer that needs the same range. So a slow
 viewer costs no queue, a late or resuming viewer costs a log read, and a gap in the live ids
 (missed pub/sub messages) is healed the same way. A viewer that has caught up parks at the head
-(``park``), and ``offer`` writes each next frame to it directly (``LiveViewer.push``).
+(``park``), and the fan-out that follows each ``offer`` writes the new frames to it directly
+(``LiveViewer.push``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,20 @@ LOG_READ_CHUNK = 200
 log = logging.getLogger(__name__)
 
 
+# The most a fan-out writes to a viewer at once; more (a burst the reader fell behind on) goes
+# the slow way, in batches of about this size.
+MAX_WRITE_BYTES = 64 * 1024
+
+
 class LiveViewer(Protocol):
     """A viewer parked at a topic's head (``Topic.park``)."""
 
-    def push(self, seq: int, chunk: bytes, now: float) -> bool:
-        """Write frame ``seq`` (``chunk``: framed by ``sse.http_chunk``) at once, if nothing
-        stands before it (the viewer's last frame is ``seq - 1``, its socket takes writes).
-        True if written; ``now`` is ``time.monotonic()``."""
+    position: int  # the last seq it was sent
+
+    def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+        """Write frames ``after + 1`` to ``last`` (``chunk``: framed by ``sse.http_chunk``) at
+        once, if nothing stands before them (the viewer is at ``after``, its socket takes
+        writes). True if written; ``now`` is ``time.monotonic()``."""
         ...
 
 
@@ -72,6 +80,7 @@ class Topic:
     metrics: Metrics | None = None  # counts what the fan-out writes
     # Viewers parked at the head, each with the future that wakes it (see ``park``).
     live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
+    _fan_out_soon: asyncio.Handle | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _reads: dict[int, asyncio.Future[list[Frame]]] = field(default_factory=dict)
 
@@ -98,8 +107,11 @@ class Topic:
         if gap:
             self._notify()  # live viewers too: they read what they miss from the log
         else:
-            self._fan_out(frame)
             self._notify(live=False)
+            if self.live and self._fan_out_soon is None:
+                # Soon rather than now: frames that arrive together (the reader was behind)
+                # then go out in one write per viewer.
+                self._fan_out_soon = asyncio.get_running_loop().call_soon(self._fan_out)
         return not gap
 
     async def park(self, viewer: LiveViewer) -> None:
@@ -115,34 +127,57 @@ class Topic:
             if self.live.get(viewer) is woken:
                 del self.live[viewer]
 
-    def _fan_out(self, frame: Frame) -> None:
+    def _fan_out(self) -> None:
+        """Write what each parked viewer lacks, framed once per position (all parked viewers
+        are normally at the same one); wake those that cannot take it, or are done."""
+        self._fan_out_soon = None
         if not self.live:
             return
-        chunk = sse.http_chunk(frame.data)  # framed once for every viewer
         now = time.monotonic()
-        written = 0
+        writes: dict[int, tuple[list[Frame], bytes] | None] = {}  # by position
+        delivered = 0
         # A copy: nothing a write triggers may change the set under the loop.
         for viewer, woken in list(self.live.items()):
             if woken.done():  # cancelled (its client left): its task is on its way out
                 continue
-            try:
-                pushed = viewer.push(frame.seq, chunk, now)
-            except Exception:
-                # One viewer's failure must not stop the fan-out (nor the pub/sub reader that
-                # runs it): that viewer goes the slow way, where its own task meets the error.
-                log.exception("direct write to a viewer of %s failed", self.gen_id)
-                pushed = False
-            if pushed:
-                written += 1
-                if not frame.terminal:
-                    continue
-            # It could not take the frame (it goes the slow way), or its stream is over.
+            position = viewer.position
+            if position not in writes:
+                writes[position] = self._write_after(position)
+            write = writes[position]
+            if write is not None and not write[0]:
+                continue  # nothing new for it (it parked after the last offer)
+            pushed = False
+            if write is not None:
+                frames, chunk = write
+                try:
+                    pushed = viewer.push(position, frames[-1].seq, chunk, now)
+                except Exception:
+                    # One viewer's failure must not stop the fan-out (nor the pub/sub reader
+                    # that runs it): it goes the slow way, where its own task meets the error.
+                    log.exception("direct write to a viewer of %s failed", self.gen_id)
+                if pushed:
+                    delivered += len(frames)
+                    if not frames[-1].terminal:
+                        continue
+            # It could not take the frames (it goes the slow way), or its stream is over.
             del self.live[viewer]
             woken.set_result(None)
-        if written and self.metrics is not None:
-            self.metrics.events_delivered.inc(written)
-            # One observation per fan-out: the time to its last write, the slowest viewer's.
-            self.metrics.delivery_latency.observe(max(0.0, now_ms() - frame.published_ms) / 1000)
+        if delivered and self.metrics is not None:
+            self.metrics.events_delivered.inc(delivered)
+            # One observation per fan-out: the newest frame, after the last write.
+            newest = self.window[-1].published_ms
+            self.metrics.delivery_latency.observe(max(0.0, now_ms() - newest) / 1000)
+
+    def _write_after(self, position: int) -> tuple[list[Frame], bytes] | None:
+        """The window's frames after ``position`` and their chunk; None when the window does
+        not reach back to it or they are too many for one write."""
+        frames = self.frames_after(position)
+        if not frames:
+            return None if frames is None else ([], b"")
+        data = frames[0].data if len(frames) == 1 else b"".join(f.data for f in frames)
+        if len(data) > MAX_WRITE_BYTES:
+            return None
+        return frames, sse.http_chunk(data)
 
     def absorb(self, frames: list[Frame]) -> None:
         """Merge contiguous frames read from the log, so later viewers are served from memory."""

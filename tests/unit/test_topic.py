@@ -10,7 +10,7 @@ import pytest
 from broker import protocol, sse
 from broker.metrics import Metrics
 from broker.protocol import Event
-from broker.topic import LOG_READ_CHUNK, Frame, Topic, to_frame
+from broker.topic import LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, Topic, to_frame
 
 
 def frame(seq: int, terminal: bool = False) -> Frame:
@@ -281,18 +281,18 @@ async def test_a_waiter_on_changed_wakes_on_offer() -> None:
 
 
 class Viewer:
-    """A parked viewer: takes the next frame while ``accepting`` (its socket takes writes)."""
+    """A parked viewer: takes the next frames while ``accepting`` (its socket takes writes)."""
 
     def __init__(self, position: int, accepting: bool = True) -> None:
         self.position = position
         self.accepting = accepting
         self.chunks: list[bytes] = []
 
-    def push(self, seq: int, chunk: bytes, now: float) -> bool:
-        if not self.accepting or seq != self.position + 1:
+    def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+        if not self.accepting or after != self.position:
             return False
         self.chunks.append(chunk)
-        self.position = seq
+        self.position = last
         return True
 
 
@@ -301,6 +301,10 @@ async def parked(topic: Topic, viewer: Viewer) -> asyncio.Task[None]:
     await asyncio.sleep(0)  # it runs up to its wait
     assert viewer in topic.live
     return task
+
+
+async def fanned_out() -> None:
+    await asyncio.sleep(0)  # the fan-out runs in the loop's next round
 
 
 async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() -> None:
@@ -312,18 +316,48 @@ async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() ->
     parks = [await parked(topic, a), await parked(topic, b)]
     changed = topic.changed()
     topic.offer(frame(3))
+    assert changed.is_set()  # viewers that are not parked hear of the change at once
+    await fanned_out()
     topic.offer(frame(4))
-    await asyncio.sleep(0)
+    await fanned_out()
     assert a.chunks == b.chunks == [sse.http_chunk(b"frame 3"), sse.http_chunk(b"frame 4")]
     assert a.chunks[0] is b.chunks[0]  # the same bytes for every viewer
     assert not any(p.done() for p in parks)
-    assert changed.is_set()  # viewers that are not parked still hear of the change
     sample = metrics.registry.get_sample_value
     assert sample("broker_events_delivered_total") == 4  # 2 viewers x 2 frames
     assert sample("broker_delivery_latency_seconds_count") == 2  # one per fan-out
     topic.offer(frame(5, terminal=True))  # the end: written, then woken to finish
     await asyncio.wait_for(asyncio.gather(*parks), 1)
     assert a.position == b.position == 5 and not topic.live
+
+
+async def test_frames_offered_together_go_out_in_one_write() -> None:
+    metrics = Metrics()
+    topic = Topic("gen", 8, metrics=metrics)
+    topic.offer(frame(1))
+    viewer = Viewer(1)
+    park = await parked(topic, viewer)
+    for f in frames(2, 4):  # the reader was behind: three in one round of the loop
+        topic.offer(f)
+    await fanned_out()
+    assert viewer.chunks == [sse.http_chunk(b"frame 2frame 3frame 4")]
+    assert viewer.position == 4 and not park.done()
+    assert metrics.registry.get_sample_value("broker_events_delivered_total") == 3
+    park.cancel()
+
+
+async def test_a_viewer_that_parked_after_the_offer_gets_nothing_twice() -> None:
+    topic = topic_with(1, 2)
+    behind = Viewer(2)
+    behind_park = await parked(topic, behind)
+    topic.offer(frame(3))
+    at_head = Viewer(3)  # it took frame 3 the slow way, then parked before the fan-out ran
+    head_park = await parked(topic, at_head)
+    await fanned_out()
+    assert behind.position == 3 and at_head.chunks == []
+    assert not behind_park.done() and not head_park.done()
+    behind_park.cancel()
+    head_park.cancel()
 
 
 async def test_a_viewer_that_cannot_take_a_frame_is_woken_and_the_others_go_on() -> None:
@@ -340,7 +374,7 @@ async def test_a_viewer_that_cannot_take_a_frame_is_woken_and_the_others_go_on()
 
 async def test_a_viewer_whose_push_fails_is_woken_and_the_fan_out_goes_on() -> None:
     class Broken(Viewer):
-        def push(self, seq: int, chunk: bytes, now: float) -> bool:
+        def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
             raise ValueError("a bug in one viewer")
 
     topic = topic_with(1, 2)
@@ -350,6 +384,18 @@ async def test_a_viewer_whose_push_fails_is_woken_and_the_fan_out_goes_on() -> N
     await asyncio.wait_for(broken_park, 1)
     assert fine.position == 3 and not fine_park.done()
     fine_park.cancel()
+
+
+async def test_more_than_one_write_goes_the_slow_way() -> None:
+    topic = Topic("gen", 64)
+    topic.offer(frame(1))
+    viewer = Viewer(1)
+    park = await parked(topic, viewer)
+    big = b"x" * (MAX_WRITE_BYTES // 2)
+    for seq in range(2, 5):
+        topic.offer(Frame(seq, big, False, 0))
+    await asyncio.wait_for(park, 1)  # its task sends them in batches
+    assert viewer.chunks == [] and viewer.position == 1
 
 
 async def test_a_gap_wakes_parked_viewers_without_writing() -> None:
@@ -391,9 +437,10 @@ async def test_a_cancelled_parked_viewer_leaves_the_topic() -> None:
     viewer = Viewer(2)
     park = await parked(topic, viewer)
     park.cancel()
-    topic.offer(frame(3))  # in the same step: its wait is cancelled, not yet unwound
+    topic.offer(frame(3))
     with pytest.raises(asyncio.CancelledError):
         await park
+    await fanned_out()
     assert viewer.chunks == [] and not topic.live
 
 
