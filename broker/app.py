@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from broker.api import Edge, routes
 from broker.auth import ApiKeys, ViewerTokens, parse_keys
@@ -25,6 +26,7 @@ from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.settings import Settings
 from broker.store import Store, connect
+from broker.stream import HANDOFF, EventStream
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ def create_app(
         allow_headers=["authorization", "content-type", "last-event-id"],
         expose_headers=["location", "retry-after"], max_age=600,
     )] if origins else []
-    app = Starlette(
+    app = EdgeApp(
         routes=routes,
         lifespan=lifespan,
         middleware=middleware,
@@ -87,6 +89,44 @@ def create_app(
     )
     app.state.edge = edge
     return app
+
+
+class EdgeApp(Starlette):
+    """The edge's app: Starlette, except that an SSE stream, once routed, is served after the
+    routing and middleware it came through have returned, so each of the thousands of open
+    streams holds none of their frames, send wrappers and ``Request`` objects. Not with user
+    middleware (CORS): that one wraps the stream's ``send`` and must stay in its way."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.user_middleware:
+            await super().__call__(scope, receive, send)
+            return
+        handoff: list[EventStream] = []
+        scope[HANDOFF] = handoff
+        await super().__call__(scope, receive, send)
+        del scope[HANDOFF]
+        if handoff:
+            stream = handoff.pop()
+            try:
+                await stream.serve(scope, receive, send)
+            except Exception as exc:
+                if stream.started:
+                    raise  # as through Starlette: uvicorn logs it and closes the connection
+                await self._answer_error(scope, receive, send, exc)
+
+    async def _answer_error(self, scope: Scope, receive: Receive, send: Send,
+                            exc: Exception) -> None:
+        """What Starlette's exception middleware would answer: the handler of the nearest
+        class in the error's MRO; the catch-all one (500) answers and re-raises."""
+        handler = next((h for cls in type(exc).__mro__
+                        if (h := self.exception_handlers.get(cls)) is not None), None)
+        if handler is None:
+            raise exc
+        response = await handler(Request(scope, receive), exc)
+        if response is not None:
+            await response(scope, receive, send)
+        if handler is self.exception_handlers.get(Exception):
+            raise exc
 
 
 class InsecureConfig(SystemExit):

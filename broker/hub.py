@@ -410,7 +410,7 @@ class Hub:
         """The topic of ``gen_id``, subscribed; released (and unsubscribed if last) on exit."""
         topic = self.topics.get(gen_id)
         if topic is None:
-            topic = Topic(gen_id, self.window, last_change=time.monotonic())
+            topic = Topic(gen_id, self.window, last_change=time.monotonic(), metrics=self.metrics)
             self.topics[gen_id] = topic
             self.metrics.subscriptions.inc()
         topic.viewers += 1

@@ -77,7 +77,8 @@ class Metrics:
         )
         self.delivery_latency = Histogram(
             "broker_delivery_latency_seconds",
-            "from the worker's publish to the edge's write, for viewers that are live",
+            "from the worker's publish to the edge's write, for viewers that are live (once per "
+            "fan-out, after its last write)",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r,
         )
         self.llm_tokens_per_second = Histogram(

@@ -1,14 +1,18 @@
-"""The HTTP server under the edge: uvicorn, with a bound on slow request headers and a shutdown
-that ends SSE streams at once."""
+"""The HTTP server under the edge: uvicorn, with a bound on slow request headers, word of a
+lost connection for long responses, direct writes for the SSE fan-out, and a shutdown that
+ends SSE streams at once."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
+from typing import ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import Receive, Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.settings import Settings
 
@@ -16,10 +20,15 @@ from broker.settings import Settings
 class HeaderTimeoutProtocol(HttpToolsProtocol):
     """uvicorn waits for request headers forever (its keep-alive timer runs only between
     requests), so a client trickling headers, or connecting and sending nothing, would hold a
-    connection for good. Here each request's headers must arrive within ``header_timeout``."""
+    connection for good. Here each request's headers must arrive within ``header_timeout``.
+
+    It also tells a long response at once that its client left (``when_lost``), so an SSE
+    stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``."""
 
     header_timeout = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+    # One table for all connections: an attribute more on each would cost each a bigger dict.
+    _lost_callbacks: ClassVar[dict[HeaderTimeoutProtocol, Callable[[], None]]] = {}
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -36,6 +45,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        callback = self._lost_callbacks.pop(self, None)
+        if callback is not None:
+            callback()
 
     def _arm(self) -> None:
         self._disarm()
@@ -50,6 +62,68 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+class DirectWriter:
+    """Body chunks written straight to a streaming response's socket, beside its ASGI ``send``.
+
+    A fan-out writes the same event to every live viewer: through ``send`` that is a task
+    wake-up, three Starlette wrappers and uvicorn's framing per viewer; here it is one
+    ``transport.write`` of bytes framed once for all. Only for uvicorn's httptools responses in
+    chunked encoding, once started; ``send`` still starts and ends the response and does every
+    write that has to wait (``ready`` is False while flow control holds writes back)."""
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+        self._flow = cycle.flow
+
+    @staticmethod
+    def of(scope: Scope, receive: Receive) -> DirectWriter | None:
+        """The writer for the response ``receive`` belongs to, if uvicorn's httptools protocol
+        serves it in chunked encoding and it has started; else None (use ``send``)."""
+        cycle = getattr(receive, "__self__", None)  # middleware may have wrapped receive
+        if (
+            not isinstance(cycle, RequestResponseCycle)
+            or cycle.scope is not scope
+            or not cycle.response_started
+            or cycle.response_complete
+            or cycle.chunked_encoding is not True
+        ):
+            return None
+        return DirectWriter(cycle)
+
+    def ready(self) -> bool:
+        """Would a write go out now: the connection open, flow control not holding writes?"""
+        return not (
+            self._flow.write_paused or self._cycle.disconnected or self._transport.is_closing()
+        )
+
+    def write(self, chunk: bytes) -> None:
+        """Write one chunk framed by ``sse.http_chunk``; only when ``ready``."""
+        self._transport.write(chunk)
+
+
+def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:
+    """Have ``callback`` called as soon as the connection of the request whose ``receive`` this
+    is is lost (None: not any more). False when that cannot be told here (another server or
+    protocol, a wrapped ``receive``, or the connection is closing already): then wait for
+    ``http.disconnect`` instead."""
+    cycle = getattr(receive, "__self__", None)
+    if not isinstance(cycle, RequestResponseCycle):
+        return False
+    protocol = cycle.transport.get_protocol()
+    if not isinstance(protocol, HeaderTimeoutProtocol):
+        return False
+    if callback is None:
+        protocol._lost_callbacks.pop(protocol, None)
+    elif cycle.disconnected or cycle.transport.is_closing():
+        return False
+    else:
+        protocol._lost_callbacks[protocol] = callback
+    return True
 
 
 class EdgeServer(uvicorn.Server):

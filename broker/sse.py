@@ -37,6 +37,12 @@ def retry(milliseconds: int) -> bytes:
     return f"retry: {int(milliseconds)}\n\n".encode()
 
 
+def http_chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of an HTTP/1.1 chunked body, as the server frames a body part:
+    framed once per event, written to every viewer as is (``broker.server.DirectWriter``)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 def encode_event(event: Event) -> bytes:
     """The bytes every viewer of ``event`` receives; message events carry no ``event:`` field."""
     name = None if event.kind == "message" else event.kind

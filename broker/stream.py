@@ -1,4 +1,4 @@
-"""The SSE response of one viewer: a cursor over a hub topic, raced against the disconnect."""
+"""The SSE response of one viewer: a cursor over a hub topic, ended by the disconnect."""
 
 from __future__ import annotations
 
@@ -14,9 +14,15 @@ from broker.errors import error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
-from broker.topic import Frame, HistoryLost, Topic
+from broker.server import DirectWriter, when_lost
+from broker.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
+
+# A scope key: where the edge's app (``broker.app.EdgeApp``) collects the stream to serve
+# itself once Starlette's routing and middleware have returned (their frames, wrappers and
+# ``Request`` would otherwise live as long as the stream).
+HANDOFF = "broker.stream_handoff"
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -26,7 +32,19 @@ SSE_HEADERS = [
 
 
 class EventStream:
-    """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``."""
+    """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``.
+
+    Live, it costs no running task: once caught up it parks at its topic's head, and the
+    topic's fan-out writes each next event straight to its socket (``push``). Its task runs
+    only to catch up (from the window or the log), for a write that has to wait, for a
+    keepalive, and to end the response."""
+
+    # Thousands of these live at once: no per-instance dict.
+    __slots__ = (
+        "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
+        "cursor", "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
+        "send_timeout", "started",
+    )
 
     def __init__(
         self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
@@ -51,12 +69,26 @@ class EventStream:
         self._last_write = time.monotonic()
         self._too_slow = False
         self._relay_task: asyncio.Task[object] | None = None
+        self._writer: DirectWriter | None = None  # for the fan-out's writes, once started
+        self.started = False  # the response began (or its error answer did)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handoff: list[EventStream] | None = scope.get(HANDOFF)
+        if handoff is not None:
+            handoff.append(self)  # the app serves it once the routing has unwound
+            return
+        await self.serve(scope, receive, send)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The response; exceptions before it started (``started``) still need an answer."""
         relay = asyncio.current_task()
         assert relay is not None
         self._relay_task = relay
-        watcher = asyncio.create_task(self._watch_disconnect(receive, relay))
+        # The edge's protocol tells us at once when the client leaves; elsewhere (or when the
+        # connection is going already) a task waits for ``http.disconnect``.
+        watcher = None
+        if not when_lost(receive, self._client_left):
+            watcher = asyncio.create_task(self._watch_disconnect(receive))
         self.metrics.viewers.inc()
         self.hub.open_streams.add(self)
         try:
@@ -69,9 +101,12 @@ class EventStream:
                 except HistoryLost as e:
                     # Before any byte is sent: a non-200 answer, so EventSource stops here
                     # instead of reconnecting into the same hole forever.
+                    self.started = True
                     await error_response(410, "history_lost", str(e))(scope, receive, send)
                     return
+                self.started = True
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                self._writer = DirectWriter.of(scope, receive)
                 await self._send(send, sse.retry(self.retry_ms))
                 await self._relay(topic, send, frames, check_log, changed)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -85,7 +120,11 @@ class EventStream:
         finally:
             self.metrics.viewers.dec()
             self.hub.open_streams.discard(self)
-            watcher.cancel()
+            self._writer = None
+            if watcher is None:
+                when_lost(receive, None)
+            else:
+                watcher.cancel()
 
     async def _relay(
         self, topic: Topic, send: Send, frames: list[Frame], check_log: bool,
@@ -96,14 +135,14 @@ class EventStream:
         ``check_log``: the log may hold events after the ones in hand that will not come live
         (a full chunk was read, or live messages may have been missed): look there once the
         window has nothing more after the cursor."""
-        cursor, resyncs = self.cursor, topic.resyncs
+        resyncs = topic.resyncs
         caught_up = False  # the last look found nothing new: what comes next is live
         while True:
             if frames:
                 for batch in _batches(frames):
                     await self._send(send, b"".join(f.data for f in batch))
                     self.metrics.events_delivered.inc(len(batch))
-                    cursor = self.position = batch[-1].seq
+                    self.position = batch[-1].seq
                 if caught_up:
                     self.metrics.delivery_latency.observe(
                         max(0.0, now_ms() - frames[-1].published_ms) / 1000
@@ -115,7 +154,12 @@ class EventStream:
                 caught_up = True
                 # No timer per wait: the hub wakes quiet topics a few times per keepalive
                 # interval, and whoever has written nothing for that long sends a comment.
-                await changed.wait()
+                if self._writer is not None and not changed.is_set():
+                    await topic.park(self)  # the fan-out writes to us meanwhile
+                    if self.position == topic.terminal_seq:
+                        return  # the fan-out wrote the terminal event
+                else:
+                    await changed.wait()
                 now = time.monotonic()
                 if now < self.deadline and now - self._last_write >= self.keepalive:
                     await self._send(send, sse.comment("keepalive"))
@@ -125,10 +169,27 @@ class EventStream:
             check_log = check_log or topic.resyncs != resyncs  # a resync may have missed some
             resyncs = topic.resyncs
             try:
-                frames, check_log = await self._next_frames(topic, cursor, check_log)
+                frames, check_log = await self._next_frames(topic, self.position, check_log)
             except HistoryLost as e:
                 await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
                 return
+
+    def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+        """The topic's fan-out, while this viewer is parked: write frames ``after + 1`` to
+        ``last`` now if they are the next ones and the socket takes them without waiting (see
+        ``LiveViewer``)."""
+        writer = self._writer
+        if self.position != after or writer is None or not writer.ready():
+            return False
+        if now >= self.deadline:
+            return False  # woken, it ends the stream
+        try:
+            writer.write(chunk)
+        except (OSError, RuntimeError):
+            return False  # the fan-out goes on; this viewer's own send meets the failure
+        self.position = last
+        self._last_write = now
+        return True
 
     async def _next_frames(
         self, topic: Topic, cursor: int, check_log: bool
@@ -170,16 +231,17 @@ class EventStream:
             if self._relay_task is not None:
                 self._relay_task.cancel()
 
-    async def _watch_disconnect(self, receive: Receive, relay: asyncio.Task[object]) -> None:
+    def _client_left(self) -> None:
+        self._client_gone = True
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
-                self._client_gone = True
-                relay.cancel()
+                self._client_left()
                 return
-
-
-MAX_WRITE_BYTES = 64 * 1024
 
 
 def _batches(frames: list[Frame]) -> Iterator[list[Frame]]:

@@ -5,19 +5,23 @@ to SSE bytes (encoded once per edge, not once per viewer). A viewer is only a cu
 what the window holds after its cursor, and whatever the window no longer (or not yet) holds
 comes from the log, in one read shared by every viewer that needs the same range. So a slow
 viewer costs no queue, a late or resuming viewer costs a log read, and a gap in the live ids
-(missed pub/sub messages) is healed the same way.
+(missed pub/sub messages) is healed the same way. A viewer that has caught up parks at the head
+(``park``), and the fan-out that follows each ``offer`` writes the new frames to it directly
+(``LiveViewer.push``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from broker import sse
 from broker.metrics import Metrics
-from broker.protocol import Event
+from broker.protocol import Event, now_ms
 from broker.store import Store
 
 LOG_READ_CHUNK = 200
@@ -25,6 +29,25 @@ LOG_READ_CHUNK = 200
 # each chunk is read once for every viewer, not once per group of viewers that happen to ask
 # at the same moment. At most this many x LOG_READ_CHUNK frames, only while the topic lives.
 KEPT_CHUNKS = 8
+
+log = logging.getLogger(__name__)
+
+
+# The most a fan-out writes to a viewer at once; more (a burst the reader fell behind on) goes
+# the slow way, in batches of about this size.
+MAX_WRITE_BYTES = 64 * 1024
+
+
+class LiveViewer(Protocol):
+    """A viewer parked at a topic's head (``Topic.park``)."""
+
+    position: int  # the last seq it was sent
+
+    def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+        """Write frames ``after + 1`` to ``last`` (``chunk``: framed by ``sse.http_chunk``) at
+        once, if nothing stands before them (the viewer is at ``after``, its socket takes
+        writes). True if written; ``now`` is ``time.monotonic()``."""
+        ...
 
 
 class HistoryLost(Exception):
@@ -58,6 +81,10 @@ class Topic:
     # The log was read to this seq, complete, while subscribed: anything later comes live.
     read_to: int | None = None
     last_change: float = 0.0
+    metrics: Metrics | None = None  # counts what the fan-out writes
+    # Viewers parked at the head, each with the future that wakes it (see ``park``).
+    live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
+    _fan_out_soon: asyncio.Handle | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Log reads by chunk start: in flight, or done and full (then kept, least recently used
     # first, see KEPT_CHUNKS).
@@ -83,8 +110,80 @@ class Topic:
         if gap:
             self.window.clear()
         self._append(frame)
-        self._notify()
+        if gap:
+            self._notify()  # live viewers too: they read what they miss from the log
+        else:
+            self._notify(live=False)
+            if self.live and self._fan_out_soon is None:
+                # Soon rather than now: frames that arrive together (the reader was behind)
+                # then go out in one write per viewer.
+                self._fan_out_soon = asyncio.get_running_loop().call_soon(self._fan_out)
         return not gap
+
+    async def park(self, viewer: LiveViewer) -> None:
+        """Wait at the head, live: ``offer`` writes each next frame to ``viewer`` itself
+        (``viewer.push``) and returns here only when the viewer has something else to do: a
+        frame it could not take at once, the terminal event, any other change (a gap, a
+        resync, a log read), or a keepalive tick. So a fan-out wakes no task per viewer."""
+        woken = asyncio.get_running_loop().create_future()
+        self.live[viewer] = woken
+        try:
+            await woken
+        finally:
+            if self.live.get(viewer) is woken:
+                del self.live[viewer]
+
+    def _fan_out(self) -> None:
+        """Write what each parked viewer lacks, framed once per position (all parked viewers
+        are normally at the same one); wake those that cannot take it, or are done."""
+        self._fan_out_soon = None
+        if not self.live:
+            return
+        now = time.monotonic()
+        writes: dict[int, tuple[list[Frame], bytes] | None] = {}  # by position
+        delivered = 0
+        # A copy: nothing a write triggers may change the set under the loop.
+        for viewer, woken in list(self.live.items()):
+            if woken.done():  # cancelled (its client left): its task is on its way out
+                continue
+            position = viewer.position
+            if position not in writes:
+                writes[position] = self._write_after(position)
+            write = writes[position]
+            if write is not None and not write[0]:
+                continue  # nothing new for it (it parked after the last offer)
+            pushed = False
+            if write is not None:
+                frames, chunk = write
+                try:
+                    pushed = viewer.push(position, frames[-1].seq, chunk, now)
+                except Exception:
+                    # One viewer's failure must not stop the fan-out (nor the pub/sub reader
+                    # that runs it): it goes the slow way, where its own task meets the error.
+                    log.exception("direct write to a viewer of %s failed", self.gen_id)
+                if pushed:
+                    delivered += len(frames)
+                    if not frames[-1].terminal:
+                        continue
+            # It could not take the frames (it goes the slow way), or its stream is over.
+            del self.live[viewer]
+            woken.set_result(None)
+        if delivered and self.metrics is not None:
+            self.metrics.events_delivered.inc(delivered)
+            # One observation per fan-out: the newest frame, after the last write.
+            newest = self.window[-1].published_ms
+            self.metrics.delivery_latency.observe(max(0.0, now_ms() - newest) / 1000)
+
+    def _write_after(self, position: int) -> tuple[list[Frame], bytes] | None:
+        """The window's frames after ``position`` and their chunk; None when the window does
+        not reach back to it or they are too many for one write."""
+        frames = self.frames_after(position)
+        if not frames:
+            return None if frames is None else ([], b"")
+        data = frames[0].data if len(frames) == 1 else b"".join(f.data for f in frames)
+        if len(data) > MAX_WRITE_BYTES:
+            return None
+        return frames, sse.http_chunk(data)
 
     def absorb(self, frames: list[Frame]) -> None:
         """Merge contiguous frames read from the log, so later viewers are served from memory."""
@@ -99,6 +198,8 @@ class Topic:
             if older and room > 0:
                 self.window.extendleft(reversed(older[-room:]))
             frames = [f for f in frames if f.seq > self.head]
+        if not frames:
+            return  # only older frames: nobody waiting at the head has anything new
         for f in frames:
             self._append(f)
         self._notify()
@@ -187,8 +288,19 @@ class Topic:
         topic still counts as quiet for the audit."""
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        self._wake_live()
 
-    def _notify(self) -> None:
+    def _notify(self, live: bool = True) -> None:
+        """Wake the viewers waiting for a change; ``live=False``: not the parked ones (the
+        fan-out wrote the change to them)."""
         self.last_change = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        if live:
+            self._wake_live()
+
+    def _wake_live(self) -> None:
+        live, self.live = self.live, {}
+        for woken in live.values():
+            if not woken.done():
+                woken.set_result(None)

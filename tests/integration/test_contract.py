@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -12,7 +13,14 @@ import pytest
 from broker import protocol
 from broker.mockllm import tokenize
 from tests.conftest import Stack, StartBroker
-from tests.support.api import HARD_TEXTS, assert_error_body, create, events_url, unique
+from tests.support.api import (
+    HARD_TEXTS,
+    assert_error_body,
+    create,
+    events_url,
+    metric,
+    unique,
+)
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import RedisServer, eventually, wait_until
 from tests.support.sse import read_events
@@ -284,6 +292,31 @@ async def test_last_viewer_leaving_unsubscribes(
         wait_until, lambda: numsub(stack, gen_id) == 0, 10, "the unsubscribe"
     )
     await http.post(f"{stack.a}/v1/generations/{gen_id}/cancel")
+
+
+async def test_a_viewer_leaving_a_quiet_stream_is_released_at_once(
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient
+):
+    # Nothing is written while the answer holds, and the next keepalive is seconds away: only
+    # the disconnect itself can end the stream (and release the edge's subscription).
+    prompt = fake_llm.script(unique("quiet"), STORY, hold_at=1)
+    gen_id = await create(http, stack.a, prompt)
+
+    async def viewers() -> float:
+        return metric((await http.get(f"{stack.a}/metrics")).text, "broker_viewers ")
+
+    before = await viewers()
+    head = await read_events(http, events_url(stack.a, gen_id), stop_after=1)
+    assert head.messages
+    left = time.monotonic()
+
+    async def released() -> bool:
+        return await viewers() <= before
+
+    await eventually(released, 5, "the stream to end")
+    assert time.monotonic() - left < 2.0  # keepalives are 10 s apart here
+    await asyncio.to_thread(wait_until, lambda: numsub(stack, gen_id) == 0, 5, "the unsubscribe")
+    fake_llm.reply_for(prompt).release.set()
 
 
 # -- status and cancel ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from broker import protocol, sse
 from broker.metrics import Metrics
 from broker.protocol import Event
-from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, Frame, Topic, to_frame
+from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, Topic, to_frame
 
 
 def frame(seq: int, terminal: bool = False) -> Frame:
@@ -275,6 +275,173 @@ async def test_a_waiter_on_changed_wakes_on_offer() -> None:
     assert not waiter.done()
     topic.offer(frame(1))
     await asyncio.wait_for(waiter, 1)
+
+
+# -- live fan-out: parked viewers get frames written without being woken -----------------------
+
+
+class Viewer:
+    """A parked viewer: takes the next frames while ``accepting`` (its socket takes writes)."""
+
+    def __init__(self, position: int, accepting: bool = True) -> None:
+        self.position = position
+        self.accepting = accepting
+        self.chunks: list[bytes] = []
+
+    def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+        if not self.accepting or after != self.position:
+            return False
+        self.chunks.append(chunk)
+        self.position = last
+        return True
+
+
+async def parked(topic: Topic, viewer: Viewer) -> asyncio.Task[None]:
+    task = asyncio.create_task(topic.park(viewer))
+    await asyncio.sleep(0)  # it runs up to its wait
+    assert viewer in topic.live
+    return task
+
+
+async def fanned_out() -> None:
+    await asyncio.sleep(0)  # the fan-out runs in the loop's next round
+
+
+async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() -> None:
+    metrics = Metrics()
+    topic = Topic("gen", 8, metrics=metrics)
+    for f in frames(1, 2):
+        topic.offer(f)
+    a, b = Viewer(2), Viewer(2)
+    parks = [await parked(topic, a), await parked(topic, b)]
+    changed = topic.changed()
+    topic.offer(frame(3))
+    assert changed.is_set()  # viewers that are not parked hear of the change at once
+    await fanned_out()
+    topic.offer(frame(4))
+    await fanned_out()
+    assert a.chunks == b.chunks == [sse.http_chunk(b"frame 3"), sse.http_chunk(b"frame 4")]
+    assert a.chunks[0] is b.chunks[0]  # the same bytes for every viewer
+    assert not any(p.done() for p in parks)
+    sample = metrics.registry.get_sample_value
+    assert sample("broker_events_delivered_total") == 4  # 2 viewers x 2 frames
+    assert sample("broker_delivery_latency_seconds_count") == 2  # one per fan-out
+    topic.offer(frame(5, terminal=True))  # the end: written, then woken to finish
+    await asyncio.wait_for(asyncio.gather(*parks), 1)
+    assert a.position == b.position == 5 and not topic.live
+
+
+async def test_frames_offered_together_go_out_in_one_write() -> None:
+    metrics = Metrics()
+    topic = Topic("gen", 8, metrics=metrics)
+    topic.offer(frame(1))
+    viewer = Viewer(1)
+    park = await parked(topic, viewer)
+    for f in frames(2, 4):  # the reader was behind: three in one round of the loop
+        topic.offer(f)
+    await fanned_out()
+    assert viewer.chunks == [sse.http_chunk(b"frame 2frame 3frame 4")]
+    assert viewer.position == 4 and not park.done()
+    assert metrics.registry.get_sample_value("broker_events_delivered_total") == 3
+    park.cancel()
+
+
+async def test_a_viewer_that_parked_after_the_offer_gets_nothing_twice() -> None:
+    topic = topic_with(1, 2)
+    behind = Viewer(2)
+    behind_park = await parked(topic, behind)
+    topic.offer(frame(3))
+    at_head = Viewer(3)  # it took frame 3 the slow way, then parked before the fan-out ran
+    head_park = await parked(topic, at_head)
+    await fanned_out()
+    assert behind.position == 3 and at_head.chunks == []
+    assert not behind_park.done() and not head_park.done()
+    behind_park.cancel()
+    head_park.cancel()
+
+
+async def test_a_viewer_that_cannot_take_a_frame_is_woken_and_the_others_go_on() -> None:
+    topic = topic_with(1, 2)
+    slow, fast = Viewer(2, accepting=False), Viewer(2)
+    slow_park, fast_park = await parked(topic, slow), await parked(topic, fast)
+    topic.offer(frame(3))
+    await asyncio.wait_for(slow_park, 1)  # it takes frame 3 the slow way (from the window)
+    assert slow.chunks == [] and slow.position == 2
+    assert fast.position == 3 and not fast_park.done()
+    assert list(topic.live) == [fast]
+    fast_park.cancel()
+
+
+async def test_a_viewer_whose_push_fails_is_woken_and_the_fan_out_goes_on() -> None:
+    class Broken(Viewer):
+        def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
+            raise ValueError("a bug in one viewer")
+
+    topic = topic_with(1, 2)
+    broken, fine = Broken(2), Viewer(2)
+    broken_park, fine_park = await parked(topic, broken), await parked(topic, fine)
+    topic.offer(frame(3))
+    await asyncio.wait_for(broken_park, 1)
+    assert fine.position == 3 and not fine_park.done()
+    fine_park.cancel()
+
+
+async def test_more_than_one_write_goes_the_slow_way() -> None:
+    topic = Topic("gen", 64)
+    topic.offer(frame(1))
+    viewer = Viewer(1)
+    park = await parked(topic, viewer)
+    big = b"x" * (MAX_WRITE_BYTES // 2)
+    for seq in range(2, 5):
+        topic.offer(Frame(seq, big, False, 0))
+    await asyncio.wait_for(park, 1)  # its task sends them in batches
+    assert viewer.chunks == [] and viewer.position == 1
+
+
+async def test_a_gap_wakes_parked_viewers_without_writing() -> None:
+    topic = topic_with(1, 2)
+    viewer = Viewer(2)
+    park = await parked(topic, viewer)
+    assert topic.offer(frame(5)) is False
+    await asyncio.wait_for(park, 1)
+    assert viewer.chunks == []  # 3 and 4 come from the log first
+
+
+@pytest.mark.parametrize("change", ["wake", "resync", "diverged", "absorb"])
+async def test_other_changes_wake_parked_viewers(change: str) -> None:
+    topic = topic_with(1, 2)
+    viewer = Viewer(2)
+    park = await parked(topic, viewer)
+    if change == "absorb":
+        topic.absorb(frames(3, 4))
+    else:
+        getattr(topic, change)()
+    await asyncio.wait_for(park, 1)
+    assert not topic.live
+
+
+async def test_merging_older_frames_wakes_nobody() -> None:
+    topic = topic_with(3, 4)
+    viewer = Viewer(4)
+    park = await parked(topic, viewer)
+    changed = topic.changed()
+    topic.absorb(frames(1, 2))
+    await asyncio.sleep(0)
+    assert seqs(topic.window) == [1, 2, 3, 4]
+    assert not park.done() and not changed.is_set()
+    park.cancel()
+
+
+async def test_a_cancelled_parked_viewer_leaves_the_topic() -> None:
+    topic = topic_with(1, 2)
+    viewer = Viewer(2)
+    park = await parked(topic, viewer)
+    park.cancel()
+    topic.offer(frame(3))
+    with pytest.raises(asyncio.CancelledError):
+        await park
+    await fanned_out()
+    assert viewer.chunks == [] and not topic.live
 
 
 # -- read_log: one store call per range, shared by every concurrent reader ---------------------
