@@ -37,8 +37,14 @@ _GEN_ID_RE = re.compile(r"[A-Za-z0-9_-]{22}")
 
 
 def new_generation_id() -> str:
-    """128 random bits, URL-safe: unguessable, so an id alone is hard to stumble upon."""
-    return secrets.token_urlsafe(16)
+    """128 random bits, URL-safe: unguessable, so an id alone is hard to stumble upon.
+
+    Never starting with ``-``: on a command line (``broker tail <id>``) such an id would be
+    taken for an option (it was, for one id in 64)."""
+    while True:
+        gen_id = secrets.token_urlsafe(16)
+        if not gen_id.startswith("-"):
+            return gen_id
 
 
 def is_generation_id(value: str) -> bool:

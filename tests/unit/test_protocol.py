@@ -104,7 +104,9 @@ def test_new_generation_ids_are_22_url_safe_chars_and_unique() -> None:
     # 22 base64url chars carry 132 bits; token_urlsafe(16) fills 128 of them. Every position
     # must actually vary (a constant prefix or suffix would silently cut the entropy).
     alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-    for position in range(21):  # 21 full positions: 126 bits
+    # Except that no id starts with "-", which a command line would take for an option.
+    assert {gen_id[0] for gen_id in ids} == alphabet - {"-"}
+    for position in range(1, 21):  # 21 full positions: 126 bits
         assert {gen_id[position] for gen_id in ids} == alphabet
     assert len({gen_id[21] for gen_id in ids}) >= 4  # the last one carries at least 2 more
 
