@@ -40,6 +40,10 @@ class Metrics:
         self.events_delivered = Counter(
             "broker_events_delivered", "events this edge wrote to viewers", registry=r
         )
+        self.direct_writes = Counter(
+            "broker_direct_writes", "events of broker_events_delivered the fan-out wrote "
+            "straight to caught-up viewers' sockets (the fast path)", registry=r
+        )
         self.resumes = Counter(
             "broker_resumes", "viewers that connected with a Last-Event-ID", registry=r
         )

@@ -5,6 +5,7 @@ ends SSE streams at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import ClassVar
@@ -15,6 +16,8 @@ from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -85,15 +88,21 @@ class DirectWriter:
         """The writer for the response ``receive`` belongs to, if uvicorn's httptools protocol
         serves it in chunked encoding and it has started; else None (use ``send``)."""
         cycle = getattr(receive, "__self__", None)  # middleware may have wrapped receive
-        if (
-            not isinstance(cycle, RequestResponseCycle)
-            or cycle.scope is not scope
-            or not cycle.response_started
-            or cycle.response_complete
-            or cycle.chunked_encoding is not True
-        ):
+        try:
+            if (
+                not isinstance(cycle, RequestResponseCycle)
+                or cycle.scope is not scope
+                or not cycle.response_started
+                or cycle.response_complete
+                or cycle.chunked_encoding is not True
+            ):
+                return None
+            writer = DirectWriter(cycle)
+            writer.ready()  # every attribute it relies on is there
+        except AttributeError:
+            _uvicorn_changed()
             return None
-        return DirectWriter(cycle)
+        return writer
 
     def ready(self) -> bool:
         """Would a write go out now: the connection open, flow control not holding writes?"""
@@ -114,16 +123,33 @@ def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:
     cycle = getattr(receive, "__self__", None)
     if not isinstance(cycle, RequestResponseCycle):
         return False
-    protocol = cycle.transport.get_protocol()
-    if not isinstance(protocol, HeaderTimeoutProtocol):
+    try:
+        protocol = cycle.transport.get_protocol()
+        if not isinstance(protocol, HeaderTimeoutProtocol):
+            return False
+        if callback is None:
+            protocol._lost_callbacks.pop(protocol, None)
+        elif cycle.disconnected or cycle.transport.is_closing():
+            return False
+        else:
+            protocol._lost_callbacks[protocol] = callback
+    except AttributeError:
+        _uvicorn_changed()
         return False
-    if callback is None:
-        protocol._lost_callbacks.pop(protocol, None)
-    elif cycle.disconnected or cycle.transport.is_closing():
-        return False
-    else:
-        protocol._lost_callbacks[protocol] = callback
     return True
+
+
+_warned = False
+
+
+def _uvicorn_changed() -> None:
+    """uvicorn's internals differ from what ``DirectWriter`` and ``when_lost`` rely on (they
+    are not its public API): the edge still works, the slow way. Say so once."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning("uvicorn %s: its internals changed; streams take the slower ASGI path",
+                    uvicorn.__version__)
 
 
 class EdgeServer(uvicorn.Server):

@@ -109,7 +109,9 @@ class EventStream:
                 self._writer = DirectWriter.of(scope, receive)
                 await self._send(send, sse.retry(self.retry_ms))
                 await self._relay(topic, send, frames, check_log, changed)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # Watched like any write: after a direct write filled the socket's buffer, this
+            # one may wait for a client that no longer reads.
+            await self._send(send, b"", more_body=False)
         except asyncio.CancelledError:
             if not (self._client_gone or self._too_slow):
                 raise
@@ -154,6 +156,8 @@ class EventStream:
                 caught_up = True
                 # No timer per wait: the hub wakes quiet topics a few times per keepalive
                 # interval, and whoever has written nothing for that long sends a comment.
+                if self.hub.closing:
+                    return  # (a stream that started after close_streams woke the others)
                 if self._writer is not None and not changed.is_set():
                     await topic.park(self)  # the fan-out writes to us meanwhile
                     if self.position == topic.terminal_seq:
@@ -181,7 +185,7 @@ class EventStream:
         writer = self._writer
         if self.position != after or writer is None or not writer.ready():
             return False
-        if now >= self.deadline:
+        if now >= self.deadline or self.hub.closing:
             return False  # woken, it ends the stream
         try:
             writer.write(chunk)
@@ -216,9 +220,9 @@ class EventStream:
         self.metrics.replayed_events.inc(len(frames))
         return frames, more
 
-    async def _send(self, send: Send, body: bytes) -> None:
+    async def _send(self, send: Send, body: bytes, *, more_body: bool = True) -> None:
         self._sending_since = time.monotonic()
-        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": body, "more_body": more_body})
         self._sending_since = None
         self._last_write = time.monotonic()
 

@@ -170,6 +170,7 @@ class Topic:
             woken.set_result(None)
         if delivered and self.metrics is not None:
             self.metrics.events_delivered.inc(delivered)
+            self.metrics.direct_writes.inc(delivered)
             # One observation per fan-out: the newest frame, after the last write.
             newest = self.window[-1].published_ms
             self.metrics.delivery_latency.observe(max(0.0, now_ms() - newest) / 1000)
@@ -278,9 +279,10 @@ class Topic:
     def resync(self) -> None:
         self.resyncs += 1
         self.read_to = None  # messages may have been missed since that read
-        # Redis may have come back with another history: read the log afresh.
-        for start in [k for k, read in self._chunks.items() if read.done()]:
-            del self._chunks[start]
+        # Redis may have come back with another history, and a read in flight may have been
+        # answered before the missed events were written: later readers read afresh (those
+        # already waiting on a read still get it).
+        self._chunks.clear()
         self._notify()
 
     def wake(self) -> None:

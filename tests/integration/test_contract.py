@@ -319,6 +319,32 @@ async def test_a_viewer_leaving_a_quiet_stream_is_released_at_once(
     fake_llm.reply_for(prompt).release.set()
 
 
+async def test_live_events_reach_a_caught_up_viewer_by_direct_writes(
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient
+):
+    # The edge's fast path (the fan-out writes to parked viewers' sockets) leans on uvicorn's
+    # internals and falls back to the slow path when they change: only a real edge shows
+    # which one it takes.
+    prompt = fake_llm.script(unique("direct"), STORY, hold_at=1)
+    gen_id = await create(http, stack.a, prompt)
+
+    async def direct() -> float:
+        return metric((await http.get(f"{stack.a}/metrics")).text, "broker_direct_writes_total")
+
+    before = await direct()
+    reading = asyncio.create_task(read_events(http, events_url(stack.a, gen_id)))
+
+    async def parked() -> bool:  # the viewer has the first message and waits for the rest
+        return metric((await http.get(f"{stack.a}/metrics")).text,
+                      "broker_events_delivered_total") > 0 and not reading.done()
+
+    await eventually(parked, 5, "the viewer to catch up")
+    fake_llm.reply_for(prompt).release.set()
+    got = await reading
+    assert "".join(json.loads(m.data)["text"] for m in got.messages) == STORY
+    assert await direct() - before >= len(got.messages) - 1
+
+
 # -- status and cancel ---------------------------------------------------------------------------
 
 
