@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -40,8 +39,10 @@ from bench.cell import (
     RssSampler,
     collect,
     edge_viewers,
+    figure,
     machine,
     markdown_table,
+    save_figure,
     start_loadgens,
 )
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
@@ -220,11 +221,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
     finally:
         if rss is not None:
             await rss.stop()
-        if redis is not None:
-            with contextlib.suppress(Exception):
-                await redis.aclose()
-        await group.stop_all()
-        group.cleanup()
+        await group.close(redis)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -315,12 +312,7 @@ def report(cells: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     colors = {"broker": "tab:blue", "naive": "tab:red", "nchan": "tab:green"}
     for impl in IMPLS:
         mine = sorted((c for c in cells if c["impl"] == impl), key=lambda c: c["viewers"])
@@ -337,9 +329,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("B1 fan-out: one generation, 30 msg/s, one edge (2 shared cores)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -35,8 +34,10 @@ from bench.cell import (
     Costs,
     RssSampler,
     collect,
+    figure,
     machine,
     markdown_table,
+    save_figure,
     start_loadgens,
     wait_viewers,
 )
@@ -164,11 +165,7 @@ async def run_cell(impl: str, generations: int, per_gen: int,
     finally:
         for s in samplers:
             await s.stop()
-        if redis is not None:
-            with contextlib.suppress(Exception):
-                await redis.aclose()
-        await group.stop_all()
-        group.cleanup()
+        await group.close(redis)
 
 
 COLUMNS = [
@@ -194,12 +191,7 @@ COLUMNS = [
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = figure(1, 2, figsize=(10, 4))
     labels = [f"{c['impl']}\nG={c['generations']}x{c['viewers_per_generation']}" for c in cells]
     xs = range(len(cells))
     left.bar(xs, [c["redis_commands_per_message"] for c in cells], color="tab:blue")
@@ -210,9 +202,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(list(xs), labels, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("B2 many generations over two edges (2 shared cores)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ must receive exactly those (so a connection that silently broke would fail the r
 
     .venv/bin/python -m bench.b3 --viewers 5000
 
-Prints a markdown table and writes ``bench/results/b3.json``.
+Prints a markdown table, writes ``bench/results/b3.json`` and ``bench/results/b3_memory.png``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import nchan
 from bench.b1 import IMPLS, run_cell
-from bench.cell import RESULTS, machine, markdown_table
+from bench.cell import RESULTS, figure, machine, markdown_table, save_figure
 from bench.procs import BenchError
 
 TARGET_KB_PER_VIEWER = 16  # the benchmark issue's target for the broker's edge
@@ -82,6 +82,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = figure(figsize=(6, 4))
+    names = [c["impl"] for c in cells]
+    ax.bar(names, [c["edge_rss_kb_per_idle_viewer"] for c in cells],
+           color=["tab:blue" if n == "broker" else "tab:gray" for n in names])
+    ax.axhline(TARGET_KB_PER_VIEWER, color="tab:red", linestyle="--",
+               label=f"target {TARGET_KB_PER_VIEWER} KB")
+    ax.set_ylabel("edge RSS per idle viewer (KB)")
+    ax.set_title(f"B3: {cells[0]['viewers']} idle viewers on one edge")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = Path(args.results)
@@ -99,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
             verdict = "meets" if kb <= TARGET_KB_PER_VIEWER else "misses"
             print(f"\nbroker: {kb:.1f} KB per idle viewer ({verdict} the "
                   f"{TARGET_KB_PER_VIEWER} KB target)")
-        print(f"\nresults: {results / 'b3.json'}")
+        plot(out["cells"], results / "b3_memory.png")
+        print(f"\nresults: {results / 'b3.json'}, {results / 'b3_memory.png'}")
     raise SystemExit(1 if "failure" in out else 0)
 
 

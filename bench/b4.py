@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -37,8 +36,10 @@ from bench.cell import (
     Costs,
     RssSampler,
     collect,
+    figure,
     machine,
     markdown_table,
+    save_figure,
     start_loadgens,
     wait_viewers,
 )
@@ -143,11 +144,7 @@ async def run_storm(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if rss is not None:
             await rss.stop()
-        if redis is not None:
-            with contextlib.suppress(Exception):
-                await redis.aclose()
-        await group.stop_all()
-        group.cleanup()
+        await group.close(redis)
 
 
 COLUMNS = [
@@ -168,13 +165,8 @@ COLUMNS = [
 
 
 def plot(cell: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     times = cell["live_after_s"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = figure(figsize=(7, 4))
     ax.plot(times, [(i + 1) / len(times) * 100 for i in range(len(times))], color="tab:blue")
     ax.axvline(TARGET_S, color="tab:red", linestyle="--", label=f"target {TARGET_S:.0f} s")
     ax.set_xlabel("seconds since the storm started")
@@ -184,9 +176,7 @@ def plot(cell: dict[str, Any], path: Path) -> None:
                  "(2 shared cores)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 async def main_async(args: argparse.Namespace) -> int:

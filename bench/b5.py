@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.b1 import RESULTS, RssSampler, machine, markdown_table
+from bench.cell import RESULTS, RssSampler, figure, machine, markdown_table, save_figure
 from bench.procs import (
     WORKER_CLIENT_PREFIX,
     BenchError,
@@ -387,12 +387,7 @@ async def run_cell(g: int, args: argparse.Namespace, monitor_commands: bool = Fa
     finally:
         if rss is not None:
             await rss.stop()
-        for client in (store_redis, redis):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-        await group.stop_all()
-        group.cleanup()
+        await group.close(store_redis, redis)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -418,12 +413,7 @@ COLUMNS = [
 
 
 def plot(cells: list[dict[str, Any]], target_ms: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(figsize=(7, 4.5))
     xs = [c["g"] for c in cells]
     for q, style in (("p50", "-o"), ("p99", "--s")):
         ax.plot(xs, [c["latency_ms"][q] for c in cells], style, label=q)
@@ -436,9 +426,7 @@ def plot(cells: list[dict[str, Any]], target_ms: float, path: Path) -> None:
     ax.set_title("B5 worker: G generations at 50 tokens/s each (2 shared cores)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 async def main_async(args: argparse.Namespace) -> int:

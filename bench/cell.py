@@ -203,3 +203,21 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_at_start": [float(x) for x in load],
     }
+
+
+def figure(*args: Any, **kwargs: Any) -> Any:
+    """``pyplot.subplots`` on the file backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI
 
-from bench.b1 import RESULTS, machine, markdown_table
+from bench.cell import RESULTS, figure, machine, markdown_table, save_figure
 from bench.livemon import stamp_of
 from bench.procs import (
     BenchError,
@@ -267,11 +266,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["cpu_s"] = {name: round(cpu_1[name] - cpu_0[name], 3) for name in procs}
         return out
     finally:
-        if redis is not None:
-            with contextlib.suppress(Exception):
-                await redis.aclose()
-        await group.stop_all()
-        group.cleanup()
+        await group.close(redis)
 
 
 METRICS = [
@@ -319,6 +314,24 @@ def report(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return f"{per_mode}\n\n{diffs}"
 
 
+def plot(summary: dict[str, Any], path: Path) -> None:
+    fig, ax = figure(figsize=(8, 4))
+    names = [name for name, _ in METRICS]
+    width = 0.2
+    for i, (mode, q) in enumerate([(m, q) for m in MODES for q in ("p50", "p99")]):
+        xs = [x + (i - 1.5) * width for x in range(len(METRICS))]
+        ax.bar(xs, [summary[mode][key][q] for _, key in METRICS], width,
+               label=f"{mode} {q}", color=("tab:gray" if mode == "direct" else "tab:blue"),
+               alpha=1.0 if q == "p50" else 0.55)
+    ax.set_xticks(range(len(METRICS)), names, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms")
+    ax.set_title("direct: the fake LLM streamed straight to the client vs through the broker")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -341,8 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     json_path = args.results / "direct.json"
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     if "comparison" in out:
+        png_path = args.results / "direct_latency.png"
+        plot(out, png_path)
         print(report(out, out["comparison"]))
-        print(f"\nresults: {json_path}")
+        print(f"\nresults: {json_path}, {png_path}")
     raise SystemExit(status)
 
 

@@ -124,6 +124,16 @@ class ProcessGroup:
     def cleanup(self) -> None:
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
+    async def close(self, *clients: aioredis.Redis | None) -> None:
+        """The end of a cell: close the orchestrator's Redis clients, stop every process,
+        remove the logs."""
+        for client in clients:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        await self.stop_all()
+        self.cleanup()
+
 
 def child_env(**extra: str) -> dict[str, str]:
     """Our environment without broker/LLM settings that could leak in, plus ``extra``."""

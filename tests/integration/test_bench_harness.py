@@ -1,0 +1,46 @@
+"""The benchmark harness still works end to end: ``python -m bench --quick`` at small sizes.
+
+Not a performance test (no figure is asserted but correctness: every scenario checks
+exactly-once, in-order delivery or exact texts, and exits 1 otherwise). It keeps the one
+benchmark command from rotting as the product changes. The Nchan cells need nginx, which
+the test machine does not install; B1 and B3 run their broker and naive cells.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmarks_pass_their_own_checks(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "b2,b4,b5,direct",
+         "--results", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("b2", "b4", "b5", "direct"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert "failure" not in data, (name, data["failure"])
+    assert (tmp_path / "b4_storm.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "B2: worker publish = 1 round trip" in summary
+
+    for scenario in ("b1", "b3"):
+        done = subprocess.run(
+            [sys.executable, "-m", f"bench.{scenario}", "--impls", "broker,naive",
+             "--viewers", "20" if scenario == "b1" else "50",
+             *(["--messages", "10"] if scenario == "b1" else []),
+             "--results", str(tmp_path)],
+            cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        cells = json.loads((tmp_path / f"{scenario}.json").read_text())["cells"]
+        assert {c["impl"] for c in cells} == {"broker", "naive"}
