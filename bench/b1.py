@@ -38,6 +38,7 @@ from bench.cell import (
     VIEWERS_PER_LOADGEN,
     RssSampler,
     collect,
+    columns_table,
     edge_viewers,
     figure,
     machine,
@@ -301,7 +302,7 @@ def nchan_verdict(nchan_rows: list[dict[str, Any]]) -> str:
 
 def report(cells: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
            nchan_rows: list[dict[str, Any]] | None = None) -> str:
-    parts = [markdown_table([h for h, _ in COLUMNS], [[f(c) for _, f in COLUMNS] for c in cells])]
+    parts = [columns_table(COLUMNS, cells)]
     if ratio_rows:
         parts.append(ratio_table("naive/broker", RATIOS, ratio_rows))
     if nchan_rows:

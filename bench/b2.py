@@ -34,9 +34,9 @@ from bench.cell import (
     Costs,
     RssSampler,
     collect,
+    columns_table,
     figure,
     machine,
-    markdown_table,
     save_figure,
     start_loadgens,
     wait_viewers,
@@ -233,8 +233,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if out["cells"]:
         png_path = args.results / "b2_cost.png"
         plot(out["cells"], png_path)
-        print(markdown_table([h for h, _ in COLUMNS],
-                             [[f(c) for _, f in COLUMNS] for c in out["cells"]]))
+        print(columns_table(COLUMNS, out["cells"]))
         print(f"\nresults: {json_path}, {png_path}")
     return status
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from bench import nchan
 from bench.b1 import IMPLS, run_cell
-from bench.cell import RESULTS, figure, machine, markdown_table, save_figure
+from bench.cell import RESULTS, columns_table, figure, machine, save_figure
 from bench.procs import BenchError
 
 TARGET_KB_PER_VIEWER = 16  # the benchmark issue's target for the broker's edge
@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     out = asyncio.run(run(args))
     (results / "b3.json").write_text(json.dumps(out, indent=2) + "\n")
     if out["cells"]:
-        print(markdown_table([h for h, _ in COLUMNS],
-                             [[f(c) for _, f in COLUMNS] for c in out["cells"]]))
+        print(columns_table(COLUMNS, out["cells"]))
         for name, value in out.get("ratios", {}).items():
             print(f"\n{name}: {value}")
         broker = next((c for c in out["cells"] if c["impl"] == "broker"), None)

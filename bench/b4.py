@@ -36,9 +36,9 @@ from bench.cell import (
     Costs,
     RssSampler,
     collect,
+    columns_table,
     figure,
     machine,
-    markdown_table,
     save_figure,
     start_loadgens,
     wait_viewers,
@@ -201,7 +201,7 @@ async def main_async(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     if out["cells"]:
         cell = out["cells"][0]
-        print(markdown_table([h for h, _ in COLUMNS], [[f(cell) for _, f in COLUMNS]]))
+        print(columns_table(COLUMNS, [cell]))
         verdict = "meets" if cell["all_live_s"] <= TARGET_S else "misses"
         print(f"\nall {cell['viewers']} live again after {cell['all_live_s']:.2f} s "
               f"({verdict} the {TARGET_S:.0f} s target)")

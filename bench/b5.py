@@ -34,7 +34,14 @@ from typing import Any
 
 import httpx
 
-from bench.cell import RESULTS, RssSampler, figure, machine, markdown_table, save_figure
+from bench.cell import (
+    RESULTS,
+    RssSampler,
+    columns_table,
+    figure,
+    machine,
+    save_figure,
+)
 from bench.procs import (
     WORKER_CLIENT_PREFIX,
     BenchError,
@@ -487,8 +494,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if out["cells"]:
         png_path = args.results / "b5_latency.png"
         plot(out["cells"], args.target_ms, png_path)
-        print(markdown_table([h for h, _ in COLUMNS],
-                             [[f(c) for _, f in COLUMNS] for c in out["cells"]]))
+        print(columns_table(COLUMNS, out["cells"]))
         largest = out["largest_g_within_target"]
         print(f"\nlargest G with p99 <= {args.target_ms:g} ms: "
               f"{largest if largest is not None else 'none'}")

@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+Column = tuple[str, Callable[[dict[str, Any]], str]]  # header, how a cell shows in it
+
+
+def columns_table(columns: list[Column], cells: list[dict[str, Any]]) -> str:
+    """One row per cell, one column per (header, formatter)."""
+    return markdown_table([h for h, _ in columns], [[f(c) for _, f in columns] for c in cells])
 
 
 def machine() -> dict[str, Any]:
