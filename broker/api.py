@@ -158,6 +158,8 @@ async def get_generation(request: Request) -> Response:
         "finish_reason": meta.finish_reason,
         "model": meta.model,
         "created_ms": meta.created_ms,
+        # A producer may hand a viewer the stream later, or again (a fresh token each time).
+        "events_url": edge.events_url(gen_id),
     })
 
 

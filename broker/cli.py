@@ -31,11 +31,11 @@ def run_edge(settings: Settings) -> None:
 
 
 def run_dev(settings: Settings) -> None:
-    from broker.dev import create_dev_app
+    from broker.dev import create_dev_app, local_url
 
     sock = listen(settings.host, settings.port)  # first: a port in use stops nothing started
     settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one chosen
-    print(f"broker dev: open http://{settings.host}:{settings.port}/", flush=True)
+    print(f"broker dev: open {local_url(settings)}/", flush=True)
     serve(create_dev_app(settings), settings, sock)
 
 

@@ -121,8 +121,9 @@ async def test_ask_prints_exactly_the_answer_and_the_id_on_stderr(
     done = await broker("ask", prompt, url=stack.a)  # the URL from BROKER_URL
     assert done.code == 0, done.stderr
     assert done.stdout == text + "\n"
-    gen_id = done.stderr_lines[0]
-    assert protocol.is_generation_id(gen_id) and len(done.stderr_lines) == 1
+    gen_id, events = done.stderr_lines
+    assert protocol.is_generation_id(gen_id)
+    assert events == f"{stack.a}/v1/generations/{gen_id}/events"  # an open edge: no token
     status = (await http.get(f"{stack.b}/v1/generations/{gen_id}")).json()
     assert status["text"] == text and status["status"] == "completed"
 
@@ -226,7 +227,7 @@ async def test_ctrl_c_exits_130_quietly(stack: Stack, fake_llm: FakeLLM):
         fake_llm.reply_for(prompt).release.set()
     assert done.code == 130
     assert done.stdout == HEAD + "\n"  # the partial line ends, so the prompt starts afresh
-    assert len(done.stderr_lines) == 1 and protocol.is_generation_id(done.stderr_lines[0])
+    assert len(done.stderr_lines) == 2 and protocol.is_generation_id(done.stderr_lines[0])
 
 
 # -- tail -----------------------------------------------------------------------------------
