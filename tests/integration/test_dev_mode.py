@@ -3,18 +3,25 @@ and ``OPENAI_BASE_URL`` alone means a local LLM server that needs no key."""
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from broker.mockllm import sentences
 from tests.support.api import unique
 from tests.support.devserver import DevServer
 from tests.support.fakellm import FakeLLM
 from tests.support.sse import read_events
 
 pytestmark = pytest.mark.timeout(120)
+
+# A sentence end, as a reader sees one: terminal punctuation, closing quotes, then whitespace
+# or the end of the answer; or a CJK full stop.
+SENTENCE_END = re.compile(r"([.!?][\"')]*\s*|。)$")
 
 
 def non_loopback_address() -> str | None:
@@ -119,3 +126,19 @@ async def test_a_base_url_without_a_key_is_a_local_llm_server(fake_llm: FakeLLM)
     assert (f"dev mode: an in-memory store (nothing survives a restart); LLM at "
             f"{fake_llm.base_url} without an API key (OPENAI_BASE_URL alone: a local server "
             f"such as Ollama or llama.cpp)") in lines, lines
+
+
+async def test_the_mock_answer_arrives_a_whole_sentence_per_message(dev: DevServer) -> None:
+    """With every setting at its default, each message of the built-in answer is one whole
+    sentence, as the worker's sentence buffer cuts the text (the demo page tints each
+    message: a timed flush mid-sentence shows as a band cut in two)."""
+    async with httpx.AsyncClient(base_url=dev.url, timeout=30) as http:
+        created = await http.post("/v1/generations", json={"messages": [{"role": "user",
+            "content": "Explain how Server-Sent Events resume after a dropped connection."}]})
+        got = await read_events(http, created.json()["events_url"])
+    messages = [json.loads(e.data)["text"] for e in got.messages]
+    assert got.terminal_data()["finish_reason"] == "stop"
+    assert messages == sentences("".join(messages))
+    assert len(messages) >= 10
+    for message in messages:
+        assert SENTENCE_END.search(message), f"cut mid-sentence: {message!r}"
