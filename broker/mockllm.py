@@ -73,11 +73,10 @@ _ANSWER = (
 )
 
 
-# The default answer's pace: a sentence's tokens all arrive within SENTENCE_SECONDS, well
-# inside the worker's default flush interval (0.2 s), so no timed flush cuts a sentence in
-# two; SENTENCE_PAUSE between sentences is the speed it reads at.
-TOKEN_SECONDS = 0.03
-SENTENCE_SECONDS = 0.05
+# The default answer's pace: each sentence comes as a burst of its tokens, SENTENCE_PAUSE
+# after the one before. A burst reaches the worker within one read or a few, so no timed flush
+# (the worker's default waits 0.2 s) falls inside a sentence and cuts it in two unless the
+# worker stalls that long mid-burst; the pause is the speed the answer reads at.
 SENTENCE_PAUSE = 0.3
 
 
@@ -94,14 +93,13 @@ def default_script(body: dict[str, Any]) -> Reply:
 
 def sentence_paced(text: str) -> Reply:
     """``text`` token by token, a sentence at a time. Sentences are cut where the worker's
-    sentence buffer cuts them, and each one's whitespace after it is a token of its own, sent
-    before the pause: with it the buffer knows the sentence has ended, at once."""
+    sentence buffer cuts them, and the whitespace after each is a token of its own, sent before
+    the pause: with it the buffer knows at once that the sentence has ended."""
     tokens: list[str] = []
     delays: list[float] = []
     for sentence in sentences(text):
         words = tokenize(sentence)
-        step = min(TOKEN_SECONDS, SENTENCE_SECONDS / len(words))
-        delays += [SENTENCE_PAUSE if tokens else step] + [step] * (len(words) - 1)
+        delays += [SENTENCE_PAUSE] + [0.0] * (len(words) - 1)
         tokens += words
     return Reply(tokens, delays=delays)
 
