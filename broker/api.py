@@ -1,4 +1,4 @@
-"""HTTP routes of the edge (the contract in API.md)."""
+"""HTTP routes of the edge (the contract: docs/api.md)."""
 
 from __future__ import annotations
 

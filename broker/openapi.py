@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the edge's HTTP API, served at ``/openapi.json``.
 
-Written by hand from API.md (the routes are plain Starlette): ``tests/integration/
+Written by hand from docs/api.md (the routes are plain Starlette): ``tests/integration/
 test_api_fuzz.py`` fuzzes a live edge from it with schemathesis, which also checks every
 answer against it, so it cannot drift from what the edge does.
 """
