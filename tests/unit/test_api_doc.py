@@ -49,7 +49,9 @@ def error_codes(path: Path) -> set[str]:
                     if isinstance(target, ast.Name):
                         assigned.setdefault(target.id, []).append(node.value)
         for node in ast.walk(function):
-            position = CODE_ARGUMENT.get(_name(node)) if isinstance(node, ast.Call) else None
+            if not isinstance(node, ast.Call):
+                continue
+            position = CODE_ARGUMENT.get(_name(node))
             if position is None or len(node.args) <= position:
                 continue
             arg = node.args[position]
