@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -228,6 +229,30 @@ async def test_ctrl_c_exits_130_quietly(stack: Stack, fake_llm: FakeLLM):
     assert done.code == 130
     assert done.stdout == HEAD + "\n"  # the partial line ends, so the prompt starts afresh
     assert len(done.stderr_lines) == 2 and protocol.is_generation_id(done.stderr_lines[0])
+
+
+def test_a_reader_that_goes_away_ends_ask_quietly(stack: Stack, fake_llm: FakeLLM):
+    """`broker ask ... | head -c N`: stdout closes mid-answer; exit 141, no traceback."""
+    prompt = held(fake_llm, "pipe")
+    proc = subprocess.Popen([sys.executable, "-m", "broker", "ask", prompt],
+                            env=cli_env(stack.a), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        head = b""
+        while len(head) < len(HEAD.encode()):
+            head += os.read(proc.stdout.fileno(), len(HEAD.encode()) - len(head))
+        assert head.decode() == HEAD
+        proc.stdout.close()  # the reader is gone; the rest of the answer meets a closed pipe
+        fake_llm.reply_for(prompt).release.set()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        fake_llm.reply_for(prompt).release.set()
+        if proc.poll() is None:
+            proc.kill()
+    stderr = err.decode()
+    assert proc.returncode == 141, stderr
+    assert len(stderr.splitlines()) == 2 and "Traceback" not in stderr, stderr
 
 
 # -- tail -----------------------------------------------------------------------------------
