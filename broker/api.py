@@ -1,4 +1,4 @@
-"""HTTP routes of the edge (the contract in API.md)."""
+"""HTTP routes of the edge (the contract: docs/api.md)."""
 
 from __future__ import annotations
 
@@ -158,6 +158,8 @@ async def get_generation(request: Request) -> Response:
         "finish_reason": meta.finish_reason,
         "model": meta.model,
         "created_ms": meta.created_ms,
+        # A producer may hand a viewer the stream later, or again (a fresh token each time).
+        "events_url": edge.events_url(gen_id),
     })
 
 

@@ -13,7 +13,7 @@ import sys
 import uvicorn
 
 from broker import logs
-from broker.server import serve
+from broker.server import ListenError, listen, serve
 from broker.settings import Settings, add_arguments, from_args
 from broker.terminal import (
     CLIENT_COMMANDS,
@@ -31,10 +31,12 @@ def run_edge(settings: Settings) -> None:
 
 
 def run_dev(settings: Settings) -> None:
-    from broker.dev import create_dev_app
+    from broker.dev import create_dev_app, local_url
 
-    print(f"broker dev: open http://{settings.host}:{settings.port}/", flush=True)
-    serve(create_dev_app(settings), settings)
+    sock = listen(settings.host, settings.port)  # first: a port in use stops nothing started
+    settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one chosen
+    print(f"broker dev: open {local_url(settings)}/", flush=True)
+    serve(create_dev_app(settings), settings, sock)
 
 
 def run_worker(settings: Settings) -> None:
@@ -69,11 +71,12 @@ def run_worker(settings: Settings) -> None:
 def run_mock_llm(settings: Settings) -> None:
     from broker.mockllm import create_mock_llm_app
 
+    sock = listen(settings.host, settings.port)
     config = uvicorn.Config(
         create_mock_llm_app(), host=settings.host, port=settings.port,
         log_level=settings.log_level, access_log=False,
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def run_cluster(settings: Settings, edges: int = 3, workers: int = 2) -> None:
@@ -153,4 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.configure(settings.log_level, settings.log_format)
     setting_names = {f.name for f in dataclasses.fields(Settings)}
     options = {k: v for k, v in vars(args).items() if k != "command" and k not in setting_names}
-    COMMANDS[args.command][0](settings, **options)
+    try:
+        COMMANDS[args.command][0](settings, **options)
+    except ListenError as e:
+        raise SystemExit(f"broker {args.command}: {e}") from None

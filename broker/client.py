@@ -20,7 +20,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,10 +117,10 @@ class Follower:
         self.reconnects = 0
         self.result: Result | None = None
 
-    def __aiter__(self) -> AsyncIterator[Message]:
+    def __aiter__(self) -> AsyncGenerator[Message, None]:
         return self._follow()
 
-    async def _follow(self) -> AsyncIterator[Message]:
+    async def _follow(self) -> AsyncGenerator[Message, None]:
         progress_at = time.monotonic()
         failures = 0  # reconnects in a row without a message: the delay doubles with each
         while True:

@@ -34,6 +34,7 @@ import httpx
 import redis
 
 from broker.loadbalancer import haproxy_config
+from broker.server import ListenError, listen
 from broker.settings import Settings
 
 INSTALL_HINT = "sudo apt-get install haproxy redis-server"
@@ -81,15 +82,9 @@ def check_port_free(host: str, port: int) -> None:
     """Fail clearly if ``host:port`` is taken (HAProxy binds with SO_REUSEPORT, so it could
     otherwise share the port with another listener without a word)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(address)
-    except OSError as e:
-        raise ClusterError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another with --port"
-        ) from e
+        listen(host, port).close()
+    except ListenError as e:
+        raise ClusterError(str(e)) from e
 
 
 def _die_with_parent() -> None:

@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from worker.sentences import SentenceBuffer  # the worker's rule, not a second copy of it
+
 
 @dataclass
 class Reply:
@@ -28,6 +30,7 @@ class Reply:
 
     tokens: list[str]
     delay: float = 0.02  # seconds between tokens
+    delays: list[float] | None = None  # or: seconds before each token, one per token
     finish_reason: str = "stop"
     status: int = 200  # non-200: answer this HTTP error instead of a stream
     break_after: int | None = None  # cut the connection after this many tokens
@@ -70,6 +73,13 @@ _ANSWER = (
 )
 
 
+# The default answer's pace: each sentence comes as a burst of its tokens, SENTENCE_PAUSE
+# after the one before. A burst reaches the worker within one read or a few, so no timed flush
+# (the worker's default waits 0.2 s) falls inside a sentence and cuts it in two unless the
+# worker stalls that long mid-burst; the pause is the speed the answer reads at.
+SENTENCE_PAUSE = 0.3
+
+
 def default_script(body: dict[str, Any]) -> Reply:
     """A realistic multi-sentence answer that quotes the question."""
     question = ""
@@ -78,7 +88,26 @@ def default_script(body: dict[str, Any]) -> Reply:
             question = str(message.get("content", ""))[:200]
             break
     intro = f'You asked: "{question.strip()}"\n\n' if question.strip() else ""
-    return Reply(tokenize(intro + _ANSWER), delay=0.03)
+    return sentence_paced(intro + _ANSWER)
+
+
+def sentence_paced(text: str) -> Reply:
+    """``text`` token by token, a sentence at a time. Sentences are cut where the worker's
+    sentence buffer cuts them, and the whitespace after each is a token of its own, sent before
+    the pause: with it the buffer knows at once that the sentence has ended."""
+    tokens: list[str] = []
+    delays: list[float] = []
+    for sentence in sentences(text):
+        words = tokenize(sentence)
+        delays += [SENTENCE_PAUSE] + [0.0] * (len(words) - 1)
+        tokens += words
+    return Reply(tokens, delays=delays)
+
+
+def sentences(text: str) -> list[str]:
+    """``text`` split as the worker's sentence buffer splits it when it all arrives at once."""
+    buffer = SentenceBuffer()
+    return [s for s in (*buffer.feed(text, now=0.0), buffer.flush()) if s]
 
 
 def create_mock_llm_app(script: Script = default_script) -> Starlette:
@@ -126,8 +155,9 @@ async def _stream(body: dict[str, Any], reply: Reply, record: Record) -> AsyncIt
             # closed meanwhile does not keep a worker thread blocked forever.
             while i == reply.hold_at and not await asyncio.to_thread(reply.release.wait, 0.1):
                 pass
-            if reply.delay:
-                await asyncio.sleep(reply.delay)
+            delay = reply.delay if reply.delays is None else reply.delays[i]
+            if delay:
+                await asyncio.sleep(delay)
             delta = {"content": token} if i else {"role": "assistant", "content": token}
             yield _sse(_chunk(cid, model, delta, None))
             record.sent_tokens = i + 1

@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document of the edge's HTTP API, served at ``/openapi.json``.
 
-Written by hand from API.md (the routes are plain Starlette): ``tests/integration/
+Written by hand from docs/api.md (the routes are plain Starlette): ``tests/integration/
 test_api_fuzz.py`` fuzzes a live edge from it with schemathesis, which also checks every
 answer against it, so it cannot drift from what the edge does.
 """
@@ -40,7 +40,8 @@ def _errors(*codes: int) -> dict[str, Any]:
 def document(settings: Settings) -> dict[str, Any]:
     generation = {
         "type": "object",
-        "required": ["id", "status", "text", "finish_reason", "model", "created_ms"],
+        "required": ["id", "status", "text", "finish_reason", "model", "created_ms",
+                     "events_url"],
         "properties": {
             "id": {"type": "string"},
             "status": {"enum": ["queued", "running", "completed", "failed", "cancelled"]},
@@ -48,6 +49,8 @@ def document(settings: Settings) -> dict[str, Any]:
             "finish_reason": {"type": ["string", "null"]},
             "model": {"type": "string"},
             "created_ms": {"type": "integer"},
+            "events_url": {"type": "string",
+                           "description": "the stream, with a fresh viewer token if tokens are on"},
         },
     }
     message = {

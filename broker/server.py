@@ -5,6 +5,7 @@ ends SSE streams at once."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -163,7 +164,38 @@ class EdgeServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(app: Starlette, settings: Settings) -> None:
+class ListenError(Exception):
+    """The server cannot listen where it was told to; the message is one line for the user."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for uvicorn to serve on. Bound before the app starts, so
+    a port in use is one clear line (``ListenError``) rather than a worker started in vain and
+    uvicorn's log of the bind failure."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ListenError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose "
+                          "another address with --host (BROKER_HOST)") from e
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        what = ("port with --port (BROKER_PORT)" if e.errno in (errno.EADDRINUSE, errno.EACCES)
+                else "address with --host/--port (BROKER_HOST/BROKER_PORT)")
+        raise ListenError(
+            f"cannot listen on {host}:{port} ({(e.strerror or str(e)).lower()}); choose "
+            f"another {what}") from e
+    return sock
+
+
+def serve(app: Starlette, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve the edge's ``app`` on ``sock`` (default: ``listen`` on the settings' host and
+    port; ``ListenError`` if that fails)."""
+    sock = sock or listen(settings.host, settings.port)
     protocol = type("EdgeHttpProtocol", (HeaderTimeoutProtocol,),
                     {"header_timeout": settings.request_timeout})
     config = uvicorn.Config(
@@ -172,4 +204,4 @@ def serve(app: Starlette, settings: Settings) -> None:
         # No access log: its lines carry query strings, and viewer tokens travel in them.
         access_log=False, log_config=None,
     )
-    EdgeServer(config).run()
+    EdgeServer(config).run(sockets=[sock])

@@ -36,7 +36,8 @@ class Settings:
     )
     openai_api_key: str | None = _setting(
         None, "OPENAI_API_KEY",
-        "API key for the LLM; `broker dev` and `broker cluster` use their mock LLM without one",
+        "API key for the LLM; without one `broker dev` calls OPENAI_BASE_URL keyless (a "
+        "local server) if set, else its mock LLM, and `broker cluster` its mock LLM",
         "worker dev cluster",
     )
     model: str = _setting(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -30,6 +31,8 @@ EXIT_REJECTED = 2  # a usage error, or the edge refused the request (4xx)
 EXIT_UNAVAILABLE = 3  # not found (404/410), or the edge unreachable / failing past the deadline
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_BROKEN_PIPE = 141  # stdout closed by the reader (`broker ask ... | head`)
+AUTH_HINT = (" (pass --api-key or set BROKER_API_KEY, or the viewer token with --token or "
+             "BROKER_VIEWER_TOKEN)")
 
 CLIENT_EPILOG = """\
 exit status:
@@ -107,8 +110,10 @@ def _client(base_url: str, api_key: str | None = None) -> httpx.AsyncClient:
 async def _follow(follower: Follower, printer: Printer) -> int:
     """Prints the generation to its terminal event; the exit status says how it ended."""
     try:
-        async for message in follower:
-            printer.message(message.id, message.text)
+        # aclosing: a failed write (stdout closed) closes the stream here, not at exit.
+        async with contextlib.aclosing(follower.__aiter__()) as messages:
+            async for message in messages:
+                printer.message(message.id, message.text)
     except GenerationFailed as e:
         printer.failed(e.code, e.message)
         return _error(EXIT_FAILED, e.code, e.message)
@@ -118,7 +123,8 @@ async def _follow(follower: Follower, printer: Printer) -> int:
     except RequestRejected as e:
         printer.stopped()
         gone = e.status in (404, 410)  # 410 history_lost: the start is no longer kept
-        return _error(EXIT_UNAVAILABLE if gone else EXIT_REJECTED, e.code, e.message)
+        hint = AUTH_HINT if e.status in (401, 403) else ""
+        return _error(EXIT_UNAVAILABLE if gone else EXIT_REJECTED, e.code, e.message + hint)
     except StreamError as e:
         printer.stopped()
         return _error(EXIT_UNAVAILABLE, "unavailable", str(e))
@@ -141,10 +147,13 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
             created = await create(http, messages, **fields)
         except RequestRejected as e:
             status = EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REJECTED
-            return _error(status, e.code, e.message)
+            hint = " (pass --api-key or set BROKER_API_KEY)" if e.status == 401 else ""
+            return _error(status, e.code, e.message + hint)
         except httpx.HTTPError as e:
             return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
-        print(created.id, file=sys.stderr, flush=True)  # first, so `broker tail` can pick it up
+        # First, so `broker tail` (the id) or curl and a browser (the URL) can pick it up.
+        print(created.id, file=sys.stderr, flush=True)
+        print(base_url.rstrip("/") + created.events_url, file=sys.stderr, flush=True)
         return await _follow(Follower(http, created.events_url), printer)
 
 
@@ -152,12 +161,31 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
     base_url = _base_url(args)
     if base_url is None:
         return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
-    events_url = f"/v1/generations/{quote(args.id, safe='')}/events"
     token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
-    if token:
-        events_url += f"?token={quote(token, safe='')}"
-    async with _client(base_url) as http:
+    async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
+        try:
+            events_url = await _events_url(http, args.id, token)
+        except GenerationNotFound:
+            return _error(EXIT_UNAVAILABLE, "not_found", "no such generation (unknown or expired)")
+        except httpx.HTTPError as e:
+            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
         return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
+
+
+async def _events_url(http: httpx.AsyncClient, gen_id: str, token: str | None) -> str:
+    """The stream's URL: with the viewer token given, else as the edge hands it to a producer
+    (``GET /v1/generations/{id}`` answers ``events_url``, with a fresh token when tokens are
+    on; no key is needed where producer keys are off, as in ``broker dev``)."""
+    generation = f"/v1/generations/{quote(gen_id, safe='')}"
+    if token:
+        return f"{generation}/events?token={quote(token, safe='')}"
+    response = await http.get(generation)
+    if response.status_code == 404:
+        raise GenerationNotFound(generation)
+    url = response.json().get("events_url") if response.status_code == 200 else None
+    # Without it (refused: no key, yet the stream may be open to all; failing; an older edge)
+    # the plain URL: the stream itself then says what is wrong.
+    return url if isinstance(url, str) else f"{generation}/events"
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
@@ -165,8 +193,6 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("question", help="the question (the user message)")
         parser.add_argument("--model", help="model to ask (default: the edge's BROKER_MODEL)")
         parser.add_argument("--system", metavar="TEXT", help="a system message before it")
-        parser.add_argument("--api-key", help="a producer API key, when the edge requires one "
-                            "[env BROKER_API_KEY]")
     else:
         parser.add_argument("id", metavar="ID", help="the generation's id (`broker ask` prints "
                             "it on stderr)")
@@ -174,8 +200,11 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             help="resume: print only what follows this event id "
                             "(default: from the start)")
         parser.add_argument("--token", help="the viewer token (the `token` of the create "
-                            "answer's events_url), when the edge requires one "
+                            "answer's events_url); without it, tail asks the edge for the "
+                            "events_url (with --api-key where keys are on) "
                             "[env BROKER_VIEWER_TOKEN]")
+    parser.add_argument("--api-key", help="a producer API key, when the edge requires one "
+                        "[env BROKER_API_KEY]")
     parser.add_argument("--url", help=f"base URL of an edge or its load balancer "
                         f"[env BROKER_URL; default {DEFAULT_URL}]")
     parser.add_argument("--json", action="store_true", help="print one JSON object per event "

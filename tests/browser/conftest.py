@@ -23,8 +23,12 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.browser.helpers import VIEWER_TOKEN_KEY
+from broker.mockllm import default_script
+from tests.browser.helpers import DEMO_QUESTION, VIEWER_TOKEN_KEY
+from tests.conftest import StartBroker
 from tests.support.chromium import launch
+from tests.support.fakellm import FakeLLM
+from tests.support.procs import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE = 15.0  # seconds for `broker dev` to answer /healthz
@@ -99,6 +103,21 @@ def broker_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             pytest.fail(f"`broker dev` died during the tests ({code}); stderr:\n{stderr_text()}")
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def edge_url(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[str]:
+    """The demo page on a real deployment: a `broker edge` (no producer keys, so the page may
+    create; viewer tokens on, as in dev mode) + a `broker worker` + a redis-server, with the
+    fake LLM answering the page's default question as the built-in mock does."""
+    mock = default_script({"messages": [{"role": "user", "content": DEMO_QUESTION}]})
+    fake_llm.script(DEMO_QUESTION, tokens=mock.tokens, delays=mock.delays)
+    redis = RedisServer().start()
+    edge = start_broker("edge", redis.url, broker_insecure="1",
+                        broker_viewer_token_keys=VIEWER_TOKEN_KEY)
+    start_broker("worker", redis.url, fake_llm)
+    yield edge.url
+    redis.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

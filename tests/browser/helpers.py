@@ -13,6 +13,7 @@ from broker.auth import ViewerTokens
 
 EVENTS_PATH = re.compile(r"/v1/generations/[^/?#]+/events$")
 VIEWER_TOKEN_KEY = "browser-tests-viewer-key"  # the `broker dev` of these tests signs with it
+DEMO_QUESTION = "Explain how Server-Sent Events resume after a dropped connection."  # the page's
 
 
 def signed_events_url(gen_id: str) -> str:

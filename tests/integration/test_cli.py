@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -121,8 +122,9 @@ async def test_ask_prints_exactly_the_answer_and_the_id_on_stderr(
     done = await broker("ask", prompt, url=stack.a)  # the URL from BROKER_URL
     assert done.code == 0, done.stderr
     assert done.stdout == text + "\n"
-    gen_id = done.stderr_lines[0]
-    assert protocol.is_generation_id(gen_id) and len(done.stderr_lines) == 1
+    gen_id, events = done.stderr_lines
+    assert protocol.is_generation_id(gen_id)
+    assert events == f"{stack.a}/v1/generations/{gen_id}/events"  # an open edge: no token
     status = (await http.get(f"{stack.b}/v1/generations/{gen_id}")).json()
     assert status["text"] == text and status["status"] == "completed"
 
@@ -226,7 +228,31 @@ async def test_ctrl_c_exits_130_quietly(stack: Stack, fake_llm: FakeLLM):
         fake_llm.reply_for(prompt).release.set()
     assert done.code == 130
     assert done.stdout == HEAD + "\n"  # the partial line ends, so the prompt starts afresh
-    assert len(done.stderr_lines) == 1 and protocol.is_generation_id(done.stderr_lines[0])
+    assert len(done.stderr_lines) == 2 and protocol.is_generation_id(done.stderr_lines[0])
+
+
+def test_a_reader_that_goes_away_ends_ask_quietly(stack: Stack, fake_llm: FakeLLM):
+    """`broker ask ... | head -c N`: stdout closes mid-answer; exit 141, no traceback."""
+    prompt = held(fake_llm, "pipe")
+    proc = subprocess.Popen([sys.executable, "-m", "broker", "ask", prompt],
+                            env=cli_env(stack.a), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        head = b""
+        while len(head) < len(HEAD.encode()):
+            head += os.read(proc.stdout.fileno(), len(HEAD.encode()) - len(head))
+        assert head.decode() == HEAD
+        proc.stdout.close()  # the reader is gone; the rest of the answer meets a closed pipe
+        fake_llm.reply_for(prompt).release.set()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        fake_llm.reply_for(prompt).release.set()
+        if proc.poll() is None:
+            proc.kill()
+    stderr = err.decode()
+    assert proc.returncode == 141, stderr
+    assert len(stderr.splitlines()) == 2 and "Traceback" not in stderr, stderr
 
 
 # -- tail -----------------------------------------------------------------------------------
