@@ -103,10 +103,12 @@ async def lease_expired(client: redis.Redis, gen_id: str) -> None:
     await eventually(expired, LEASE + 5, "the dead worker's lease to run out")
 
 
+@pytest.mark.parametrize("cluster", [None, (3, 0)], ids=["redis", "cluster"])
 async def test_the_only_worker_killed_mid_answer_ends_with_worker_lost(
-    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
+    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty,
+    cluster: tuple[int, int] | None,
 ):
-    d = deploy(edges=1, workers=1)
+    d = deploy(edges=1, workers=1, cluster=cluster)
     edge, worker = d.edges[0], d.workers[0]
     client = d.redis.client()
     prompt = fake_llm.script(unique("last-worker"), LONG, delay=0.05)
@@ -141,16 +143,22 @@ async def test_the_only_worker_killed_mid_answer_ends_with_worker_lost(
         assert status["status"] == "failed" and status["text"] == got.text
         metrics = (await http.get(edge.url + "/metrics")).text
         assert metric(metrics, "broker_leases_reaped_total") == 1
+        checks = metric(metrics, "broker_lease_checks_total")
     assert elapsed <= WORKER_LOST_WITHIN, f"worker_lost {elapsed:.2f}s after the kill"
     assert f"generation {gen_id}" in edge.output() and "worker_lost" in edge.output()
+    print(f"\n{checks:.0f} lease checks by the edge in all")
     report(record_property, "last worker killed", elapsed, "SIGKILL of the only worker")
 
 
+@pytest.mark.parametrize("successor_starts", ["after the kill", "before the kill"])
 async def test_edges_and_a_new_worker_racing_to_reap_end_it_once(
-    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
+    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty, successor_starts: str
 ):
-    """Two edges watch the generation; a second worker starts right after the kill, and its
-    reaper races the edges for the same expired lease. One terminal event, everywhere."""
+    """Two edges watch the generation; a second worker's reaper races them for the same
+    expired lease. Started right after the kill, the worker waits a lease of Redis health
+    before reaping, so it mostly finds the generation ended and only acks the job; started
+    before (once the first worker runs the generation), its reaper is armed when the lease
+    runs out. One terminal event, everywhere, either way."""
     d = deploy(edges=2, workers=1)
     client = d.redis.client()
     prompt = fake_llm.script(unique("reap-race"), LONG, delay=0.05)
@@ -160,8 +168,12 @@ async def test_edges_and_a_new_worker_racing_to_reap_end_it_once(
         for viewer in viewers:
             await running_on(client, gen_id, viewer)
 
+        if successor_starts == "before the kill":
+            successor = d.add_worker()
+            await wait_worker_ready(d, successor)
         killed_at = kill(d.workers[0])
-        successor = d.add_worker()
+        if successor_starts == "after the kill":
+            successor = d.add_worker()
         results = [await v.result(within=WORKER_LOST_WITHIN + 1) for v in viewers]
         elapsed = max(v.terminal_at or 0 for v in viewers) - killed_at
 
@@ -191,7 +203,8 @@ async def test_edges_and_a_new_worker_racing_to_reap_end_it_once(
     # The worker's own metrics port counts its reaps; the log says who it was either way.
     reaped_by = client.hget(protocol.meta_key(gen_id), "owner").decode()
     print(f"\nreaped by {reaped_by} ({reaped_by_edges:.0f} by an edge)")
-    report(record_property, "reap race", elapsed, "SIGKILL, edges and a new worker racing")
+    report(record_property, f"reap race, worker started {successor_starts}", elapsed,
+           "SIGKILL, edges and a new worker racing")
 
 
 async def test_a_viewer_arriving_after_the_worker_died_gets_worker_lost(
