@@ -49,16 +49,23 @@ async def redis_ms(store: Store, gen_id: str) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-async def running(store: Store, lease_ttl: float) -> str:
+async def queued(store: Store) -> str:
+    """A queued generation with no job: the session's workers on these servers must not
+    claim it before the test does."""
     gen_id = protocol.new_generation_id()
-    await store.create(gen_id, {"messages": []}, "m")
+    await store.redis.hset(protocol.meta_key(gen_id), mapping=protocol.new_meta("m"))
+    await store.redis.pexpire(protocol.meta_key(gen_id), 60_000)
+    return gen_id
+
+
+async def running(store: Store, lease_ttl: float) -> str:
+    gen_id = await queued(store)
     assert await store.claim(gen_id, "w1", lease_ttl) == "ok"
     return gen_id
 
 
 async def test_claim_and_heartbeat_write_redis_time_plus_the_ttl(store: Store) -> None:
-    gen_id = protocol.new_generation_id()
-    await store.create(gen_id, {"messages": []}, "m")
+    gen_id = await queued(store)
     before = await redis_ms(store, gen_id)
     assert await store.claim(gen_id, "w1", 5.0) == "ok"
     after = await redis_ms(store, gen_id)
