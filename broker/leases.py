@@ -8,15 +8,18 @@ workers racing for the same lease produce one terminal event). The cost stays bo
 
 - a check that finds the lease holding says how long it holds (``LeaseCheck.wait``, from
   Redis), and the next check is scheduled for that moment: a live worker renews every third
-  of its lease, so a healthy running topic costs about one call per two thirds of a lease;
+  of its lease, so each check finds the lease renewed and the next comes two thirds of a
+  lease to a lease later (about one call per quiet running topic per lease);
 - a topic whose events keep coming is not checked at all: its worker just published, so
   the check waits until the topic has been quiet for a whole lease (``LeaseCheck.lease_ttl``);
 - a queued generation (no lease yet) is checked again with a delay that doubles from the
   edge's check interval up to ``QUEUED_RECHECK_INTERVALS`` of them.
 
 So a dead worker's generation ends at most a lease (plus one call) after the worker's last
-renewal. Nothing here knows ``BROKER_LEASE_TTL``, a worker setting: every delay comes from
-what Redis answered, or from the edge's own check interval (``BROKER_PROBE_INTERVAL``).
+renewal, as long as this edge sees Redis healthy (after a failure, reaping waits until it has
+seen Redis healthy for a whole lease: the owner may be alive and about to renew). Nothing
+here knows ``BROKER_LEASE_TTL``, a worker setting: every delay comes from what Redis
+answered, or from the edge's own check interval (``BROKER_PROBE_INTERVAL``).
 """
 
 from __future__ import annotations
@@ -109,9 +112,13 @@ class LeaseWatch:
         if watched is not None and watched.topic is topic:
             self._drop(topic.gen_id)
 
+    async def reaped(self, gen_id: str) -> bool:
+        """Check ``gen_id``'s lease now (a status read): True if it ran out and this call
+        ended the generation."""
+        return (await self.check(gen_id)).reaped
+
     async def check(self, gen_id: str) -> LeaseCheck:
-        """One check of ``gen_id``'s lease, reaping it if it ran out (a status read calls
-        this too)."""
+        """One check of ``gen_id``'s lease, reaping it if it ran out."""
         self.metrics.lease_checks.inc()
         try:
             check = await self.store.reap(gen_id, self.name, self.healthy_for(gen_id))
