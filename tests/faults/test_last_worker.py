@@ -21,7 +21,13 @@ import redis
 from broker import protocol
 from broker.client import Follower, GenerationFailed
 from broker.settings import Settings
-from tests.faults.helpers import Viewer, report, requests_for, wait_worker_ready
+from tests.faults.helpers import (
+    Viewer,
+    assert_exact_once,
+    report,
+    requests_for,
+    wait_worker_ready,
+)
 from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, eventually, wait_until
@@ -254,3 +260,31 @@ async def test_a_status_read_after_the_worker_died_says_failed(deploy, fake_llm:
         )
         assert status["text"].encode().startswith(text_before)
         assert_ended_once_with_worker_lost(client, gen_id)
+
+
+async def test_redis_down_longer_than_a_lease_reaps_no_live_worker(
+    deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
+):
+    """Redis (with AOF) is down for longer than a lease while the worker streams: when it
+    returns, the lease in it has run out, but the worker is alive and renews within a third
+    of a lease. The edge, which saw Redis fail, waits a whole lease of health before judging
+    it, so the answer completes."""
+    d = deploy(edges=1, workers=1, redis_args=("--appendonly", "yes", "--appendfsync", "always"))
+    edge = d.edges[0]
+    prompt = fake_llm.script(unique("outage"), LONG, delay=0.05)
+    async with httpx.AsyncClient(timeout=30) as http:
+        gen_id = await create(http, edge.url, prompt)
+        viewer = Viewer(http, events_url(edge.url, gen_id))
+        await viewer.wait_first_message()
+
+        d.redis.kill()
+        down_at = time.monotonic()
+        # The outage must outlast the lease the worker last renewed (at most now).
+        await asyncio.sleep(LEASE + DEFAULTS.probe_interval)
+        d.redis.start()  # same port and directory: the AOF is replayed
+        got = await viewer.result(within=60)
+        elapsed = time.monotonic() - down_at
+        assert_exact_once(got, LONG)
+        metrics = (await http.get(edge.url + "/metrics")).text
+        assert metric(metrics, "broker_leases_reaped_total") == 0
+    report(record_property, "Redis down longer than a lease", elapsed, "the Redis kill")
