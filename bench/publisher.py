@@ -55,8 +55,8 @@ def message_text(seq: int, size: int) -> str:
 async def prepare(store: Store, gen_id: str) -> None:
     request = {"messages": [{"role": "user", "content": "benchmark"}]}
     await store.create(gen_id, request, store.settings.model)
-    lease_until = protocol.now_ms() + 3_600_000  # no worker or reaper runs in the bench
-    claimed = await store.claim(gen_id, OWNER, lease_until)
+    # An hour's lease: no worker renews it in the bench, and nothing may reap it.
+    claimed = await store.claim(gen_id, OWNER, 3600.0)
     if claimed != "ok":
         raise SystemExit(f"claim failed: {claimed!r}")
 

@@ -149,6 +149,11 @@ async def get_generation(request: Request) -> Response:
     edge.producer(request)
     gen_id = _gen_id(request)
     meta, text = await asyncio.gather(edge.store.meta(gen_id), edge.store.text(gen_id))
+    # A running generation's worker may be gone with no other left to notice: a lease that ran
+    # out ends the generation now, and the answer says so instead of `running` until a worker
+    # returns.
+    if meta is not None and meta.status == "running" and await edge.hub.leases.reaped(gen_id):
+        meta, text = await asyncio.gather(edge.store.meta(gen_id), edge.store.text(gen_id))
     if meta is None:
         raise ApiError(404, "not_found", "no such generation")
     return JSONResponse({

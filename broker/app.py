@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -50,6 +51,7 @@ def create_app(
     hub = Hub(
         store, metrics, window=settings.replay_window, audit_interval=settings.keepalive_interval,
         probe_interval=settings.probe_interval,
+        name=f"edge-{socket.gethostname()}-{os.getpid()}",
     )
     edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens)
 

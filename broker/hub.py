@@ -24,6 +24,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from broker import protocol
 from broker.backoff import Backoff
+from broker.leases import LeaseWatch
 from broker.metrics import Metrics
 from broker.store import Store
 from broker.tasks import cancel_and_wait
@@ -65,11 +66,22 @@ class Shard:
         self._reader: asyncio.Task[None] | None = None
         self._probe_seen_at: float | None = None
         self._unseen_since: float | None = None  # first probe published after the last seen
+        # The first probe seen back after the last failure (None: failing, or none seen yet).
+        self._healthy_since: float | None = None
         self.retired = False  # no longer a master: its channels went elsewhere
 
     def ready(self) -> bool:
         seen = self._probe_seen_at
         return seen is not None and time.monotonic() - seen <= self.hub.probe_timeout
+
+    def healthy_for(self, now: float) -> float:
+        """Seconds this shard has delivered its probes without a failure (0 while failing)."""
+        return 0.0 if self._healthy_since is None else now - self._healthy_since
+
+    def failed(self) -> None:
+        """A call or the connection to this Redis failed: healthy again from the next probe
+        seen back (the lease watch waits a lease from then before it reaps)."""
+        self._healthy_since = None
 
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read_forever(), name=f"hub-reader-{self.name}")
@@ -132,6 +144,7 @@ class Shard:
                 self._unseen_since = now
         except (RedisError, OSError):
             self.hub.metrics.redis_errors.labels("probe").inc()
+            self.failed()
 
     async def restart_if_stalled(self, now: float) -> None:
         """Probes published and none seen back for a probe timeout: the connection is up but
@@ -139,6 +152,7 @@ class Shard:
         if self._unseen_since is not None and now - self._unseen_since > self.hub.probe_timeout:
             log.warning("pub/sub connection to %s stopped delivering; resubscribing", self.name)
             self.hub.metrics.pubsub_stalls.inc()
+            self.failed()
             self._unseen_since = None
             await self.restart()
 
@@ -168,6 +182,7 @@ class Shard:
             except (RedisError, OSError) as e:
                 self.hub.metrics.redis_errors.labels("subscribe").inc()
                 self.hub.metrics.pubsub_reconnects.inc()
+                self.failed()
                 log.warning("pub/sub connection to %s failed (%s); retrying in %.2fs",
                             self.name, e, backoff.delay)
             finally:
@@ -188,6 +203,8 @@ class Shard:
             if kind in ("message", "smessage"):
                 self._probe_seen_at = time.monotonic()
                 self._unseen_since = None
+                if self._healthy_since is None:
+                    self._healthy_since = self._probe_seen_at
             return
         hub = self.hub
         topic = hub.topics.get(protocol.gen_id_of_channel(channel))
@@ -226,7 +243,7 @@ class Hub:
 
     def __init__(
         self, store: Store, metrics: Metrics, *, window: int, audit_interval: float,
-        probe_interval: float,
+        probe_interval: float, name: str = "edge",
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -247,6 +264,10 @@ class Hub:
         self.probe_interval = probe_interval
         self.probe_timeout = 3 * probe_interval
         self.closing = False
+        # Ends the generations it serves whose worker died (``name``: the reaper it writes).
+        self.leases = LeaseWatch(
+            store, metrics, interval=probe_interval, name=name, healthy_for=self.healthy_for
+        )
 
     @property
     def cluster(self) -> aioredis.RedisCluster | None:
@@ -276,12 +297,27 @@ class Hub:
             asyncio.create_task(self._probe_forever(), name="hub-probe"),
             asyncio.create_task(self._watch_sends_forever(), name="hub-send-watch"),
             asyncio.create_task(self._wake_quiet_topics_forever(), name="hub-wake"),
+            asyncio.create_task(self.leases.run(), name="hub-leases"),
         ]
 
     async def stop(self) -> None:
         await cancel_and_wait(*self._tasks, *self._background)
+        self.leases.stop()
         for shard in list(self.shards.values()):
             await self._drop_shard(shard)
+
+    def healthy_for(self, gen_id: str) -> float:
+        """Seconds this edge has seen the Redis (on a cluster: the master) that serves
+        ``gen_id`` deliver its probes without a failure; 0 while it fails."""
+        channel = protocol.live_channel(gen_id)
+        shard = self._shard_of.get(channel)
+        cluster = self.cluster
+        if shard is None and cluster is None:
+            shard = self.shards.get("redis")
+        elif shard is None and cluster is not None:
+            with contextlib.suppress(RedisClusterException):  # the slot is not covered now
+                shard = self.shards.get(cluster.get_node_from_key(channel).name)
+        return 0.0 if shard is None else shard.healthy_for(time.monotonic())
 
     # -- shards ----------------------------------------------------------------------------
 
@@ -413,6 +449,7 @@ class Hub:
             topic = Topic(gen_id, self.window, last_change=time.monotonic(), metrics=self.metrics)
             self.topics[gen_id] = topic
             self.metrics.subscriptions.inc()
+            self.leases.watch(topic)
         topic.viewers += 1
         try:
             if not topic.subscribed.is_set():
@@ -429,6 +466,7 @@ class Hub:
             if topic.viewers == 0 and self.topics.get(gen_id) is topic:
                 del self.topics[gen_id]
                 self.metrics.subscriptions.dec()
+                self.leases.forget(topic)
                 await self._unsubscribe(gen_id)
 
     async def _subscribe(self, gen_id: str) -> None:
@@ -473,6 +511,7 @@ class Hub:
                 await shard.publish_probe(now)
         except TimeoutError:
             self.metrics.redis_errors.labels("probe").inc()
+            shard.failed()
         await shard.restart_if_stalled(now)
 
     async def _wake_quiet_topics_forever(self) -> None:

@@ -29,6 +29,14 @@ class Metrics:
             "broker_workers_lost", "generations ended with worker_lost by this worker's reaper",
             registry=r,
         )
+        self.lease_checks = Counter(
+            "broker_lease_checks", "lease checks of the generations this edge serves (each one "
+            "REAP_SCRIPT call)", registry=r,
+        )
+        self.leases_reaped = Counter(
+            "broker_leases_reaped", "generations this edge ended with worker_lost: their lease "
+            "ran out", registry=r,
+        )
         self.events_published = Counter(
             "broker_events_published", "events this worker appended and published", registry=r
         )

@@ -5,7 +5,8 @@ Redis Cluster slot (and sharded pub/sub can take over). Nothing outside this mod
 key, a channel name or an event payload by hand.
 
 Per generation:
-  ``{gen:<id>}:meta``  hash    status, seq (last published), owner, lease, finish_reason, ...
+  ``{gen:<id>}:meta``  hash    status, seq (last published), owner, lease, lease_ttl,
+                               finish_reason, ... (leases: see the scripts below)
   ``{gen:<id>}:log``   stream  the truth: one entry per event, explicit ids ``0-<seq>``
   ``{gen:<id>}:text``  string  the answer so far (for the status endpoint)
   ``{gen:<id>}:live``  channel the fast path: the same events, as ``encode_payload`` bytes
@@ -342,47 +343,115 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
-# KEYS: meta. ARGV: owner, lease_until_ms.
-# Returns 'ok' (now running under owner) or the status that prevents it ('' when gone).
-CLAIM_SCRIPT = """
+# -- leases --------------------------------------------------------------------------------
+# A running generation's meta holds ``owner``, ``lease`` (when the lease runs out, in ms of
+# Redis's own clock) and ``lease_ttl`` (ms: how long the owner's renewals last). Redis alone
+# tells the time of a lease: the scripts read ``TIME`` to set it and to judge it, so a
+# worker's or an edge's clock being off never reaps a live worker nor keeps a dead one.
+# (``TIME`` inside a script is fine: scripts replicate by their effects since Redis 5, the
+# only way since 7, so a replica gets the value written, not the call; it names no key, so a
+# script calling it still touches one cluster slot.)
+
+# Sets the local ``now``: Redis's clock, in ms.
+_REDIS_NOW_MS = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+# KEYS: meta. ARGV: owner, lease_ttl_ms.
+# Returns 'ok' (now running under owner, its lease running out lease_ttl_ms from now by Redis's
+# clock) or the status that prevents it ('' when gone).
+CLAIM_SCRIPT = (
+    """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return '' end
 if status ~= 'queued' then return status end
-redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1], 'lease', ARGV[2])
+"""
+    + _REDIS_NOW_MS
+    + """
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1],
+           'lease', now + tonumber(ARGV[2]), 'lease_ttl', ARGV[2])
 return 'ok'
 """
+)
 
-# KEYS: meta. ARGV: owner, lease_until_ms.
+# KEYS: meta. ARGV: owner, lease_ttl_ms.
+# Renews the lease to lease_ttl_ms from now (Redis's clock).
 # Returns 'run', 'cancel' (cancel requested: stop) or 'lost' (someone else owns it now).
-HEARTBEAT_SCRIPT = """
+HEARTBEAT_SCRIPT = (
+    """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 'lost' end
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 'lost' end
-redis.call('HSET', KEYS[1], 'lease', ARGV[2])
+"""
+    + _REDIS_NOW_MS
+    + """
+redis.call('HSET', KEYS[1], 'lease', now + tonumber(ARGV[2]), 'lease_ttl', ARGV[2])
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
 return 'run'
 """
+)
 
-# KEYS: meta, log, text. ARGV: reaper, now_ms, data (the error event), maxlen, ttl_ms, channel,
-# publish_cmd.
-# Ends a running generation whose lease expired (its worker is gone) with an error event.
-# Returns 'reaped', or the status that prevented it ('running' while the lease holds).
+# KEYS: meta, log, text. ARGV: reaper, healthy_ms, data (the error event), maxlen, ttl_ms,
+# channel, publish_cmd.
+# Checks a generation's lease and, if it ran out (its worker is gone), ends the generation with
+# the error event, in one atomic step: however many edges and workers call it at once, one
+# reaps and the others see the status it left. ``healthy_ms``: how long the caller has seen
+# Redis answer without failing; it reaps only once that covers the generation's ``lease_ttl``,
+# so after an outage a live owner gets a whole lease to renew before anyone judges it dead.
+# The event's publish time is Redis's clock. Returns {outcome, wait_ms, lease_ttl_ms}:
+#   {'reaped', 0, ttl}           ended here and now
+#   {'running', wait_ms, ttl}    the lease holds (or the caller must stay healthy longer):
+#                                nothing can be reaped for wait_ms
+#   {status, 0, 0}               'queued' (no lease yet) or an ended status; '' when gone
 REAP_SCRIPT = (
     """
 local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
 local status = redis.call('HGET', meta, 'status')
-if not status then return '' end
-if status ~= 'running' then return status end
-if tonumber(redis.call('HGET', meta, 'lease') or '0') >= tonumber(ARGV[2]) then return status end
+if not status then return {'', 0, 0} end
+if status ~= 'running' then return {status, 0, 0} end
+"""
+    + _REDIS_NOW_MS
+    + """
+local lease_ttl = tonumber(redis.call('HGET', meta, 'lease_ttl') or '0')
+local left = tonumber(redis.call('HGET', meta, 'lease') or '0') - now
+if left > 0 then return {'running', left, lease_ttl} end
+local healthy = tonumber(ARGV[2])
+if healthy < lease_ttl then return {'running', lease_ttl - healthy, lease_ttl} end
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0') + 1
-local kind, data, ts, body = 'error', ARGV[3], ARGV[2], ''
+local kind, data, ts, body = 'error', ARGV[3], string.format('%d', now), ''
 local maxlen, ttl, channel, publish_cmd = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 """
     + _APPEND_AND_PUBLISH
     + """
 redis.call('HSET', meta, 'status', 'failed', 'finish_reason', 'error', 'owner', ARGV[1])
-return 'reaped'
+return {'reaped', 0, lease_ttl}
 """
 )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseCheck:
+    """What ``REAP_SCRIPT`` found: ``outcome`` is 'reaped', 'running' (then nothing can be
+    reaped for ``wait`` seconds), 'queued', an ended status, or '' (gone). ``lease_ttl``:
+    seconds the owner's renewals last (0 when not running)."""
+
+    outcome: str
+    wait: float
+    lease_ttl: float
+
+    @property
+    def reaped(self) -> bool:
+        return self.outcome == "reaped"
+
+
+def decode_lease_check(reply: Any) -> LeaseCheck:
+    try:
+        outcome, wait_ms, lease_ttl_ms = reply
+        text = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        return LeaseCheck(text, int(wait_ms) / 1000, int(lease_ttl_ms) / 1000)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"bad lease check reply: {reply!r}") from e
+
 
 # KEYS: meta, log, text. ARGV: gen_id, data (the end event), ts, maxlen, ttl_ms, channel,
 # publish_cmd, cancel_channel.

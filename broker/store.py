@@ -185,18 +185,20 @@ class Store:
 
     # -- worker side -----------------------------------------------------------------------
 
-    async def claim(self, gen_id: str, owner: str, lease_until_ms: int) -> str:
-        """'ok' when this owner now runs the generation, else the status that prevents it."""
+    async def claim(self, gen_id: str, owner: str, lease_ttl: float) -> str:
+        """'ok' when this owner now runs the generation, its lease running out ``lease_ttl``
+        seconds from now by Redis's clock; else the status that prevents it."""
         keys = [protocol.meta_key(gen_id)]
-        return _str(await self._claim(keys=keys, args=[owner, lease_until_ms]))
+        return _str(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
 
     async def cancel_requested(self, gen_id: str) -> bool:
         return await self.redis.hget(protocol.meta_key(gen_id), "cancel") == b"1"
 
-    async def heartbeat(self, gen_id: str, owner: str, lease_until_ms: int) -> str:
-        """'run', 'cancel' (cancel was requested) or 'lost' (no longer ours)."""
+    async def heartbeat(self, gen_id: str, owner: str, lease_ttl: float) -> str:
+        """Renew the lease for ``lease_ttl`` seconds (Redis's clock): 'run', 'cancel' (cancel
+        was requested) or 'lost' (no longer ours)."""
         keys = [protocol.meta_key(gen_id)]
-        return _str(await self._heartbeat(keys=keys, args=[owner, lease_until_ms]))
+        return _str(await self._heartbeat(keys=keys, args=[owner, _ms(lease_ttl)]))
 
     async def publish(
         self, gen_id: str, owner: str, event: Event, *, text: str = "",
@@ -211,17 +213,18 @@ class Store:
         )
         return int(result)
 
-    async def reap(self, gen_id: str, reaper: str) -> str:
-        """End ``gen_id`` with ``worker_lost`` if its lease expired: 'reaped', else its status."""
+    async def reap(self, gen_id: str, reaper: str, healthy_for: float) -> protocol.LeaseCheck:
+        """End ``gen_id`` with ``worker_lost`` if its lease ran out (see REAP_SCRIPT);
+        ``healthy_for``: seconds the caller has seen Redis answer without failing."""
         data = protocol.error_data(
             "worker_lost", "the worker running this generation stopped responding"
         )
-        result = await self._reap(
+        reply = await self._reap(
             keys=self._keys(gen_id),
-            args=[reaper, protocol.now_ms(), data, self.maxlen, self.ttl_ms,
+            args=[reaper, _ms(healthy_for), data, self.maxlen, self.ttl_ms,
                   protocol.live_channel(gen_id), self.publish_cmd],
         )
-        return _str(result)
+        return protocol.decode_lease_check(reply)
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -291,6 +294,10 @@ class Store:
 
     def _keys(self, gen_id: str) -> list[str]:
         return [protocol.meta_key(gen_id), protocol.log_key(gen_id), protocol.text_key(gen_id)]
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(seconds * 1000))
 
 
 def _str(value: Any) -> str:

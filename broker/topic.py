@@ -81,6 +81,9 @@ class Topic:
     # The log was read to this seq, complete, while subscribed: anything later comes live.
     read_to: int | None = None
     last_change: float = 0.0
+    # When the last live event arrived: its worker was alive then (the lease watch waits
+    # for a topic to go quiet before it checks the lease).
+    last_live: float = 0.0
     metrics: Metrics | None = None  # counts what the fan-out writes
     # Viewers parked at the head, each with the future that wakes it (see ``park``).
     live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
@@ -118,6 +121,7 @@ class Topic:
                 # Soon rather than now: frames that arrive together (the reader was behind)
                 # then go out in one write per viewer.
                 self._fan_out_soon = asyncio.get_running_loop().call_soon(self._fan_out)
+        self.last_live = self.last_change  # (just taken by _notify)
         return not gap
 
     async def park(self, viewer: LiveViewer) -> None:

@@ -216,9 +216,8 @@ class GenerationRun:
         period = self.settings.lease_ttl / 3
         while True:
             await asyncio.sleep(period)
-            lease_until = protocol.now_ms() + int(self.settings.lease_ttl * 1000)
             try:
-                state = await self.store.heartbeat(self.gen_id, self.owner, lease_until)
+                state = await self.store.heartbeat(self.gen_id, self.owner, self.settings.lease_ttl)
                 await self.store.touch_job(self.owner, self.job_entry)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self.metrics.redis_errors.labels("heartbeat").inc()

@@ -113,9 +113,8 @@ class Worker:
     async def _run_job(self, entry: JobEntry, job: Job) -> None:
         gen_id = job["gen"]
         logs.generation.set(gen_id)  # this task's log records carry the generation id
-        lease_until = protocol.now_ms() + int(self.settings.lease_ttl * 1000)
         try:
-            status = await self.store.claim(gen_id, self.name, lease_until)
+            status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl)
             if job.get("producer"):
                 # Taken (or never to run): it no longer counts against its producer's quota.
                 # A failure here must not stop the run: a stale entry ages out of the quota.
@@ -200,11 +199,17 @@ class Worker:
                 self._start(entry, job)
             return
         if meta is not None and meta.status == "running":
-            if await self.store.reap(gen_id, self.name) != "reaped":
+            healthy_for = time.monotonic() - self._healthy_since
+            check = await self.store.reap(gen_id, self.name, healthy_for)
+            if check.outcome == "running":
                 return  # the lease still holds: its owner lives and will touch the job again
-            log.warning("generation %s: its worker was lost; ended it with worker_lost", gen_id)
-            self.metrics.generations_finished.labels("failed").inc()
-            self.metrics.workers_lost.inc()
+            if check.reaped:
+                log.warning("generation %s: its worker was lost; ended it with worker_lost",
+                            gen_id)
+                self.metrics.generations_finished.labels("failed").inc()
+                self.metrics.workers_lost.inc()
+            # Else it ended since the meta was read (an edge reaped it first): only the job
+            # is left to ack.
         await self.store.ack_job(entry)
 
     async def _listen_for_cancels(self) -> None:
