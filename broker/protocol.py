@@ -5,7 +5,8 @@ Redis Cluster slot (and sharded pub/sub can take over). Nothing outside this mod
 key, a channel name or an event payload by hand.
 
 Per generation:
-  ``{gen:<id>}:meta``  hash    status, seq (last published), owner, lease, finish_reason, ...
+  ``{gen:<id>}:meta``  hash    status, seq (last published), owner, lease, finish_reason,
+                               producer (the creating API key's id), ...
   ``{gen:<id>}:log``   stream  the truth: one entry per event, explicit ids ``0-<seq>``
   ``{gen:<id>}:text``  string  the answer so far (for the status endpoint)
   ``{gen:<id>}:live``  channel the fast path: the same events, as ``encode_payload`` bytes
@@ -260,8 +261,13 @@ class Meta:
         return self.status in TERMINAL_STATUSES
 
 
-def new_meta(model: str) -> dict[str, str]:
-    return {"status": "queued", "seq": "0", "model": model, "created": str(now_ms())}
+def new_meta(model: str, producer: str | None = None) -> dict[str, str]:
+    """A queued generation's meta; ``producer``: the id of the API key that created it (whose
+    queue quota it counts against, until a worker takes it or it is cancelled)."""
+    meta = {"status": "queued", "seq": "0", "model": model, "created": str(now_ms())}
+    if producer:
+        meta["producer"] = producer
+    return meta
 
 
 def decode_meta(raw: dict[Any, Any]) -> Meta | None:
