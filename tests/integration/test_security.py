@@ -469,6 +469,43 @@ async def test_too_many_headers_are_refused_but_a_browsers_big_cookie_fits(plain
     assert parse_answer(raw).status == 200
 
 
+def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` in one write, then read until the edge closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def head_of(size: int, path: bytes = b"/healthz", close: bool = True) -> bytes:
+    """A GET head of exactly ``size`` bytes, its closing blank line included."""
+    head = b"GET %s HTTP/1.1\r\nHost: edge\r\n%sX-Pad: " % (
+        path, b"Connection: close\r\n" if close else b"")
+    return head + b"p" * (size - len(head) - 4) + b"\r\n\r\n"
+
+
+async def test_the_head_bound_is_exact_and_counts_no_body(plain: Stack):
+    port, limit = plain.edge.port, Settings().max_header_bytes
+    answer = await asyncio.to_thread(exchange, port, head_of(limit))
+    assert parse_answer(answer).status == 200
+    answer = await asyncio.to_thread(exchange, port, head_of(limit + 1))
+    assert_json_error(parse_answer(answer), 431, "headers_too_large")
+    # Two heads just under the bound in one write (pipelined): each is counted on its own.
+    answer = await asyncio.to_thread(exchange, port,
+                                     head_of(limit - 1, close=False) + head_of(limit - 1))
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+    # A head near the bound and a body three times its size, in one write: only the head counts.
+    body = json.dumps(chat("x" * 150_000)).encode()
+    pad = b"X-Pad: " + b"p" * 60_000 + b"\r\n"
+    post = (b"POST /v1/generations HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n"
+            b"Authorization: Bearer key-current\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n%s\r\n%s" % (len(body), pad, body))
+    answer = await asyncio.to_thread(exchange, port, post)
+    assert parse_answer(answer).status == 201, answer[:300]
+
+
 async def test_a_malformed_request_gets_the_json_error_shape(plain: Stack):
     _, raw = await asyncio.to_thread(send_raw, plain.edge.port,
                                      b"GET /healthz HTTP/1.1\r\nHost: edge\r\nNo colon here")
