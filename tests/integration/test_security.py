@@ -30,7 +30,7 @@ from broker.store import Store
 from tests.conftest import StartBroker
 from tests.support.api import assert_error_body, metric, unique
 from tests.support.fakellm import FakeLLM
-from tests.support.procs import BrokerProcess, RedisServer, eventually, free_port
+from tests.support.procs import BrokerProcess, RedisServer, eventually, free_port, wait_until
 from tests.support.sse import read_events
 
 KEYS = "key-current,key-previous"
@@ -50,9 +50,17 @@ AUTH = {"authorization": "Bearer key-current"}
 def secured(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[BrokerProcess]:
     redis = RedisServer().start()
     edge = start_broker("edge", redis.url, **SECURED)
-    start_broker("worker", redis.url, fake_llm)
+    worker_is_up(start_broker("worker", redis.url, fake_llm))
     yield edge
     redis.stop()
+
+
+def worker_is_up(worker: BrokerProcess) -> BrokerProcess:
+    """Wait for a worker's /metrics, served just before it takes jobs: a test's first stream
+    would otherwise wait for its start-up, and the secured edge cuts streams at 1.5 s."""
+    wait_until(lambda: httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics",
+                                 timeout=1).status_code == 200, 20, "the worker")
+    return worker
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +332,8 @@ def plain(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[Stack]:
     body and viewer limits), and a worker that sends large messages (for the slow viewers)."""
     redis = RedisServer().start()
     edge = start_broker("edge", redis.url, **KEYED)
-    worker = start_broker("worker", redis.url, fake_llm, broker_max_message_chars="4096")
+    worker = worker_is_up(start_broker("worker", redis.url, fake_llm,
+                                       broker_max_message_chars="4096"))
     yield Stack(redis, edge, worker)
     redis.stop()
 
