@@ -33,9 +33,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     - Size: httptools has no limit on a head (h11 has ``h11_max_incomplete_event_size``; this
       protocol has no such option) and joins a long header from every read by copying it
       again: a 48 MiB header held the event loop for seconds. Here the bytes of a head (the
-      request line included) are counted as they arrive, and no more than
-      ``max_header_bytes`` of a head are ever parsed; more, or more than ``max_headers``
-      header lines, is answered ``431`` with the JSON error body.
+      request line included) are counted as they arrive, and what lies past
+      ``max_header_bytes`` is never parsed; a head that long, or with more than
+      ``max_headers`` header lines, is answered ``431`` with the JSON error body.
     - Shape: a request that is not HTTP is answered ``400`` with the JSON error body (uvicorn
       answers plain text).
 
@@ -46,7 +46,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     max_header_bytes = 64 * 1024
     max_headers = 100
     _header_timer: asyncio.TimerHandle | None = None
-    # Per connection, as class defaults: most connections never change most of them.
+    # Per connection (class defaults until first set):
     _in_head = True  # the next bytes belong to a request head (until its headers complete)
     _head_bytes = 0  # bytes of that head received so far
     _header_lines = 0
@@ -82,8 +82,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self._refused:
             return
         if self._heads_done == heads_done:
-            self._refuse(431, "headers_too_large",
-                         f"the request head is larger than {self.max_header_bytes} bytes")
+            self._too_large(f"the request head is larger than {self.max_header_bytes} bytes")
             return
         self.data_received(data[room:])
 
@@ -99,8 +98,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         self._header_lines += 1
         if self._header_lines > self.max_headers:
-            self._refuse(431, "headers_too_large",
-                         f"the request has more than {self.max_headers} header lines")
+            self._too_large(f"the request has more than {self.max_headers} header lines")
             return
         super().on_header(name, value)
 
@@ -134,6 +132,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if callback is not None:
             callback()
 
+    def _too_large(self, message: str) -> None:
+        log.info("refused a request: %s", message)
+        self._refuse(431, "headers_too_large", message)
+
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer ``status`` with the JSON error body and end the connection.
 
@@ -142,7 +144,6 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         side is half-closed and what still arrives is dropped unparsed, until the client
         closes too or ``header_timeout`` passes (as nginx's lingering close)."""
         self._refused = True
-        log.info("refused a request: %s (%d %s)", message, status, code)
         if self.cycle is not None and not self.cycle.response_complete:
             # A response is under way on this connection (a client pipelining onto its own
             # stream): an answer now would land in the middle of it.
@@ -321,7 +322,6 @@ def serve(app: Starlette, settings: Settings) -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5, lifespan="on", http=protocol,
-        ws="none",  # the edge serves no WebSocket: an upgrade request is plain HTTP to it
         # No access log: its lines carry query strings, and viewer tokens travel in them.
         access_log=False, log_config=None,
     )
