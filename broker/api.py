@@ -24,7 +24,7 @@ from broker.metrics import Metrics
 from broker.protocol import Meta
 from broker.settings import Settings
 from broker.store import Store
-from broker.stream import EventStream
+from broker.stream import EventStream, ViewerSlots
 from broker.validation import parse_create_body, parse_last_event_id
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Edge:
     metrics: Metrics
     api_keys: ApiKeys
     viewer_tokens: ViewerTokens
+    viewer_slots: ViewerSlots  # BROKER_MAX_VIEWERS
     _meta_reads: dict[str, asyncio.Future[Meta | None]] = field(default_factory=dict)
 
     async def stream_meta(self, gen_id: str, cursor: int) -> Meta | None:
@@ -192,29 +193,36 @@ async def generation_events(request: Request) -> Response:
         gen_id,
     )
     gen_id = _gen_id(request)
-    if edge.hub.streams >= edge.settings.max_viewers:
+    slot = edge.viewer_slots.take()
+    if slot is None:
         raise ApiError(
             503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
             headers={"retry-after": "5"},
         )
-    cursor = parse_last_event_id(
-        request.headers.get("last-event-id"), request.query_params.get("last_event_id")
-    )
-    meta = await edge.stream_meta(gen_id, cursor)
-    if meta is None:
-        raise ApiError(404, "not_found", "no such generation")
-    if cursor > meta.seq:
-        raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is beyond this stream")
-    if meta.finished and cursor == meta.seq:
-        return Response(status_code=204)  # tells EventSource to stop reconnecting
-    if cursor:
-        edge.metrics.resumes.inc()
-    s = edge.settings
-    return EventStream(  # type: ignore[return-value]
-        edge.hub, gen_id, cursor,
-        retry_ms=s.retry_ms, keepalive=s.keepalive_interval, send_timeout=s.send_timeout,
-        max_seconds=s.max_stream_seconds,
-    )
+    stream: EventStream | None = None
+    try:
+        cursor = parse_last_event_id(
+            request.headers.get("last-event-id"), request.query_params.get("last_event_id")
+        )
+        meta = await edge.stream_meta(gen_id, cursor)
+        if meta is None:
+            raise ApiError(404, "not_found", "no such generation")
+        if cursor > meta.seq:
+            raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is beyond this stream")
+        if meta.finished and cursor == meta.seq:
+            return Response(status_code=204)  # tells EventSource to stop reconnecting
+        if cursor:
+            edge.metrics.resumes.inc()
+        s = edge.settings
+        stream = EventStream(
+            edge.hub, gen_id, cursor,
+            retry_ms=s.retry_ms, keepalive=s.keepalive_interval, send_timeout=s.send_timeout,
+            max_seconds=s.max_stream_seconds, slot=slot,
+        )
+        return stream  # type: ignore[return-value]
+    finally:
+        if stream is None:  # no stream to hand the slot to: refused, ended, or failed
+            slot.release()
 
 
 async def healthz(request: Request) -> Response:
@@ -228,7 +236,9 @@ async def readyz(request: Request) -> Response:
             await edge.store.redis.ping()
     except (RedisError, OSError, TimeoutError) as e:
         edge.metrics.redis_errors.labels("readyz").inc()
-        return error_response(503, "redis_unavailable", f"Redis is unreachable: {e}")
+        # The error names Redis's address: for the operator's log, not for anyone who asks.
+        log.warning("not ready: Redis is unreachable: %s", e)
+        return error_response(503, "redis_unavailable", "Redis is unreachable")
     if not edge.hub.ready():
         return error_response(
             503, "not_delivering", "the pub/sub subscription is not delivering (probe lost)"

@@ -13,13 +13,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from broker import headers
 from broker.api import Edge, routes
 from broker.auth import ApiKeys, ViewerTokens, parse_keys
 from broker.errors import ApiError, error_response
@@ -27,7 +29,7 @@ from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.settings import Settings
 from broker.store import Store, connect
-from broker.stream import HANDOFF, EventStream
+from broker.stream import HANDOFF, EventStream, ViewerSlots
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def create_app(
         probe_interval=settings.probe_interval,
         name=f"edge-{socket.gethostname()}-{os.getpid()}",
     )
-    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens)
+    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens,
+                ViewerSlots(settings.max_viewers))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,7 +74,7 @@ def create_app(
 
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     middleware = [Middleware(
-        CORSMiddleware, allow_origins=origins,
+        JsonCORSMiddleware, allow_origins=origins,
         # Credentials (cookies) only for named origins: never for "*".
         allow_credentials="*" not in origins,
         allow_methods=["GET", "POST"],
@@ -89,8 +92,25 @@ def create_app(
             Exception: _internal_error,
         },
     )
+    # Starlette would redirect ``/healthz/`` to ``/healthz`` with an absolute URL built from
+    # the request's Host header, which the client chooses: an unknown path is a 404 instead.
+    app.router.redirect_slashes = False
     app.state.edge = edge
     return app
+
+
+class JsonCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, its refused preflights answered in the edge's JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        kept = {name: value for name, value in response.headers.items()
+                if name not in ("content-type", "content-length")}
+        reason = bytes(response.body).decode(errors="replace")  # "Disallowed CORS origin, ..."
+        return error_response(response.status_code, "cors_refused",
+                              f"CORS preflight refused: {reason}", kept)
 
 
 class EdgeApp(Starlette):
@@ -100,7 +120,11 @@ class EdgeApp(Starlette):
     middleware (CORS): that one wraps the stream's ``send`` and must stay in its way."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.user_middleware:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        send = _with_headers(send, headers.for_path(scope["path"]))
+        if self.user_middleware:
             await super().__call__(scope, receive, send)
             return
         handoff: list[EventStream] = []
@@ -129,6 +153,18 @@ class EdgeApp(Starlette):
             await response(scope, receive, send)
         if handler is self.exception_handlers.get(Exception):
             raise exc
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send``, adding ``extra`` to the response's headers as it starts (once per response;
+    a stream's events are written past ``send`` altogether, see ``broker.server``)."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return send_with_headers
 
 
 class InsecureConfig(SystemExit):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker.settings import Settings
+from broker.validation import MAX_JSON_DEPTH, MAX_MODEL_CHARS, SDK_CALL_OPTIONS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _GEN_ID = {
@@ -65,11 +66,14 @@ def document(settings: Settings) -> dict[str, Any]:
         "properties": {
             "messages": {"type": "array", "items": message, "minItems": 1,
                          "maxItems": settings.max_messages},
-            "model": {"type": "string", "pattern": "\\S"},
+            "model": {"type": "string", "pattern": "\\S", "maxLength": MAX_MODEL_CHARS},
             "n": {"const": 1},
+            # Options of the worker's SDK call, not request fields: never accepted.
+            **dict.fromkeys(sorted(SDK_CALL_OPTIONS), False),
         },
         "additionalProperties": True,
-        "description": "an OpenAI chat-completions request; other fields pass through to the LLM",
+        "description": "an OpenAI chat-completions request; other fields pass through to the LLM "
+                       f"(JSON nested at most {MAX_JSON_DEPTH} levels, finite numbers only)",
     }
     return {
         "openapi": "3.1.0",

@@ -6,7 +6,8 @@ key, a channel name or an event payload by hand.
 
 Per generation:
   ``{gen:<id>}:meta``  hash    status, seq (last published), owner, lease, lease_ttl,
-                               finish_reason, ... (leases: see the scripts below)
+                               finish_reason, producer (the creating API key's id), ...
+                               (leases: see the scripts below)
   ``{gen:<id>}:log``   stream  the truth: one entry per event, explicit ids ``0-<seq>``
   ``{gen:<id>}:text``  string  the answer so far (for the status endpoint)
   ``{gen:<id>}:live``  channel the fast path: the same events, as ``encode_payload`` bytes
@@ -261,8 +262,13 @@ class Meta:
         return self.status in TERMINAL_STATUSES
 
 
-def new_meta(model: str) -> dict[str, str]:
-    return {"status": "queued", "seq": "0", "model": model, "created": str(now_ms())}
+def new_meta(model: str, producer: str | None = None) -> dict[str, str]:
+    """A queued generation's meta; ``producer``: the id of the API key that created it (whose
+    queue quota it counts against, until a worker takes it or it is cancelled)."""
+    meta = {"status": "queued", "seq": "0", "model": model, "created": str(now_ms())}
+    if producer:
+        meta["producer"] = producer
+    return meta
 
 
 def decode_meta(raw: dict[Any, Any]) -> Meta | None:

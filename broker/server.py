@@ -1,14 +1,17 @@
-"""The HTTP server under the edge: uvicorn, with a bound on slow request headers, word of a
-lost connection for long responses, direct writes for the SSE fan-out, and a shutdown that
-ends SSE streams at once."""
+"""The HTTP server under the edge: uvicorn, with bounds on request heads (time, bytes, header
+lines) and JSON answers to what it refuses, word of a lost connection for long responses,
+direct writes for the SSE fan-out, and a shutdown that ends SSE streams at once."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import json
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
 from typing import ClassVar
 
 import uvicorn
@@ -16,21 +19,40 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from broker.headers import NOSNIFF
 from broker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn waits for request headers forever (its keep-alive timer runs only between
-    requests), so a client trickling headers, or connecting and sending nothing, would hold a
-    connection for good. Here each request's headers must arrive within ``header_timeout``.
+    """uvicorn's httptools protocol, with bounds on what a request head may cost the edge.
+
+    - Time: uvicorn waits for request headers forever (its keep-alive timer runs only between
+      requests), so a client trickling headers, or connecting and sending nothing, would hold
+      a connection for good. Here each request's headers must arrive within ``header_timeout``.
+    - Size: httptools has no limit on a head (h11 has ``h11_max_incomplete_event_size``; this
+      protocol has no such option) and joins a long header from every read by copying it
+      again: a 48 MiB header held the event loop for seconds. Here the bytes of a head (the
+      request line included) are counted as they arrive, and what lies past
+      ``max_header_bytes`` is never parsed; a head that long, or with more than
+      ``max_headers`` header lines, is answered ``431`` with the JSON error body.
+    - Shape: a request that is not HTTP is answered ``400`` with the JSON error body (uvicorn
+      answers plain text).
 
     It also tells a long response at once that its client left (``when_lost``), so an SSE
     stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``."""
 
     header_timeout = 10.0
+    max_header_bytes = 64 * 1024
+    max_headers = 100
     _header_timer: asyncio.TimerHandle | None = None
+    # Per connection (class defaults until first set):
+    _in_head = True  # the next bytes belong to a request head (until its headers complete)
+    _head_bytes = 0  # bytes of that head received so far
+    _header_lines = 0
+    _heads_done = 0  # request heads completed on this connection
+    _refused = False  # answered an error and half-closed: what still arrives is dropped
     # One table for all connections: an attribute more on each would cost each a bigger dict.
     _lost_callbacks: ClassVar[dict[HeaderTimeoutProtocol, Callable[[], None]]] = {}
 
@@ -38,13 +60,71 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped, so the client gets to read the answer (see _refuse)
+        if self._in_head:
+            room = self.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                self._feed_past_the_bound(data, room)
+                return
+            # Counted per read: bytes of a next request that arrive in the same read as the
+            # end of this one are not counted (at most one read more, never unbounded).
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    def _feed_past_the_bound(self, data: bytes, room: int) -> None:
+        """Parse only what the head may still take; if the head ends within it, the rest is
+        a body or a next request, fed as any other read. If not, the head is too large."""
+        heads_done = self._heads_done
+        self._head_bytes += room
+        if room:
+            super().data_received(data[:room])
+        if self.transport.is_closing() or self._refused:
+            return
+        if self._heads_done == heads_done:
+            self._too_large(f"the request head is larger than {self.max_header_bytes} bytes")
+            return
+        self.data_received(data[room:])
+
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
+        self._header_lines = 0
         self._arm()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        self._header_lines += 1
+        if self._header_lines > self.max_headers:
+            self._too_large(f"the request has more than {self.max_headers} header lines")
+            return
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         self._disarm()
+        self._in_head = False
+        self._heads_done += 1
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_head, self._head_bytes = True, 0
+        super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to what httptools cannot parse (it logged ``msg`` already)."""
+        if not self._refused:
+            self._refuse(400, "invalid_http", "the request is not valid HTTP/1.1")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -52,6 +132,36 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         callback = self._lost_callbacks.pop(self, None)
         if callback is not None:
             callback()
+
+    def _too_large(self, message: str) -> None:
+        log.info("refused a request: %s", message)
+        self._refuse(431, "headers_too_large", message)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with the JSON error body and end the connection.
+
+        The client may still be sending (a 48 MiB header): closing now, with its bytes unread,
+        would reset the connection and could destroy the answer before it is read. So this
+        side is half-closed and what still arrives is dropped unparsed, until the client
+        closes too or ``header_timeout`` passes (as nginx's lingering close)."""
+        self._refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A response is under way on this connection (a client pipelining onto its own
+            # stream): an answer now would land in the middle of it.
+            self.transport.close()
+            return
+        self.transport.write(raw_error_response(status, code, message,
+                                                self._default_headers()))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._arm()  # the lingering ends at the header timeout at the latest
+        else:
+            self.transport.close()
+
+    def _default_headers(self) -> list[tuple[bytes, bytes]]:
+        """uvicorn's own headers of every answer (``date``, ``server``), if it still has them."""
+        headers = getattr(self.server_state, "default_headers", None)
+        return headers if isinstance(headers, list) else []
 
     def _arm(self) -> None:
         self._disarm()
@@ -66,6 +176,19 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._header_timer = None
         if not self.transport.is_closing():
             self.transport.close()
+
+
+def raw_error_response(status: int, code: str, message: str,
+                       extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 answer with the JSON error body, for the server's own refusals (they
+    happen before any ASGI app sees the request); it closes the connection."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    headers = [*extra_headers, (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), (b"connection", b"close"),
+               NOSNIFF]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
 class DirectWriter:
@@ -140,6 +263,34 @@ def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:
     return True
 
 
+async def hang_up(receive: Receive) -> bool:
+    """Abort the connection of the request whose ``receive`` this is (a viewer too slow to
+    read: its backlog is dropped with it), and return once the server has noted the loss, so
+    that it takes the response as ended by the client instead of logging an ASGI error for a
+    response left incomplete. False when that cannot be done here (another server or
+    protocol): then uvicorn ends the connection itself, and says so in its log."""
+    cycle = getattr(receive, "__self__", None)
+    if not isinstance(cycle, RequestResponseCycle):
+        return False
+    try:
+        protocol = cycle.transport.get_protocol()
+        if not isinstance(protocol, HeaderTimeoutProtocol):
+            return False
+        if cycle.disconnected:
+            return True
+        lost = asyncio.Event()
+        protocol._lost_callbacks[protocol] = lost.set
+        cycle.transport.abort()
+    except AttributeError:
+        _uvicorn_changed()
+        return False
+    # The transport reports the loss on the loop's next turn; bounded all the same.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await lost.wait()
+    return True
+
+
 _warned = False
 
 
@@ -196,8 +347,10 @@ def serve(app: Starlette, settings: Settings, sock: socket.socket | None = None)
     """Serve the edge's ``app`` on ``sock`` (default: ``listen`` on the settings' host and
     port; ``ListenError`` if that fails)."""
     sock = sock or listen(settings.host, settings.port)
-    protocol = type("EdgeHttpProtocol", (HeaderTimeoutProtocol,),
-                    {"header_timeout": settings.request_timeout})
+    protocol = type("EdgeHttpProtocol", (HeaderTimeoutProtocol,), {
+        "header_timeout": settings.request_timeout, "max_header_bytes": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+    })
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5, lifespan="on", http=protocol,

@@ -173,6 +173,16 @@ class Settings:
         10.0, "BROKER_REQUEST_TIMEOUT", "seconds a client may take to send request headers, "
         "and a body", "edge dev",
     )
+    # 64 KiB: above what any browser sends with its cookies (each cookie at most 4 KiB; most
+    # servers and proxies in front stop at 8-32 KiB), so whatever reached the edge through one
+    # of them fits; small enough that parsing it costs nothing.
+    max_header_bytes: int = _setting(
+        65536, "BROKER_MAX_HEADER_BYTES", "bytes of a request head (request line and headers); "
+        "more get 431", "edge dev",
+    )
+    max_headers: int = _setting(
+        100, "BROKER_MAX_HEADERS", "header lines of a request; more get 431", "edge dev",
+    )
 
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

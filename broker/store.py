@@ -147,7 +147,7 @@ class Store:
             job_fields["producer"] = producer
         job = protocol.encode_job(job_fields)
         async with self.redis.pipeline(transaction=not self.cluster) as pipe:
-            pipe.hset(meta, mapping=protocol.new_meta(model))
+            pipe.hset(meta, mapping=protocol.new_meta(model, producer))
             pipe.pexpire(meta, int(self.ttl_ms))
             await pipe.execute()
         try:
@@ -174,14 +174,28 @@ class Store:
         return [protocol.decode_log_entry(eid, fields) for eid, fields in entries]
 
     async def cancel(self, gen_id: str) -> str:
-        """Status before the cancel ('' if unknown): a queued generation ends at once."""
+        """Status before the cancel ('' if unknown): a queued generation ends at once, and
+        leaves its producer's queue quota."""
         data = protocol.end_data("cancelled", None)
         result = await self._cancel(
             keys=self._keys(gen_id),
             args=[gen_id, data, protocol.now_ms(), self.maxlen, self.ttl_ms,
                   protocol.live_channel(gen_id), self.publish_cmd, protocol.CANCEL_CHANNEL],
         )
-        return _str(result)
+        before = _str(result)
+        if before == "queued":
+            await self._leave_queue_quota(gen_id)
+        return before
+
+    async def _leave_queue_quota(self, gen_id: str) -> None:
+        """A second call, not part of the cancel script: on a Redis Cluster the quota set and
+        the meta live in different slots. Idempotent (so is the worker's own release when it
+        reads the job); if it fails, the entry leaves when a worker reads the cancelled job,
+        or ages out of the quota."""
+        with contextlib.suppress(RedisError, OSError):
+            producer = await self.redis.hget(protocol.meta_key(gen_id), "producer")
+            if producer:
+                await self.release_queue_slot(_str(producer), gen_id)
 
     # -- worker side -----------------------------------------------------------------------
 

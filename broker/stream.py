@@ -14,7 +14,7 @@ from broker.errors import error_response
 from broker.hub import Hub
 from broker.metrics import Metrics
 from broker.protocol import error_data, now_ms
-from broker.server import DirectWriter, when_lost
+from broker.server import DirectWriter, hang_up, when_lost
 from broker.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,37 @@ SSE_HEADERS = [
 ]
 
 
+class ViewerSlots:
+    """``BROKER_MAX_VIEWERS`` of one edge. A stream request takes a slot as it is accepted, in
+    the same step as the check (no await between: a burst cannot all pass a check before any
+    counts), and gives it back exactly once when it ends, whichever way."""
+
+    __slots__ = ("limit", "taken")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> ViewerSlot | None:
+        if self.taken >= self.limit:
+            return None
+        self.taken += 1
+        return ViewerSlot(self)
+
+
+class ViewerSlot:
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: ViewerSlots) -> None:
+        self._slots: ViewerSlots | None = slots
+
+    def release(self) -> None:
+        """Give the slot back; once (later calls do nothing)."""
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            slots.taken -= 1
+
+
 class EventStream:
     """ASGI app streaming generation ``gen_id`` to one viewer from after ``cursor``.
 
@@ -43,14 +74,15 @@ class EventStream:
     __slots__ = (
         "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
         "cursor", "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
-        "send_timeout", "started",
+        "send_timeout", "slot", "started",
     )
 
     def __init__(
         self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
-        send_timeout: float, max_seconds: float = float("inf"),
+        send_timeout: float, max_seconds: float = float("inf"), slot: ViewerSlot | None = None,
     ) -> None:
         self.hub = hub
+        self.slot = slot  # given back when the response ends
         self.metrics: Metrics = hub.metrics
         self.gen_id = gen_id
         self.cursor = cursor
@@ -119,9 +151,13 @@ class EventStream:
             if self._too_slow:
                 self.metrics.slow_viewers_closed.inc()
                 log.info("closing a slow viewer of %s at event %d", self.gen_id, self.position)
+                # Its response cannot end (the socket takes no more): the connection goes.
+                await hang_up(receive)
         finally:
             self.metrics.viewers.dec()
             self.hub.open_streams.discard(self)
+            if self.slot is not None:
+                self.slot.release()
             self._writer = None
             if watcher is None:
                 when_lost(receive, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -11,9 +12,62 @@ from broker.errors import ApiError
 
 # A usable model name has a non-space character (the same rule as the OpenAPI `pattern`).
 _NOT_BLANK = re.compile(r"\S")
+# Longer than any model name in use; it is logged and stored with every generation.
+MAX_MODEL_CHARS = 256
+# Deeper than any request needs (a tool's JSON schema nests a dozen levels), shallow enough
+# that no step after the parse (encoding the job, the worker's SDK) meets Python's recursion
+# limit.
+MAX_JSON_DEPTH = 64
 
 # Fields the broker owns: it always streams, with usage, one choice.
 _BROKER_FIELDS = ("stream", "stream_options")
+
+# Parameters of the openai SDK's ``chat.completions.create`` that are not fields of the request
+# body but options of the call: headers, query and extra body of the upstream request, and its
+# timeout. They are the worker's, not a producer's (worker/llm.py drops them from a job too).
+SDK_CALL_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+class _NotJson(ValueError):
+    """What ``json.loads`` accepts but JSON (RFC 8259) or the LLM request cannot carry."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"the number {text[:32]} is out of range")
+    return value
+
+
+def _load(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+    except _NotJson as e:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ApiError(400, "invalid_json",
+                       f"request body nests deeper than {MAX_JSON_DEPTH} levels") from e
+    except ValueError as e:  # int(): more digits than sys.get_int_max_str_digits()
+        raise ApiError(400, "invalid_json", "request body has an integer with too many "
+                       "digits") from e
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` has an object or array more than ``limit`` levels deep (the value
+    itself is level 1). Level by level, without recursion."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, dict | list)
+                 for child in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return False
+    return any(isinstance(item, dict | list) for item in level)
 
 
 def parse_create_body(
@@ -21,12 +75,12 @@ def parse_create_body(
     max_content_chars: int = 200_000,
 ) -> dict[str, Any]:
     """The chat-completions request to run: validated messages, a model, other fields as given."""
-    try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+    request = _load(body)
     if not isinstance(request, dict):
         raise ApiError(422, "invalid_request", "request body must be a JSON object")
+    if _nests_deeper_than(request, MAX_JSON_DEPTH):
+        raise ApiError(400, "invalid_json",
+                       f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text (the job,
         # the LLM request) can carry: refuse it here rather than fail later (the fuzz found it).
@@ -40,9 +94,17 @@ def parse_create_body(
         model = default_model
     if not isinstance(model, str) or not _NOT_BLANK.search(model):
         raise ApiError(422, "invalid_request", "'model' must be a non-empty string")
+    if len(model) > MAX_MODEL_CHARS:
+        raise ApiError(422, "invalid_request",
+                       f"'model' is longer than {MAX_MODEL_CHARS} characters")
     n = request.get("n", 1)
     if n != 1:
         raise ApiError(422, "invalid_request", "'n' must be 1: one answer per generation")
+    options = sorted(SDK_CALL_OPTIONS & request.keys())
+    if options:
+        raise ApiError(422, "invalid_request",
+                       f"{', '.join(map(repr, options))}: options of the worker's LLM call, "
+                       "not fields of the request; not accepted")
     for name in _BROKER_FIELDS:
         request.pop(name, None)
     request["model"] = model

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker import protocol
@@ -102,7 +103,7 @@ class GenerationRun:
     ) -> None:
         self.gen_id = gen_id
         self.job_entry = job_entry
-        self.request = {"model": settings.model, **request}
+        self.job_request = request  # as the job carries it: checked when the run starts
         self.owner = owner
         self.store = store
         self.llm = llm
@@ -122,7 +123,24 @@ class GenerationRun:
         self.longest_wait = 0.0
 
     async def run(self) -> None:
-        llm_task = asyncio.create_task(self.llm.stream(self.request, self._on_text))
+        """Run to the terminal event. A failure of this run that is not the store's (a bug, a
+        job the code did not expect) ends it with ``worker_error``: the job is done, not left
+        for a reaper to end as ``worker_lost`` as if this worker had died."""
+        try:
+            await self._run()
+        except (RedisError, OSError):
+            raise  # Redis failed: the job stays pending and a reaper ends it
+        except Exception:
+            log.exception("generation %s failed in the worker", self.gen_id)
+            try:
+                await self.publisher.error(
+                    "worker_error", "the worker failed while running this generation")
+            except Stop as e:
+                log.warning("generation %s stopped: %s", self.gen_id, e)
+
+    async def _run(self) -> None:
+        request = {"model": self.settings.model, **self.job_request}
+        llm_task = asyncio.create_task(self.llm.stream(request, self._on_text))
         helpers = [
             asyncio.create_task(self._flush_on_time()),
             asyncio.create_task(self._heartbeat()),

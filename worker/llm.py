@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,12 @@ import openai
 from openai import AsyncOpenAI
 
 from broker.settings import Settings
+from broker.validation import SDK_CALL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+# Set by the worker on every call, whatever a request says.
+_WORKER_FIELDS = frozenset({"stream", "stream_options"})
 
 # The SDK retries the request itself (connection errors, 408/409/429/5xx) before any token
 # has arrived; once the stream has begun nothing is retried, so text is never duplicated.
@@ -51,8 +58,15 @@ class LLM:
 
     async def stream(self, request: dict[str, Any], on_text: Callable[[str], Any]) -> Completion:
         """Stream the answer to ``request``, calling ``on_text`` with each content delta."""
-        known = {k: v for k, v in request.items() if k in self._known}
-        extra = {k: v for k, v in request.items() if k not in self._known}
+        # Only fields of the request body reach the SDK: call options (a job queued by an edge
+        # that did not refuse them yet) would set the upstream request's headers or timeout.
+        dropped = sorted((SDK_CALL_OPTIONS | _WORKER_FIELDS) & request.keys())
+        if dropped:
+            log.warning("ignoring %s in the request: not fields of the request body",
+                        ", ".join(dropped))
+        body = {k: v for k, v in request.items() if k not in dropped}
+        known = {k: v for k, v in body.items() if k in self._known}
+        extra = {k: v for k, v in body.items() if k not in self._known}
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         # The SDK's own stream would build a pydantic model of every chunk: that was ~40 % of

@@ -135,18 +135,24 @@ async def browser() -> AsyncIterator[Browser]:
 async def page(browser: Browser, broker_url: str) -> AsyncIterator[Page]:
     """A fresh context and page per test, with relative URLs resolved against the broker.
 
-    Uncaught errors in the page's scripts fail the test: the demo must not throw.
+    Uncaught errors in the page's scripts fail the test: the demo must not throw. So does
+    anything the page's Content-Security-Policy refused (Chromium reports each refusal on the
+    console): the demo must work under it.
     """
     context = await browser.new_context(base_url=broker_url)
     context.set_default_timeout(20_000)
     pg = await context.new_page()
     page_errors: list[str] = []
     pg.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    refused: list[str] = []
+    pg.on("console", lambda message: refused.append(message.text)
+          if "Content Security Policy" in message.text else None)
     try:
         yield pg
     finally:
         await context.close()
     assert not page_errors, f"uncaught errors in the page: {page_errors}"
+    assert not refused, f"refused by the page's Content-Security-Policy: {refused}"
 
 
 @pytest_asyncio.fixture(loop_scope="module")

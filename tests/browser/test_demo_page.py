@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from playwright.async_api import Page
+from playwright.async_api import Browser, Page
 
 from tests.browser.helpers import assert_ids_strictly_increasing, record_events_requests
 
@@ -125,6 +125,31 @@ async def test_demo_page_streams_an_answer_sentence_by_sentence(
     assert await panel.get_attribute("data-finish-reason") == "stop"
     assert await panel.locator(".answer").text_content() == status["text"]
     assert await panel.locator(".answer .msg").count() == v["messages"]
+
+
+@pytest.mark.browser
+async def test_demo_page_runs_under_a_content_security_policy_that_refuses_inline_scripts(
+    browser: Browser, broker_url: str
+) -> None:
+    context = await browser.new_context(base_url=broker_url)
+    try:
+        page = await context.new_page()
+        response = await page.goto("/")
+        assert response is not None
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        await page.wait_for_function("() => window.demo !== undefined")  # its script ran
+        # What an injected inline script meets: the policy is in force, not just sent.
+        refused = await page.evaluate("""() => new Promise((resolve) => {
+            document.addEventListener('securitypolicyviolation',
+                                      (e) => resolve(e.effectiveDirective));
+            const script = document.createElement('script');
+            script.textContent = 'window.injected = true';
+            document.head.append(script);
+        })""")
+        assert refused == "script-src-elem"
+        assert await page.evaluate("() => window.injected") is None
+    finally:
+        await context.close()
 
 
 # -- 2. no reconnect after the end -----------------------------------------------------------

@@ -396,5 +396,7 @@ async def test_module_is_served_with_a_javascript_mime_type(
     assert direct.status_code == 200
     assert direct.headers["content-type"].split(";")[0].strip() == mime
     demo = await api.get("/")
-    assert '<script type="module">' in demo.text
-    assert "from '/static/broker-stream.js'" in demo.text
+    assert '<script type="module" src="/static/demo.js">' in demo.text
+    demo_script = await api.get("/static/demo.js")
+    assert demo_script.headers["content-type"].split(";")[0].strip() == mime
+    assert "from '/static/broker-stream.js'" in demo_script.text

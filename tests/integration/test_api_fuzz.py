@@ -1,15 +1,19 @@
 """Property-based fuzzing of a live, secured edge from its own OpenAPI document (schemathesis):
-no input gets a 5xx, every answer matches the document, every error has the JSON shape."""
+no input gets a 5xx, every answer matches the document, every error has the JSON shape. Plus
+the create bodies no schema generates (``tests.support.hostile``: NaN, 100k-deep nesting,
+4301-digit integers, SDK call options), each a 4xx."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
 
 from tests.conftest import StartBroker
+from tests.support.hostile import HOSTILE_BODIES, SDK_CALL_OPTIONS, body_with, hostile_bodies
 from tests.support.procs import BrokerProcess, RedisServer
 
 API_KEY = "fuzz-key"
@@ -25,6 +29,15 @@ def fuzzed_edge(start_broker: StartBroker) -> Iterator[BrokerProcess]:
         broker_insecure="0", broker_max_queued_per_key="50", broker_max_body_bytes="65536",
     )
     redis.stop()
+
+
+def _explicit_examples(test: Callable[..., None]) -> Callable[..., None]:
+    """Every case of ``tests.support.hostile`` runs on every run, besides the draws."""
+    for body in HOSTILE_BODIES.values():
+        test = hypothesis.example(body=body)(test)
+    for option in SDK_CALL_OPTIONS:
+        test = hypothesis.example(body=body_with(option, "{}"))(test)
+    return test
 
 
 # schemathesis's own pytest plugin does not run under pytest 9 (it reaches for a private
@@ -64,6 +77,22 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
             assert isinstance(error["code"], str) and isinstance(error["message"], str)
 
     run()
+
+
+@hypothesis.given(body=hostile_bodies)
+@hypothesis.settings(max_examples=150, deadline=None, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@_explicit_examples
+def test_no_hostile_create_body_breaks_the_api(fuzzed_edge: BrokerProcess, body: bytes) -> None:
+    """What the schema cannot generate (JSON that ``json.loads`` takes but no request may carry,
+    SDK call options): a 4xx with the JSON error shape, never a 5xx or a late failure."""
+    CASES.append("POST /v1/generations (hostile)")
+    response = httpx.post(f"{fuzzed_edge.url}/v1/generations", content=body, timeout=10,
+                          headers={"authorization": f"Bearer {API_KEY}",
+                                   "content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert isinstance(error["code"], str) and isinstance(error["message"], str)
 
 
 def test_fuzz_report() -> None:

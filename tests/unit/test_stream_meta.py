@@ -32,7 +32,7 @@ def meta(seq: int) -> Meta:
 
 
 def edge_on(store: Any) -> Edge:
-    return Edge(None, store, None, None, None, None)  # type: ignore[arg-type]
+    return Edge(None, store, None, None, None, None, None)  # type: ignore[arg-type]
 
 
 async def test_concurrent_requests_share_one_read() -> None:

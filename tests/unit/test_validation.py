@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from openai import AsyncOpenAI
+from openai.types.chat import completion_create_params
 
 from broker import protocol
 from broker.errors import ApiError
-from broker.validation import parse_create_body, parse_last_event_id
+from broker.validation import (
+    MAX_JSON_DEPTH,
+    MAX_MODEL_CHARS,
+    SDK_CALL_OPTIONS,
+    parse_create_body,
+    parse_last_event_id,
+)
+from tests.support.hostile import HOSTILE_BODIES, body_with, hostile_bodies
+from tests.support.hostile import SDK_CALL_OPTIONS as HOSTILE_SDK_CALL_OPTIONS
 
 DEFAULT_MODEL = "default-model"
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -240,7 +251,7 @@ CREATE_BODIES = st.fixed_dictionaries(
 
 
 @given(st.one_of(CREATE_BODIES.map(json.dumps), JSON_VALUES.map(json.dumps),
-                 st.text().map(str), st.binary().map(bytes)))
+                 st.text().map(str), st.binary().map(bytes), hostile_bodies))
 def test_any_create_body_is_accepted_or_refused_with_a_4xx(body: str | bytes) -> None:
     raw = body.encode() if isinstance(body, str) else body
     try:
@@ -270,3 +281,64 @@ def test_unpaired_surrogates_are_refused_not_crashed_on(escaped: str, where: str
 def test_paired_surrogate_escapes_are_fine() -> None:
     body = b'{"messages": [{"role": "user", "content": "\\ud83c\\udf89 party"}]}'
     assert parse_create_body(body, DEFAULT_MODEL)["messages"][0]["content"] == "\U0001f389 party"
+
+
+# -- hostile bodies (issue 13): each a 4xx here, never an exception or a late failure ----------
+
+
+@pytest.mark.parametrize("label", list(HOSTILE_BODIES))
+def test_hostile_json_is_400_invalid_json(label: str) -> None:
+    error = api_error(HOSTILE_BODIES[label])
+    assert (error.status, error.code) == (400, "invalid_json")
+    assert "Traceback" not in error.message and "sys." not in error.message
+
+
+def test_nesting_is_bounded_at_the_documented_depth() -> None:
+    # The body is level 1: arrays nested 63 deep in one of its fields reach level 64.
+    deepest = MAX_JSON_DEPTH - 1
+    assert parse_create_body(body_with("metadata", "[" * deepest + "]" * deepest), "m")
+    error = api_error(body_with("metadata", "[" * (deepest + 1) + "]" * (deepest + 1)))
+    assert (error.status, error.code) == (400, "invalid_json")
+
+
+def test_finite_numbers_and_long_integers_within_the_limit_pass() -> None:
+    request = parse_create_body(body_with("seed", "7" * 4300), "m")
+    assert request["seed"] == int("7" * 4300)
+    assert parse_create_body(body_with("temperature", "1e308"), "m")["temperature"] == 1e308
+
+
+@pytest.mark.parametrize("option", SDK_CALL_OPTIONS)
+def test_sdk_call_options_are_422(option: str) -> None:
+    error = api_error(body_with(option, "{}"))
+    assert (error.status, error.code) == (422, "invalid_request")
+    assert option in error.message
+
+
+def test_the_refused_options_are_every_call_option_of_the_sdk() -> None:
+    """What the openai SDK's ``chat.completions.create`` takes besides the request body's
+    fields: a new call option in an SDK upgrade fails here until it is refused too."""
+    client = AsyncOpenAI(api_key="unused")
+    parameters = set(inspect.signature(client.chat.completions.create).parameters)
+    body = completion_create_params.CompletionCreateParamsStreaming
+    assert parameters - (body.__required_keys__ | body.__optional_keys__) == SDK_CALL_OPTIONS
+    assert set(HOSTILE_SDK_CALL_OPTIONS) == SDK_CALL_OPTIONS
+
+
+def test_the_model_name_is_bounded() -> None:
+    assert parse({"messages": MESSAGES, "model": "m" * MAX_MODEL_CHARS})["model"]
+    error = api_error(json.dumps({"messages": MESSAGES, "model": "m" * (MAX_MODEL_CHARS + 1)})
+                      .encode())
+    assert (error.status, error.code) == (422, "invalid_request")
+
+
+@given(hostile_bodies)
+@example(HOSTILE_BODIES["nested 100k deep"])
+def test_any_hostile_body_is_a_4xx(body: bytes) -> None:
+    try:
+        request = parse_create_body(body, DEFAULT_MODEL)
+    except ApiError as e:
+        assert 400 <= e.status < 500 and e.code and e.message
+        return
+    # What passes is what every later step can carry: finite, shallow, no call options.
+    assert not SDK_CALL_OPTIONS & request.keys()
+    json.dumps(request, allow_nan=False)
