@@ -13,11 +13,11 @@ from redis.exceptions import ResponseError
 
 from broker import protocol
 from tests.support.api import create, events_url, status, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually, wait_until
 from tests.support.sse import read_events
 
-LONG = "This sentence keeps the stream busy for a while. " * 60
+LONG = TRICKY_TEXT + " This sentence keeps the stream busy for a while." * 60
 SHORT = "A short answer that finishes during the drain. It ends here."
 
 
