@@ -115,6 +115,11 @@ async def test_sigterm_drains_then_ends_the_rest(
         assert (await status(http, base, long_id))["status"] == "failed"
         assert await asyncio.to_thread(worker.proc.wait, 10) == 0
         assert (await status(http, base, later_id))["status"] == "queued"
+        # Its log tells the drain: what it waited for, how it ended.
+        output = worker.output()
+        assert "stopping: taking no more jobs, draining 2 generation(s) for up to 2 s" in output
+        assert "stopped: 1 generation(s) finished during the drain, 1 ended with " \
+               "worker_shutdown" in output, output
 
         d.add_worker()  # the next worker runs what the stopped one never started
         later = await asyncio.wait_for(read_events(http, events_url(base, later_id)), 20)
