@@ -17,7 +17,7 @@ import asyncio
 import itertools
 import json
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -74,12 +74,13 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(
-    redis_server: RedisServer, fake_llm: FakeLLM, start_broker: StartBroker
-) -> Deployment:
-    """One edge and one worker with default settings, on one redis-server."""
-    return Deployment(start_broker("edge", redis_server.url),
-                      start_broker("worker", redis_server.url, fake_llm))
+def deployment(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[Deployment]:
+    """One edge and one worker with default settings, on a redis-server of their own (so no
+    other test's worker runs these generations)."""
+    redis = RedisServer().start()
+    yield Deployment(start_broker("edge", redis.url),
+                     start_broker("worker", redis.url, fake_llm))
+    redis.stop()
 
 
 async def read_three_ways(base: str, gen_id: str) -> tuple[str, str, str]:
