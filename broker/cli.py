@@ -40,21 +40,19 @@ def run_dev(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    from prometheus_client import start_http_server
-
     from broker.metrics import Metrics
     from broker.store import Store, connect
     from worker.llm import LLM
     from worker.loop import Worker
+    from worker.metrics_server import serve_metrics
 
     worker_name = settings.worker_name()
+    metrics = Metrics()
+    serve_metrics(settings, metrics.registry)  # first: a port it cannot have stops it here
 
     async def main() -> None:
         redis = connect(settings, "broker-worker-" + worker_name)
         llm = LLM(settings)
-        metrics = Metrics()
-        if settings.worker_metrics_port:
-            start_http_server(settings.worker_metrics_port, settings.host, metrics.registry)
         worker = Worker(Store(redis, settings), llm, settings, metrics, name=worker_name)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,9 @@ import logging
 import time
 from typing import Any
 
+# Loggers of libraries that log routine traffic at INFO; heard only with BROKER_LOG_LEVEL=debug.
+CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
+
 # The generation the current task works on; set by the routes and the worker's runs.
 generation: contextvars.ContextVar[str | None] = contextvars.ContextVar("generation", default=None)
 
@@ -96,3 +99,9 @@ def configure(level: str, fmt: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # The HTTP clients under the openai SDK log every request at INFO ("HTTP Request: POST
+    # ..."): a line per LLM call is noise, so they speak only at debug.
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if level.lower() == "debug" else logging.WARNING
+        )

@@ -7,6 +7,8 @@ fail in every way an upstream can (HTTP errors, a stream cut midway, silence).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import re
 import threading
@@ -37,6 +39,13 @@ class Reply:
     stall_after: int | None = None  # go silent (but keep the connection) after this many
     hold_at: int | None = None  # before this token, wait until ``release`` is set
     release: threading.Event = field(default_factory=threading.Event)
+    # How the SSE bytes go out: what ends each line (``"\n"``, ``"\r\n"`` or ``"\r"``: all
+    # three are SSE line ends), a UTF-8 byte order mark first, and each event cut into
+    # separate writes at the awkward places (see ``awkward_pieces``), so a reader meets line
+    # ends and characters split across network reads.
+    line_end: str = "\n"
+    bom: bool = False
+    split_writes: bool = False
 
 
 @dataclass
@@ -143,9 +152,32 @@ def create_mock_llm_app(script: Script = default_script) -> Starlette:
 
 
 async def _stream(body: dict[str, Any], reply: Reply, record: Record) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(_events(body, reply, record)) as events:
+        async for event in events:
+            if reply.split_writes:
+                for piece in awkward_pieces(event):
+                    yield piece
+            else:
+                yield event
+
+
+def awkward_pieces(data: bytes) -> list[bytes]:
+    """``data`` cut after every CR (a CRLF arrives as CR, then LF) and after the first byte of
+    every multi-byte UTF-8 character (a character arrives in two reads). Each piece is a write
+    of its own, so an HTTP chunk of its own, which the client reads as such."""
+    cuts = [i + 1 for i, byte in enumerate(data) if byte == 0x0D or byte >= 0xC0]
+    bounds = [0, *(c for c in cuts if c < len(data)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+async def _events(body: dict[str, Any], reply: Reply, record: Record) -> AsyncIterator[bytes]:
+    """The stream's events, each as the bytes of one SSE event ending in a blank line."""
     cid = "chatcmpl-" + uuid.uuid4().hex[:12]
     model = body.get("model", "mock")
+    end = reply.line_end.encode()
     try:
+        if reply.bom:
+            yield b"\xef\xbb\xbf"
         for i, token in enumerate(reply.tokens):
             if reply.break_after is not None and i >= reply.break_after:
                 raise ConnectionAbortedError("mock: cutting the stream")
@@ -159,13 +191,13 @@ async def _stream(body: dict[str, Any], reply: Reply, record: Record) -> AsyncIt
             if delay:
                 await asyncio.sleep(delay)
             delta = {"content": token} if i else {"role": "assistant", "content": token}
-            yield _sse(_chunk(cid, model, delta, None))
+            yield _sse(_chunk(cid, model, delta, None), end)
             record.sent_tokens = i + 1
-        yield _sse(_chunk(cid, model, {}, reply.finish_reason))
+        yield _sse(_chunk(cid, model, {}, reply.finish_reason), end)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = _usage(body, reply)
-            yield _sse({**_chunk(cid, model, {}, None), "choices": [], "usage": usage})
-        yield b"data: [DONE]\n\n"
+            yield _sse({**_chunk(cid, model, {}, None), "choices": [], "usage": usage}, end)
+        yield b"data: [DONE]" + end + end
         record.completed = True
     finally:
         if not record.completed:
@@ -180,8 +212,10 @@ def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None) -> d
     }
 
 
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+def _sse(obj: dict[str, Any], end: bytes = b"\n") -> bytes:
+    # ensure_ascii=False, as servers that write UTF-8 JSON do: U+2028, U+0085, emoji... go
+    # out as raw UTF-8, not as \u escapes (only the JSON-mandatory controls are escaped).
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + end + end
 
 
 def _usage(body: dict[str, Any], reply: Reply) -> dict[str, int]:

@@ -11,8 +11,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _setting(default: Any, env: str, help: str, roles: str = "edge worker dev") -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "roles": roles.split()})
+def _setting(
+    default: Any, env: str, help: str, roles: str = "edge worker dev", shown: str | None = None
+) -> Any:
+    """A setting; ``shown`` is its default as ``--help`` says it, when the field's own default
+    (``None``: resolved at startup) would not say it."""
+    metadata = {"env": env, "help": help, "roles": roles.split(), "shown_default": shown}
+    return field(default=default, metadata=metadata)
+
+
+# The worker's /metrics port when none is set, then the ones it tries in turn when that one is
+# taken (another worker on the same host): see worker/metrics_server.py.
+WORKER_METRICS_PORTS = range(9100, 9200)
 
 
 @dataclass(frozen=True)
@@ -106,9 +116,11 @@ class Settings:
         16, "BROKER_REDIS_POOL_SIZE", "Redis connections per process (pub/sub has its own)",
         "edge worker",
     )
-    worker_metrics_port: int = _setting(
-        9100, "BROKER_WORKER_METRICS_PORT", "port of the worker's own /metrics (0: none)",
-        "worker",
+    # None (unset) is not 9100: set, the port must be free; unset, the worker may move on.
+    worker_metrics_port: int | None = _setting(
+        None, "BROKER_WORKER_METRICS_PORT", "port of the worker's own /metrics (0: none); "
+        "unset and 9100 taken: the next free port up to 9199, logged", "worker",
+        shown=str(WORKER_METRICS_PORTS[0]),
     )
     worker_id: str = _setting(
         "", "BROKER_WORKER_ID", "consumer name in the jobs group (default: host-pid-random)",
@@ -227,7 +239,9 @@ def add_arguments(parser: argparse.ArgumentParser, role: str) -> None:
     for f in dataclasses.fields(Settings):
         if role not in f.metadata["roles"]:
             continue
-        default = f.default if f.default not in ("", None) else "unset"
+        default = f.metadata["shown_default"] or (
+            f.default if f.default not in ("", None) else "unset"
+        )
         if _base_type(f) is bool:  # a switch: present means on
             parser.add_argument(
                 "--" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=True,

@@ -1,8 +1,11 @@
-"""Server-Sent Events framing: pure functions from fields to bytes, tested without a server."""
+"""Server-Sent Events, both ways: framing (pure functions from fields to bytes, what the edge
+writes) and ``SSEDecoder`` (bytes back to event data, what the worker reads its LLM with);
+all tested without a server."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterable, AsyncIterator
 
 from broker.protocol import Event, event_id
 
@@ -52,3 +55,98 @@ def encode_event(event: Event) -> bytes:
 def _check_field(name: str, value: str) -> None:
     if "\n" in value or "\r" in value or "\0" in value:
         raise FieldError(f"SSE {name} must not contain a line break or NUL: {value[:40]!r}")
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+class SSEDecoder:
+    """The ``data`` of each event of an SSE byte stream fed piece by piece, as the network
+    delivers it (WHATWG HTML, "Interpreting an event stream").
+
+    Lines end at CR, LF or CRLF and nowhere else: not at U+2028, U+2029, U+0085, VT, FF or
+    U+001C-001E, where ``str.splitlines`` (and so httpx's ``aiter_lines``) would cut a JSON
+    chunk in two. A CRLF whose CR ends one piece and whose LF opens the next is one line end.
+    Lines are split as bytes and decoded as whole lines, so a character whose bytes arrive in
+    two pieces is decoded once whole (LF and CR never occur inside a UTF-8 sequence). A BOM
+    opening the stream is dropped, comment lines and fields other than ``data`` are ignored,
+    ``data`` lines are joined by LF and an event is dispatched at a blank line.
+
+    Cost: a few C-level bytes operations per piece (``in``, ``replace``, ``rfind``, one
+    ``decode``, one ``split``), never a Python loop over bytes: this is the worker's hot path.
+    """
+
+    __slots__ = ("_after_cr", "_data", "_line_start", "_started")
+
+    def __init__(self) -> None:
+        self._line_start: list[bytes] = []  # bytes of the current line, its end not yet seen
+        self._after_cr = False  # the last piece ended in CR: an LF opening the next is its pair
+        self._data: list[str] = []  # the data lines of the event being read
+        self._started = False  # a first line was read (a BOM can only open the stream)
+
+    def feed(self, piece: bytes) -> list[str]:
+        """The data of each event completed by ``piece`` (often none, often one)."""
+        if not piece:
+            return []  # (and the decision on a pending CR waits for a piece with bytes)
+        if self._after_cr:
+            self._after_cr = False
+            if piece.startswith(b"\n"):
+                piece = piece[1:]
+        if b"\r" in piece:
+            # Whether CR + LF is one line end or two waits for the next piece; the CR ends a
+            # line either way, so only a leading LF of the next piece is in question.
+            self._after_cr = piece.endswith(b"\r")
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        last_end = piece.rfind(b"\n")
+        if last_end < 0:
+            if piece:
+                self._line_start.append(piece)
+            return []
+        complete = piece[:last_end]
+        if self._line_start:
+            complete = b"".join(self._line_start) + complete
+            self._line_start.clear()
+        if last_end + 1 < len(piece):
+            self._line_start.append(piece[last_end + 1 :])
+        return self._lines(complete.decode("utf-8", "replace").split("\n"))
+
+    def end(self) -> list[str]:
+        """At the end of the stream: an unterminated last line is read as a line and an event
+        still open is dispatched. The spec drops both (a browser shows nothing of an event cut
+        short); an LLM stream ending in ``data: [DONE]`` without the blank line is common, and
+        a chunk cut mid-JSON then fails to parse (``llm_stream_broken``) instead of passing
+        unnoticed."""
+        lines = [b"".join(self._line_start).decode("utf-8", "replace")] if self._line_start else []
+        self._line_start.clear()
+        done = self._lines([*lines, ""])
+        self._data = []
+        return done
+
+    def _lines(self, lines: list[str]) -> list[str]:
+        if not self._started and lines:
+            self._started = True
+            lines[0] = lines[0].removeprefix("\ufeff")
+        events: list[str] = []
+        data = self._data
+        for line in lines:
+            if not line:  # a blank line dispatches the event, if it has data
+                if data:
+                    events.append("\n".join(data))
+                    data = self._data = []
+            elif line.startswith("data:"):  # nearly every line: the fast path
+                value = line[5:]
+                data.append(value[1:] if value.startswith(" ") else value)
+            elif line == "data":  # a field name alone: its value is empty
+                data.append("")
+            # Anything else is a comment (":...") or a field the reader does not use.
+        return events
+
+
+async def aiter_sse_data(pieces: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The data of each event of the SSE byte stream ``pieces`` (``SSEDecoder``)."""
+    decoder = SSEDecoder()
+    async for piece in pieces:
+        for data in decoder.feed(piece):
+            yield data
+    for data in decoder.end():
+        yield data

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ import openai
 from openai import AsyncOpenAI
 
 from broker.settings import Settings
+from broker.sse import aiter_sse_data
 from broker.validation import SDK_CALL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class LLM:
         # The SDK's own stream would build a pydantic model of every chunk: that was ~40 % of
         # the worker's CPU (B5, py-spy). The raw response is read here instead, SSE-decoded
         # and json.loads'ed; the request itself (retries, status errors) is still the SDK's.
+        # Decoded as bytes by the SSE rules (broker.sse.SSEDecoder), not with aiter_lines:
+        # that splits like str.splitlines, so a raw U+2028 in a chunk's JSON broke the stream.
+        # aiter_bytes, not aiter_raw: a gzip/deflate/br/zstd Content-Encoding is undone.
         request = self.client.chat.completions.with_streaming_response.create(
             **known,
             extra_body=extra or None,
@@ -80,7 +84,7 @@ class LLM:
         )
         try:
             async with request as response:
-                async for data in _sse_data(response.http_response.aiter_lines()):
+                async for data in aiter_sse_data(response.http_response.aiter_bytes()):
                     if data.startswith("[DONE]"):
                         break
                     chunk = json.loads(data)
@@ -125,22 +129,6 @@ def _translate(e: openai.APIError) -> LLMError:
         kind = "llm_server_error" if e.status_code >= 500 else "llm_rejected"
         return LLMError(kind, f"the LLM answered HTTP {e.status_code}: {e.message}")
     return LLMError("llm_error", f"the LLM failed: {e}")
-
-
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The ``data`` of each Server-Sent Event (its ``data:`` lines joined by line feeds)."""
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data.append(value[1:] if value.startswith(" ") else value)
-    if data:
-        yield "\n".join(data)
 
 
 def _error_message(chunk: dict[str, Any]) -> str:

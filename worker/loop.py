@@ -39,13 +39,22 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._reserved = 0  # slots a shard reader is reading jobs for right now
         self._stopping = asyncio.Event()
+        self._draining: int | None = None  # generations running when stop() came
         # Reaping waits until this worker has seen Redis healthy for a whole lease: after an
         # outage, live owners must get the chance to renew before anyone judges them dead.
         self._healthy_since = time.monotonic()
 
     def stop(self) -> None:
         """Stop taking jobs; ``run`` then drains (see ``drain_timeout``) and returns."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        self._draining = len(self._tasks)  # no job starts after this (see _read_shard)
+        log.info(
+            "worker %s stopping: taking no more jobs, draining %d generation(s) for up to %g s "
+            "(BROKER_DRAIN_TIMEOUT), then ending the rest with worker_shutdown",
+            self.name, self._draining, self.settings.drain_timeout,
+        )
 
     async def run(self, burst: bool = False) -> None:
         """Take jobs until ``stop()`` (or, with ``burst``, until the queue is empty and idle)."""
@@ -156,15 +165,22 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let running generations finish up to the drain timeout, then end the rest."""
+        draining = len(self._tasks) if self._draining is None else self._draining
         if self._tasks:
-            log.info("draining %d generation(s)", len(self._tasks))
             await asyncio.wait(self._tasks, timeout=self.settings.drain_timeout)
+        cut_short = len(self.running)
         for run in self.running.values():
             run.shutdown_requested.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10.0)
+        stuck = len(self._tasks)
         for task in self._tasks:
             task.cancel()
+        log.info(
+            "worker %s stopped: %d generation(s) finished during the drain, %d ended with "
+            "worker_shutdown%s", self.name, draining - cut_short, cut_short,
+            f", {stuck} cancelled (their end could not be published in 10 s)" if stuck else "",
+        )
 
     async def _reap_forever(self) -> None:
         """Find jobs whose worker stopped touching them: run the ones that never started, end

@@ -21,6 +21,7 @@ from tests.browser.helpers import (
     record_events_requests,
     signed_events_url,
 )
+from tests.support.fakellm import TRICKY_TEXT
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -190,6 +191,22 @@ async def test_follows_a_generation_to_end_with_the_exact_text(
     assert len(requests) == 3, [r.url for r in requests]
     last_response = await requests[2].response()
     assert last_response is not None and last_response.status == 204
+
+
+@pytest.mark.browser
+async def test_every_character_an_llm_may_send_reaches_the_page_exactly(
+    page: Page, api: httpx.AsyncClient
+) -> None:
+    """U+2028, U+0085, CR, astral... in the answer (the mock quotes the question): through the
+    dev worker's reading of the mock LLM, the edge's framing and Chromium's EventSource."""
+    created = await create(api, TRICKY_TEXT)
+    await page.goto("/healthz")
+    await start(page, "tricky", created["events_url"])
+    rec = await wait_outcome(page, "tricky")
+    assert_ended(rec, "stop")
+    status = await generation_status(api, created["id"])
+    assert rec["handle"]["text"] == status["text"]
+    assert TRICKY_TEXT in status["text"]
 
 
 # -- 2. drop and resume ----------------------------------------------------------------------

@@ -13,11 +13,13 @@ from broker import protocol
 from tests.faults.helpers import assert_exact_once, viewers_mid_stream, wait_ready_status, watch
 from tests.support.api import create, events_url, metric, status, unique
 from tests.support.cluster import RedisClusterServers
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import wait_until
 from tests.support.sse import Received
 
-ANSWER = "".join(f"Sentence {i} of a clustered answer, with 2.5 and 你好。\n" for i in range(80))
+ANSWER = "".join(
+    f"Sentence {i} of a clustered answer, with 2.5 and 你好。\n" for i in range(80)
+) + TRICKY_TEXT
 JOB_SHARDS = 6
 
 

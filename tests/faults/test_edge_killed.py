@@ -24,6 +24,7 @@ from playwright.async_api import Page, async_playwright
 
 from broker.client import Follower, GenerationFailed, StreamError
 from tests.support.chromium import launch
+from tests.support.fakellm import TRICKY_TEXT
 from tests.support.haproxy import SERVED_BY, HAProxy
 from tests.support.node_viewer import NodeViewers
 
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.browser
 PER_KIND = 3  # viewers of each kind
 POLL = 0.02  # seconds between looks at the viewers' state
 
-# ~150 tokens at 0.03 s: the answer streams for about 5 s. CJK, emoji and CRLF check that
-# every character arrives exactly as the LLM sent it.
+# ~175 tokens at 0.03 s: the answer streams for about 5 s. CJK, emoji, CRLF and TRICKY_TEXT
+# check that every character arrives exactly as the LLM sent it, in every kind of viewer.
 ANSWER = (
     "Edges are stateless, so losing one costs nothing but a reconnect. "
     "Every viewer remembers the id of the last event it saw. "
@@ -44,6 +45,7 @@ ANSWER = (
     "Numbers like 3.14 and 2.718 stay whole, and so do URLs such as https://example.com/a.b. "
     "边缘节点被杀死了，但是文字一个也没有丢。观众们自动重新连接！"
     "Emoji survive too: 🎉🚀✨, and so does the family 👨‍👩‍👧‍👦 in one piece. "
+    f"{TRICKY_TEXT} "
     "Here is a list of things the test checks:\r\n"
     "- the text is exact,\r\n- the ids increase,\r\n- nobody sees an id twice.\r\n\r\n"
     "A second paragraph follows, to keep the stream going a little longer. "

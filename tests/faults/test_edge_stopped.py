@@ -11,11 +11,13 @@ import pytest
 
 from broker.client import Follower
 from tests.support.api import create, events_url, metric, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.haproxy import HAProxy
 from tests.support.procs import eventually
 
-ANSWER = "".join(f"Sentence {i} keeps the answer going for a while. " for i in range(80))
+ANSWER = "".join(
+    f"Sentence {i} keeps the answer going for a while. " for i in range(80)
+) + TRICKY_TEXT
 
 
 async def test_sigterm_on_an_edge_moves_its_viewers_without_loss(

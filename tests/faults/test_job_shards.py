@@ -9,12 +9,12 @@ import httpx
 
 from broker import protocol
 from tests.support.api import create, events_url, status, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually
 from tests.support.sse import read_events
 
 SHARDS = 3
-ANSWER = "Sharded queues still deliver. Every job runs exactly once."
+ANSWER = f"Sharded queues still deliver. {TRICKY_TEXT} Every job runs exactly once."
 
 
 async def test_jobs_spread_over_shards_all_run_once(deploy, fake_llm: FakeLLM):
@@ -39,7 +39,7 @@ async def test_worker_lost_is_found_on_any_shard(deploy, fake_llm: FakeLLM):
     d = deploy(edges=1, workers=0, broker_job_shards=SHARDS)
     workers = {name: d.add_worker(broker_worker_id=name) for name in ("w1", "w2")}
     base = d.edges[0].url
-    long_answer = ANSWER * 15  # ~4 s at this pace: running when the worker dies
+    long_answer = ANSWER * 5  # ~4 s at this pace: running when the worker dies
     prompts = [fake_llm.script(unique("lost"), long_answer, delay=0.03) for _ in range(4)]
     redis = d.redis.client()
     async with httpx.AsyncClient(timeout=30) as http:

@@ -18,12 +18,12 @@ import uvicorn
 from broker.mockllm import create_mock_llm_app, tokenize
 from tests.faults.helpers import report, requests_for, wait_worker_ready
 from tests.support.api import create, events_url, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import free_port, wait_until
 from tests.support.sse import Received, read_events
 
-STORY = (
-    "The broker streams answers. It buffers tokens into sentences! Does it lose text? "
+STORY = TRICKY_TEXT + (
+    " The broker streams answers. It buffers tokens into sentences! Does it lose text? "
     "Never: the log in Redis is the truth.\n\nA second paragraph follows here. It ends now."
 )
 

@@ -10,12 +10,14 @@ import httpx
 import pytest
 
 from tests.support.api import create, events_url, metric, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually
 from tests.support.sse import Received, read_events
 from tests.support.tcpproxy import TcpProxy
 
-ANSWER = "".join(f"Sentence {i} arrives while the subscription is stalled. " for i in range(60))
+ANSWER = "".join(
+    f"Sentence {i} arrives while the subscription is stalled. " for i in range(60)
+) + TRICKY_TEXT
 
 
 async def test_stalled_subscription_turns_readyz_503_then_recovers(

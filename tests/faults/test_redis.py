@@ -17,13 +17,13 @@ from tests.faults.helpers import (
     watch,
 )
 from tests.support.api import assert_error_body, create, events_url, metric, status, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import BrokerProcess, wait_until
 from tests.support.sse import Received
 
 ANSWER = "".join(
     f"Sentence {i} of the answer, with 3.14 and 你好。 And an emoji 🎉.\r\n" for i in range(60)
-)
+) + TRICKY_TEXT
 AOF = ("--appendonly", "yes", "--appendfsync", "always")
 
 

@@ -13,7 +13,7 @@ import httpx
 from broker import protocol
 from tests.faults.helpers import Viewer, report, wait_worker_ready
 from tests.support.api import assert_error_body, create, events_url, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import wait_until
 from tests.support.sse import read_events
 
@@ -48,7 +48,9 @@ def pttls(d: Any, gen_id: str) -> dict[str, int]:
         client.close()
 
 
-SENTENCES = "".join(f"Sentence number {i} of the long answer is here. " for i in range(1, 21))
+SENTENCES = TRICKY_TEXT + "".join(
+    f" Sentence number {i} of the long answer is here." for i in range(1, 21)
+)
 
 
 # -- the scenarios -----------------------------------------------------------------------------

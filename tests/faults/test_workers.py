@@ -13,11 +13,11 @@ from redis.exceptions import ResponseError
 
 from broker import protocol
 from tests.support.api import create, events_url, status, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually, wait_until
 from tests.support.sse import read_events
 
-LONG = "This sentence keeps the stream busy for a while. " * 60
+LONG = TRICKY_TEXT + " This sentence keeps the stream busy for a while." * 60
 SHORT = "A short answer that finishes during the drain. It ends here."
 
 
@@ -115,6 +115,11 @@ async def test_sigterm_drains_then_ends_the_rest(
         assert (await status(http, base, long_id))["status"] == "failed"
         assert await asyncio.to_thread(worker.proc.wait, 10) == 0
         assert (await status(http, base, later_id))["status"] == "queued"
+        # Its log tells the drain: what it waited for, how it ended.
+        output = worker.output()
+        assert "stopping: taking no more jobs, draining 2 generation(s) for up to 2 s" in output
+        assert "stopped: 1 generation(s) finished during the drain, 1 ended with " \
+               "worker_shutdown" in output, output
 
         d.add_worker()  # the next worker runs what the stopped one never started
         later = await asyncio.wait_for(read_events(http, events_url(base, later_id)), 20)

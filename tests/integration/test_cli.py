@@ -18,13 +18,14 @@ from broker import cli, protocol
 from broker.mockllm import tokenize
 from tests.conftest import Stack
 from tests.support.api import HARD_TEXTS, create, events_url, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually, free_port
 from tests.support.sse import Received, read_events
 
 STORY = (
     "The broker streams answers. It buffers tokens into sentences! Does it lose text? "
-    "Never: the log in Redis is the truth.\n\nA second paragraph follows here. It ends now."
+    "Never: the log in Redis is the truth.\n\nA second paragraph follows here. It ends now. "
+    f"{TRICKY_TEXT}"
 )
 # Before the held token: a whole first message. After it: the rest, once the test lets go.
 HEAD = "The first part arrives. "

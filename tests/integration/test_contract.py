@@ -21,13 +21,14 @@ from tests.support.api import (
     metric,
     unique,
 )
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import RedisServer, eventually, wait_until
 from tests.support.sse import read_events
 
 STORY = (
     "The broker streams answers. It buffers tokens into sentences! Does it lose text? "
-    "Never: the log in Redis is the truth.\n\nA second paragraph follows here. It ends now."
+    "Never: the log in Redis is the truth.\n\nA second paragraph follows here. It ends now. "
+    f"{TRICKY_TEXT}"
 )
 
 

@@ -7,11 +7,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack
 from tests.support.api import create, events_url, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually
 from tests.support.sse import read_events
 
-ANSWER = "First sentence. Second sentence! Third one? Done."
+ANSWER = f"First sentence. {TRICKY_TEXT} Second sentence! Third one? Done."
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

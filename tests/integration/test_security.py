@@ -29,14 +29,14 @@ from broker.settings import Settings
 from broker.store import Store
 from tests.conftest import StartBroker
 from tests.support.api import assert_error_body, metric, unique
-from tests.support.fakellm import FakeLLM
-from tests.support.procs import BrokerProcess, RedisServer, eventually, free_port, wait_until
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
+from tests.support.procs import BrokerProcess, RedisServer, eventually, free_port
 from tests.support.sse import read_events
 
 KEYS = "key-current,key-previous"
 TOKEN_KEYS = "viewer-key-new,viewer-key-old"
 ORIGIN = "https://chat.example"
-ANSWER = "Private answer one. Private answer two! Private answer three?"
+ANSWER = f"Private answer one. {TRICKY_TEXT} Private answer two! Private answer three?"
 SECURED = {
     "broker_api_keys": KEYS, "broker_viewer_token_keys": TOKEN_KEYS, "broker_insecure": "0",
     "broker_cors_origins": f"{ORIGIN},https://other.example", "broker_log_format": "json",
@@ -50,16 +50,16 @@ AUTH = {"authorization": "Bearer key-current"}
 def secured(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[BrokerProcess]:
     redis = RedisServer().start()
     edge = start_broker("edge", redis.url, **SECURED)
-    worker_is_up(start_broker("worker", redis.url, fake_llm))
+    # Ready before the first test: its streams end after 1.5 s (broker_max_stream_seconds).
+    start_broker("worker", redis.url, fake_llm).wait_for_log("taking jobs")
     yield edge
     redis.stop()
 
 
 def worker_is_up(worker: BrokerProcess) -> BrokerProcess:
-    """Wait for a worker's /metrics, served just before it takes jobs: a test's first stream
-    would otherwise wait for its start-up, and the secured edge cuts streams at 1.5 s."""
-    wait_until(lambda: httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics",
-                                 timeout=1).status_code == 200, 20, "the worker")
+    """Wait until a worker takes jobs: a test's first stream would otherwise wait for its
+    start-up, and the secured edge cuts streams at 1.5 s."""
+    worker.wait_for_log("taking jobs")
     return worker
 
 

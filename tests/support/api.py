@@ -6,8 +6,12 @@ import uuid
 
 import httpx
 
-# Texts that break naive framing or buffering: CJK punctuation, joined emoji, every line break.
+from .fakellm import TRICKY_TEXT
+
+# Texts that break naive framing, reading or buffering: CJK punctuation, joined emoji, every
+# line break, every character str.splitlines breaks at.
 HARD_TEXTS = [
+    TRICKY_TEXT,
     "你好，世界。这是第二句！第三句？最后一句。",
     "Emoji 🎉 and family 👨\u200d👩\u200d👧 and flags 🇫🇷. Done! 👍",
     "Line one.\r\nLine two.\r\n\r\nNew paragraph.\rLone CR. Tabs\tand  double  spaces. ",

@@ -12,6 +12,17 @@ from broker.mockllm import Record, Reply, create_mock_llm_app, tokenize
 
 from .procs import free_port, wait_until
 
+# Every kind of character an LLM may send that a careless reader breaks: the ones
+# ``str.splitlines`` (httpx's ``aiter_lines``) splits at but SSE does not (U+2028, U+2029,
+# U+0085, VT, FF, U+001C-001E), CR, CRLF and LF inside the text, characters of 2, 3 and 4
+# UTF-8 bytes that a read may cut in two (CJK, emoji, astral), combining marks and a U+FEFF
+# that is not at the start. The fake LLM writes them unescaped (``ensure_ascii=False``), as
+# UTF-8 JSON servers do; every end-to-end test's text carries them.
+TRICKY_TEXT = (
+    "Separators\u2028line\u2029paragraph\u0085next\x0bvtab\x0cfeed\x1cfile\x1dgroup\x1erecord, "
+    "CR\rCRLF\r\nLF\n, astral 😀🎉𝄞, CJK 汉字，combining e\u0301 n\u0303, zwnbsp\ufeff kept."
+)
+
 
 class FakeLLM:
     """Answers each prompt with the ``Reply`` registered for it (by the last user message)."""
@@ -53,7 +64,7 @@ class FakeLLM:
 
     def _script(self, body: dict[str, Any]) -> Reply:
         prompt = prompt_of(body)
-        return self.replies.get(prompt) or Reply(tokenize(f"Echo: {prompt}. Done."), delay=0.005)
+        return self.replies.get(prompt) or Reply(tokenize(default_answer(prompt)), delay=0.005)
 
     def _serve(self) -> None:
         asyncio.run(self._server.serve())
@@ -72,3 +83,8 @@ def prompt_of(body: dict[str, Any]) -> str:
     """The prompt of a chat-completions request body: its last user message."""
     users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
     return str(users[-1]) if users else ""
+
+
+def default_answer(prompt: str) -> str:
+    """What the fake LLM answers a prompt no test scripted."""
+    return f"Echo: {prompt}. {TRICKY_TEXT} Done."

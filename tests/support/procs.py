@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,7 +101,10 @@ class RedisServer:
 class BrokerProcess:
     """``python -m broker <command>`` as a subprocess; logs go to a file for failure reports."""
 
-    def __init__(self, command: str, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, command: str, env: dict[str, str], port: int | None = None, *,
+        own_metrics_port: bool = True,
+    ) -> None:
         self.command = command
         self.port = port
         self.log = Path(tempfile.mkstemp(prefix=f"broker-{command}-", suffix=".log")[1])
@@ -113,7 +117,9 @@ class BrokerProcess:
             # The suites hold the contract open; tests/integration/test_security.py runs edges
             # with API keys and viewer tokens.
             full_env.setdefault("BROKER_INSECURE", "1")
-        if command == "worker":  # each worker's own /metrics needs a port of its own
+        if command == "worker" and own_metrics_port:
+            # A free port of its own, so tests never depend on what holds 9100-9199. Without
+            # one (own_metrics_port=False) the worker picks as a user's would, and logs it.
             full_env.setdefault("BROKER_WORKER_METRICS_PORT", str(free_port()))
         self.metrics_port = int(full_env.get("BROKER_WORKER_METRICS_PORT", 0))
         with self.log.open("wb") as out:
@@ -134,6 +140,18 @@ class BrokerProcess:
 
         wait_until(ready, timeout, f"broker {self.command} on {self.port}")
         return self
+
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 20.0) -> re.Match[str]:
+        """Until the process's log matches ``pattern`` (e.g. a worker's "taking jobs"); fails at
+        once if the process exited."""
+        def found() -> re.Match[str] | None:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker {self.command} exited:\n{self.output()}")
+            return re.search(pattern, self.log.read_text(errors="replace"))
+
+        what = f"{pattern!r} in the {self.command}'s log"
+        match: re.Match[str] = wait_until(found, timeout, what)
+        return match
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]

@@ -46,7 +46,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from broker import loadbalancer
 from broker.cli import ROLES, build_parser
 from broker.metrics import Metrics
-from broker.settings import Settings
+from broker.settings import WORKER_METRICS_PORTS, Settings
 from tests.support.procs import BrokerProcess, RedisServer, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -310,7 +310,9 @@ def test_worker_metrics_port_is_a_worker_setting():
     known = settings_by_env()
     port = known["BROKER_WORKER_METRICS_PORT"]
     assert "worker" in port.metadata["roles"]
-    assert environment("worker")["BROKER_WORKER_METRICS_PORT"] == str(port.default)
+    # Set explicitly: each container has a network of its own, so the port is always free
+    # there, and the health check and Prometheus need to know it.
+    assert environment("worker")["BROKER_WORKER_METRICS_PORT"] == str(WORKER_METRICS_PORTS[0])
 
 
 def dockerfile_env() -> list[tuple[str, str]]:

@@ -1,24 +1,9 @@
-"""The worker's own reading of the LLM's SSE stream (worker.llm)."""
+"""The worker's own handling of the LLM's chunks (worker.llm); the SSE decoding itself is
+broker.sse.SSEDecoder's (tests/unit/test_sse.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-from worker.llm import _sse_data, _without_none
-
-
-async def lines(*items: str) -> AsyncIterator[str]:
-    for item in items:
-        yield item
-
-
-async def test_sse_data_joins_data_lines_and_skips_the_rest():
-    got = [d async for d in _sse_data(lines(
-        ": a comment", "event: chunk", 'data: {"a":1}', "", "",
-        "data:first", "data:  second", "id: 7", "",
-        "data: [DONE]",  # the stream may end without the blank line
-    ))]
-    assert got == ['{"a":1}', "first\n second", "[DONE]"]
+from worker.llm import _without_none
 
 
 def test_without_none_drops_null_fields_at_any_depth():

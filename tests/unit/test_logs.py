@@ -1,15 +1,43 @@
-"""Log lines: whatever a logged field holds, a record stays one line and cannot forge another."""
+"""Log set-up and log lines: which libraries speak at which level; whatever a logged field
+holds, a record stays one line and cannot forge another."""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from broker import logs
 from broker.logs import JsonFormatter, TextFormatter
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level,
+             {name: logging.getLogger(name).level for name in logs.CHATTY_LOGGERS})
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    for name, level in saved[2].items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.usefixtures("restored_logging")
+@pytest.mark.parametrize("name", logs.CHATTY_LOGGERS)
+def test_http_client_request_lines_only_at_debug(name: str):
+    # httpx2 (under the openai SDK) logs "HTTP Request: POST ..." at INFO for every LLM call.
+    logs.configure("info", "text")
+    assert logging.getLogger("worker.loop").isEnabledFor(logging.INFO)
+    assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+    assert logging.getLogger(name).isEnabledFor(logging.WARNING)
+    logs.configure("debug", "text")
+    assert logging.getLogger(name).isEnabledFor(logging.DEBUG)
+
 
 # Every character some reader takes for the end of a line (Python's str.splitlines knows them
 # all), and the rest of the controls a terminal acts on.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class Stream:
 
 
 def parse_sse(body: bytes) -> Stream:
-    text = body.decode("utf-8")
+    text = body.decode("utf-8", "replace")  # the spec's "UTF-8 decode": U+FFFD for bad bytes
     text = text.removeprefix("\ufeff")
     *lines, _unterminated = _SSE_LINE_BREAK.split(text)  # an unfinished last line is dropped
     events: list[Parsed] = []
@@ -242,3 +243,86 @@ def test_message_data_frame_round_trips_exactly_via_json(text: str) -> None:
     assert body.count(b"\n") == 3
     (parsed,) = parse_sse(body).events
     assert json.loads(parsed.data) == {"text": text}
+
+
+# -- SSEDecoder: the worker's reader of its LLM's stream ---------------------------------------
+
+# Characters that end a line for ``str.splitlines`` but not for SSE, then CR and LF themselves,
+# and characters whose UTF-8 is 2, 3 or 4 bytes (a piece may end inside any of them).
+NOT_LINE_ENDS = "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e"
+TRICKY_CHARS = st.sampled_from([*NOT_LINE_ENDS, "\r", "\n", "é", "汉", "😀", "\ufeff", ":", " "])
+LINE_VALUES = st.text(st.one_of(TRICKY_CHARS, st.characters(exclude_characters="\r\n")))
+FIELDS = st.sampled_from(["data", "data", "data", "event", "id", "retry", "", "dat", "data "])
+
+
+@st.composite
+def sse_streams(draw: st.DrawFn) -> bytes:
+    """An SSE stream: lines of (mostly) data fields, comments and blank lines, each ended by
+    LF, CR or CRLF, values full of characters ``str.splitlines`` breaks at, maybe a BOM."""
+    parts = ["\ufeff"] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(["field", "field", "blank", "comment", "bare"]))
+        value = draw(LINE_VALUES).replace("\r", "").replace("\n", "")
+        if kind == "field":
+            line = f"{draw(FIELDS)}:{draw(st.sampled_from(['', ' ']))}{value}"
+        else:
+            line = {"blank": "", "comment": f":{value}", "bare": draw(FIELDS)}[kind]
+        parts.append(line + draw(st.sampled_from(["\n", "\r", "\r\n"])))
+    return "".join(parts).encode()
+
+
+def split_at(body: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted({c % (len(body) + 1) for c in cuts}), len(body)]
+    return [body[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def decode_pieces(pieces: list[bytes]) -> tuple[list[str], list[str]]:
+    """What the decoder dispatches while fed ``pieces``, and what ``end()`` adds."""
+    decoder = sse.SSEDecoder()
+    fed = [data for piece in pieces for data in decoder.feed(piece)]
+    return fed, decoder.end()
+
+
+@given(sse_streams(), st.lists(st.integers(min_value=0), max_size=30))
+@example(b"data: a\r\n\r\n", [8])  # CR | LF: one line end, then the blank line
+@example(b"data: a\r\r", [8])  # CR | CR: two line ends (the second is the blank line)
+@example("data: \u2028x\u0085\n\n".encode(), [7, 8, 11])  # inside U+2028 and U+0085
+@example("\ufeffdata: x\n\n".encode(), [1, 2])  # inside the BOM
+def test_decoder_dispatches_what_the_spec_does_for_any_split(body: bytes, cuts: list[int]):
+    fed, _ = decode_pieces(split_at(body, cuts))
+    assert fed == [e.data for e in parse_sse(body).events]
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=30))
+def test_decoder_reads_any_bytes_as_the_spec_does_for_any_split(body: bytes, cuts: list[int]):
+    fed, _ = decode_pieces(split_at(body, cuts))
+    assert fed == [e.data for e in parse_sse(body).events]
+
+
+def test_decoder_keeps_every_character_splitlines_would_break_at():
+    text = f"a{NOT_LINE_ENDS}b é 汉字 😀 e\u0301"
+    body = b"data: " + json.dumps({"t": text}, ensure_ascii=False).encode() + b"\r\n\r\n"
+    one_byte_pieces = [body[i : i + 1] for i in range(len(body))]
+    for pieces in ([body], one_byte_pieces):
+        fed, rest = decode_pieces(pieces)
+        assert [json.loads(d) for d in fed] == [{"t": text}] and rest == []
+
+
+def test_decoder_joins_data_lines_and_skips_comments_and_other_fields():
+    body = (b": a comment\nevent: chunk\ndata: {\"a\":1}\n\n\nretry: 5\n\n"
+            b"data:first\rdata:  second\r\nid: 7\n\ndata\n\n")
+    assert decode_pieces([body]) == (['{"a":1}', "first\n second", ""], [])
+
+
+def test_decoder_drops_only_a_bom_that_opens_the_stream():
+    fed, _ = decode_pieces([b"\xef", b"\xbb", b"\xbfdata: x\n\ndata: \xef\xbb\xbfy\n\n"])
+    assert fed == ["x", "\ufeffy"]
+    fed, _ = decode_pieces([b"data: x\n\n\xef\xbb\xbfdata: y\n\n"])
+    assert fed == ["x"]  # a BOM later on is part of a line, whose field is then not "data"
+
+
+def test_decoder_end_hands_on_what_the_stream_was_cut_in():
+    # The spec drops an event the stream ends in; the worker wants to see it (see end()).
+    assert decode_pieces([b"data: a\n\ndata: [DONE]"]) == (["a"], ["[DONE]"])
+    assert decode_pieces([b'data: {"cut', b'": 1\n']) == ([], ['{"cut": 1'])
+    assert decode_pieces([b"data: a\n\n"]) == (["a"], [])
