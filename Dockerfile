@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for every role: `broker edge` (the default), `broker worker`, `broker mock-llm`.
 #   docker build -t sse-broker .
 #   docker run --rm -p 8000:8000 -e REDIS_URL=redis://host:6379/0 sse-broker
