@@ -4,10 +4,11 @@ once ``docker compose up --scale edge=3 --scale worker=2`` is healthy.
     python -m tests.compose.smoke --project sse-broker-smoke [--url http://127.0.0.1:8080]
 
 Functional checks (create, stream the exact text, resume on another edge with
-``Last-Event-ID``, status, cancel), then three faults with exact-text checks: an edge
-SIGKILLed mid-stream under nine viewers, the worker running an answer SIGKILLed, and Redis
-SIGKILLed and started again (AOF). Every request goes through HAProxy; ``docker`` is used only
-to find and kill containers and to read a generation's owner and the edges' viewer gauges.
+``Last-Event-ID``, status, cancel), then faults with exact-text checks: an edge SIGKILLed
+under nine viewers (``--edge-kills`` times, alternately a crash that Docker's restart policy
+restarts and an edge left down), the worker running an answer SIGKILLed, and Redis SIGKILLed
+(AOF; Docker restarts it). Every request goes through HAProxy; ``docker`` is used only to
+find and kill containers and to read a generation's owner and the edges' viewer gauges.
 The expected text is the mock LLM's own answer to the prompt
 (``broker.mockllm.default_script``), which is what the compose file's workers call. Prints one
 line per check and a summary, writes the figures as JSON (``--report``), exits 1 on the first
@@ -450,18 +451,18 @@ class Smoke:
         body = await wait_status(self.http, created.id, {"completed", "failed"})
         check(body["status"] == "completed" and body["text"] == expected, f"status: {body}")
         all_done = max(v.done_at for v in viewers if v.done_at is not None)
-        # The pause: from the kill to each viewer's next message (Docker restarts Redis, the
-        # edges and the worker reconnect, the answer goes on).
-        after = [next((t for t in v.times if t > killed_at), None) for v in viewers]
-        check(None not in after, "a viewer had no message after the kill: answer too short")
-        pauses = sorted(round(t - killed_at, 3) for t in after if t is not None)
+        # The pause each viewer saw: its longest wait between two messages around the kill
+        # (Docker restarts Redis, the edges and the worker reconnect, the answer goes on);
+        # without a fault, messages come every ~0.2 s.
+        pauses = sorted(round(max(b - a for a, b in zip(v.times, v.times[1:], strict=False)
+                                  if b > killed_at), 3) for v in viewers)
         self.figures["redis_restart"] = {
-            "outcome": "exact", "kill_to_next_message_s": pauses,
+            "outcome": "exact", "longest_pause_s": pauses,
             "kill_to_all_done_s": round(all_done - killed_at, 3),
             "reconnects": [v.reconnects for v in viewers],
         }
-        self.say(f"Redis SIGKILLed and started again (AOF): 3 viewers exact, their next "
-                 f"message {pauses} s after the kill, done {all_done - killed_at:.2f} s after")
+        self.say(f"Redis SIGKILLed and started again (AOF): 3 viewers exact, their streams "
+                 f"paused {pauses} s, done {all_done - killed_at:.2f} s after the kill")
 
     async def run(self, edge_kills: int) -> None:
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
@@ -502,7 +503,7 @@ class Smoke:
                          f"{worker['kill_to_end_s']:.2f} s after the kill")
         if redis := f.get("redis_restart"):
             lines.append(f"Redis SIGKILLed, restarted by Docker (AOF): every text exact, "
-                         f"streams paused {max(redis['kill_to_next_message_s']):.2f} s, "
+                         f"streams paused {max(redis['longest_pause_s']):.2f} s, "
                          f"viewers done {redis['kill_to_all_done_s']:.2f} s after the kill")
         return lines
 

