@@ -1,9 +1,10 @@
-# syntax=docker/dockerfile:1
 # One image for every role: `broker edge` (the default), `broker worker`, `broker mock-llm`.
 #   docker build -t sse-broker .
 #   docker run --rm -p 8000:8000 -e REDIS_URL=redis://host:6379/0 sse-broker
 #   docker run --rm -e REDIS_URL=... -e OPENAI_API_KEY=... sse-broker worker
 # docker-compose.yml runs the whole stack; docs/deployment.md explains it.
+# No `# syntax=` line: with one, BuildKit fetches that Dockerfile frontend from a registry on
+# every build, which fails where no registry is reachable; the built-in one reads this file.
 
 # Build stage: turns the source into a wheel with a pinned build backend.
 FROM python:3.11-slim AS build

@@ -14,7 +14,7 @@ import httpx
 _TEMPLATE = """\
 global
     log stderr format raw local0 notice
-    maxconn {maxconn}
+    fd-hard-limit {fd_hard_limit}
 
 defaults
     mode http
@@ -23,7 +23,8 @@ defaults
     option http-no-delay
     option redispatch 1
     retries 3
-    timeout connect 2s
+    retry-on conn-failure empty-response
+    timeout connect 1s
     timeout client 1h
     timeout server 1h
     timeout tunnel 1h
@@ -42,6 +43,7 @@ backend edges
     option httpchk GET {check_path}
     http-check expect status 200
     default-server inter 300ms fastinter 300ms downinter 300ms fall 1 rise 1
+    http-request disable-l7-retry unless METH_GET
     http-response set-header X-Served-By %[srv_name]
 {servers}
 """
@@ -53,9 +55,13 @@ def server_names(backends: Sequence[str]) -> dict[str, str]:
     return {f"edge{i}": url for i, url in enumerate(backends)}
 
 
+FD_HARD_LIMIT = 40100
+"""Open files HAProxy takes at most; it derives ``maxconn`` from what it gets (~20000 here)."""
+
+
 def haproxy_config(
     backends: Sequence[str], *, port: int, host: str = "127.0.0.1",
-    check_path: str = "/readyz", maxconn: int = 4096,
+    check_path: str = "/readyz", fd_hard_limit: int = FD_HARD_LIMIT,
 ) -> str:
     """An HAProxy configuration that balances SSE streams over ``backends``
     (``http://host:port`` edge URLs) and listens on ``host:port``.
@@ -76,15 +82,27 @@ def haproxy_config(
     - ``option httpchk GET /readyz`` (``check_path``), ``http-check expect status 200``, and
       fast checks (every 300 ms, out after 1 failure, back after 1 success): an edge that
       lost Redis, or whose subscription stopped delivering, leaves rotation at once.
-    - ``option redispatch 1``, ``retries 3``: a request sent to an edge that just died is
-      retried on another, so reconnecting viewers find a live edge at once.
+    - ``option redispatch 1``, ``retries 3``, ``retry-on conn-failure empty-response``,
+      ``timeout connect 1s``: a request sent to an edge that just died (refused, no answer to
+      the connect within 1 s, or closed without a response byte) is retried on another, so
+      reconnecting viewers find a live edge at once. A stream that has started is never
+      retried (the viewer resumes it with ``Last-Event-ID``), and ``http-request
+      disable-l7-retry unless METH_GET`` leaves a create (POST) that may have reached an edge
+      alone: retrying it could create the generation twice.
+    - No ``on-marked-down shutdown-sessions``: a Redis restart fails every edge's check at
+      once, and cutting every stream then would send every viewer into a load balancer with
+      no edge up (a browser's EventSource gives up on the 503); the edges keep their streams
+      and resync them from the log instead. A killed edge's connections are closed by its
+      kernel anyway.
     - ``http-reuse never``: no server connection is shared between viewers.
     - ``X-Served-By`` on every response: the server name (``edge0``, ``edge1``, ... in the
       order of ``backends``, see ``server_names``) of the edge that answered.
 
-    Each viewer holds a client and a server connection, so ``maxconn`` needs about twice as
-    many file descriptors; HAProxy refuses to start when the limit is lower. With no
-    ``backends`` the backend has no servers (HAProxy answers 503).
+    No ``maxconn``: HAProxy derives it from the open files it may have (the hard limit,
+    capped at ``fd_hard_limit``), about half of them since each viewer holds a client and a
+    server connection. So it starts whatever the limit (a fixed ``maxconn`` needing more files
+    than allowed stops it), and takes ~20000 connections where 40100 files are allowed. With
+    no ``backends`` the backend has no servers (HAProxy answers 503).
     """
     servers = []
     for name, url in server_names(backends).items():
@@ -92,5 +110,5 @@ def haproxy_config(
         if address.scheme != "http" or address.port is None:
             raise ValueError(f"backend must be http://host:port, not {url!r}")
         servers.append(f"    server {name} {address.host}:{address.port} check")
-    return _TEMPLATE.format(host=host, port=port, check_path=check_path, maxconn=maxconn,
-                            servers="\n".join(servers))
+    return _TEMPLATE.format(host=host, port=port, check_path=check_path,
+                            fd_hard_limit=fd_hard_limit, servers="\n".join(servers))

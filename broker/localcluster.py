@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -196,8 +195,7 @@ class LocalCluster:
 
         host, port = self.settings.host, self.settings.port
         config = self.dir / "haproxy.cfg"
-        config.write_text(haproxy_config([e.url for e in edges], host=host, port=port,
-                                         maxconn=_haproxy_maxconn()))
+        config.write_text(haproxy_config([e.url for e in edges], host=host, port=port))
         binary = _which("haproxy") or "haproxy"
         check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True,
                                text=True, check=False)
@@ -353,15 +351,6 @@ class LocalCluster:
 
 class _Stop(Exception):
     """SIGINT or SIGTERM arrived."""
-
-
-def _haproxy_maxconn(wanted: int = 4096) -> int:
-    """HAProxy refuses to start when it cannot raise its file limit to about two descriptors
-    per connection (``Cannot raise FD limit``): ask for no more than the hard limit allows."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    if hard == resource.RLIM_INFINITY:
-        return wanted
-    return max(64, min(wanted, (hard - 100) // 2))
 
 
 def _count(n: int, noun: str) -> str:
