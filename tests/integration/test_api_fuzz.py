@@ -3,6 +3,7 @@ no input gets a 5xx, every answer matches the document, every error has the JSON
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import hypothesis
@@ -13,7 +14,7 @@ from tests.conftest import StartBroker
 from tests.support.procs import BrokerProcess, RedisServer
 
 API_KEY = "fuzz-key"
-CASES: list[str] = []  # one entry per case run, for the report
+CASES: Counter[tuple[str, str]] = Counter()  # cases run per (operation, mode), for the report
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
     @hypothesis.settings(max_examples=150, deadline=None, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     def run(case: schemathesis.Case) -> None:
-        CASES.append(label)
+        CASES[label, mode] += 1
         response = case.call(base_url=fuzzed_edge.url, timeout=10,
                              headers={"authorization": f"Bearer {API_KEY}"})
         assert response.status_code < 500 or response.status_code == 503, response.text
@@ -64,8 +65,18 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
             assert isinstance(error["code"], str) and isinstance(error["message"], str)
 
     run()
+    assert CASES[label, mode] > 0, f"no {mode} case of {label} ran"
 
 
-def test_fuzz_report() -> None:
-    """Runs after the fuzz (same module, later): how many cases it ran, for the record."""
-    print(f"\napi fuzz: {len(CASES)} cases over {len(set(CASES))} operations")
+def test_fuzz_report(request: pytest.FixtureRequest) -> None:
+    """Runs after the fuzz (same module, later): every operation and mode fuzzed in this
+    session ran cases; how many, for the record."""
+    fuzzed = [(item.callspec.params["label"], item.callspec.params["mode"])
+              for item in request.session.items
+              if getattr(item, "originalname", "") == "test_no_input_breaks_the_api"]
+    if not fuzzed:
+        pytest.skip("no fuzz test was selected in this session")
+    ran = {key: CASES[key] for key in fuzzed}
+    assert all(ran.values()), f"operations that ran no case: {ran}"
+    print(f"\napi fuzz: {sum(ran.values())} cases over {len({label for label, _ in ran})} "
+          f"operations: " + ", ".join(f"{label} {mode} {n}" for (label, mode), n in ran.items()))
