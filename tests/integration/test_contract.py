@@ -23,7 +23,7 @@ from tests.support.api import (
 )
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import RedisServer, eventually, wait_until
-from tests.support.sse import read_events
+from tests.support.sse import Received, read_events
 
 STORY = (
     "The broker streams answers. It buffers tokens into sentences! Does it lose text? "
@@ -171,15 +171,30 @@ async def test_late_join_of_a_long_finished_answer_is_prompt(
 async def test_resume_on_a_second_edge_mid_stream(
     stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient, how: str
 ):
-    prompt = fake_llm.script(unique("resume"), STORY * 3, delay=0.01)
-    gen_id = await create(http, stack.a, prompt)
-    head = await read_events(http, events_url(stack.a, gen_id), stop_after=3)
-    assert len(head.messages) == 3 and head.terminal is None
-    cursor = head.ids[-1]
-    kwargs = {"last_event_id": cursor} if how == "header" else {"query_last_event_id": cursor}
-    tail = await read_events(http, events_url(stack.b, gen_id), **kwargs)
+    answer = STORY * 3
+    # The LLM holds halfway (several sentences published) until the resume is under way, so
+    # the generation is still running when the viewer comes back: the rest arrives live.
+    prompt = fake_llm.script(unique("resume"), answer, delay=0.01,
+                             hold_at=len(tokenize(answer)) // 2)
+    try:
+        gen_id = await create(http, stack.a, prompt)
+        head = await read_events(http, events_url(stack.a, gen_id), stop_after=3)
+        assert len(head.messages) == 3 and head.terminal is None
+        cursor = head.ids[-1]
+        kwargs = {"last_event_id": cursor} if how == "header" else {"query_last_event_id": cursor}
+        progress: list[Received] = []
+        resuming = asyncio.create_task(
+            read_events(http, events_url(stack.b, gen_id), progress=progress, **kwargs))
+        await eventually(lambda: asyncio.sleep(0, bool(progress)), 10, "the resumed stream")
+        at_resume = (await http.get(f"{stack.b}/v1/generations/{gen_id}")).json()
+        assert at_resume["status"] == "running" and progress[0].status == 200
+        fake_llm.reply_for(prompt).release.set()
+        tail = await asyncio.wait_for(resuming, 20)
+    finally:
+        fake_llm.reply_for(prompt).release.set()
     assert tail.terminal is not None
-    assert head.text + tail.text == STORY * 3
+    assert head.text + tail.text == answer
+    assert len(at_resume["text"]) < len(answer)  # the rest was published after the resume
     assert not set(head.ids) & set(tail.ids)
     assert protocol.parse_event_id(tail.ids[0]) == protocol.parse_event_id(cursor) + 1
 
