@@ -159,12 +159,16 @@ async def start_redis(group: ProcessGroup) -> tuple[Proc, aioredis.Redis, str]:
     return proc, client, f"redis://127.0.0.1:{port}/0"
 
 
-async def start_edge(group: ProcessGroup, impl: str, redis_url: str) -> tuple[Proc, str]:
+async def start_edge(
+    group: ProcessGroup, impl: str, redis_url: str, **settings: str
+) -> tuple[Proc, str]:
+    """The edge under test on a free port, ready; ``settings`` are the broker edge's
+    environment variables (``BROKER_SEND_TIMEOUT="6"``)."""
     port = free_port()
     if impl == "broker":
         argv = [sys.executable, "-m", "broker", "edge"]
         env = child_env(REDIS_URL=redis_url, BROKER_PORT=str(port), BROKER_HOST="127.0.0.1",
-                        BROKER_LOG_LEVEL="warning", BROKER_INSECURE="1")
+                        BROKER_LOG_LEVEL="warning", BROKER_INSECURE="1", **settings)
         ready_path = "/readyz"  # the hub's subscription delivers its probes
     else:
         argv = [sys.executable, "-m", "bench.naive_edge", "--redis-url", redis_url,

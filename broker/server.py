@@ -304,6 +304,11 @@ def _uvicorn_changed() -> None:
                     uvicorn.__version__)
 
 
+# How long uvicorn lets open requests finish on shutdown. SSE streams do not wait for it: the
+# edge ends them as shutdown begins (``EdgeServer``), so only short requests ever use it.
+GRACEFUL_SHUTDOWN_SECONDS = 5.0
+
+
 class EdgeServer(uvicorn.Server):
     """Ends every SSE stream as shutdown begins, so viewers move to another edge at once
     instead of holding this one until the graceful-shutdown timeout."""
@@ -353,7 +358,7 @@ def serve(app: Starlette, settings: Settings, sock: socket.socket | None = None)
     })
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
-        timeout_graceful_shutdown=5, lifespan="on", http=protocol,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, lifespan="on", http=protocol,
         # No access log: its lines carry query strings, and viewer tokens travel in them.
         access_log=False, log_config=None,
     )

@@ -117,6 +117,7 @@ class GenerationRun:
         self.shutdown_requested = asyncio.Event()
         self.lost = asyncio.Event()
         self._pending = asyncio.Event()  # the buffer holds text the flusher must time
+        self.stopped = False  # a publish was refused (see ``Stop``): no terminal event from us
         self.tokens_in = 0
         self._first_token_at: float | None = None
         self._last_token_at = 0.0
@@ -161,6 +162,7 @@ class GenerationRun:
                 return
             await self._finish(outcome)
         except Stop as e:
+            self.stopped = True
             log.warning("generation %s stopped: %s", self.gen_id, e)
         finally:
             await cancel_and_wait(llm_task, *helpers, *stops)

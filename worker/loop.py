@@ -7,7 +7,13 @@ import contextlib
 import logging
 import time
 
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from broker import logs, protocol
 from broker.backoff import Backoff
@@ -23,6 +29,9 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
 REAP_INTERVAL = 1.0
+# What a Redis Cluster answers while a failover (CLUSTERDOWN) or a slot migration (TRYAGAIN)
+# is under way: an outage that passes, like a lost connection, not a reason to exit.
+CLUSTER_IN_TRANSITION = (ClusterDownError, TryAgainError)
 
 
 class Worker:
@@ -95,15 +104,15 @@ class Worker:
                 jobs = await self.store.read_jobs(stream, self.name, free, READ_BLOCK_MS)
                 backoff.reset()
             except ResponseError as e:
-                if "NOGROUP" not in str(e):
+                if "NOGROUP" in str(e):
+                    group_ready = False  # Redis lost its data: recreate the group
+                    continue
+                if not isinstance(e, CLUSTER_IN_TRANSITION):
                     raise
-                group_ready = False  # Redis lost its data: recreate the group
+                await self._outage(e, backoff)
                 continue
             except (RedisError, OSError) as e:
-                self._healthy_since = time.monotonic()
-                self.metrics.redis_errors.labels("jobs").inc()
-                log.warning("reading jobs failed (%s); retrying in %.2fs", e, backoff.delay)
-                await backoff.sleep()
+                await self._outage(e, backoff)
                 continue
             finally:
                 self._reserved -= free
@@ -113,6 +122,13 @@ class Worker:
                 self._start(entry, job)
             if burst and not jobs and not self._tasks:
                 return
+
+    async def _outage(self, error: Exception, backoff: Backoff) -> None:
+        """Reading jobs failed for a reason that passes (Redis down, a failover): wait, retry."""
+        self._healthy_since = time.monotonic()
+        self.metrics.redis_errors.labels("jobs").inc()
+        log.warning("reading jobs failed (%s); retrying in %.2fs", error, backoff.delay)
+        await backoff.sleep()
 
     def _start(self, entry: JobEntry, job: Job) -> None:
         task = asyncio.create_task(self._run_job(entry, job))
@@ -132,7 +148,12 @@ class Worker:
                 except (RedisError, OSError):
                     self.metrics.redis_errors.labels("quota").inc()
             if status == "ok":
-                await self._run_generation(gen_id, entry, job)
+                if not await self._run_generation(gen_id, entry, job):
+                    # Its publish was refused: the generation is gone, or Redis's history went
+                    # back behind this run (a lossy failover or restore) and the meta may still
+                    # say running. Not acked: a reaper finds the job once the lease ran out and
+                    # ends the generation with worker_lost if nothing else ended it.
+                    return
             else:
                 log.info("skipping generation %s: it is %s", gen_id, status or "gone")
             await self.store.ack_job(entry)
@@ -142,7 +163,8 @@ class Worker:
             # Not acked: the job stays pending, where a lease reaper can find it.
             log.exception("generation %s failed in the worker", gen_id)
 
-    async def _run_generation(self, gen_id: str, entry: JobEntry, job: Job) -> None:
+    async def _run_generation(self, gen_id: str, entry: JobEntry, job: Job) -> bool:
+        """Run it to its end; False if it stopped on a refused publish (``run.stopped``)."""
         run = GenerationRun(
             gen_id, job["request"], job_entry=entry, owner=self.name, store=self.store,
             llm=self.llm, settings=self.settings, metrics=self.metrics,
@@ -162,6 +184,7 @@ class Worker:
             "generation %s done: %d tokens in, %d events out, longest buffer wait %.0f ms",
             gen_id, run.tokens_in, run.publisher.seq, run.longest_wait * 1000,
         )
+        return not run.stopped
 
     async def _drain(self) -> None:
         """Let running generations finish up to the drain timeout, then end the rest."""

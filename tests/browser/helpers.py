@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from playwright.async_api import Page, Request
 
 from broker.auth import ViewerTokens
+from tests.support.procs import eventually
 
 EVENTS_PATH = re.compile(r"/v1/generations/[^/?#]+/events$")
 VIEWER_TOKEN_KEY = "browser-tests-viewer-key"  # the `broker dev` of these tests signs with it
@@ -41,3 +44,16 @@ def assert_ids_strictly_increasing(ids: list[str]) -> None:
     assert len(set(ids)) == len(ids), f"duplicate ids: {ids}"
     keys: list[Any] = [int(i) for i in ids] if all(i.isdigit() for i in ids) else list(ids)
     assert all(a < b for a, b in itertools.pairwise(keys)), f"ids not increasing: {ids}"
+
+
+async def assert_resumed_while_running(
+    requests: list[Request], api: httpx.AsyncClient, gen_id: str, within: float = 20.0
+) -> None:
+    """The page's resume (its second request to the event stream, from
+    ``record_events_requests``) was answered while the generation still ran: the viewer came
+    back to a live stream, not to a finished log."""
+    await eventually(lambda: asyncio.sleep(0, len(requests) >= 2), within, "the resume")
+    response = await asyncio.wait_for(requests[1].response(), within)  # served: its headers
+    assert response is not None and response.status == 200, response
+    status = (await api.get(f"/v1/generations/{gen_id}")).json()
+    assert status["status"] == "running", f"the answer ended before the resume: {status}"

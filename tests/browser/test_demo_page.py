@@ -15,7 +15,11 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page
 
-from tests.browser.helpers import assert_ids_strictly_increasing, record_events_requests
+from tests.browser.helpers import (
+    assert_ids_strictly_increasing,
+    assert_resumed_while_running,
+    record_events_requests,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -287,6 +291,7 @@ async def test_dropped_viewer_resumes_without_loss_or_duplicates(
     await wait_live_messages(page, 0, 3)
 
     await page.locator(".viewer").nth(0).locator(".drop").click()
+    await assert_resumed_while_running(requests, api, generation["id"])
 
     v = await wait_terminal(page, 0)
     assert_ended(v, "stop")

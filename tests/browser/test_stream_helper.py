@@ -18,6 +18,7 @@ from playwright.async_api import Page
 
 from tests.browser.helpers import (
     assert_ids_strictly_increasing,
+    assert_resumed_while_running,
     record_events_requests,
     signed_events_url,
 )
@@ -225,6 +226,7 @@ async def test_drop_mid_stream_resumes_without_loss_or_duplicates(
     await wait_live_messages(page, "a", 3)
 
     await page.evaluate("() => window.follows.a.follow.drop()")
+    await assert_resumed_while_running(requests, api, created["id"])
 
     rec = await wait_outcome(page, "a")
     assert_ended(rec, "stop")

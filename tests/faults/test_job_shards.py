@@ -40,10 +40,14 @@ async def test_worker_lost_is_found_on_any_shard(deploy, fake_llm: FakeLLM):
     workers = {name: d.add_worker(broker_worker_id=name) for name in ("w1", "w2")}
     base = d.edges[0].url
     long_answer = ANSWER * 5  # ~4 s at this pace: running when the worker dies
-    prompts = [fake_llm.script(unique("lost"), long_answer, delay=0.03) for _ in range(4)]
     redis = d.redis.client()
     async with httpx.AsyncClient(timeout=30) as http:
-        ids = [await create(http, base, p) for p in prompts]
+        ids: list[str] = []
+        # At least one past the first shard (ids are random): the reapers must look there.
+        while len(ids) < 4 or all(protocol.jobs_shard(i, SHARDS) == 0 for i in ids):
+            assert len(ids) < 20, "20 generations, all on shard 0"
+            prompt = fake_llm.script(unique("lost"), long_answer, delay=0.03)
+            ids.append(await create(http, base, prompt))
         viewers = [asyncio.create_task(read_events(http, events_url(base, i))) for i in ids]
 
         async def all_running() -> bool:
@@ -51,12 +55,13 @@ async def test_worker_lost_is_found_on_any_shard(deploy, fake_llm: FakeLLM):
 
         await eventually(all_running, 15, "every generation to publish text")
         owners = {i: redis.hget(protocol.meta_key(i), "owner").decode() for i in ids}
-        victim = owners[ids[0]]
+        victim = owners[next(i for i in ids if protocol.jobs_shard(i, SHARDS) != 0)]
         workers[victim].signal(signal.SIGKILL)
         results = dict(zip(ids, await asyncio.wait_for(asyncio.gather(*viewers), 30),
                            strict=True))
 
     lost = [i for i in ids if owners[i] == victim]
+    assert any(protocol.jobs_shard(i, SHARDS) != 0 for i in lost)
     for gen_id, got in results.items():
         if gen_id in lost:
             assert got.terminal_data()["code"] == "worker_lost", gen_id

@@ -19,7 +19,7 @@ from broker.mockllm import create_mock_llm_app, tokenize
 from tests.faults.helpers import report, requests_for, wait_worker_ready
 from tests.support.api import create, events_url, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import TIMER_RESOLUTION, free_port, wait_until
 from tests.support.sse import Received, read_events
 
 STORY = TRICKY_TEXT + (
@@ -191,26 +191,39 @@ async def test_stream_broken_midway_keeps_the_text_and_is_not_retried(
 async def test_llm_silent_too_long_is_llm_timeout(
     deploy: Any, fake_llm: FakeLLM, http: httpx.AsyncClient, record_property: Any
 ):
-    d = deploy(broker_llm_idle_timeout=1)
+    idle_timeout = 1.0
+    d = deploy(broker_llm_idle_timeout=idle_timeout)
     await wait_worker_ready(d, d.workers[0])
     base = d.edges[0].url
     silent_after = 9
-    prompt = fake_llm.script(unique("stall"), STORY, delay=0.01, stall_after=silent_after)
+    # The last token is held until the test lets it go, so the test knows the earliest moment
+    # the silence can start: the worker cannot have that token before the release.
+    last = silent_after - 1
+    prompt = fake_llm.script(unique("stall"), STORY, delay=0.01, hold_at=last,
+                             stall_after=silent_after)
 
     gen_id = await create(http, base, prompt)
     viewer = asyncio.create_task(timed_view(http, events_url(base, gen_id)))
-    fault = await fault_moment(fake_llm, prompt, silent_after)
+    await fault_moment(fake_llm, prompt, last)
+    released_at = time.monotonic()
+    fake_llm.reply_for(prompt).release.set()
     got, done = await asyncio.wait_for(viewer, 20)
-    seconds = done - fault
-    report(record_property, "LLM silent (idle timeout 1 s)", seconds, FROM_FAULT)
+    seconds = done - released_at
+    report(record_property, "LLM silent (idle timeout 1 s)", seconds,
+           "the last token's release to the viewer's terminal event")
 
     error = error_of(got)
     assert error["code"] == "llm_timeout"
     expected = "".join(tokenize(STORY)[:silent_after])
     assert got.text == expected
-    assert 0.9 <= seconds <= 3.0, f"the timeout came {seconds:.2f}s after the stall"
+    # Not before one whole idle period after the last token (to the event loop's millisecond),
+    # and before a second one: the silence is timed once, from the last token (not
+    # restarted, not retried).
+    assert idle_timeout - TIMER_RESOLUTION <= seconds < 2 * idle_timeout, (
+        f"the timeout came {seconds:.3f}s after the last token's release")
     record = fake_llm.record_for(prompt)
     assert await asyncio.to_thread(record.closed_by_client.wait, 10)  # the worker hung up
+    assert record.sent_tokens == silent_after
     assert requests_for(fake_llm, prompt) == 1
     await assert_failed_status(http, base, gen_id, expected)
 

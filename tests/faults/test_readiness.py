@@ -18,6 +18,14 @@ from tests.support.tcpproxy import TcpProxy
 ANSWER = "".join(
     f"Sentence {i} arrives while the subscription is stalled. " for i in range(60)
 ) + TRICKY_TEXT
+PROBE_INTERVAL = 0.2
+# BROKER_PROBE_INTERVAL: "/readyz fails after 3 lost" probes, i.e. none seen back for three
+# intervals. The last one seen came before the freeze: /readyz is 503 within a probe timeout
+# of it; the hub then starts over on a new connection and is ready again once a probe makes
+# the round trip, within a second timeout. One more timeout is left as slack for each.
+PROBE_TIMEOUT = 3 * PROBE_INTERVAL
+UNREADY_WITHIN = 2 * PROBE_TIMEOUT
+READY_AGAIN_WITHIN = 3 * PROBE_TIMEOUT
 
 
 async def test_stalled_subscription_turns_readyz_503_then_recovers(
@@ -27,7 +35,7 @@ async def test_stalled_subscription_turns_readyz_503_then_recovers(
     proxy = TcpProxy(d.redis.port).start()
     try:
         edge = d.add_edge(redis_url=f"redis://127.0.0.1:{proxy.port}/0",
-                          broker_probe_interval=0.2)
+                          broker_probe_interval=PROBE_INTERVAL)
         prompt = fake_llm.script(unique("stall"), ANSWER, delay=0.01)
         async with httpx.AsyncClient(timeout=30) as http:
 
@@ -45,10 +53,11 @@ async def test_stalled_subscription_turns_readyz_503_then_recovers(
 
             assert proxy.freeze_subscribers() == 1
             frozen_at = time.monotonic()
-            await eventually(lambda: readyz(503), 5, "/readyz 503")
+            await eventually(lambda: readyz(503), UNREADY_WITHIN, "/readyz 503")
             to_503 = time.monotonic() - frozen_at
             body = (await http.get(edge.url + "/readyz")).json()
-            await eventually(lambda: readyz(200), 5, "/readyz 200 again")
+            await eventually(lambda: readyz(200), frozen_at + READY_AGAIN_WITHIN
+                             - time.monotonic(), "/readyz 200 again")
             back = time.monotonic() - frozen_at
 
             got = await asyncio.wait_for(viewer, 30)

@@ -5,6 +5,7 @@ the create bodies no schema generates (``tests.support.hostile``: NaN, 100k-deep
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -17,7 +18,7 @@ from tests.support.hostile import HOSTILE_BODIES, SDK_CALL_OPTIONS, body_with, h
 from tests.support.procs import BrokerProcess, RedisServer
 
 API_KEY = "fuzz-key"
-CASES: list[str] = []  # one entry per case run, for the report
+CASES: Counter[tuple[str, str]] = Counter()  # cases run per (operation, mode), for the report
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
     @hypothesis.settings(max_examples=150, deadline=None, database=None,
                          suppress_health_check=list(hypothesis.HealthCheck))
     def run(case: schemathesis.Case) -> None:
-        CASES.append(label)
+        CASES[label, mode] += 1
         response = case.call(base_url=fuzzed_edge.url, timeout=10,
                              headers={"authorization": f"Bearer {API_KEY}"})
         assert response.status_code < 500 or response.status_code == 503, response.text
@@ -77,6 +78,7 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
             assert isinstance(error["code"], str) and isinstance(error["message"], str)
 
     run()
+    assert CASES[label, mode] > 0, f"no {mode} case of {label} ran"
 
 
 @hypothesis.given(body=hostile_bodies)
@@ -86,7 +88,7 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
 def test_no_hostile_create_body_breaks_the_api(fuzzed_edge: BrokerProcess, body: bytes) -> None:
     """What the schema cannot generate (JSON that ``json.loads`` takes but no request may carry,
     SDK call options): a 4xx with the JSON error shape, never a 5xx or a late failure."""
-    CASES.append("POST /v1/generations (hostile)")
+    CASES["POST /v1/generations", "hostile"] += 1
     response = httpx.post(f"{fuzzed_edge.url}/v1/generations", content=body, timeout=10,
                           headers={"authorization": f"Bearer {API_KEY}",
                                    "content-type": "application/json"})
@@ -95,6 +97,18 @@ def test_no_hostile_create_body_breaks_the_api(fuzzed_edge: BrokerProcess, body:
     assert isinstance(error["code"], str) and isinstance(error["message"], str)
 
 
-def test_fuzz_report() -> None:
-    """Runs after the fuzz (same module, later): how many cases it ran, for the record."""
-    print(f"\napi fuzz: {len(CASES)} cases over {len(set(CASES))} operations")
+def test_fuzz_report(request: pytest.FixtureRequest) -> None:
+    """Runs after the fuzz (same module, later): every operation and mode fuzzed in this
+    session ran cases; how many, for the record."""
+    fuzzed = [(item.callspec.params["label"], item.callspec.params["mode"])
+              for item in request.session.items
+              if getattr(item, "originalname", "") == "test_no_input_breaks_the_api"]
+    if not fuzzed:
+        pytest.skip("no fuzz test was selected in this session")
+    if any(getattr(item, "originalname", "") == "test_no_hostile_create_body_breaks_the_api"
+           for item in request.session.items):
+        fuzzed.append(("POST /v1/generations", "hostile"))
+    ran = {key: CASES[key] for key in fuzzed}
+    assert all(ran.values()), f"operations that ran no case: {ran}"
+    print(f"\napi fuzz: {sum(ran.values())} cases over {len({label for label, _ in ran})} "
+          f"operations: " + ", ".join(f"{label} {mode} {n}" for (label, mode), n in ran.items()))

@@ -12,6 +12,7 @@ import pytest
 
 from broker import protocol
 from broker.mockllm import tokenize
+from broker.settings import Settings
 from tests.conftest import Stack, StartBroker
 from tests.support.api import (
     HARD_TEXTS,
@@ -23,8 +24,9 @@ from tests.support.api import (
 )
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import RedisServer, eventually, wait_until
-from tests.support.sse import read_events
+from tests.support.sse import Received, read_events
 
+KEEPALIVE = Settings().keepalive_interval  # the stack's edges run the default
 STORY = (
     "The broker streams answers. It buffers tokens into sentences! Does it lose text? "
     "Never: the log in Redis is the truth.\n\nA second paragraph follows here. It ends now. "
@@ -160,10 +162,12 @@ async def test_late_join_of_a_long_finished_answer_is_prompt(
     prompt = fake_llm.script(unique("long"), text, delay=0)
     gen_id = await create(http, stack.a, prompt)
     await read_events(http, events_url(stack.a, gen_id))
-    started = asyncio.get_running_loop().time()
+    started = time.monotonic()
     late = await read_events(http, events_url(stack.b, gen_id))
     assert late.text == text and len(late.messages) >= 1200
-    assert asyncio.get_running_loop().time() - started < 5  # a keepalive wait would be 10 s
+    # A stream that stopped reading and waited to be woken would wait for its keepalive,
+    # one interval after its last write: it would take at least that long.
+    assert time.monotonic() - started < KEEPALIVE
     resumed = await read_events(http, events_url(stack.b, gen_id), last_event_id=late.ids[3])
     assert resumed.ids == late.ids[4:]
 
@@ -172,15 +176,30 @@ async def test_late_join_of_a_long_finished_answer_is_prompt(
 async def test_resume_on_a_second_edge_mid_stream(
     stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient, how: str
 ):
-    prompt = fake_llm.script(unique("resume"), STORY * 3, delay=0.01)
-    gen_id = await create(http, stack.a, prompt)
-    head = await read_events(http, events_url(stack.a, gen_id), stop_after=3)
-    assert len(head.messages) == 3 and head.terminal is None
-    cursor = head.ids[-1]
-    kwargs = {"last_event_id": cursor} if how == "header" else {"query_last_event_id": cursor}
-    tail = await read_events(http, events_url(stack.b, gen_id), **kwargs)
+    answer = STORY * 3
+    # The LLM holds halfway (several sentences published) until the resume is under way, so
+    # the generation is still running when the viewer comes back: the rest arrives live.
+    prompt = fake_llm.script(unique("resume"), answer, delay=0.01,
+                             hold_at=len(tokenize(answer)) // 2)
+    try:
+        gen_id = await create(http, stack.a, prompt)
+        head = await read_events(http, events_url(stack.a, gen_id), stop_after=3)
+        assert len(head.messages) == 3 and head.terminal is None
+        cursor = head.ids[-1]
+        kwargs = {"last_event_id": cursor} if how == "header" else {"query_last_event_id": cursor}
+        progress: list[Received] = []
+        resuming = asyncio.create_task(
+            read_events(http, events_url(stack.b, gen_id), progress=progress, **kwargs))
+        await eventually(lambda: asyncio.sleep(0, bool(progress)), 10, "the resumed stream")
+        at_resume = (await http.get(f"{stack.b}/v1/generations/{gen_id}")).json()
+        assert at_resume["status"] == "running" and progress[0].status == 200
+        fake_llm.reply_for(prompt).release.set()
+        tail = await asyncio.wait_for(resuming, 20)
+    finally:
+        fake_llm.reply_for(prompt).release.set()
     assert tail.terminal is not None
-    assert head.text + tail.text == STORY * 3
+    assert head.text + tail.text == answer
+    assert len(at_resume["text"]) < len(answer)  # the rest was published after the resume
     assert not set(head.ids) & set(tail.ids)
     assert protocol.parse_event_id(tail.ids[0]) == protocol.parse_event_id(cursor) + 1
 
@@ -307,15 +326,16 @@ async def test_a_viewer_leaving_a_quiet_stream_is_released_at_once(
         return metric((await http.get(f"{stack.a}/metrics")).text, "broker_viewers ")
 
     before = await viewers()
+    opened = time.monotonic()
     head = await read_events(http, events_url(stack.a, gen_id), stop_after=1)
     assert head.messages
-    left = time.monotonic()
 
     async def released() -> bool:
         return await viewers() <= before
 
-    await eventually(released, 5, "the stream to end")
-    assert time.monotonic() - left < 2.0  # keepalives are 10 s apart here
+    # Its first keepalive write (which would fail and end it) comes one interval after its
+    # last write, the first message: released before then, the disconnect itself ended it.
+    await eventually(released, opened + KEEPALIVE - time.monotonic(), "the stream to end")
     await asyncio.to_thread(wait_until, lambda: numsub(stack, gen_id) == 0, 5, "the unsubscribe")
     fake_llm.reply_for(prompt).release.set()
 

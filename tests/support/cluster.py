@@ -92,6 +92,14 @@ class RedisClusterServers:
         for node in [dst, src, *(n.client() for n in self.live_nodes())]:
             node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
+    def replica_of(self, master: RedisServer) -> RedisServer:
+        """A live replica of ``master``."""
+        for node in self.live_nodes():
+            if self.role(node) != "master" and int(
+                    node.client().info("replication")["master_port"]) == master.port:
+                return node
+        raise LookupError(f"no live replica of the master on {master.port}")
+
     def role(self, node: RedisServer) -> str:
         return str(node.client().execute_command("ROLE")[0].decode())
 

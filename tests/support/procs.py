@@ -19,6 +19,10 @@ from typing import Any
 import httpx
 import redis
 
+# uvloop (libuv), the event loop the edge and the worker run on, keeps its clock and timers in
+# whole milliseconds: a timeout may fire up to this much before the float delay it was given.
+TIMER_RESOLUTION = 0.001
+
 
 def free_port() -> int:
     with socket.socket() as s:
