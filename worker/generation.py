@@ -12,15 +12,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker import protocol
-from broker.backoff import Backoff
-from broker.metrics import Metrics
-from broker.protocol import Event, JobEntry
-from broker.settings import Settings
-from broker.store import Store
-from broker.tasks import cancel_and_wait
+from broker.core import protocol
+from broker.core.backoff import Backoff
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event, JobEntry
+from broker.core.sentences import SentenceBuffer
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.core.tasks import cancel_and_wait
 from worker.llm import LLM, Completion, LLMError
-from worker.sentences import SentenceBuffer
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from broker import logs, protocol
-from broker.backoff import Backoff
-from broker.metrics import Metrics
-from broker.protocol import Job, JobEntry
-from broker.settings import Settings
-from broker.store import Store
-from broker.tasks import cancel_and_wait
+from broker.core import logs, protocol
+from broker.core.backoff import Backoff
+from broker.core.metrics import Metrics
+from broker.core.protocol import Job, JobEntry
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.core.tasks import cancel_and_wait
 from worker.generation import GenerationRun
 from worker.llm import LLM
 

@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from broker import server
 from broker.client import Follower
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.edge import server
 from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.haproxy import HAProxy

@@ -15,10 +15,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.requests import Request
 from starlette.routing import Route
 
-from broker.app import EdgeApp, create_app
-from broker.settings import Settings
-from broker.stream import EventStream
-from broker.topic import Frame, Topic
+from broker.core.settings import Settings
+from broker.edge.app import EdgeApp, create_app
+from broker.edge.stream import EventStream
+from broker.edge.topic import Frame, Topic
 
 
 class Boom(Exception):

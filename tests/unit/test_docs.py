@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from broker.settings import Settings
+from broker.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from broker import protocol
-from broker.protocol import Event, ProtocolError
+from broker.core import protocol
+from broker.core.protocol import Event, ProtocolError
 
 # -- Redis Cluster key slots, per the cluster spec: CRC16-XMODEM of the hash tag, mod 16384 ---
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from broker import protocol, sse
-from broker.protocol import Event
+from broker.core import protocol, sse
+from broker.core.protocol import Event
 
 # -- a small parser following the WHATWG "event stream interpretation" rules -----------------
 

@@ -7,10 +7,10 @@ from collections.abc import Iterable
 
 import pytest
 
-from broker import protocol, sse
-from broker.metrics import Metrics
-from broker.protocol import Event
-from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, Topic, to_frame
+from broker.core import protocol, sse
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event
+from broker.edge.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, Topic, to_frame
 
 
 def frame(seq: int, terminal: bool = False) -> Frame:

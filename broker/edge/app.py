@@ -21,15 +21,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from broker import headers
-from broker.api import Edge, routes
-from broker.auth import ApiKeys, ViewerTokens, parse_keys
-from broker.errors import ApiError, error_response
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.settings import Settings
-from broker.store import Store, connect
-from broker.stream import HANDOFF, EventStream, ViewerSlots
+from broker.core.metrics import Metrics
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
+from broker.edge import headers
+from broker.edge.auth import ApiKeys, ViewerTokens, parse_keys
+from broker.edge.errors import ApiError, error_response
+from broker.edge.hub import Hub
+from broker.edge.routes import Edge, routes
+from broker.edge.stream import HANDOFF, EventStream, ViewerSlots
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ class EdgeApp(Starlette):
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     """``send``, adding ``extra`` to the response's headers as it starts (once per response;
-    a stream's events are written past ``send`` altogether, see ``broker.server``)."""
+    a stream's events are written past ``send`` altogether, see
+    ``broker.edge.uvicorn_extensions``)."""
 
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -191,7 +192,7 @@ def _credentials(settings: Settings, dev: bool) -> tuple[ApiKeys, ViewerTokens]:
                     "(%gs): a stream cut at its maximum duration cannot resume with its token",
                     settings.viewer_token_ttl, settings.max_stream_seconds)
     if dev:
-        return api_keys, viewer_tokens  # broker.dev says in its own words what is open
+        return api_keys, viewer_tokens  # broker.tools.dev says in its own words what is open
     if not api_keys.enabled:
         log.warning("INSECURE: no API keys: anyone who reaches this edge may create, read and "
                     "cancel generations")

@@ -9,17 +9,17 @@ from collections.abc import Iterator
 
 from starlette.types import Message, Receive, Scope, Send
 
-from broker import sse
-from broker.errors import error_response
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.protocol import error_data, now_ms
-from broker.server import DirectWriter, hang_up, when_lost
-from broker.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
+from broker.core import sse
+from broker.core.metrics import Metrics
+from broker.core.protocol import error_data, now_ms
+from broker.edge.errors import error_response
+from broker.edge.hub import Hub
+from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
+from broker.edge.uvicorn_extensions import DirectWriter, hang_up, when_lost
 
 log = logging.getLogger(__name__)
 
-# A scope key: where the edge's app (``broker.app.EdgeApp``) collects the stream to serve
+# A scope key: where the edge's app (``broker.edge.app.EdgeApp``) collects the stream to serve
 # itself once Starlette's routing and middleware have returned (their frames, wrappers and
 # ``Request`` would otherwise live as long as the stream).
 HANDOFF = "broker.stream_handoff"

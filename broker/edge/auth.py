@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import ApiError
+from broker.edge.errors import ApiError
 
 TOKEN_PARAM = "token"
 TOKEN_COOKIE_PREFIX = "broker_token_"  # + the generation id, for EventSource withCredentials

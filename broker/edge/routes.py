@@ -16,16 +16,17 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from broker import logs, openapi, protocol
-from broker.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
-from broker.errors import ApiError, error_response
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.protocol import Meta
-from broker.settings import Settings
-from broker.store import Store
-from broker.stream import EventStream, ViewerSlots
-from broker.validation import parse_create_body, parse_last_event_id
+from broker.core import logs, protocol
+from broker.core.metrics import Metrics
+from broker.core.protocol import Meta
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.edge import openapi
+from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
+from broker.edge.errors import ApiError, error_response
+from broker.edge.hub import Hub
+from broker.edge.stream import EventStream, ViewerSlots
+from broker.edge.validation import parse_create_body, parse_last_event_id
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ async def metrics(request: Request) -> Response:
 
 @functools.cache
 def _demo_html() -> str:
-    return resources.files("broker").joinpath("static/index.html").read_text(encoding="utf-8")
+    return resources.files("broker.edge").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 async def demo_page(request: Request) -> Response:
@@ -265,7 +266,7 @@ async def demo_page(request: Request) -> Response:
 
 routes = [
     Route("/", demo_page, methods=["GET"]),
-    Mount("/static", app=StaticFiles(packages=[("broker", "static")]), name="static"),
+    Mount("/static", app=StaticFiles(packages=[("broker.edge", "static")]), name="static"),
     Route("/v1/generations", create_generation, methods=["POST"]),
     Route("/v1/generations/{gen_id}", get_generation, methods=["GET"]),
     Route("/v1/generations/{gen_id}/cancel", cancel_generation, methods=["POST"]),

@@ -1,6 +1,6 @@
 """Redis operations on generations and jobs, shared by the edge and the worker.
 
-Names and formats come from ``broker.protocol``; this module only sequences the commands.
+Names and formats come from ``broker.core.protocol``; this module only sequences the commands.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from broker import protocol
-from broker.protocol import Event, Job, JobEntry, Meta
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.protocol import Event, Job, JobEntry, Meta
+from broker.core.settings import Settings
 
 POOL_WAIT_TIMEOUT = 5.0
 IGNORED_BLOCK_PAUSE = 0.05

@@ -215,6 +215,13 @@ class Job(TypedDict):
     producer: NotRequired[str]
 
 
+# Parameters of the openai SDK's ``chat.completions.create`` that are not fields of the request
+# body but options of the call: headers, query and extra body of the upstream request, and its
+# timeout. They are the worker's, not a producer's (the edge refuses them in a create body,
+# worker/llm.py drops them from a job).
+SDK_CALL_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+
+
 def entry_time_ms(entry_id: str) -> int:
     """When an auto-id stream entry (``<ms>-<n>``) was added: a job's enqueueing time."""
     try:

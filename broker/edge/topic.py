@@ -19,10 +19,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker import sse
-from broker.metrics import Metrics
-from broker.protocol import Event, now_ms
-from broker.store import Store
+from broker.core import sse
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event, now_ms
+from broker.core.store import Store
 
 LOG_READ_CHUNK = 200
 # Full chunks a topic keeps after reading them (log content never changes): in a resume storm

@@ -12,26 +12,26 @@ import sys
 
 import uvicorn
 
-from broker import logs
-from broker.server import ListenError, listen, serve
-from broker.settings import Settings, add_arguments, from_args
-from broker.terminal import (
+from broker.client.terminal import (
     CLIENT_COMMANDS,
     CLIENT_EPILOG,
     EXIT_INTERRUPTED,
     add_client_arguments,
     run_client,
 )
+from broker.core import logs
+from broker.core.settings import Settings, add_arguments, from_args
+from broker.edge.uvicorn_extensions import ListenError, listen, serve
 
 
 def run_edge(settings: Settings) -> None:
-    from broker.app import create_app
+    from broker.edge.app import create_app
 
     serve(create_app(settings), settings)
 
 
 def run_dev(settings: Settings) -> None:
-    from broker.dev import create_dev_app, local_url
+    from broker.tools.dev import create_dev_app, local_url
 
     sock = listen(settings.host, settings.port)  # first: a port in use stops nothing started
     settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one chosen
@@ -40,8 +40,8 @@ def run_dev(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    from broker.metrics import Metrics
-    from broker.store import Store, connect
+    from broker.core.metrics import Metrics
+    from broker.core.store import Store, connect
     from worker.llm import LLM
     from worker.loop import Worker
     from worker.metrics_server import serve_metrics
@@ -67,7 +67,7 @@ def run_worker(settings: Settings) -> None:
 
 
 def run_mock_llm(settings: Settings) -> None:
-    from broker.mockllm import create_mock_llm_app
+    from broker.tools.mockllm import create_mock_llm_app
 
     sock = listen(settings.host, settings.port)
     config = uvicorn.Config(
@@ -78,7 +78,7 @@ def run_mock_llm(settings: Settings) -> None:
 
 
 def run_cluster(settings: Settings, edges: int = 3, workers: int = 2) -> None:
-    from broker.localcluster import LocalCluster
+    from broker.tools.localcluster import LocalCluster
 
     raise SystemExit(LocalCluster(settings, edges=edges, workers=workers).run())
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 
-from broker.protocol import Event, event_id
+from broker.core.protocol import Event, event_id
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -42,7 +42,7 @@ def retry(milliseconds: int) -> bytes:
 
 def http_chunk(data: bytes) -> bytes:
     """``data`` as one chunk of an HTTP/1.1 chunked body, as the server frames a body part:
-    framed once per event, written to every viewer as is (``broker.server.DirectWriter``)."""
+    framed once per event, written to every viewer as is (the edge's direct writes)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 

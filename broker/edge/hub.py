@@ -1,6 +1,6 @@
 """One Redis subscription per generation per edge, fanned out to local viewers in memory.
 
-The hub owns this edge's pub/sub connections and its topics (``broker.topic``): one connection
+The hub owns this edge's pub/sub connections and its topics (``broker.edge.topic``): one connection
 on a single Redis, one per master on a Redis Cluster (a ``Shard`` each), where a generation's
 channel is subscribed with SSUBSCRIBE on the master serving its slot.
 """
@@ -22,13 +22,13 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from broker import protocol
-from broker.backoff import Backoff
-from broker.leases import LeaseWatch
-from broker.metrics import Metrics
-from broker.store import Store
-from broker.tasks import cancel_and_wait
-from broker.topic import Topic, to_frame
+from broker.core import protocol
+from broker.core.backoff import Backoff
+from broker.core.metrics import Metrics
+from broker.core.store import Store
+from broker.core.tasks import cancel_and_wait
+from broker.edge.leases import LeaseWatch
+from broker.edge.topic import Topic, to_frame
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Shard:
             return  # retired from its own reader (see ``Hub.rebalance``): the loop ends itself
         if self._reader is not None:
             # Its failure, if any, was logged where it happened. Cancelled for sure: a cancel
-            # landing as a Redis call completes can be lost (see broker.tasks).
+            # landing as a Redis call completes can be lost (see broker.core.tasks).
             await cancel_and_wait(self._reader)
             self._reader = None
 

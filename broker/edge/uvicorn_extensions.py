@@ -19,8 +19,8 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from broker.headers import NOSNIFF
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.edge.headers import NOSNIFF
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from worker.sentences import SentenceBuffer  # the worker's rule, not a second copy of it
+from broker.core.sentences import SentenceBuffer  # the worker's rule, not a second copy of it
 
 
 @dataclass
