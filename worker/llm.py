@@ -76,14 +76,14 @@ class LLM:
         # Decoded as bytes by the SSE rules (broker.core.sse.SSEDecoder), not with aiter_lines:
         # that splits like str.splitlines, so a raw U+2028 in a chunk's JSON broke the stream.
         # aiter_bytes, not aiter_raw: a gzip/deflate/br/zstd Content-Encoding is undone.
-        request = self.client.chat.completions.with_streaming_response.create(
+        call = self.client.chat.completions.with_streaming_response.create(
             **known,
             extra_body=extra or None,
             stream=True,
             stream_options={"include_usage": True},
         )
         try:
-            async with request as response:
+            async with call as response:
                 async for data in aiter_sse_data(response.http_response.aiter_bytes()):
                     if data.startswith("[DONE]"):
                         break

@@ -137,7 +137,7 @@ class Shard:
     async def publish_probe(self, now: float) -> None:
         try:
             if self.sharded:
-                await self.client.execute_command("SPUBLISH", self.probe_channel, str(now))
+                await self.client.spublish(self.probe_channel, str(now))
             else:
                 await self.client.publish(self.probe_channel, str(now))
             if self._unseen_since is None:
@@ -271,7 +271,8 @@ class Hub:
 
     @property
     def cluster(self) -> aioredis.RedisCluster | None:
-        return self.store.redis if self.store.cluster else None  # type: ignore[return-value]
+        redis = self.store.redis
+        return redis if isinstance(redis, aioredis.RedisCluster) else None
 
     def ready(self) -> bool:
         """True while probes make the round trip on every shard: Redis is reachable AND
@@ -286,11 +287,11 @@ class Hub:
             topic.resync()
 
     async def start(self) -> None:
-        if self.cluster is None:
-            self._add_shard("redis", self.store.redis, sharded=False,  # type: ignore[arg-type]
-                            probe_channel=f"broker:edge:{self._id}")
+        redis = self.store.redis
+        if not isinstance(redis, aioredis.RedisCluster):
+            self._add_shard("redis", redis, sharded=False, probe_channel=f"broker:edge:{self._id}")
         else:
-            await self.cluster.initialize()
+            await redis.initialize()
             await self.rebalance()
         self._tasks = [
             asyncio.create_task(self._audit_forever(self.audit_interval), name="hub-audit"),
@@ -316,7 +317,8 @@ class Hub:
             shard = self.shards.get("redis")
         elif shard is None and cluster is not None:
             with contextlib.suppress(RedisClusterException):  # the slot is not covered now
-                shard = self.shards.get(cluster.get_node_from_key(channel).name)
+                node = cluster.get_node_from_key(channel)
+                shard = None if node is None else self.shards.get(node.name)
         return 0.0 if shard is None else shard.healthy_for(time.monotonic())
 
     # -- shards ----------------------------------------------------------------------------
@@ -345,9 +347,11 @@ class Hub:
             node = cluster.get_node_from_key(channel)
         except RedisClusterException as e:  # the slot is not covered (mid-failover)
             raise RedisConnectionError(f"no master serves {channel} now") from e
+        if node is None:
+            raise RedisConnectionError(f"no master serves {channel} now")
         return self.shards.get(node.name) or self._add_node_shard(node.name, node.host, node.port)
 
-    def _add_node_shard(self, name: str, host: str, port: int) -> Shard:
+    def _add_node_shard(self, name: str, host: str, port: int | str) -> Shard:
         cluster = self.cluster
         assert cluster is not None
         kwargs = cluster.get_connection_kwargs()
@@ -356,7 +360,7 @@ class Hub:
         options = {k: v for k, v in kwargs.items()
                    if k in _NODE_CONNECTION_OPTIONS or (k.startswith("ssl_") and v is not None)}
         pool = aioredis.ConnectionPool(
-            connection_class=kwargs.get("connection_class", Connection), host=host,
+            connection_class=kwargs.get("connection_class") or Connection, host=host,
             port=int(port), max_connections=2, **options,
         )
         client = aioredis.Redis(connection_pool=pool)

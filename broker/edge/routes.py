@@ -220,6 +220,7 @@ async def generation_events(request: Request) -> Response:
             retry_ms=s.retry_ms, keepalive=s.keepalive_interval, send_timeout=s.send_timeout,
             max_seconds=s.max_stream_seconds, slot=slot,
         )
+        # An ASGI app rather than a Response: EdgeApp serves it once the routing has unwound.
         return stream  # type: ignore[return-value]
     finally:
         if stream is None:  # no stream to hand the slot to: refused, ended, or failed

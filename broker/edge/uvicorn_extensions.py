@@ -56,6 +56,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     # One table for all connections: an attribute more on each would cost each a bigger dict.
     _lost_callbacks: ClassVar[dict[HeaderTimeoutProtocol, Callable[[], None]]] = {}
 
+    # (asyncio hands a protocol a Transport; uvicorn narrows the parameter, as here)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
@@ -306,7 +307,7 @@ def _uvicorn_changed() -> None:
 
 # How long uvicorn lets open requests finish on shutdown. SSE streams do not wait for it: the
 # edge ends them as shutdown begins (``EdgeServer``), so only short requests ever use it.
-GRACEFUL_SHUTDOWN_SECONDS = 5.0
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 class EdgeServer(uvicorn.Server):

@@ -9,6 +9,8 @@ import asyncio
 import dataclasses
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import uvicorn
 
@@ -101,13 +103,13 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="broker workers to start [default 2]")
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
 
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
 
 
 COMMANDS = {
