@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import signal
 import sys
 from collections.abc import Coroutine
@@ -32,7 +33,20 @@ def run_edge(settings: Settings) -> None:
     serve(create_app(settings), settings)
 
 
+# What `broker dev` needs on top of the edge and the worker: its in-memory store.
+DEV_EXTRA_MODULES = ("fakeredis", "lupa")
+DEV_EXTRA_MISSING = ("broker dev: its in-memory store (fakeredis) is not installed: "
+                     "pip install 'sse-broker[dev]' (bash scripts/dev does)")
+
+
 def run_dev(settings: Settings) -> None:
+    try:
+        for module in DEV_EXTRA_MODULES:
+            importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name not in DEV_EXTRA_MODULES:
+            raise
+        raise SystemExit(DEV_EXTRA_MISSING) from None
     from broker.tools.dev import create_dev_app, local_url
 
     sock = listen(settings.host, settings.port)  # first: a port in use stops nothing started

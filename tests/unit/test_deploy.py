@@ -873,3 +873,12 @@ def test_deployment_doc_covers_running_and_the_smoke_run():
     readme = (ROOT / "README.md").read_text()
     for needle in ("Compose v2", "scripts/compose-smoke"):
         assert needle in readme, needle
+
+
+def test_the_tests_run_on_the_locked_versions():
+    """scripts/bootstrap installs with deploy/requirements.lock and deploy/requirements-dev.lock
+    as constraints: the venv running this holds exactly their versions (what the image ships),
+    and the locks are what deploy/lock.py writes from pyproject.toml."""
+    done = subprocess.run([sys.executable, str(DEPLOY / "lock.py"), "--check"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
