@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -249,10 +248,14 @@ class GenerationRun:
 
 
 async def _outcome(llm_task: asyncio.Task[Completion]) -> Completion | LLMError | None:
-    """What the LLM call came to: a completion, its error, or None if it was stopped."""
-    with contextlib.suppress(asyncio.CancelledError):
-        try:
-            return await llm_task
-        except LLMError as e:
-            return e
-    return None
+    """What the LLM call came to: a completion, its error, or None if it was stopped. The
+    caller's own cancellation (a shutdown cancelling the run) goes on up."""
+    try:
+        return await llm_task
+    except LLMError as e:
+        return e
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return None  # the LLM task was stopped (a cancel, a shutdown, a lost lease)

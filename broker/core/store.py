@@ -14,8 +14,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, FieldT
@@ -91,16 +97,35 @@ class WaitingRedisCluster(aioredis.RedisCluster):
         try:
             return await super().execute_command(*args, **kwargs)
         except (RuntimeError, AttributeError) as e:
-            # redis-py closes every connection of the client on some cluster errors (CLUSTERDOWN
-            # during a failover); a command in flight on another task then fails on a closed
-            # transport with these instead of a ConnectionError. Callers retry ConnectionErrors.
+            if not closed_under_the_command(e):
+                raise  # a bug, not an outage
             raise RedisConnectionError(f"the connection closed under the command: {e!r}") from e
+        except (ClusterDownError, TryAgainError) as e:
+            # A failover (CLUSTERDOWN) or a slot migration (TRYAGAIN) under way, past redis-py's
+            # own retries: an outage that passes, retried by the callers like a lost connection.
+            raise ClusterInTransition(str(e)) from e
         except RedisClusterException as e:
             # Not a RedisError: no node reachable, a slot not covered. For the callers this is
             # Redis being unavailable (a JSON 503 at the edge, a retry in the worker).
             raise RedisConnectionError(f"the cluster is unavailable: {e}") from e
         finally:
             self._in_flight.release()
+
+
+class ClusterInTransition(RedisConnectionError):
+    """A Redis Cluster answered CLUSTERDOWN or TRYAGAIN: retry as after a lost connection."""
+
+
+def closed_under_the_command(error: RuntimeError | AttributeError) -> bool:
+    """Did a command fail because its connection was closed under it? redis-py closes every
+    connection of a cluster client on some cluster errors (CLUSTERDOWN during a failover), and
+    a command in flight on another task then meets the reader and writer the disconnect set
+    to None (``AttributeError`` on ``None``) or uvloop's closed transport (``RuntimeError:
+    unable to perform operation on <TCPTransport closed=True ...>; the handler is closed``).
+    Anything else is a bug, and must not pass for an outage."""
+    if isinstance(error, AttributeError):
+        return error.obj is None
+    return str(error).endswith("the handler is closed")
 
 
 class Store:
