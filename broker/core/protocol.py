@@ -10,7 +10,7 @@ Per generation:
                                (leases: see the scripts below)
   ``{gen:<id>}:log``   stream  the truth: one entry per event, explicit ids ``0-<seq>``
   ``{gen:<id>}:text``  string  the answer so far (for the status endpoint)
-  ``{gen:<id>}:live``  channel the fast path: the same events, as ``encode_payload`` bytes
+  ``{gen:<id>}:live``  channel the fast path: the same events (``decode_payload`` reads them)
 
 Shared:
   ``{broker:jobs:<n>}`` streams the job queue, spread over ``BROKER_JOB_SHARDS`` streams (each
@@ -149,12 +149,9 @@ def stream_id(seq: int) -> str:
     return f"0-{seq}"
 
 
-def encode_payload(event: Event) -> str:
-    """Live payload ``<seq> <kind> <published_ms> <data>``: data comes last, spaces and all."""
-    return f"{event.seq} {event.kind} {event.published_ms} {event.data}"
-
-
 def decode_payload(payload: bytes | str) -> Event:
+    """A live payload as the publish scripts send it (``_APPEND_AND_PUBLISH``, in Lua):
+    ``<seq> <kind> <published_ms> <data>``, data last, spaces and all."""
     try:
         seq, kind, published, data = as_text(payload).split(" ", 3)
         return Event(int(seq), _event_kind(kind), data, int(published))

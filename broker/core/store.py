@@ -187,9 +187,6 @@ class Store:
     async def meta(self, gen_id: str) -> Meta | None:
         return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
 
-    async def exists(self, gen_id: str) -> bool:
-        return bool(await self.redis.exists(protocol.meta_key(gen_id)))
-
     async def text(self, gen_id: str) -> str:
         raw = await self.redis.get(protocol.text_key(gen_id))
         return as_text(raw) if raw else ""

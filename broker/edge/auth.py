@@ -14,7 +14,6 @@ import base64
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from broker.edge.errors import ApiError
@@ -62,12 +61,6 @@ class ApiKeys:
             if hmac.compare_digest(candidate, secret):
                 return kid
         raise ApiError(401, "unauthorized", "the API key is not valid")
-
-
-@dataclass(frozen=True)
-class ViewerToken:
-    gen_id: str
-    expires: int  # unix seconds
 
 
 class ViewerTokens:

@@ -98,7 +98,7 @@ class Topic:
         """Highest seq in the window (0 when empty)."""
         return self.window[-1].seq if self.window else 0
 
-    def changed(self) -> asyncio.Event:
+    def next_change(self) -> asyncio.Event:
         """An event set at the next change; take it before looking, then wait on it."""
         return self._changed
 

@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.types import Receive, Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.core.settings import Settings
+from broker.edge.connection import EXTENSION
 from broker.edge.headers import NOSNIFF
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     - Shape: a request that is not HTTP is answered ``400`` with the JSON error body (uvicorn
       answers plain text).
 
-    It also tells a long response at once that its client left (``when_lost``), so an SSE
-    stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``."""
+    It also publishes each request's ``UvicornConnection`` in ``scope["extensions"]``
+    (``broker.edge.connection``): a long response hears at once that its client left, so an
+    SSE stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``, and
+    the fan-out writes to its socket directly."""
 
     header_timeout = 10.0
     max_header_bytes = 64 * 1024
@@ -111,6 +113,20 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._in_head = False
         self._heads_done += 1
         super().on_headers_complete()
+        self._publish_connection()
+
+    def _publish_connection(self) -> None:
+        """Put this request's ``UvicornConnection`` in its scope, before its app runs (uvicorn
+        has created the app's task, which runs on the loop's next turn)."""
+        try:
+            cycle = self.cycle
+            if not isinstance(cycle, RequestResponseCycle) or cycle.scope is not self.scope:
+                return  # an upgrade: no request cycle of ours
+            extensions = cycle.scope.setdefault("extensions", {})
+        except AttributeError:
+            _uvicorn_changed()
+            return
+        extensions[EXTENSION] = {"connection": UvicornConnection(self, cycle)}  # (ASGI: a dict)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -192,32 +208,27 @@ def raw_error_response(status: int, code: str, message: str,
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-class DirectWriter:
-    """Body chunks written straight to a streaming response's socket, beside its ASGI ``send``.
+class UvicornConnection:
+    """``broker.edge.connection.Connection`` for a request ``HeaderTimeoutProtocol`` serves.
 
-    A fan-out writes the same event to every live viewer: through ``send`` that is a task
-    wake-up, three Starlette wrappers and uvicorn's framing per viewer; here it is one
-    ``transport.write`` of bytes framed once for all. Only for uvicorn's httptools responses in
-    chunked encoding, once started; ``send`` still starts and ends the response and does every
-    write that has to wait (``ready`` is False while flow control holds writes back)."""
+    It relies on uvicorn internals (the request cycle's ``transport``, ``flow``,
+    ``disconnected``, ``response_started``, ``response_complete``, ``chunked_encoding``), not its
+    public API: where they differ, each method says so once (``_uvicorn_changed``) and answers
+    as if it could not help (the stream then goes the slower ASGI way). Tested where uvicorn
+    runs the edge: the contract test of ``broker_direct_writes_total`` fails if the direct
+    writes turn off."""
 
-    __slots__ = ("_cycle", "_flow", "_transport")
+    __slots__ = ("_cycle", "_protocol")
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+    def __init__(self, protocol: HeaderTimeoutProtocol, cycle: RequestResponseCycle) -> None:
+        self._protocol = protocol
         self._cycle = cycle
-        self._transport = cycle.transport
-        self._flow = cycle.flow
 
-    @staticmethod
-    def of(scope: Scope, receive: Receive) -> DirectWriter | None:
-        """The writer for the response ``receive`` belongs to, if uvicorn's httptools protocol
-        serves it in chunked encoding and it has started; else None (use ``send``)."""
-        cycle = getattr(receive, "__self__", None)  # middleware may have wrapped receive
+    def direct_writer(self) -> DirectWriter | None:
+        cycle = self._cycle
         try:
             if (
-                not isinstance(cycle, RequestResponseCycle)
-                or cycle.scope is not scope
-                or not cycle.response_started
+                not cycle.response_started
                 or cycle.response_complete
                 or cycle.chunked_encoding is not True
             ):
@@ -228,6 +239,54 @@ class DirectWriter:
             _uvicorn_changed()
             return None
         return writer
+
+    def on_lost(self, callback: Callable[[], None] | None) -> bool:
+        protocol, cycle = self._protocol, self._cycle
+        try:
+            if callback is None:
+                protocol._lost_callbacks.pop(protocol, None)
+            elif cycle.disconnected or cycle.transport.is_closing():
+                return False
+            else:
+                protocol._lost_callbacks[protocol] = callback
+        except AttributeError:
+            _uvicorn_changed()
+            return False
+        return True
+
+    async def hang_up(self) -> bool:
+        protocol, cycle = self._protocol, self._cycle
+        try:
+            if cycle.disconnected:
+                return True
+            lost = asyncio.Event()
+            protocol._lost_callbacks[protocol] = lost.set
+            cycle.transport.abort()
+        except AttributeError:
+            _uvicorn_changed()
+            return False
+        # The transport reports the loss on the loop's next turn; bounded all the same.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await lost.wait()
+        return True
+
+
+class DirectWriter:
+    """Body chunks written straight to a streaming response's socket, beside its ASGI ``send``.
+
+    A fan-out writes the same event to every live viewer: through ``send`` that is a task
+    wake-up and uvicorn's framing per viewer; here it is one ``transport.write`` of bytes
+    framed once for all. Only for uvicorn's httptools responses in chunked encoding, once
+    started; ``send`` still starts and ends the response and does every write that has to wait
+    (``ready`` is False while flow control holds writes back)."""
+
+    __slots__ = ("_cycle", "_flow", "_transport")
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+        self._transport = cycle.transport
+        self._flow = cycle.flow
 
     def ready(self) -> bool:
         """Would a write go out now: the connection open, flow control not holding writes?"""
@@ -240,64 +299,12 @@ class DirectWriter:
         self._transport.write(chunk)
 
 
-def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:
-    """Have ``callback`` called as soon as the connection of the request whose ``receive`` this
-    is is lost (None: not any more). False when that cannot be told here (another server or
-    protocol, a wrapped ``receive``, or the connection is closing already): then wait for
-    ``http.disconnect`` instead."""
-    cycle = getattr(receive, "__self__", None)
-    if not isinstance(cycle, RequestResponseCycle):
-        return False
-    try:
-        protocol = cycle.transport.get_protocol()
-        if not isinstance(protocol, HeaderTimeoutProtocol):
-            return False
-        if callback is None:
-            protocol._lost_callbacks.pop(protocol, None)
-        elif cycle.disconnected or cycle.transport.is_closing():
-            return False
-        else:
-            protocol._lost_callbacks[protocol] = callback
-    except AttributeError:
-        _uvicorn_changed()
-        return False
-    return True
-
-
-async def hang_up(receive: Receive) -> bool:
-    """Abort the connection of the request whose ``receive`` this is (a viewer too slow to
-    read: its backlog is dropped with it), and return once the server has noted the loss, so
-    that it takes the response as ended by the client instead of logging an ASGI error for a
-    response left incomplete. False when that cannot be done here (another server or
-    protocol): then uvicorn ends the connection itself, and says so in its log."""
-    cycle = getattr(receive, "__self__", None)
-    if not isinstance(cycle, RequestResponseCycle):
-        return False
-    try:
-        protocol = cycle.transport.get_protocol()
-        if not isinstance(protocol, HeaderTimeoutProtocol):
-            return False
-        if cycle.disconnected:
-            return True
-        lost = asyncio.Event()
-        protocol._lost_callbacks[protocol] = lost.set
-        cycle.transport.abort()
-    except AttributeError:
-        _uvicorn_changed()
-        return False
-    # The transport reports the loss on the loop's next turn; bounded all the same.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            await lost.wait()
-    return True
-
-
 _warned = False
 
 
 def _uvicorn_changed() -> None:
-    """uvicorn's internals differ from what ``DirectWriter`` and ``when_lost`` rely on (they
-    are not its public API): the edge still works, the slow way. Say so once."""
+    """uvicorn's internals differ from what ``UvicornConnection`` relies on (they are not its
+    public API): the edge still works, the slow way. Say so once."""
     global _warned
     if not _warned:
         _warned = True
