@@ -93,7 +93,7 @@ def create_app(
 
 class EdgeApp(Starlette):
     """The edge's app. The event stream is routed here, before Starlette: authorized,
-    validated and served by ``_serve_stream`` (its errors mapped to the JSON error answers by
+    validated and served by ``__call__`` itself (its errors mapped to the JSON error answers by
     ``error_answer``, its CORS and security headers added as its answer starts), so each of the
     thousands of open streams holds no routing or middleware frames, send wrappers or
     ``Request`` objects, with or without CORS. Every other request goes through Starlette
@@ -110,11 +110,9 @@ class EdgeApp(Starlette):
         if gen_id is None:
             await super().__call__(scope, receive, _with_headers(send, page_headers))
             return
-        extra = [*page_headers, *await self.cors.simple_headers(scope)]
-        await self._serve_stream(gen_id, scope, receive, _with_headers(send, extra))
-
-    async def _serve_stream(self, gen_id: str, scope: Scope, receive: Receive,
-                            send: Send) -> None:
+        cors = await self.cors.simple_headers(scope)
+        send = _with_headers(send, [*page_headers, *cors] if cors else page_headers)
+        # Served from here, in this frame: an open stream holds no frame more than it must.
         edge: Edge = self.state.edge
         try:
             answer = await open_stream(edge, Request(scope, receive), gen_id)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-# scope["extensions"][EXTENSION] == {"connection": <a Connection>}
+# scope["extensions"][EXTENSION] is the request's Connection itself (not a dict of one entry,
+# as ASGI extensions usually are: every open stream holds it, and a dict each would cost ~200
+# bytes a stream).
 EXTENSION = "broker.connection"
 
 
@@ -25,9 +27,9 @@ class DirectWriter(Protocol):
 
 
 class Connection(Protocol):
-    def direct_writer(self) -> DirectWriter | None:
-        """The writer of this response, once started, if its body goes out in chunked
-        encoding; else None (use ``send``)."""
+    def direct_writer(self, scope: Any) -> DirectWriter | None:
+        """The writer of the response to ``scope``, once started, if its body goes out in
+        chunked encoding; else None (use ``send``)."""
         ...
 
     def on_lost(self, callback: Callable[[], None] | None) -> bool:
@@ -44,5 +46,5 @@ class Connection(Protocol):
 
 def connection_of(scope: dict[str, Any] | Any) -> Connection | None:
     """The connection the server published for this request, if any."""
-    extension = scope.get("extensions", {}).get(EXTENSION)
-    return None if extension is None else extension.get("connection")
+    connection: Connection | None = scope.get("extensions", {}).get(EXTENSION)
+    return connection

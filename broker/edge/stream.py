@@ -127,7 +127,7 @@ class EventStream:
                     return
                 self.started = True
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                self._writer = None if connection is None else connection.direct_writer()
+                self._writer = None if connection is None else connection.direct_writer(scope)
                 await self._send(send, sse.retry(self.retry_ms))
                 await self._relay(topic, send, frames, check_log, changed)
             # Watched like any write: after a direct write filled the socket's buffer, this

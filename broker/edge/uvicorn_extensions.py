@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.core.settings import Settings
@@ -40,10 +41,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     - Shape: a request that is not HTTP is answered ``400`` with the JSON error body (uvicorn
       answers plain text).
 
-    It also publishes each request's ``UvicornConnection`` in ``scope["extensions"]``
-    (``broker.edge.connection``): a long response hears at once that its client left, so an
-    SSE stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``, and
-    the fan-out writes to its socket directly."""
+    It also publishes itself in each request's ``scope["extensions"]`` as the request's
+    ``broker.edge.connection.Connection``: a long response hears at once that its client left,
+    so an SSE stream needs no task of its own blocked in ``receive()`` for
+    ``http.disconnect``, and the fan-out writes to its socket directly."""
 
     header_timeout = 10.0
     max_header_bytes = 64 * 1024
@@ -116,17 +117,72 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._publish_connection()
 
     def _publish_connection(self) -> None:
-        """Put this request's ``UvicornConnection`` in its scope, before its app runs (uvicorn
-        has created the app's task, which runs on the loop's next turn)."""
+        """Put this connection (``broker.edge.connection.Connection``: this protocol) in the
+        request's scope, before its app runs (uvicorn has created the app's task, which runs
+        on the loop's next turn). Nothing more per request: thousands of streams hold it."""
         try:
             cycle = self.cycle
             if not isinstance(cycle, RequestResponseCycle) or cycle.scope is not self.scope:
                 return  # an upgrade: no request cycle of ours
             extensions = cycle.scope.setdefault("extensions", {})
+            # Not a dict, as uvicorn types extensions: the connection itself (connection.py).
+            extensions[EXTENSION] = self  # type: ignore[assignment]
         except AttributeError:
             _uvicorn_changed()
-            return
-        extensions[EXTENSION] = {"connection": UvicornConnection(self, cycle)}  # (ASGI: a dict)
+
+    # -- broker.edge.connection.Connection ---------------------------------------------------
+    # These rely on uvicorn internals (the request cycle's ``transport``, ``flow``,
+    # ``disconnected``, ``response_started``, ``response_complete``, ``chunked_encoding``), not
+    # its public API: where they differ, each says so once (``_uvicorn_changed``) and answers as
+    # if it could not help (the stream then goes the slower ASGI way). Tested where uvicorn runs
+    # the edge: the contract test of ``broker_direct_writes_total`` fails if direct writes stop.
+
+    def direct_writer(self, scope: Scope) -> DirectWriter | None:
+        try:
+            cycle = self.cycle
+            if (
+                cycle is None
+                or cycle.scope is not scope  # a pipelined request's: not this response
+                or not cycle.response_started
+                or cycle.response_complete
+                or cycle.chunked_encoding is not True
+            ):
+                return None
+            writer = DirectWriter(cycle)
+            writer.ready()  # every attribute it relies on is there
+        except AttributeError:
+            _uvicorn_changed()
+            return None
+        return writer
+
+    def on_lost(self, callback: Callable[[], None] | None) -> bool:
+        try:
+            if callback is None:
+                self._lost_callbacks.pop(self, None)
+            elif self.cycle is None or self.cycle.disconnected or self.transport.is_closing():
+                return False
+            else:
+                self._lost_callbacks[self] = callback
+        except AttributeError:
+            _uvicorn_changed()
+            return False
+        return True
+
+    async def hang_up(self) -> bool:
+        try:
+            if self.cycle is not None and self.cycle.disconnected:
+                return True
+            lost = asyncio.Event()
+            self._lost_callbacks[self] = lost.set
+            self.transport.abort()
+        except AttributeError:
+            _uvicorn_changed()
+            return False
+        # The transport reports the loss on the loop's next turn; bounded all the same.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await lost.wait()
+        return True
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -208,70 +264,6 @@ def raw_error_response(status: int, code: str, message: str,
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-class UvicornConnection:
-    """``broker.edge.connection.Connection`` for a request ``HeaderTimeoutProtocol`` serves.
-
-    It relies on uvicorn internals (the request cycle's ``transport``, ``flow``,
-    ``disconnected``, ``response_started``, ``response_complete``, ``chunked_encoding``), not its
-    public API: where they differ, each method says so once (``_uvicorn_changed``) and answers
-    as if it could not help (the stream then goes the slower ASGI way). Tested where uvicorn
-    runs the edge: the contract test of ``broker_direct_writes_total`` fails if the direct
-    writes turn off."""
-
-    __slots__ = ("_cycle", "_protocol")
-
-    def __init__(self, protocol: HeaderTimeoutProtocol, cycle: RequestResponseCycle) -> None:
-        self._protocol = protocol
-        self._cycle = cycle
-
-    def direct_writer(self) -> DirectWriter | None:
-        cycle = self._cycle
-        try:
-            if (
-                not cycle.response_started
-                or cycle.response_complete
-                or cycle.chunked_encoding is not True
-            ):
-                return None
-            writer = DirectWriter(cycle)
-            writer.ready()  # every attribute it relies on is there
-        except AttributeError:
-            _uvicorn_changed()
-            return None
-        return writer
-
-    def on_lost(self, callback: Callable[[], None] | None) -> bool:
-        protocol, cycle = self._protocol, self._cycle
-        try:
-            if callback is None:
-                protocol._lost_callbacks.pop(protocol, None)
-            elif cycle.disconnected or cycle.transport.is_closing():
-                return False
-            else:
-                protocol._lost_callbacks[protocol] = callback
-        except AttributeError:
-            _uvicorn_changed()
-            return False
-        return True
-
-    async def hang_up(self) -> bool:
-        protocol, cycle = self._protocol, self._cycle
-        try:
-            if cycle.disconnected:
-                return True
-            lost = asyncio.Event()
-            protocol._lost_callbacks[protocol] = lost.set
-            cycle.transport.abort()
-        except AttributeError:
-            _uvicorn_changed()
-            return False
-        # The transport reports the loss on the loop's next turn; bounded all the same.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
-                await lost.wait()
-        return True
-
-
 class DirectWriter:
     """Body chunks written straight to a streaming response's socket, beside its ASGI ``send``.
 
@@ -303,8 +295,8 @@ _warned = False
 
 
 def _uvicorn_changed() -> None:
-    """uvicorn's internals differ from what ``UvicornConnection`` relies on (they are not its
-    public API): the edge still works, the slow way. Say so once."""
+    """uvicorn's internals differ from what ``HeaderTimeoutProtocol``'s connection methods
+    rely on (they are not its public API): the edge still works, the slow way. Say so once."""
     global _warned
     if not _warned:
         _warned = True
