@@ -54,7 +54,7 @@ from bench.support import (
     redis_cpu,
     status_kb,
 )
-from broker import protocol
+from broker.core import protocol
 
 IMPLS = ("broker", "naive", "nchan")
 EDGE_CLIENT_NAMES = ("broker-edge-", "bench-naive-edge")

@@ -42,7 +42,7 @@ from bench.cell import (
     wait_viewers,
 )
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
-from broker import protocol
+from broker.core import protocol
 
 IMPLS = ("broker", "naive")
 EDGES = 2

@@ -53,9 +53,9 @@ from bench.procs import (
     start_worker,
 )
 from bench.support import calls_delta, command_calls, cpu_seconds, percentile, redis_cpu
-from broker import protocol
-from broker.settings import Settings
-from broker.store import Store, connect
+from broker.core import protocol
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
 
 SCRIPTS = (protocol.PUBLISH_SCRIPT, protocol.CLAIM_SCRIPT, protocol.HEARTBEAT_SCRIPT,
            protocol.CANCEL_SCRIPT, protocol.REAP_SCRIPT, protocol.QUEUE_QUOTA_SCRIPT)

@@ -39,8 +39,8 @@ from bench.cell import (
 )
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
 from bench.support import status_kb
-from broker import protocol
-from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES
+from broker.core import protocol
+from broker.edge.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES
 
 FAST_VIEWERS = 2
 SAMPLE_EVERY = 0.05

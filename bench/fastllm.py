@@ -21,7 +21,7 @@ A sentence's words are plain lowercase tokens (``Word``, `` word``); its LAST to
 `` t=<time.time_ns() when written>. ``: the dot and trailing space let the worker's
 sentence buffer end the message at once, and the stamp lets a client compute
 token→receive latency. (`` t=<19 digits>`` is no abbreviation or list marker to
-``worker.sentences``.)
+``broker.core.sentences``.)
 
 Each request is keyed by the content of its last user message; per key the server keeps
 what it sent (token count and SHA-256 of the text, stamps included) so a benchmark can

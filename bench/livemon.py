@@ -2,7 +2,7 @@
 
 One raw Redis connection (an ``asyncio.Protocol``, no client library, so timestamps are
 taken when the bytes are read) sends ``PSUBSCRIBE {gen:*}:live`` and decodes each payload
-with ``broker.protocol.decode_payload``. A message whose text ends with the fake LLM's
+with ``broker.core.protocol.decode_payload``. A message whose text ends with the fake LLM's
 `` t=<ns>. `` stamp (the sentence's last token, see ``bench.fastllm``) yields one
 token→publish latency: the receive time minus that stamp. Messages without a stamp (cut by
 the worker's flush interval or size limit) are counted, not timed.
@@ -26,7 +26,7 @@ import time
 from array import array
 from typing import Any
 
-from broker import protocol
+from broker.core import protocol
 
 try:
     import uvloop

@@ -5,9 +5,9 @@ small as possible and on the same server stack as the broker's edge (Starlette o
 so the comparison is about the architecture, not the HTTP server:
 
 - ``GET /v1/generations/{id}/events``: a new pub/sub connection SUBSCRIBEs to the generation's
-  live channel (``broker.protocol.live_channel``); once Redis confirms, the response starts
-  and each payload is decoded (``broker.protocol.decode_payload``), framed
-  (``broker.sse.encode_event``) and written to this viewer alone, until the terminal event.
+  live channel (``broker.core.protocol.live_channel``); once Redis confirms, the response starts
+  and each payload is decoded (``broker.core.protocol.decode_payload``), framed
+  (``broker.core.sse.encode_event``) and written to this viewer alone, until the terminal event.
 - No shared subscription, no log replay, no gap detection: a viewer that joins late or misses
   a message just does not get it (the benchmark connects every viewer before publishing).
 - ``GET /metrics`` exposes ``broker_viewers`` (viewers whose subscription is confirmed), the
@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from broker import protocol, sse
+from broker.core import protocol, sse
 
 CLIENT_NAME = "bench-naive-edge"
 SUBSCRIBE_TIMEOUT = 5.0

@@ -33,10 +33,10 @@ from typing import Any
 
 import httpx
 
-from broker import protocol
-from broker.protocol import Event
-from broker.settings import Settings
-from broker.store import Store, connect
+from broker.core import protocol
+from broker.core.protocol import Event
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
 
 OWNER = "bench-publisher"
 PREPARE_IN_FLIGHT = 64  # creates + claims at once

@@ -1,4 +1,4 @@
-"""The worker's reading of its LLM's stream, alone: CPU per chunk of ``broker.sse.SSEDecoder``
+"""The worker's reading of its LLM's stream, alone: CPU per chunk of ``broker.core.sse.SSEDecoder``
 against httpx's ``aiter_lines`` (what the worker used before: it split lines like
 ``str.splitlines``, at U+2028 and friends, which SSE does not), on the same recorded stream in
 one run.
@@ -28,7 +28,7 @@ from typing import Any
 import httpx2
 
 from bench.fastllm import chunk, sse
-from broker.sse import aiter_sse_data
+from broker.core.sse import aiter_sse_data
 
 ASCII_WORDS = ["alpha", "bravo", "charlie", "delta", "echo.", "foxtrot", "golf", "hotel!"]
 MULTILINGUAL_WORDS = ["汉字", "句子。", "emoji 🎉", "naïve", "Grüße", "😀", "ok.", "kilo"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
@@ -12,15 +11,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from broker import protocol
-from broker.backoff import Backoff
-from broker.metrics import Metrics
-from broker.protocol import Event, JobEntry
-from broker.settings import Settings
-from broker.store import Store
-from broker.tasks import cancel_and_wait
+from broker.core import protocol
+from broker.core.backoff import Backoff
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event, JobEntry
+from broker.core.sentences import SentenceBuffer
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.core.tasks import cancel_and_wait
 from worker.llm import LLM, Completion, LLMError
-from worker.sentences import SentenceBuffer
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +248,14 @@ class GenerationRun:
 
 
 async def _outcome(llm_task: asyncio.Task[Completion]) -> Completion | LLMError | None:
-    """What the LLM call came to: a completion, its error, or None if it was stopped."""
-    with contextlib.suppress(asyncio.CancelledError):
-        try:
-            return await llm_task
-        except LLMError as e:
-            return e
-    return None
+    """What the LLM call came to: a completion, its error, or None if it was stopped. The
+    caller's own cancellation (a shutdown cancelling the run) goes on up."""
+    try:
+        return await llm_task
+    except LLMError as e:
+        return e
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return None  # the LLM task was stopped (a cancel, a shutdown, a lost lease)

@@ -12,9 +12,9 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from broker.settings import Settings
-from broker.sse import aiter_sse_data
-from broker.validation import SDK_CALL_OPTIONS
+from broker.core.protocol import SDK_CALL_OPTIONS
+from broker.core.settings import Settings
+from broker.core.sse import aiter_sse_data
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,17 @@ class LLM:
         # The SDK's own stream would build a pydantic model of every chunk: that was ~40 % of
         # the worker's CPU (B5, py-spy). The raw response is read here instead, SSE-decoded
         # and json.loads'ed; the request itself (retries, status errors) is still the SDK's.
-        # Decoded as bytes by the SSE rules (broker.sse.SSEDecoder), not with aiter_lines:
+        # Decoded as bytes by the SSE rules (broker.core.sse.SSEDecoder), not with aiter_lines:
         # that splits like str.splitlines, so a raw U+2028 in a chunk's JSON broke the stream.
         # aiter_bytes, not aiter_raw: a gzip/deflate/br/zstd Content-Encoding is undone.
-        request = self.client.chat.completions.with_streaming_response.create(
+        call = self.client.chat.completions.with_streaming_response.create(
             **known,
             extra_body=extra or None,
             stream=True,
             stream_options={"include_usage": True},
         )
         try:
-            async with request as response:
+            async with call as response:
                 async for data in aiter_sse_data(response.http_response.aiter_bytes()):
                     if data.startswith("[DONE]"):
                         break

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Callable
 
+from redis.asyncio.client import PubSub
 from redis.exceptions import (
     ClusterDownError,
-    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
 )
 
-from broker import logs, protocol
-from broker.backoff import Backoff
-from broker.metrics import Metrics
-from broker.protocol import Job, JobEntry
-from broker.settings import Settings
-from broker.store import Store
-from broker.tasks import cancel_and_wait
+from broker.core import logs, protocol
+from broker.core.backoff import Backoff
+from broker.core.metrics import Metrics
+from broker.core.protocol import Job, JobEntry
+from broker.core.pubsub import subscribe_forever
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.core.tasks import cancel_and_wait
 from worker.generation import GenerationRun
 from worker.llm import LLM
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
 REAP_INTERVAL = 1.0
+# How long generations cut short by a stop get to publish their worker_shutdown event.
+SHUTDOWN_PUBLISH_TIMEOUT = 10.0
 # What a Redis Cluster answers while a failover (CLUSTERDOWN) or a slot migration (TRYAGAIN)
 # is under way: an outage that passes, like a lost connection, not a reason to exit.
 CLUSTER_IN_TRANSITION = (ClusterDownError, TryAgainError)
@@ -195,14 +198,15 @@ class Worker:
         for run in self.running.values():
             run.shutdown_requested.set()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=10.0)
+            await asyncio.wait(self._tasks, timeout=SHUTDOWN_PUBLISH_TIMEOUT)
         stuck = len(self._tasks)
-        for task in self._tasks:
-            task.cancel()
+        # Ended for sure before the caller closes the LLM client and Redis under them.
+        await cancel_and_wait(*self._tasks)
         log.info(
             "worker %s stopped: %d generation(s) finished during the drain, %d ended with "
             "worker_shutdown%s", self.name, draining - cut_short, cut_short,
-            f", {stuck} cancelled (their end could not be published in 10 s)" if stuck else "",
+            f", {stuck} cancelled (their end could not be published in "
+            f"{SHUTDOWN_PUBLISH_TIMEOUT:g} s)" if stuck else "",
         )
 
     async def _reap_forever(self) -> None:
@@ -257,20 +261,18 @@ class Worker:
         Classic pub/sub on purpose: a cancel notice is for every worker, and on a cluster a
         PUBLISH reaches the subscribers of every node. After a failure it starts over on a new
         connection (on a cluster, possibly to another node: the old one may be gone)."""
+        await subscribe_forever(
+            lambda: self.store.redis.pubsub(ignore_subscribe_messages=True),
+            self._cancel_notices,
+            lambda error, retry_in: self.metrics.redis_errors.labels("cancel_listener").inc(),
+        )
+
+    async def _cancel_notices(self, pubsub: PubSub, connected: Callable[[], None]) -> None:
+        await pubsub.subscribe(protocol.CANCEL_CHANNEL)
+        connected()
         while True:
-            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(protocol.CANCEL_CHANNEL)
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message and message["type"] == "message":
-                        data = message["data"]
-                        run = self.running.get(data.decode() if isinstance(data, bytes) else data)
-                        if run is not None:
-                            run.cancel_requested.set()
-            except (RedisError, RedisClusterException, OSError):
-                self.metrics.redis_errors.labels("cancel_listener").inc()
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-            await asyncio.sleep(0.5)
+            message = await pubsub.get_message(timeout=None)
+            if message and message["type"] == "message":
+                run = self.running.get(protocol.as_text(message["data"]))
+                if run is not None:
+                    run.cancel_requested.set()

@@ -14,7 +14,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from broker.settings import WORKER_METRICS_PORTS, Settings
+from broker.core.settings import WORKER_METRICS_PORTS, Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
-from broker.mockllm import default_script
+from broker.tools.mockllm import default_script
 from tests.browser.helpers import DEMO_QUESTION, VIEWER_TOKEN_KEY
 from tests.conftest import StartBroker
 from tests.support.chromium import launch

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import httpx
 from playwright.async_api import Page, Request
 
-from broker.auth import ViewerTokens
+from broker.edge.auth import ViewerTokens
 from tests.support.procs import eventually
 
 EVENTS_PATH = re.compile(r"/v1/generations/[^/?#]+/events$")

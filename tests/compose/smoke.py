@@ -10,7 +10,7 @@ restarts and an edge left down), the worker running an answer SIGKILLed, and Red
 (AOF; Docker restarts it). Every request goes through HAProxy; ``docker`` is used only to
 find and kill containers and to read a generation's owner and the edges' viewer gauges.
 The expected text is the mock LLM's own answer to the prompt
-(``broker.mockllm.default_script``), which is what the compose file's workers call. Prints one
+(``broker.tools.mockllm.default_script``), which is what the compose file's workers call. Prints one
 line per check and a summary, writes the figures as JSON (``--report``), exits 1 on the first
 failed check.
 """
@@ -38,7 +38,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from broker.client import Follower, GenerationFailed, StreamError, create
-from broker.mockllm import default_script
+from broker.tools.mockllm import default_script
 
 SERVED_BY = "x-served-by"  # deploy/haproxy.cfg names the edge slot that answered
 VIEWERS = 9  # followers of the edge-kill fault: about three per edge

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-from broker import protocol
+from broker.core import protocol
 from tests.support.api import create, events_url
 from tests.support.fakellm import FakeLLM, prompt_of
 from tests.support.procs import BrokerProcess, eventually, wait_until

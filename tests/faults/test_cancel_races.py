@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-from broker import protocol
-from broker.mockllm import tokenize
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.settings import Settings
+from broker.tools.mockllm import tokenize
 from tests.faults.helpers import Viewer, report, requests_for, wait_worker_ready
 from tests.support.api import assert_error_body, create, events_url, unique
 from tests.support.api import status as status_of

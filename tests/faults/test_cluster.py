@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from broker import protocol
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.settings import Settings
 from tests.faults.helpers import (
     assert_exact_once,
     failover_outcome,

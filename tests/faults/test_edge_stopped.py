@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from broker import server
 from broker.client import Follower
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.edge import uvicorn_extensions
 from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.haproxy import HAProxy
@@ -33,7 +33,7 @@ MOVED_WITHIN = SETTINGS.retry_ms / 1000 * (1.2 + 1) + SETTINGS.flush_interval
 async def test_sigterm_on_an_edge_moves_its_viewers_without_loss(
     deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
 ):
-    grace = server.GRACEFUL_SHUTDOWN_SECONDS
+    grace = uvicorn_extensions.GRACEFUL_SHUTDOWN_SECONDS
     d = deploy(edges=2, workers=1)
     lb = HAProxy([e.url for e in d.edges]).start()
     try:

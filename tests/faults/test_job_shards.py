@@ -7,7 +7,7 @@ import signal
 
 import httpx
 
-from broker import protocol
+from broker.core import protocol
 from tests.support.api import create, events_url, status, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually

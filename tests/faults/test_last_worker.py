@@ -18,9 +18,9 @@ import httpx
 import pytest
 import redis
 
-from broker import protocol
 from broker.client import Follower, GenerationFailed
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.settings import Settings
 from tests.faults.helpers import (
     Viewer,
     assert_exact_once,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from broker.mockllm import create_mock_llm_app, tokenize
+from broker.tools.mockllm import create_mock_llm_app, tokenize
 from tests.faults.helpers import report, requests_for, wait_worker_ready
 from tests.support.api import create, events_url, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from broker import protocol
+from broker.core import protocol
 from tests.faults.helpers import Viewer, report, wait_worker_ready
 from tests.support.api import assert_error_body, create, events_url, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM

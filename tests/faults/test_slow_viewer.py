@@ -17,11 +17,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from broker import protocol, sse
 from broker.client import Follower
-from broker.protocol import Event, meta_key, text_key
-from broker.settings import Settings
-from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES
+from broker.core import protocol, sse
+from broker.core.protocol import Event, meta_key, text_key
+from broker.core.settings import Settings
+from broker.edge.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES
 from tests.faults.helpers import assert_exact_once
 from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import FakeLLM

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from redis.exceptions import ResponseError
 
-from broker import protocol
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.settings import Settings
 from tests.support.api import create, events_url, status, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import TIMER_RESOLUTION, eventually, wait_until

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from broker import cli, protocol
-from broker.mockllm import tokenize
+from broker.core import protocol
+from broker.tools import cli
+from broker.tools.mockllm import tokenize
 from tests.conftest import Stack
 from tests.support.api import HARD_TEXTS, create, events_url, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM

@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from broker import protocol
-from broker.mockllm import tokenize
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.settings import Settings
+from broker.tools.mockllm import tokenize
 from tests.conftest import Stack, StartBroker
 from tests.support.api import (
     HARD_TEXTS,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from broker.mockllm import sentences
+from broker.tools.mockllm import sentences
 from tests.support.api import unique
 from tests.support.devserver import DevServer
 from tests.support.fakellm import FakeLLM
@@ -51,7 +51,7 @@ def dev(request: pytest.FixtureRequest) -> Iterator[DevServer]:
 
 
 async def test_the_startup_log_says_what_is_open_and_it_is(dev: DevServer) -> None:
-    lines = dev.log_lines("broker.dev")
+    lines = dev.log_lines("broker.tools.dev")
     assert ("dev mode: no API keys: whoever reaches the port may create generations, read "
             "their text and cancel them; it listens on 127.0.0.1 only: other machines cannot "
             "reach it (--host / BROKER_HOST changes that)") in lines, lines
@@ -81,7 +81,7 @@ async def test_the_startup_log_says_what_is_open_and_it_is(dev: DevServer) -> No
 
 @pytest.mark.parametrize("dev", [("--host", "0.0.0.0")], indirect=True)
 def test_on_every_interface_the_log_says_other_machines_reach_it(dev: DevServer) -> None:
-    lines = dev.log_lines("broker.dev")
+    lines = dev.log_lines("broker.tools.dev")
     assert (f"dev mode: no API keys: whoever reaches the port may create generations, read "
             f"their text and cancel them; it listens on every interface (0.0.0.0): other "
             f"machines can reach port {dev.port}") in lines, lines
@@ -95,7 +95,7 @@ def test_with_producer_keys_the_log_says_they_are_needed() -> None:
     dev = DevServer(env={"BROKER_API_KEYS": "a-dev-key", "BROKER_VIEWER_TOKEN_KEYS": "v"})
     try:
         dev.start()
-        lines = dev.log_lines("broker.dev")
+        lines = dev.log_lines("broker.tools.dev")
         refused = httpx.post(dev.url + "/v1/generations", json={"messages": [
             {"role": "user", "content": "no key"}]})
     finally:
@@ -118,7 +118,7 @@ async def test_a_base_url_without_a_key_is_a_local_llm_server(fake_llm: FakeLLM)
                 {"role": "user", "content": prompt}]})
             assert created.status_code == 201, created.text
             got = await read_events(http, created.json()["events_url"])
-        lines = dev.log_lines("broker.dev")
+        lines = dev.log_lines("broker.tools.dev")
     finally:
         dev.stop()
     assert got.text == answer and got.terminal_data()["finish_reason"] == "stop"

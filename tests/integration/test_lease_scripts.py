@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from broker import protocol
-from broker.settings import Settings
-from broker.store import RedisClient, Store, connect
+from broker.core import protocol
+from broker.core.settings import Settings
+from broker.core.store import RedisClient, Store, connect
 from tests.support.cluster import RedisClusterServers
 from tests.support.procs import RedisServer, eventually, wait_until
 

@@ -59,3 +59,22 @@ def test_a_taken_port_stops_the_edge_in_one_line(taken_port: int) -> None:
         redis.stop()
     assert_one_clear_line(done, "edge", taken_port)
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize("missing", ["fakeredis", "lupa"])
+def test_dev_without_its_extra_says_in_one_line_how_to_install_it(missing: str) -> None:
+    """``pip install .`` brings the edge and the worker; ``broker dev``'s in-memory store is
+    the ``dev`` extra. Without it: one line saying how to install it, nothing started."""
+    hide = f"import sys; sys.modules[{missing!r}] = None; import runpy; " \
+           "runpy.run_module('broker', run_name='__main__')"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "OPENAI_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", hide, "dev", "--port", "0"], env=clean, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1, done
+    assert done.stdout == "", done.stdout
+    assert done.stderr.splitlines() == [
+        "broker dev: its in-memory store (fakeredis) is not installed: "
+        "pip install 'sse-broker[dev]' (bash scripts/dev does)"
+    ], done.stderr

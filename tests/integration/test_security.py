@@ -22,11 +22,11 @@ import pytest
 import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
-from broker import protocol
-from broker.auth import ViewerTokens
 from broker.client import Follower
-from broker.settings import Settings
-from broker.store import Store
+from broker.core import protocol
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.edge.auth import ViewerTokens
 from tests.conftest import StartBroker
 from tests.support.api import assert_error_body, metric, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM

@@ -1,13 +1,13 @@
 """Every character an LLM may send arrives exactly, end to end over real HTTP.
 
-The fake LLM (a real HTTP server, ``broker/mockllm.py``) writes its chunks as UTF-8 JSON with
+The fake LLM (a real HTTP server, ``broker/tools/mockllm.py``) writes its chunks as UTF-8 JSON with
 ``ensure_ascii=False``, as real servers do, so U+2028, U+0085, emoji... travel as raw bytes;
 it ends SSE lines with LF, CRLF or a lone CR, may open with a BOM, and may cut every event into
 separate writes after each CR and inside each multi-byte character. A real ``broker worker``
 reads it through the real ``openai`` SDK and publishes to a real redis-server; a real
 ``broker edge`` serves the stream. The test reads it back three ways, and each must equal the
 text the LLM sent: ``broker.client.Follower`` (httpx-sse, as ``broker tail`` does), the raw
-bytes through ``broker.sse.SSEDecoder`` (the WHATWG rules a browser's EventSource follows),
+bytes through ``broker.core.sse.SSEDecoder`` (the WHATWG rules a browser's EventSource follows),
 and ``GET /v1/generations/{id}``.
 """
 
@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
-from broker import sse
 from broker.client import Follower
-from broker.mockllm import tokenize
+from broker.core import sse
+from broker.tools.mockllm import tokenize
 from tests.conftest import StartBroker
 from tests.support.api import create, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from broker import protocol
+from broker.core import protocol
 from tests.conftest import StartBroker
 from tests.support.api import create, events_url, metric, unique
 from tests.support.fakellm import FakeLLM

@@ -8,7 +8,7 @@ from typing import Any
 
 import uvicorn
 
-from broker.mockllm import Record, Reply, create_mock_llm_app, tokenize
+from broker.tools.mockllm import Record, Reply, create_mock_llm_app, tokenize
 
 from .procs import free_port, wait_until
 

@@ -1,6 +1,6 @@
 """HAProxy in front of broker edges, as a load balancer of the test's own.
 
-The configuration is the product's (``broker.loadbalancer.haproxy_config``, whose docstring
+The configuration is the product's (``broker.tools.loadbalancer.haproxy_config``, whose docstring
 explains each setting for Server-Sent Events), so the fault suite runs behind exactly what
 ``broker cluster`` runs. Every response carries ``X-Served-By: <server name>`` (``edge0``,
 ``edge1``, ... in the order of ``backends``), so a test can tell which edge answered.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from broker import loadbalancer
+from broker.tools import loadbalancer
 
 from .procs import free_port, wait_until
 

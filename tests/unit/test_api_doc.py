@@ -10,9 +10,9 @@ from pathlib import Path
 
 from starlette.routing import Mount, Route
 
-from broker import openapi
-from broker.api import routes
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.edge import openapi
+from broker.edge.routes import routes
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "api.md").read_text()
@@ -63,7 +63,7 @@ def error_codes(path: Path) -> set[str]:
 
 def all_error_codes() -> set[str]:
     return {code for package in ("broker", "worker")
-            for path in sorted((ROOT / package).glob("*.py")) for code in error_codes(path)}
+            for path in sorted((ROOT / package).rglob("*.py")) for code in error_codes(path)}
 
 
 def test_the_code_scan_finds_the_codes_it_must() -> None:

@@ -1,5 +1,6 @@
-"""EdgeApp serves an SSE stream after Starlette's routing and middleware have returned, and
-answers the stream's errors before it started as Starlette's middleware would."""
+"""EdgeApp routes the event stream itself, before Starlette, with or without CORS: the stream
+runs outside Starlette's routing and middleware, its errors before it started get the JSON
+error answers every other route gets, and its answer carries the CORS and security headers."""
 
 from __future__ import annotations
 
@@ -11,42 +12,46 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import fakeredis
+import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
-from starlette.requests import Request
-from starlette.routing import Route
 
-from broker.app import EdgeApp, create_app
-from broker.settings import Settings
-from broker.stream import EventStream
-from broker.topic import Frame, Topic
+from broker.core import protocol
+from broker.core.settings import Settings
+from broker.edge.app import EdgeApp, create_app
+from broker.edge.topic import Frame, Topic
 
 
 class Boom(Exception):
     pass
 
 
+GEN_ID = protocol.new_generation_id()
+PATH = f"/v1/generations/{GEN_ID}/events"
+
+
 def edge_app(watch: Any, **settings: Any) -> EdgeApp:
-    """The edge app with a route /stream answering an EventStream whose topic is ``watch``."""
+    """The edge app, generation ``GEN_ID`` queued in its store, its hub's topics ``watch``."""
     app = create_app(Settings(insecure=True, **settings), redis=fakeredis.FakeAsyncRedis())
     assert isinstance(app, EdgeApp)
-    hub = app.state.edge.hub
-    hub.watch = watch
-
-    async def stream(request: Request) -> EventStream:
-        return EventStream(hub, "gen", 0, retry_ms=1000, keepalive=10, send_timeout=5)
-
-    app.router.routes.insert(0, Route("/stream", stream))  # type: ignore[arg-type]
+    app.state.edge.hub.watch = watch
     return app
 
 
-async def call(app: EdgeApp) -> tuple[list[dict[str, Any]], BaseException | None]:
-    """GET /stream: the ASGI messages sent, and what the app raised (None if nothing)."""
+async def call(app: EdgeApp, headers: list[tuple[bytes, bytes]] | None = None,
+               sent: list[dict[str, Any]] | None = None, method: str = "GET",
+               started: asyncio.Event | None = None,
+               ) -> tuple[list[dict[str, Any]], BaseException | None]:
+    """GET the stream of ``GEN_ID``: the ASGI messages sent, and what the app raised (None if
+    nothing)."""
+    await app.state.edge.store.redis.hset(protocol.meta_key(GEN_ID),
+                                          mapping=protocol.new_meta("model"))
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-        "scheme": "http", "path": "/stream", "raw_path": b"/stream", "query_string": b"",
-        "root_path": "", "headers": [], "client": ("127.0.0.1", 1), "server": ("edge", 80),
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": PATH, "raw_path": PATH.encode(), "query_string": b"",
+        "root_path": "", "headers": headers or [], "client": ("127.0.0.1", 1),
+        "server": ("edge", 80),
     }
-    sent: list[dict[str, Any]] = []
+    sent = [] if sent is None else sent
 
     async def receive() -> dict[str, Any]:
         await asyncio.get_running_loop().create_future()  # the client never leaves
@@ -54,6 +59,8 @@ async def call(app: EdgeApp) -> tuple[list[dict[str, Any]], BaseException | None
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if started is not None:
+            started.set()
 
     try:
         await app(scope, receive, send)
@@ -93,21 +100,26 @@ def body_of(sent: list[dict[str, Any]]) -> dict[str, Any]:
     return parsed
 
 
-async def test_the_stream_runs_outside_the_routing_and_middleware() -> None:
+@pytest.mark.parametrize("cors_origins", ["", "https://a.example", "*"])
+async def test_the_stream_runs_outside_the_routing_and_middleware(cors_origins: str) -> None:
     chain: list[str] = []
-    _, raised = await call(edge_app(watching(fail=Boom(), chain=chain)))
-    assert isinstance(raised, Boom)
-    assert "EdgeApp.__call__" in chain and "EventStream.serve" in chain
-    assert not [name for name in chain if "Middleware" in name or "Router" in name], chain
-
-
-async def test_with_cors_the_stream_stays_inside_the_middleware() -> None:
-    # CORS wraps the stream's send to add its headers: it must stay in the way.
-    chain: list[str] = []
-    app = edge_app(watching(fail=Boom(), chain=chain), cors_origins="https://a.example")
+    app = edge_app(watching(fail=Boom(), chain=chain), cors_origins=cors_origins)
     _, raised = await call(app)
     assert isinstance(raised, Boom)
-    assert "CORSMiddleware.__call__" in chain
+    assert "EdgeApp.__call__" in chain and "EventStream.serve" in chain
+    assert not [name for name in chain
+                if "Middleware" in name or "Router" in name or "Route." in name], chain
+
+
+async def test_with_cors_the_stream_answers_with_the_cors_and_security_headers() -> None:
+    app = edge_app(watching(), cors_origins="https://a.example")
+    origin = [(b"origin", b"https://a.example")]
+    sent = await call_until_started(app, origin)
+    assert sent[0]["status"] == 200
+    answer = dict(sent[0]["headers"])
+    assert answer[b"access-control-allow-origin"] == b"https://a.example"
+    assert answer[b"access-control-allow-credentials"] == b"true"
+    assert answer[b"x-content-type-options"] == b"nosniff"
 
 
 async def test_a_redis_error_before_the_stream_started_answers_503_json() -> None:
@@ -141,3 +153,23 @@ async def test_an_error_after_the_stream_started_goes_on_up_without_a_second_ans
     assert isinstance(raised, Boom)
     assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
     assert sent[0]["status"] == 200 and sent[-1]["body"].startswith(b"event: end")
+
+
+
+async def call_until_started(app: EdgeApp, headers: list[tuple[bytes, bytes]],
+                             ) -> list[dict[str, Any]]:
+    """GET the stream until its answer has started (a live stream does not end by itself)."""
+    sent: list[dict[str, Any]] = []
+    started = asyncio.Event()
+    task = asyncio.create_task(call(app, headers, sent, started=started))
+    async with asyncio.timeout(5):
+        await started.wait()
+    task.cancel()
+    return sent
+
+
+async def test_other_methods_on_the_stream_path_are_answered_405_as_before() -> None:
+    sent, raised = await call(edge_app(watching()), method="POST")
+    assert raised is None
+    assert sent[0]["status"] == 405
+    assert body_of(sent)["error"]["code"] == "method_not_allowed"

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import protocol
-from broker.auth import ApiKeys, ViewerTokens, key_id, parse_keys
-from broker.errors import ApiError
+from broker.core import protocol
+from broker.edge.auth import ApiKeys, ViewerTokens, key_id, parse_keys
+from broker.edge.errors import ApiError
 
 NOW = 1_800_000_000.0
 

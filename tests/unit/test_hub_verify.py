@@ -7,11 +7,11 @@ from typing import Any
 
 import fakeredis
 
-from broker import protocol
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.protocol import Meta
-from broker.topic import Frame, Topic
+from broker.core import protocol
+from broker.core.metrics import Metrics
+from broker.core.protocol import Meta
+from broker.edge.hub import Hub
+from broker.edge.topic import Frame, Topic
 
 
 class MetaDuringLiveTraffic:

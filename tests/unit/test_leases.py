@@ -12,13 +12,13 @@ import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from broker import protocol
-from broker.leases import QUEUED_RECHECK_INTERVALS, LeaseWatch, Schedule
-from broker.metrics import Metrics
-from broker.protocol import Event, LeaseCheck, Meta
-from broker.settings import Settings
-from broker.store import Store
-from broker.topic import Frame, Topic
+from broker.core import protocol
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event, LeaseCheck, Meta
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.edge.leases import QUEUED_RECHECK_INTERVALS, LeaseWatch, Schedule
+from broker.edge.topic import Frame, Topic
 from tests.support.procs import eventually
 from worker.llm import LLM
 from worker.loop import Worker

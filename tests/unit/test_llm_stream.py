@@ -1,5 +1,5 @@
 """The worker's own handling of the LLM's chunks (worker.llm); the SSE decoding itself is
-broker.sse.SSEDecoder's (tests/unit/test_sse.py)."""
+broker.core.sse.SSEDecoder's (tests/unit/test_sse.py)."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from broker import logs
-from broker.logs import JsonFormatter, TextFormatter
+from broker.core import logs
+from broker.core.logs import JsonFormatter, TextFormatter
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 
 def record(message: str, *args: object, exc_info: object = None) -> logging.LogRecord:
-    return logging.LogRecord("broker.api", logging.INFO, __file__, 1, message, args,
+    return logging.LogRecord("broker.edge.routes", logging.INFO, __file__, 1, message, args,
                              exc_info)  # type: ignore[arg-type]
 
 
@@ -68,7 +68,7 @@ def test_a_traceback_follows_indented_so_no_line_passes_for_a_record() -> None:
     except ValueError:
         text = TextFormatter().format(record("failed", exc_info=sys.exc_info()))
     first, *rest = text.split("\n")
-    assert first.endswith("INFO broker.api: failed")
+    assert first.endswith("INFO broker.edge.routes: failed")
     assert rest and all(line.startswith("    ") for line in rest)
     assert "ValueError: bad" in text
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.sentences import SentenceBuffer
+from broker.core.sentences import SentenceBuffer
 
 
 def run(deltas: list[str], max_chars: int = 400) -> tuple[list[str], str]:

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from broker import cli
-from broker.settings import Settings, from_args
+from broker.core.settings import Settings, from_args
+from broker.tools import cli
 
 ENV_NAMES = [f.metadata["env"] for f in dataclasses.fields(Settings)]
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from broker import protocol, sse
-from broker.protocol import Event
+from broker.core import protocol, sse
+from broker.core.protocol import Event
 
 # -- a small parser following the WHATWG "event stream interpretation" rules -----------------
 
@@ -326,3 +326,45 @@ def test_decoder_end_hands_on_what_the_stream_was_cut_in():
     assert decode_pieces([b"data: a\n\ndata: [DONE]"]) == (["a"], ["[DONE]"])
     assert decode_pieces([b'data: {"cut', b'": 1\n']) == ([], ['{"cut": 1'])
     assert decode_pieces([b"data: a\n\n"]) == (["a"], [])
+
+
+# -- SSEEventDecoder: broker.client's reader of an edge's stream ---------------------------------
+
+
+def decode_events(pieces: list[bytes]) -> tuple[list[Parsed], int | None]:
+    decoder = sse.SSEEventDecoder()
+    events = [Parsed(e.event, e.data, e.id) for piece in pieces for e in decoder.feed(piece)]
+    return events, decoder.retry
+
+
+@given(sse_streams(), st.lists(st.integers(min_value=0), max_size=30))
+@example(b"retry: 5\r\nid: 1\r\nevent: end\r\ndata: a\r\n\r\n", [9, 10])
+@example("id: \u2028\ndata: x\u2028y\n\ndata: z\n\n".encode(), [5, 12])  # id kept for z
+@example(b"id: 1\ndata: a\n\nid: 2\x00\ndata: b\n\n", [])  # an id with NUL is ignored
+def test_event_decoder_dispatches_what_the_spec_does_for_any_split(body: bytes, cuts: list[int]):
+    expected = parse_sse(body)
+    assert decode_events(split_at(body, cuts)) == (expected.events, expected.retry)
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(min_value=0), max_size=30))
+def test_event_decoder_reads_any_bytes_as_the_spec_does(body: bytes, cuts: list[int]):
+    expected = parse_sse(body)
+    assert decode_events(split_at(body, cuts)) == (expected.events, expected.retry)
+
+
+def test_event_decoder_reads_back_what_the_edge_frames():
+    text = f"a{NOT_LINE_ENDS}b\r\nc 汉字 😀"
+    events = [Event(1, "message", protocol.message_data(text), 0),
+              Event(2, "end", protocol.end_data("stop", None), 0)]
+    body = sse.retry(1500) + sse.comment("keepalive") + b"".join(map(sse.encode_event, events))
+    one_byte_pieces = [body[i : i + 1] for i in range(len(body))]
+    for pieces in ([body], one_byte_pieces):
+        parsed, retry = decode_events(pieces)
+        assert retry == 1500
+        assert [(p.type, p.last_event_id) for p in parsed] == [("message", "0000000001"),
+                                                               ("end", "0000000002")]
+        assert json.loads(parsed[0].data) == {"text": text}
+
+
+def test_event_decoder_drops_an_event_the_stream_ends_in():
+    assert decode_events([b"data: a\n\ndata: cut short"]) == ([Parsed("message", "a", "")], None)

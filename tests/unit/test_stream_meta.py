@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from broker.api import Edge
-from broker.protocol import Meta
+from broker.core.protocol import Meta
+from broker.edge.routes import Edge
 
 
 class SlowStore:

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from broker import tasks
-from broker.tasks import cancel_and_wait
+from broker.core import tasks
+from broker.core.tasks import cancel_and_wait
 
 
 async def test_stops_a_task_that_swallows_the_first_cancel(monkeypatch: pytest.MonkeyPatch):

@@ -7,10 +7,10 @@ from collections.abc import Iterable
 
 import pytest
 
-from broker import protocol, sse
-from broker.metrics import Metrics
-from broker.protocol import Event
-from broker.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, Topic, to_frame
+from broker.core import protocol, sse
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event
+from broker.edge.topic import KEPT_CHUNKS, LOG_READ_CHUNK, MAX_WRITE_BYTES, Frame, Topic, to_frame
 
 
 def frame(seq: int, terminal: bool = False) -> Frame:
@@ -54,7 +54,7 @@ async def test_first_offer_may_start_anywhere() -> None:
 async def test_duplicate_offer_is_ignored(duplicate: int) -> None:
     topic = topic_with(1, 3)
     original = list(topic.window)
-    changed = topic.changed()
+    changed = topic.next_change()
     assert topic.offer(frame(duplicate)) is True
     assert list(topic.window) == original
     assert all(a is b for a, b in zip(topic.window, original, strict=True))
@@ -66,7 +66,7 @@ async def test_same_seq_with_other_content_is_a_diverged_history() -> None:
     # Redis now holds another event under a seq this edge already delivered (a failover lost
     # acknowledged writes): the viewers cannot be continued and must be told.
     topic = topic_with(1, 3)
-    changed = topic.changed()
+    changed = topic.next_change()
     assert topic.offer(Frame(2, b"other bytes", False, 0)) is True
     assert topic.lost
     assert changed.is_set()
@@ -75,7 +75,7 @@ async def test_same_seq_with_other_content_is_a_diverged_history() -> None:
 def test_log_and_live_copies_of_an_event_encode_to_the_same_bytes() -> None:
     # Divergence is detected by comparing bytes, so both paths must encode identically.
     event = Event(7, "message", protocol.message_data("Hi.\nThere"), 1234)
-    live = protocol.decode_payload(protocol.encode_payload(event))
+    live = protocol.decode_payload(f"7 message 1234 {event.data}")  # as PUBLISH_SCRIPT sends it
     entry_id = protocol.stream_id(7)
     logged = protocol.decode_log_entry(
         entry_id, {b"k": b"message", b"d": event.data.encode(), b"t": b"1234"}
@@ -85,7 +85,7 @@ def test_log_and_live_copies_of_an_event_encode_to_the_same_bytes() -> None:
 
 async def test_gap_returns_false_and_restarts_the_window() -> None:
     topic = topic_with(1, 3)
-    changed = topic.changed()
+    changed = topic.next_change()
     assert topic.offer(frame(6)) is False
     assert seqs(topic.window) == [6]
     assert changed.is_set()
@@ -199,7 +199,7 @@ async def test_absorb_append_respects_capacity() -> None:
 )
 async def test_absorb_ignores_a_non_contiguous_range(batch: list[Frame]) -> None:
     topic = topic_with(5, 6)
-    changed = topic.changed()
+    changed = topic.next_change()
     topic.absorb(batch)
     assert seqs(topic.window) == [5, 6]
     assert topic.terminal_seq is None
@@ -208,7 +208,7 @@ async def test_absorb_ignores_a_non_contiguous_range(batch: list[Frame]) -> None
 
 async def test_absorb_of_nothing_changes_nothing() -> None:
     topic = topic_with(1, 2)
-    changed = topic.changed()
+    changed = topic.next_change()
     topic.absorb([])
     assert seqs(topic.window) == [1, 2]
     assert not changed.is_set()
@@ -237,32 +237,32 @@ async def test_absorb_of_a_range_running_past_head_keeps_the_newer_frames(first:
 
 async def test_changed_is_set_by_offer_and_renewed() -> None:
     topic = Topic("gen", 8)
-    first = topic.changed()
-    assert topic.changed() is first  # stable until something changes
+    first = topic.next_change()
+    assert topic.next_change() is first  # stable until something changes
     assert not first.is_set()
     topic.offer(frame(1))
     assert first.is_set()
-    second = topic.changed()
+    second = topic.next_change()
     assert second is not first
     assert not second.is_set()
 
 
 async def test_changed_is_set_by_absorb() -> None:
     topic = Topic("gen", 8)
-    event = topic.changed()
+    event = topic.next_change()
     topic.absorb(frames(1, 2))
     assert event.is_set()
-    assert not topic.changed().is_set()
+    assert not topic.next_change().is_set()
 
 
 async def test_changed_is_set_by_resync_which_bumps_resyncs() -> None:
     topic = topic_with(1, 2)
-    event = topic.changed()
+    event = topic.next_change()
     assert topic.resyncs == 0
     topic.resync()
     assert topic.resyncs == 1
     assert event.is_set()
-    assert not topic.changed().is_set()
+    assert not topic.next_change().is_set()
     topic.resync()
     assert topic.resyncs == 2
     assert seqs(topic.window) == [1, 2]  # a resync does not touch the window
@@ -270,7 +270,7 @@ async def test_changed_is_set_by_resync_which_bumps_resyncs() -> None:
 
 async def test_a_waiter_on_changed_wakes_on_offer() -> None:
     topic = Topic("gen", 8)
-    waiter = asyncio.create_task(topic.changed().wait())
+    waiter = asyncio.create_task(topic.next_change().wait())
     await asyncio.sleep(0)
     assert not waiter.done()
     topic.offer(frame(1))
@@ -314,7 +314,7 @@ async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() ->
         topic.offer(f)
     a, b = Viewer(2), Viewer(2)
     parks = [await parked(topic, a), await parked(topic, b)]
-    changed = topic.changed()
+    changed = topic.next_change()
     topic.offer(frame(3))
     assert changed.is_set()  # viewers that are not parked hear of the change at once
     await fanned_out()
@@ -424,7 +424,7 @@ async def test_merging_older_frames_wakes_nobody() -> None:
     topic = topic_with(3, 4)
     viewer = Viewer(4)
     park = await parked(topic, viewer)
-    changed = topic.changed()
+    changed = topic.next_change()
     topic.absorb(frames(1, 2))
     await asyncio.sleep(0)
     assert seqs(topic.window) == [1, 2, 3, 4]

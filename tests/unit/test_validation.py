@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from openai import AsyncOpenAI
 from openai.types.chat import completion_create_params
 
-from broker import protocol
-from broker.errors import ApiError
-from broker.validation import (
+from broker.core import protocol
+from broker.core.protocol import SDK_CALL_OPTIONS
+from broker.edge.errors import ApiError
+from broker.edge.validation import (
     MAX_JSON_DEPTH,
     MAX_MODEL_CHARS,
-    SDK_CALL_OPTIONS,
     parse_create_body,
     parse_last_event_id,
 )

@@ -1,6 +1,6 @@
 """Redis operations on generations and jobs, shared by the edge and the worker.
 
-Names and formats come from ``broker.protocol``; this module only sequences the commands.
+Names and formats come from ``broker.core.protocol``; this module only sequences the commands.
 """
 
 from __future__ import annotations
@@ -8,19 +8,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
+from redis.typing import EncodableT, FieldT
 
-from broker import protocol
-from broker.protocol import Event, Job, JobEntry, Meta
-from broker.settings import Settings
+from broker.core import protocol
+from broker.core.protocol import Event, Job, JobEntry, Meta, as_text
+from broker.core.settings import Settings
 
 POOL_WAIT_TIMEOUT = 5.0
 IGNORED_BLOCK_PAUSE = 0.05
@@ -89,16 +97,35 @@ class WaitingRedisCluster(aioredis.RedisCluster):
         try:
             return await super().execute_command(*args, **kwargs)
         except (RuntimeError, AttributeError) as e:
-            # redis-py closes every connection of the client on some cluster errors (CLUSTERDOWN
-            # during a failover); a command in flight on another task then fails on a closed
-            # transport with these instead of a ConnectionError. Callers retry ConnectionErrors.
+            if not closed_under_the_command(e):
+                raise  # a bug, not an outage
             raise RedisConnectionError(f"the connection closed under the command: {e!r}") from e
+        except (ClusterDownError, TryAgainError) as e:
+            # A failover (CLUSTERDOWN) or a slot migration (TRYAGAIN) under way, past redis-py's
+            # own retries: an outage that passes, retried by the callers like a lost connection.
+            raise ClusterInTransition(str(e)) from e
         except RedisClusterException as e:
             # Not a RedisError: no node reachable, a slot not covered. For the callers this is
             # Redis being unavailable (a JSON 503 at the edge, a retry in the worker).
             raise RedisConnectionError(f"the cluster is unavailable: {e}") from e
         finally:
             self._in_flight.release()
+
+
+class ClusterInTransition(RedisConnectionError):
+    """A Redis Cluster answered CLUSTERDOWN or TRYAGAIN: retry as after a lost connection."""
+
+
+def closed_under_the_command(error: RuntimeError | AttributeError) -> bool:
+    """Did a command fail because its connection was closed under it? redis-py closes every
+    connection of a cluster client on some cluster errors (CLUSTERDOWN during a failover), and
+    a command in flight on another task then meets the reader and writer the disconnect set
+    to None (``AttributeError`` on ``None``) or uvloop's closed transport (``RuntimeError:
+    unable to perform operation on <TCPTransport closed=True ...>; the handler is closed``).
+    Anything else is a bug, and must not pass for an outage."""
+    if isinstance(error, AttributeError):
+        return error.obj is None
+    return str(error).endswith("the handler is closed")
 
 
 class Store:
@@ -147,11 +174,11 @@ class Store:
             job_fields["producer"] = producer
         job = protocol.encode_job(job_fields)
         async with self.redis.pipeline(transaction=not self.cluster) as pipe:
-            pipe.hset(meta, mapping=protocol.new_meta(model, producer))
+            pipe.hset(meta, mapping=_fields(protocol.new_meta(model, producer)))
             pipe.pexpire(meta, int(self.ttl_ms))
             await pipe.execute()
         try:
-            await self.redis.xadd(self.job_stream_of(gen_id), job)  # type: ignore[arg-type]
+            await self.redis.xadd(self.job_stream_of(gen_id), _fields(job))
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.delete(meta)
@@ -160,18 +187,15 @@ class Store:
     async def meta(self, gen_id: str) -> Meta | None:
         return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
 
-    async def exists(self, gen_id: str) -> bool:
-        return bool(await self.redis.exists(protocol.meta_key(gen_id)))
-
     async def text(self, gen_id: str) -> str:
         raw = await self.redis.get(protocol.text_key(gen_id))
-        return raw.decode() if raw else ""
+        return as_text(raw) if raw else ""
 
     async def read_log(self, gen_id: str, after_seq: int, count: int) -> list[Event]:
-        entries = await self.redis.xrange(
+        entries: Any = await self.redis.xrange(  # (redis-py types entries with None parts)
             protocol.log_key(gen_id), min=f"({protocol.stream_id(after_seq)}", count=count
         )
-        return [protocol.decode_log_entry(eid, fields) for eid, fields in entries]
+        return [protocol.decode_log_entry(eid, fields) for eid, fields in entries or []]
 
     async def cancel(self, gen_id: str) -> str:
         """Status before the cancel ('' if unknown): a queued generation ends at once, and
@@ -182,7 +206,7 @@ class Store:
             args=[gen_id, data, protocol.now_ms(), self.maxlen, self.ttl_ms,
                   protocol.live_channel(gen_id), self.publish_cmd, protocol.CANCEL_CHANNEL],
         )
-        before = _str(result)
+        before = as_text(result)
         if before == "queued":
             await self._leave_queue_quota(gen_id)
         return before
@@ -195,7 +219,7 @@ class Store:
         with contextlib.suppress(RedisError, OSError):
             producer = await self.redis.hget(protocol.meta_key(gen_id), "producer")
             if producer:
-                await self.release_queue_slot(_str(producer), gen_id)
+                await self.release_queue_slot(as_text(producer), gen_id)
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -203,7 +227,7 @@ class Store:
         """'ok' when this owner now runs the generation, its lease running out ``lease_ttl``
         seconds from now by Redis's clock; else the status that prevents it."""
         keys = [protocol.meta_key(gen_id)]
-        return _str(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
+        return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
 
     async def cancel_requested(self, gen_id: str) -> bool:
         return await self.redis.hget(protocol.meta_key(gen_id), "cancel") == b"1"
@@ -212,7 +236,7 @@ class Store:
         """Renew the lease for ``lease_ttl`` seconds (Redis's clock): 'run', 'cancel' (cancel
         was requested) or 'lost' (no longer ours)."""
         keys = [protocol.meta_key(gen_id)]
-        return _str(await self._heartbeat(keys=keys, args=[owner, _ms(lease_ttl)]))
+        return as_text(await self._heartbeat(keys=keys, args=[owner, _ms(lease_ttl)]))
 
     async def publish(
         self, gen_id: str, owner: str, event: Event, *, text: str = "",
@@ -256,10 +280,10 @@ class Store:
         self, stream: str, consumer: str, count: int, block_ms: int
     ) -> list[tuple[JobEntry, Job]]:
         started = time.monotonic()
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(  # (redis-py types this reply loosely)
             protocol.WORKER_GROUP, consumer, {stream: ">"}, count=count, block=block_ms,
         )
-        jobs = [(JobEntry(stream, _str(entry_id)), protocol.decode_job(fields))
+        jobs = [(JobEntry(stream, as_text(entry_id)), protocol.decode_job(fields))
                 for _stream, entries in reply or [] for entry_id, fields in entries]
         if not jobs and time.monotonic() - started < block_ms / 2000:
             # Empty before the block ran out: a store that ignores BLOCK (fakeredis, under
@@ -278,24 +302,24 @@ class Store:
     ) -> tuple[str, list[tuple[JobEntry, Job]]]:
         """Take over jobs nobody touched for ``min_idle_ms`` (their worker died or stalled).
         Scans the pending list from ``cursor``; returns the next cursor ('0-0': wrapped)."""
-        reply = await self.redis.xautoclaim(
+        reply: Any = await self.redis.xautoclaim(  # (likewise)
             stream, protocol.WORKER_GROUP, consumer, min_idle_ms, start_id=cursor, count=count,
         )
         entries = reply[1] if reply else []
-        jobs = [(JobEntry(stream, _str(eid)), protocol.decode_job(fields))
+        jobs = [(JobEntry(stream, as_text(eid)), protocol.decode_job(fields))
                 for eid, fields in entries if fields]
-        return (_str(reply[0]) if reply else "0-0"), jobs
+        return (as_text(reply[0]) if reply else "0-0"), jobs
 
     async def queue_stats(self) -> tuple[int, float]:
         """(jobs not yet taken by any worker, age in seconds of the oldest taken-unfinished)."""
         depth, oldest_ms = 0, None
         for stream in self.job_streams:
             for group in await self.redis.xinfo_groups(stream):
-                if _str(group.get("name", b"")) == protocol.WORKER_GROUP:
+                if as_text(group.get("name", b"")) == protocol.WORKER_GROUP:
                     depth += int(group.get("lag") or 0)
             pending = await self.redis.xpending(stream, protocol.WORKER_GROUP)
             if pending and pending.get("min"):
-                ms = protocol.entry_time_ms(_str(pending["min"]))
+                ms = protocol.entry_time_ms(as_text(pending["min"]))
                 oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
         age = (protocol.now_ms() - oldest_ms) / 1000 if oldest_ms is not None else 0.0
         return depth, max(0.0, age)
@@ -310,9 +334,12 @@ class Store:
         return [protocol.meta_key(gen_id), protocol.log_key(gen_id), protocol.text_key(gen_id)]
 
 
+def _fields(values: Mapping[str, str]) -> dict[FieldT, EncodableT]:
+    """``values`` as redis-py types a hash's or a stream entry's fields (its ``Mapping`` is
+    invariant in the key type, so a ``dict[str, str]`` does not pass as it is)."""
+    return dict(values.items())
+
+
 def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

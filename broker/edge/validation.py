@@ -7,8 +7,9 @@ import math
 import re
 from typing import Any
 
-from broker import protocol
-from broker.errors import ApiError
+from broker.core import protocol
+from broker.core.protocol import SDK_CALL_OPTIONS
+from broker.edge.errors import ApiError
 
 # A usable model name has a non-space character (the same rule as the OpenAPI `pattern`).
 _NOT_BLANK = re.compile(r"\S")
@@ -22,10 +23,6 @@ MAX_JSON_DEPTH = 64
 # Fields the broker owns: it always streams, with usage, one choice.
 _BROKER_FIELDS = ("stream", "stream_options")
 
-# Parameters of the openai SDK's ``chat.completions.create`` that are not fields of the request
-# body but options of the call: headers, query and extra body of the upstream request, and its
-# timeout. They are the worker's, not a producer's (worker/llm.py drops them from a job too).
-SDK_CALL_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
 
 
 class _NotJson(ValueError):

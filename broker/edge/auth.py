@@ -14,10 +14,9 @@ import base64
 import hashlib
 import hmac
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from broker.errors import ApiError
+from broker.edge.errors import ApiError
 
 TOKEN_PARAM = "token"
 TOKEN_COOKIE_PREFIX = "broker_token_"  # + the generation id, for EventSource withCredentials
@@ -62,12 +61,6 @@ class ApiKeys:
             if hmac.compare_digest(candidate, secret):
                 return kid
         raise ApiError(401, "unauthorized", "the API key is not valid")
-
-
-@dataclass(frozen=True)
-class ViewerToken:
-    gen_id: str
-    expires: int  # unix seconds
 
 
 class ViewerTokens:

@@ -13,12 +13,12 @@ import fakeredis
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from broker.app import create_app
-from broker.auth import parse_keys
-from broker.metrics import Metrics
-from broker.mockllm import create_mock_llm_app
-from broker.settings import Settings
-from broker.store import Store
+from broker.core.metrics import Metrics
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.edge.app import create_app
+from broker.edge.auth import parse_keys
+from broker.tools.mockllm import create_mock_llm_app
 from worker.llm import LLM
 from worker.loop import Worker
 

@@ -75,8 +75,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "generation", None):
-            entry["generation"] = record.generation
+        generation_id = getattr(record, "generation", None)  # (set by _GenerationFilter)
+        if generation_id:
+            entry["generation"] = generation_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False).translate(_JSON_LINE_BREAKS)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.settings import Settings
-from broker.validation import MAX_JSON_DEPTH, MAX_MODEL_CHARS, SDK_CALL_OPTIONS
+from broker.core.protocol import SDK_CALL_OPTIONS
+from broker.core.settings import Settings
+from broker.edge.validation import MAX_JSON_DEPTH, MAX_MODEL_CHARS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _GEN_ID = {

@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from worker.sentences import SentenceBuffer  # the worker's rule, not a second copy of it
+from broker.core.sentences import SentenceBuffer  # the worker's rule, not a second copy of it
 
 
 @dataclass
@@ -170,7 +170,9 @@ def awkward_pieces(data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-async def _events(body: dict[str, Any], reply: Reply, record: Record) -> AsyncIterator[bytes]:
+async def _events(
+    body: dict[str, Any], reply: Reply, record: Record
+) -> AsyncGenerator[bytes, None]:
     """The stream's events, each as the bytes of one SSE event ending in a blank line."""
     cid = "chatcmpl-" + uuid.uuid4().hex[:12]
     model = body.get("model", "mock")

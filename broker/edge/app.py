@@ -1,4 +1,5 @@
-"""The edge application: Starlette routes, error shapes and the hub's lifetime."""
+"""The edge application: the event stream's pre-router, Starlette for every other route, the
+error shapes and the hub's lifetime."""
 
 from __future__ import annotations
 
@@ -13,23 +14,21 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from broker import headers
-from broker.api import Edge, routes
-from broker.auth import ApiKeys, ViewerTokens, parse_keys
-from broker.errors import ApiError, error_response
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.settings import Settings
-from broker.store import Store, connect
-from broker.stream import HANDOFF, EventStream, ViewerSlots
+from broker.core.metrics import Metrics
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
+from broker.edge import headers
+from broker.edge.auth import ApiKeys, ViewerTokens, parse_keys
+from broker.edge.cors import CorsPolicy
+from broker.edge.errors import ApiError, error_response
+from broker.edge.hub import Hub
+from broker.edge.routes import Edge, open_stream, routes, stream_route
+from broker.edge.stream import EventStream, ViewerSlots
 
 log = logging.getLogger(__name__)
 
@@ -72,92 +71,95 @@ def create_app(
             if redis is None:
                 await client.aclose()
 
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    middleware = [Middleware(
-        JsonCORSMiddleware, allow_origins=origins,
-        # Credentials (cookies) only for named origins: never for "*".
-        allow_credentials="*" not in origins,
-        allow_methods=["GET", "POST"],
-        allow_headers=["authorization", "content-type", "last-event-id"],
-        expose_headers=["location", "retry-after"], max_age=600,
-    )] if origins else []
+    cors = CorsPolicy(settings.cors_origins)
     app = EdgeApp(
         routes=routes,
         lifespan=lifespan,
-        middleware=middleware,
+        middleware=cors.middleware(),
         exception_handlers={
-            ApiError: _api_error,
-            HTTPException: _http_error,
-            RedisError: _redis_error,
-            Exception: _internal_error,
+            ApiError: _error_handler,
+            HTTPException: _error_handler,
+            RedisError: _error_handler,
+            Exception: _error_handler,
         },
     )
     # Starlette would redirect ``/healthz/`` to ``/healthz`` with an absolute URL built from
     # the request's Host header, which the client chooses: an unknown path is a 404 instead.
     app.router.redirect_slashes = False
     app.state.edge = edge
+    app.cors = cors
     return app
 
 
-class JsonCORSMiddleware(CORSMiddleware):
-    """Starlette's CORS, its refused preflights answered in the edge's JSON error shape."""
-
-    def preflight_response(self, request_headers: Headers) -> Response:
-        response = super().preflight_response(request_headers)
-        if response.status_code < 400:
-            return response
-        kept = {name: value for name, value in response.headers.items()
-                if name not in ("content-type", "content-length")}
-        reason = bytes(response.body).decode(errors="replace")  # "Disallowed CORS origin, ..."
-        return error_response(response.status_code, "cors_refused",
-                              f"CORS preflight refused: {reason}", kept)
-
-
 class EdgeApp(Starlette):
-    """The edge's app: Starlette, except that an SSE stream, once routed, is served after the
-    routing and middleware it came through have returned, so each of the thousands of open
-    streams holds none of their frames, send wrappers and ``Request`` objects. Not with user
-    middleware (CORS): that one wraps the stream's ``send`` and must stay in its way."""
+    """The edge's app. The event stream is routed here, before Starlette: authorized,
+    validated and served by ``__call__`` itself (its errors mapped to the JSON error answers by
+    ``error_answer``, its CORS and security headers added as its answer starts), so each of the
+    thousands of open streams holds no routing or middleware frames, send wrappers or
+    ``Request`` objects, with or without CORS. Every other request goes through Starlette
+    (routes, the CORS middleware, the exception handlers, which map errors the same way)."""
+
+    cors = CorsPolicy("")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
             return
-        send = _with_headers(send, headers.for_path(scope["path"]))
-        if self.user_middleware:
-            await super().__call__(scope, receive, send)
+        page_headers = headers.for_path(scope["path"])
+        gen_id = stream_route(scope)
+        if gen_id is None:
+            await super().__call__(scope, receive, _with_headers(send, page_headers))
             return
-        handoff: list[EventStream] = []
-        scope[HANDOFF] = handoff
-        await super().__call__(scope, receive, send)
-        del scope[HANDOFF]
-        if handoff:
-            stream = handoff.pop()
-            try:
-                await stream.serve(scope, receive, send)
-            except Exception as exc:
-                if stream.started:
-                    raise  # as through Starlette: uvicorn logs it and closes the connection
-                await self._answer_error(scope, receive, send, exc)
+        cors = await self.cors.simple_headers(scope)
+        send = _with_headers(send, [*page_headers, *cors] if cors else page_headers)
+        # Served from here, in this frame: an open stream holds no frame more than it must.
+        edge: Edge = self.state.edge
+        try:
+            answer = await open_stream(edge, Request(scope, receive), gen_id)
+        except Exception as exc:
+            await _answer_error(edge, exc, scope, receive, send)
+            return
+        if not isinstance(answer, EventStream):
+            await answer(scope, receive, send)  # 204: it ended at the cursor
+            return
+        try:
+            await answer.serve(scope, receive, send)
+        except Exception as exc:
+            if answer.started:
+                raise  # uvicorn logs it and closes the connection
+            await _answer_error(edge, exc, scope, receive, send)
 
-    async def _answer_error(self, scope: Scope, receive: Receive, send: Send,
-                            exc: Exception) -> None:
-        """What Starlette's exception middleware would answer: the handler of the nearest
-        class in the error's MRO; the catch-all one (500) answers and re-raises."""
-        handler = next((h for cls in type(exc).__mro__
-                        if (h := self.exception_handlers.get(cls)) is not None), None)
-        if handler is None:
-            raise exc
-        response = await handler(Request(scope, receive), exc)
-        if response is not None:
-            await response(scope, receive, send)
-        if handler is self.exception_handlers.get(Exception):
-            raise exc
+
+async def _answer_error(edge: Edge, exc: Exception, scope: Scope, receive: Receive,
+                        send: Send) -> None:
+    response, unexpected = error_answer(edge, exc, scope["method"], scope["path"])
+    await response(scope, receive, send)
+    if unexpected:
+        raise exc  # as Starlette's ServerErrorMiddleware does: the server logs it too
+
+
+def error_answer(edge: Edge, exc: Exception, method: str, path: str) -> tuple[Response, bool]:
+    """The JSON error answer to ``exc``, and whether it was unexpected (a 500: the error goes
+    on up once answered). One mapping for the stream and, through the exception handlers,
+    for every other route."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers), False
+    if isinstance(exc, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail)), False
+    if isinstance(exc, RedisError):
+        edge.metrics.redis_errors.labels("request").inc()
+        log.warning("Redis failed during %s %s: %s", method, path, exc)
+        return error_response(503, "redis_unavailable",
+                              "the store is unavailable; retry shortly"), False
+    log.error("unhandled error in %s %s", method, path, exc_info=exc)
+    return error_response(500, "internal_error", "internal error"), True
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     """``send``, adding ``extra`` to the response's headers as it starts (once per response;
-    a stream's events are written past ``send`` altogether, see ``broker.server``)."""
+    a stream's events are written past ``send`` altogether, see
+    ``broker.edge.uvicorn_extensions``)."""
 
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -191,7 +193,7 @@ def _credentials(settings: Settings, dev: bool) -> tuple[ApiKeys, ViewerTokens]:
                     "(%gs): a stream cut at its maximum duration cannot resume with its token",
                     settings.viewer_token_ttl, settings.max_stream_seconds)
     if dev:
-        return api_keys, viewer_tokens  # broker.dev says in its own words what is open
+        return api_keys, viewer_tokens  # broker.tools.dev says in its own words what is open
     if not api_keys.enabled:
         log.warning("INSECURE: no API keys: anyone who reaches this edge may create, read and "
                     "cancel generations")
@@ -201,23 +203,7 @@ def _credentials(settings: Settings, dev: bool) -> tuple[ApiKeys, ViewerTokens]:
     return api_keys, viewer_tokens
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, code, str(exc.detail))
-
-
-async def _redis_error(request: Request, exc: Exception) -> Response:
-    request.app.state.edge.metrics.redis_errors.labels("request").inc()
-    log.warning("Redis failed during %s %s: %s", request.method, request.url.path, exc)
-    return error_response(503, "redis_unavailable", "the store is unavailable; retry shortly")
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.url.path)
-    return error_response(500, "internal_error", "internal error")
+async def _error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's exception handlers (and its ServerErrorMiddleware, for ``Exception``, which
+    re-raises once answered): ``error_answer``."""
+    return error_answer(request.app.state.edge, exc, request.method, request.url.path)[0]

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from broker.metrics import Metrics
-from broker.protocol import LeaseCheck, ProtocolError
-from broker.store import Store
-from broker.topic import Topic
+from broker.core.metrics import Metrics
+from broker.core.protocol import LeaseCheck, ProtocolError
+from broker.core.store import Store
+from broker.edge.topic import Topic
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``broker cluster``: the compose topology as local processes, without Docker.
 
 Starts ``redis-server`` (AOF on, in its own directory), the mock LLM, N ``broker edge``, M
-``broker worker`` and HAProxy (``broker.loadbalancer``'s configuration) in front of the
+``broker worker`` and HAProxy (``broker.tools.loadbalancer``'s configuration) in front of the
 edges, waits until each answers, prints the load balancer's URL, and stops them all on
 SIGINT/SIGTERM. If any of them dies on its own, it stops the others and exits non-zero.
 
@@ -32,9 +32,9 @@ from typing import TextIO
 import httpx
 import redis
 
-from broker.loadbalancer import haproxy_config
-from broker.server import ListenError, listen
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.edge.uvicorn_extensions import ListenError, listen
+from broker.tools.loadbalancer import haproxy_config
 
 INSTALL_HINT = "sudo apt-get install haproxy redis-server"
 READY_TIMEOUT = 30.0  # seconds each stage of the start may take

@@ -9,20 +9,15 @@ from collections.abc import Iterator
 
 from starlette.types import Message, Receive, Scope, Send
 
-from broker import sse
-from broker.errors import error_response
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.protocol import error_data, now_ms
-from broker.server import DirectWriter, hang_up, when_lost
-from broker.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
+from broker.core import sse
+from broker.core.metrics import Metrics
+from broker.core.protocol import error_data, now_ms
+from broker.edge.connection import DirectWriter, connection_of
+from broker.edge.errors import error_response
+from broker.edge.hub import Hub
+from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
-
-# A scope key: where the edge's app (``broker.app.EdgeApp``) collects the stream to serve
-# itself once Starlette's routing and middleware have returned (their frames, wrappers and
-# ``Request`` would otherwise live as long as the stream).
-HANDOFF = "broker.stream_handoff"
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -104,28 +99,22 @@ class EventStream:
         self._writer: DirectWriter | None = None  # for the fan-out's writes, once started
         self.started = False  # the response began (or its error answer did)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handoff: list[EventStream] | None = scope.get(HANDOFF)
-        if handoff is not None:
-            handoff.append(self)  # the app serves it once the routing has unwound
-            return
-        await self.serve(scope, receive, send)
-
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The response; exceptions before it started (``started``) still need an answer."""
         relay = asyncio.current_task()
         assert relay is not None
         self._relay_task = relay
-        # The edge's protocol tells us at once when the client leaves; elsewhere (or when the
+        # The edge's server tells us at once when the client leaves; elsewhere (or when the
         # connection is going already) a task waits for ``http.disconnect``.
+        connection = connection_of(scope)
         watcher = None
-        if not when_lost(receive, self._client_left):
+        if connection is None or not connection.on_lost(self._client_left):
             watcher = asyncio.create_task(self._watch_disconnect(receive))
         self.metrics.viewers.inc()
         self.hub.open_streams.add(self)
         try:
             async with self.hub.watch(self.gen_id) as topic:
-                changed = topic.changed()
+                changed = topic.next_change()
                 try:
                     frames, check_log = await self._next_frames(
                         topic, self.cursor, topic.needs_log(self.cursor)
@@ -138,7 +127,7 @@ class EventStream:
                     return
                 self.started = True
                 await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                self._writer = DirectWriter.of(scope, receive)
+                self._writer = None if connection is None else connection.direct_writer(scope)
                 await self._send(send, sse.retry(self.retry_ms))
                 await self._relay(topic, send, frames, check_log, changed)
             # Watched like any write: after a direct write filled the socket's buffer, this
@@ -152,17 +141,18 @@ class EventStream:
                 self.metrics.slow_viewers_closed.inc()
                 log.info("closing a slow viewer of %s at event %d", self.gen_id, self.position)
                 # Its response cannot end (the socket takes no more): the connection goes.
-                await hang_up(receive)
+                if connection is not None:
+                    await connection.hang_up()
         finally:
             self.metrics.viewers.dec()
             self.hub.open_streams.discard(self)
             if self.slot is not None:
                 self.slot.release()
             self._writer = None
-            if watcher is None:
-                when_lost(receive, None)
-            else:
+            if watcher is not None:
                 watcher.cancel()
+            elif connection is not None:
+                connection.on_lost(None)
 
     async def _relay(
         self, topic: Topic, send: Send, frames: list[Frame], check_log: bool,
@@ -205,7 +195,7 @@ class EventStream:
                     await self._send(send, sse.comment("keepalive"))
             if self.hub.closing or time.monotonic() >= self.deadline:
                 return
-            changed = topic.changed()  # taken before looking, so no change slips between
+            changed = topic.next_change()  # taken before looking, so no change slips between
             check_log = check_log or topic.resyncs != resyncs  # a resync may have missed some
             resyncs = topic.resyncs
             try:

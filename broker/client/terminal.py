@@ -9,7 +9,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import quote
 
@@ -211,7 +211,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                         "line: {id, text} per message, then {finish_reason, usage}")
 
 
-ClientCommand = Callable[[argparse.Namespace, Printer], Awaitable[int]]
+ClientCommand = Callable[[argparse.Namespace, Printer], Coroutine[Any, Any, int]]
 CLIENT_COMMANDS: dict[str, tuple[ClientCommand, str]] = {
     "ask": (ask, "ask a question: create a generation and print its answer as it streams"),
     "tail": (tail, "follow a generation from the start, or from an event id, to its end"),

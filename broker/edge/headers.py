@@ -1,5 +1,5 @@
-"""Security headers: which answers carry which, set once per response (``broker.app.EdgeApp``
-and the server's own answers in ``broker.server``), never per write of a stream."""
+"""Security headers: which answers carry which, set once per response (``broker.edge.app.EdgeApp``
+and the server's own answers in ``broker.edge.uvicorn_extensions``), never per write of a stream."""
 
 from __future__ import annotations
 

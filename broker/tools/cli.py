@@ -7,31 +7,47 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import uvicorn
 
-from broker import logs
-from broker.server import ListenError, listen, serve
-from broker.settings import Settings, add_arguments, from_args
-from broker.terminal import (
+from broker.client.terminal import (
     CLIENT_COMMANDS,
     CLIENT_EPILOG,
     EXIT_INTERRUPTED,
     add_client_arguments,
     run_client,
 )
+from broker.core import logs
+from broker.core.settings import Settings, add_arguments, from_args
+from broker.edge.uvicorn_extensions import ListenError, listen, serve
 
 
 def run_edge(settings: Settings) -> None:
-    from broker.app import create_app
+    from broker.edge.app import create_app
 
     serve(create_app(settings), settings)
 
 
+# What `broker dev` needs on top of the edge and the worker: its in-memory store.
+DEV_EXTRA_MODULES = ("fakeredis", "lupa")
+DEV_EXTRA_MISSING = ("broker dev: its in-memory store (fakeredis) is not installed: "
+                     "pip install 'sse-broker[dev]' (bash scripts/dev does)")
+
+
 def run_dev(settings: Settings) -> None:
-    from broker.dev import create_dev_app, local_url
+    try:
+        for module in DEV_EXTRA_MODULES:
+            importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name not in DEV_EXTRA_MODULES:
+            raise
+        raise SystemExit(DEV_EXTRA_MISSING) from None
+    from broker.tools.dev import create_dev_app, local_url
 
     sock = listen(settings.host, settings.port)  # first: a port in use stops nothing started
     settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one chosen
@@ -40,8 +56,8 @@ def run_dev(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    from broker.metrics import Metrics
-    from broker.store import Store, connect
+    from broker.core.metrics import Metrics
+    from broker.core.store import Store, connect
     from worker.llm import LLM
     from worker.loop import Worker
     from worker.metrics_server import serve_metrics
@@ -67,7 +83,7 @@ def run_worker(settings: Settings) -> None:
 
 
 def run_mock_llm(settings: Settings) -> None:
-    from broker.mockllm import create_mock_llm_app
+    from broker.tools.mockllm import create_mock_llm_app
 
     sock = listen(settings.host, settings.port)
     config = uvicorn.Config(
@@ -78,7 +94,7 @@ def run_mock_llm(settings: Settings) -> None:
 
 
 def run_cluster(settings: Settings, edges: int = 3, workers: int = 2) -> None:
-    from broker.localcluster import LocalCluster
+    from broker.tools.localcluster import LocalCluster
 
     raise SystemExit(LocalCluster(settings, edges=edges, workers=workers).run())
 
@@ -101,13 +117,13 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="broker workers to start [default 2]")
 
 
-def _run(coro: object) -> None:
+def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
 
-        uvloop.run(coro)  # type: ignore[arg-type]
+        uvloop.run(coro)
     except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        asyncio.run(coro)
 
 
 COMMANDS = {

@@ -16,11 +16,12 @@ from typing import ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.types import Receive, Scope
+from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from broker.headers import NOSNIFF
-from broker.settings import Settings
+from broker.core.settings import Settings
+from broker.edge.connection import EXTENSION
+from broker.edge.headers import NOSNIFF
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,10 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     - Shape: a request that is not HTTP is answered ``400`` with the JSON error body (uvicorn
       answers plain text).
 
-    It also tells a long response at once that its client left (``when_lost``), so an SSE
-    stream needs no task of its own blocked in ``receive()`` for ``http.disconnect``."""
+    It also publishes itself in each request's ``scope["extensions"]`` as the request's
+    ``broker.edge.connection.Connection``: a long response hears at once that its client left,
+    so an SSE stream needs no task of its own blocked in ``receive()`` for
+    ``http.disconnect``, and the fan-out writes to its socket directly."""
 
     header_timeout = 10.0
     max_header_bytes = 64 * 1024
@@ -56,6 +59,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     # One table for all connections: an attribute more on each would cost each a bigger dict.
     _lost_callbacks: ClassVar[dict[HeaderTimeoutProtocol, Callable[[], None]]] = {}
 
+    # (asyncio hands a protocol a Transport; uvicorn narrows the parameter, as here)
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
@@ -110,6 +114,75 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._in_head = False
         self._heads_done += 1
         super().on_headers_complete()
+        self._publish_connection()
+
+    def _publish_connection(self) -> None:
+        """Put this connection (``broker.edge.connection.Connection``: this protocol) in the
+        request's scope, before its app runs (uvicorn has created the app's task, which runs
+        on the loop's next turn). Nothing more per request: thousands of streams hold it."""
+        try:
+            cycle = self.cycle
+            if not isinstance(cycle, RequestResponseCycle) or cycle.scope is not self.scope:
+                return  # an upgrade: no request cycle of ours
+            extensions = cycle.scope.setdefault("extensions", {})
+            # Not a dict, as uvicorn types extensions: the connection itself (connection.py).
+            extensions[EXTENSION] = self  # type: ignore[assignment]
+        except AttributeError:
+            _uvicorn_changed()
+
+    # -- broker.edge.connection.Connection ---------------------------------------------------
+    # These rely on uvicorn internals (the request cycle's ``transport``, ``flow``,
+    # ``disconnected``, ``response_started``, ``response_complete``, ``chunked_encoding``), not
+    # its public API: where they differ, each says so once (``_uvicorn_changed``) and answers as
+    # if it could not help (the stream then goes the slower ASGI way). Tested where uvicorn runs
+    # the edge: the contract test of ``broker_direct_writes_total`` fails if direct writes stop.
+
+    def direct_writer(self, scope: Scope) -> DirectWriter | None:
+        try:
+            cycle = self.cycle
+            if (
+                cycle is None
+                or cycle.scope is not scope  # a pipelined request's: not this response
+                or not cycle.response_started
+                or cycle.response_complete
+                or cycle.chunked_encoding is not True
+            ):
+                return None
+            writer = DirectWriter(cycle)
+            writer.ready()  # every attribute it relies on is there
+        except AttributeError:
+            _uvicorn_changed()
+            return None
+        return writer
+
+    def on_lost(self, callback: Callable[[], None] | None) -> bool:
+        try:
+            if callback is None:
+                self._lost_callbacks.pop(self, None)
+            elif self.cycle is None or self.cycle.disconnected or self.transport.is_closing():
+                return False
+            else:
+                self._lost_callbacks[self] = callback
+        except AttributeError:
+            _uvicorn_changed()
+            return False
+        return True
+
+    async def hang_up(self) -> bool:
+        try:
+            if self.cycle is not None and self.cycle.disconnected:
+                return True
+            lost = asyncio.Event()
+            self._lost_callbacks[self] = lost.set
+            self.transport.abort()
+        except AttributeError:
+            _uvicorn_changed()
+            return False
+        # The transport reports the loss on the loop's next turn; bounded all the same.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await lost.wait()
+        return True
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -195,10 +268,10 @@ class DirectWriter:
     """Body chunks written straight to a streaming response's socket, beside its ASGI ``send``.
 
     A fan-out writes the same event to every live viewer: through ``send`` that is a task
-    wake-up, three Starlette wrappers and uvicorn's framing per viewer; here it is one
-    ``transport.write`` of bytes framed once for all. Only for uvicorn's httptools responses in
-    chunked encoding, once started; ``send`` still starts and ends the response and does every
-    write that has to wait (``ready`` is False while flow control holds writes back)."""
+    wake-up and uvicorn's framing per viewer; here it is one ``transport.write`` of bytes
+    framed once for all. Only for uvicorn's httptools responses in chunked encoding, once
+    started; ``send`` still starts and ends the response and does every write that has to wait
+    (``ready`` is False while flow control holds writes back)."""
 
     __slots__ = ("_cycle", "_flow", "_transport")
 
@@ -206,27 +279,6 @@ class DirectWriter:
         self._cycle = cycle
         self._transport = cycle.transport
         self._flow = cycle.flow
-
-    @staticmethod
-    def of(scope: Scope, receive: Receive) -> DirectWriter | None:
-        """The writer for the response ``receive`` belongs to, if uvicorn's httptools protocol
-        serves it in chunked encoding and it has started; else None (use ``send``)."""
-        cycle = getattr(receive, "__self__", None)  # middleware may have wrapped receive
-        try:
-            if (
-                not isinstance(cycle, RequestResponseCycle)
-                or cycle.scope is not scope
-                or not cycle.response_started
-                or cycle.response_complete
-                or cycle.chunked_encoding is not True
-            ):
-                return None
-            writer = DirectWriter(cycle)
-            writer.ready()  # every attribute it relies on is there
-        except AttributeError:
-            _uvicorn_changed()
-            return None
-        return writer
 
     def ready(self) -> bool:
         """Would a write go out now: the connection open, flow control not holding writes?"""
@@ -239,64 +291,12 @@ class DirectWriter:
         self._transport.write(chunk)
 
 
-def when_lost(receive: Receive, callback: Callable[[], None] | None) -> bool:
-    """Have ``callback`` called as soon as the connection of the request whose ``receive`` this
-    is is lost (None: not any more). False when that cannot be told here (another server or
-    protocol, a wrapped ``receive``, or the connection is closing already): then wait for
-    ``http.disconnect`` instead."""
-    cycle = getattr(receive, "__self__", None)
-    if not isinstance(cycle, RequestResponseCycle):
-        return False
-    try:
-        protocol = cycle.transport.get_protocol()
-        if not isinstance(protocol, HeaderTimeoutProtocol):
-            return False
-        if callback is None:
-            protocol._lost_callbacks.pop(protocol, None)
-        elif cycle.disconnected or cycle.transport.is_closing():
-            return False
-        else:
-            protocol._lost_callbacks[protocol] = callback
-    except AttributeError:
-        _uvicorn_changed()
-        return False
-    return True
-
-
-async def hang_up(receive: Receive) -> bool:
-    """Abort the connection of the request whose ``receive`` this is (a viewer too slow to
-    read: its backlog is dropped with it), and return once the server has noted the loss, so
-    that it takes the response as ended by the client instead of logging an ASGI error for a
-    response left incomplete. False when that cannot be done here (another server or
-    protocol): then uvicorn ends the connection itself, and says so in its log."""
-    cycle = getattr(receive, "__self__", None)
-    if not isinstance(cycle, RequestResponseCycle):
-        return False
-    try:
-        protocol = cycle.transport.get_protocol()
-        if not isinstance(protocol, HeaderTimeoutProtocol):
-            return False
-        if cycle.disconnected:
-            return True
-        lost = asyncio.Event()
-        protocol._lost_callbacks[protocol] = lost.set
-        cycle.transport.abort()
-    except AttributeError:
-        _uvicorn_changed()
-        return False
-    # The transport reports the loss on the loop's next turn; bounded all the same.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(1.0):
-            await lost.wait()
-    return True
-
-
 _warned = False
 
 
 def _uvicorn_changed() -> None:
-    """uvicorn's internals differ from what ``DirectWriter`` and ``when_lost`` rely on (they
-    are not its public API): the edge still works, the slow way. Say so once."""
+    """uvicorn's internals differ from what ``HeaderTimeoutProtocol``'s connection methods
+    rely on (they are not its public API): the edge still works, the slow way. Say so once."""
     global _warned
     if not _warned:
         _warned = True
@@ -306,7 +306,7 @@ def _uvicorn_changed() -> None:
 
 # How long uvicorn lets open requests finish on shutdown. SSE streams do not wait for it: the
 # edge ends them as shutdown begins (``EdgeServer``), so only short requests ever use it.
-GRACEFUL_SHUTDOWN_SECONDS = 5.0
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 class EdgeServer(uvicorn.Server):

@@ -1,6 +1,6 @@
 """One Redis subscription per generation per edge, fanned out to local viewers in memory.
 
-The hub owns this edge's pub/sub connections and its topics (``broker.topic``): one connection
+The hub owns this edge's pub/sub connections and its topics (``broker.edge.topic``): one connection
 on a single Redis, one per master on a Redis Cluster (a ``Shard`` each), where a generation's
 channel is subscribed with SSUBSCRIBE on the master serving its slot.
 """
@@ -12,33 +12,28 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from broker import protocol
-from broker.backoff import Backoff
-from broker.leases import LeaseWatch
-from broker.metrics import Metrics
-from broker.store import Store
-from broker.tasks import cancel_and_wait
-from broker.topic import Topic, to_frame
+from broker.core import protocol
+from broker.core.backoff import Backoff
+from broker.core.cluster import Master, SlotMap
+from broker.core.metrics import Metrics
+from broker.core.pubsub import subscribe_forever
+from broker.core.store import Store
+from broker.core.tasks import cancel_and_wait
+from broker.edge.leases import LeaseWatch
+from broker.edge.topic import Topic, to_frame
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT = 5.0
-# What a shard's own connection to a master takes from the cluster client's settings.
-_NODE_CONNECTION_OPTIONS = {
-    "username", "password", "credential_provider", "client_name", "socket_timeout",
-    "socket_connect_timeout", "socket_keepalive", "socket_keepalive_options",
-    "health_check_interval",
-}
 SEND_WATCH_INTERVAL = 0.5
 
 
@@ -91,7 +86,7 @@ class Shard:
             return  # retired from its own reader (see ``Hub.rebalance``): the loop ends itself
         if self._reader is not None:
             # Its failure, if any, was logged where it happened. Cancelled for sure: a cancel
-            # landing as a Redis call completes can be lost (see broker.tasks).
+            # landing as a Redis call completes can be lost (see broker.core.tasks).
             await cancel_and_wait(self._reader)
             self._reader = None
 
@@ -137,7 +132,7 @@ class Shard:
     async def publish_probe(self, now: float) -> None:
         try:
             if self.sharded:
-                await self.client.execute_command("SPUBLISH", self.probe_channel, str(now))
+                await self.client.spublish(self.probe_channel, str(now))
             else:
                 await self.client.publish(self.probe_channel, str(now))
             if self._unseen_since is None:
@@ -160,40 +155,43 @@ class Shard:
         """Own the pub/sub connection. After any failure it starts over on a new connection
         and subscribes every channel again; their confirmations then make each topic check its
         generation and resync from the log (see ``_dispatch``)."""
-        backoff = Backoff()
-        while not self.retired:
-            pubsub = self.client.pubsub()
-            try:
-                self._unconfirmed.clear()
-                # Channels added while subscribing were not in the list: take them too, and
-                # publish the connection (for direct subscribes) with no await in between.
-                done: set[str] = set()
-                todo = {self.probe_channel, *self.channels}
-                while todo:
-                    await self._subscribe(pubsub, *todo)
-                    done |= todo
-                    todo = self.channels - done
-                self._pubsub = pubsub
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    backoff.reset()
-                    if message is not None:
-                        self._dispatch(message)
-            except (RedisError, OSError) as e:
-                self.hub.metrics.redis_errors.labels("subscribe").inc()
-                self.hub.metrics.pubsub_reconnects.inc()
-                self.failed()
-                log.warning("pub/sub connection to %s failed (%s); retrying in %.2fs",
-                            self.name, e, backoff.delay)
-            finally:
-                self._pubsub = None
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-            await backoff.sleep()
-            if self.sharded:
-                # The master may be gone (failed over): find out who serves these slots now.
-                with contextlib.suppress(RedisError, RedisClusterException, OSError):
-                    await self.hub.rebalance()
+        await subscribe_forever(
+            self.client.pubsub, self._session, self._connection_failed,
+            stopped=lambda: self.retired,
+            after_failure=self._follow_failover if self.sharded else None,
+        )
+
+    async def _session(self, pubsub: PubSub, connected: Callable[[], None]) -> None:
+        try:
+            self._unconfirmed.clear()
+            # Channels added while subscribing were not in the list: take them too, and
+            # publish the connection (for direct subscribes) with no await in between.
+            done: set[str] = set()
+            todo = {self.probe_channel, *self.channels}
+            while todo:
+                await self._subscribe(pubsub, *todo)
+                done |= todo
+                todo = self.channels - done
+            self._pubsub = pubsub
+            connected()
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is not None:
+                    self._dispatch(message)
+        finally:
+            self._pubsub = None
+
+    def _connection_failed(self, error: Exception, retry_in: float) -> None:
+        self.hub.metrics.redis_errors.labels("subscribe").inc()
+        self.hub.metrics.pubsub_reconnects.inc()
+        self.failed()
+        log.warning("pub/sub connection to %s failed (%s); retrying in %.2fs",
+                    self.name, error, retry_in)
+
+    async def _follow_failover(self) -> None:
+        """The master may be gone (failed over): find out who serves these slots now."""
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+            await self.hub.rebalance()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
@@ -264,14 +262,16 @@ class Hub:
         self.probe_interval = probe_interval
         self.probe_timeout = 3 * probe_interval
         self.closing = False
+        redis = store.redis
+        self.slot_map = SlotMap(redis) if isinstance(redis, aioredis.RedisCluster) else None
         # Ends the generations it serves whose worker died (``name``: the reaper it writes).
         self.leases = LeaseWatch(
             store, metrics, interval=probe_interval, name=name, healthy_for=self.healthy_for
         )
 
     @property
-    def cluster(self) -> aioredis.RedisCluster | None:
-        return self.store.redis if self.store.cluster else None  # type: ignore[return-value]
+    def cluster(self) -> SlotMap | None:
+        return self.slot_map
 
     def ready(self) -> bool:
         """True while probes make the round trip on every shard: Redis is reachable AND
@@ -286,11 +286,11 @@ class Hub:
             topic.resync()
 
     async def start(self) -> None:
-        if self.cluster is None:
-            self._add_shard("redis", self.store.redis, sharded=False,  # type: ignore[arg-type]
-                            probe_channel=f"broker:edge:{self._id}")
+        redis = self.store.redis
+        if not isinstance(redis, aioredis.RedisCluster):
+            self._add_shard("redis", redis, sharded=False, probe_channel=f"broker:edge:{self._id}")
         else:
-            await self.cluster.initialize()
+            await redis.initialize()  # (the slot map, read once)
             await self.rebalance()
         self._tasks = [
             asyncio.create_task(self._audit_forever(self.audit_interval), name="hub-audit"),
@@ -315,8 +315,8 @@ class Hub:
         if shard is None and cluster is None:
             shard = self.shards.get("redis")
         elif shard is None and cluster is not None:
-            with contextlib.suppress(RedisClusterException):  # the slot is not covered now
-                shard = self.shards.get(cluster.get_node_from_key(channel).name)
+            name = cluster.master_of(channel)
+            shard = None if name is None else self.shards.get(name)
         return 0.0 if shard is None else shard.healthy_for(time.monotonic())
 
     # -- shards ----------------------------------------------------------------------------
@@ -341,39 +341,30 @@ class Hub:
         cluster = self.cluster
         if cluster is None:
             return self.shards["redis"]
-        try:
-            node = cluster.get_node_from_key(channel)
-        except RedisClusterException as e:  # the slot is not covered (mid-failover)
-            raise RedisConnectionError(f"no master serves {channel} now") from e
-        return self.shards.get(node.name) or self._add_node_shard(node.name, node.host, node.port)
+        name = cluster.master_of(channel)
+        if name is None:  # the slot is not covered (mid-failover)
+            raise RedisConnectionError(f"no master serves {channel} now")
+        shard = self.shards.get(name)
+        if shard is None:
+            master = cluster.masters().get(name)
+            if master is None:
+                raise RedisConnectionError(f"{name} serves {channel} but is no master now")
+            shard = self._add_node_shard(cluster, master)
+        return shard
 
-    def _add_node_shard(self, name: str, host: str, port: int) -> Shard:
-        cluster = self.cluster
-        assert cluster is not None
-        kwargs = cluster.get_connection_kwargs()
-        # The cluster's own connection settings (TLS, credentials, timeouts, name), with two
-        # connections: the subscription, and the probes published to it.
-        options = {k: v for k, v in kwargs.items()
-                   if k in _NODE_CONNECTION_OPTIONS or (k.startswith("ssl_") and v is not None)}
-        pool = aioredis.ConnectionPool(
-            connection_class=kwargs.get("connection_class", Connection), host=host,
-            port=int(port), max_connections=2, **options,
-        )
-        client = aioredis.Redis(connection_pool=pool)
-        probe = self._probe_channel_on(name)
-        return self._add_shard(name, client, sharded=True, probe_channel=probe)
+    def _add_node_shard(self, cluster: SlotMap, master: Master) -> Shard:
+        # Two connections: the subscription, and the probes published to it.
+        client = aioredis.Redis.from_pool(cluster.own_connection_pool(master, 2))  # owns it
+        probe = self._probe_channel_on(cluster, master.name)
+        return self._add_shard(master.name, client, sharded=True, probe_channel=probe)
 
-    def _probe_channel_on(self, node_name: str) -> str:
-        """A probe channel whose slot ``node_name`` serves, so its probes test that master."""
-        cluster = self.cluster
-        assert cluster is not None
-        slots = cluster.nodes_manager.slots_cache
+    def _probe_channel_on(self, cluster: SlotMap, master: str) -> str:
+        """A probe channel whose slot ``master`` serves, so its probes test that master."""
         for i in range(100_000):
             channel = f"broker:edge:{{{self._id}:{i}}}"
-            owners = slots.get(key_slot(channel.encode()))
-            if owners and owners[0].name == node_name:
+            if cluster.master_of(channel) == master:
                 return channel
-        raise RuntimeError(f"no slot of {node_name} found for a probe channel")
+        raise RuntimeError(f"no slot of {master} found for a probe channel")
 
     def channel_dropped(self, channel: str) -> None:
         self._dropped.add(channel)
@@ -408,25 +399,22 @@ class Hub:
             while self._rebalance_again:
                 self._rebalance_again = False
                 try:
-                    await cluster.nodes_manager.initialize()
+                    await cluster.refresh()
                     await self._follow_slot_map(cluster)
                 except (RedisError, RedisClusterException, OSError) as e:
                     # Retried: by the failing shard's reader, or by rebalance_soon.
                     log.warning("could not follow the cluster's slot map (%s)", e)
                     raise
 
-    async def _follow_slot_map(self, cluster: aioredis.RedisCluster) -> None:
-        slots = cluster.nodes_manager.slots_cache
-        serving = {owners[0].name: owners[0] for owners in slots.values() if owners}
+    async def _follow_slot_map(self, cluster: SlotMap) -> None:
+        serving = cluster.masters()
         for shard in list(self.shards.values()):
-            if shard.name not in serving or shard.probe_channel != self._probe_channel_on(
-                shard.name
-            ):
+            if shard.name not in serving or cluster.master_of(shard.probe_channel) != shard.name:
                 # Not a master with slots any more, or its probe slot moved: start over.
                 await self._drop_shard(shard)
-        for name, node in serving.items():
+        for name, master in serving.items():
             if name not in self.shards:
-                self._add_node_shard(name, node.host, node.port)
+                self._add_node_shard(cluster, master)
         dropped, self._dropped = self._dropped, set()
         for channel, shard in list(self._shard_of.items()):
             if self._shard_of.get(channel) is not shard:

@@ -10,7 +10,7 @@ Per generation:
                                (leases: see the scripts below)
   ``{gen:<id>}:log``   stream  the truth: one entry per event, explicit ids ``0-<seq>``
   ``{gen:<id>}:text``  string  the answer so far (for the status endpoint)
-  ``{gen:<id>}:live``  channel the fast path: the same events, as ``encode_payload`` bytes
+  ``{gen:<id>}:live``  channel the fast path: the same events (``decode_payload`` reads them)
 
 Shared:
   ``{broker:jobs:<n>}`` streams the job queue, spread over ``BROKER_JOB_SHARDS`` streams (each
@@ -27,8 +27,9 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
 # -- names ----------------------------------------------------------------------------------
 
@@ -84,6 +85,7 @@ Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 EventKind = Literal["message", "end", "error"]
+EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
 TERMINAL_KINDS: frozenset[str] = frozenset({"end", "error"})
 
 
@@ -147,39 +149,40 @@ def stream_id(seq: int) -> str:
     return f"0-{seq}"
 
 
-def encode_payload(event: Event) -> str:
-    """Live payload ``<seq> <kind> <published_ms> <data>``: data comes last, spaces and all."""
-    return f"{event.seq} {event.kind} {event.published_ms} {event.data}"
-
-
 def decode_payload(payload: bytes | str) -> Event:
+    """A live payload as the publish scripts send it (``_APPEND_AND_PUBLISH``, in Lua):
+    ``<seq> <kind> <published_ms> <data>``, data last, spaces and all."""
     try:
-        text = payload.decode() if isinstance(payload, bytes) else payload
-        seq, kind, published, data = text.split(" ", 3)
-        if kind not in ("message", "end", "error"):
-            raise ValueError(kind)
-        return Event(int(seq), kind, data, int(published))  # type: ignore[arg-type]
+        seq, kind, published, data = as_text(payload).split(" ", 3)
+        return Event(int(seq), _event_kind(kind), data, int(published))
     except ValueError as e:  # UnicodeDecodeError included
         raise ProtocolError(f"bad live payload: {payload[:80]!r}") from e
 
 
 def decode_log_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
     """One ``XRANGE`` entry of a generation log."""
-    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    eid = as_text(entry_id)
     get = _field_getter(fields)
     try:
-        kind = get("k")
-        if kind not in ("message", "end", "error"):
-            raise ValueError(kind)
-        return Event(int(eid.split("-", 1)[1]), kind, get("d"), int(get("t")))  # type: ignore[arg-type]
+        return Event(int(eid.split("-", 1)[1]), _event_kind(get("k")), get("d"), int(get("t")))
     except (ValueError, KeyError, IndexError) as e:
         raise ProtocolError(f"bad log entry {eid!r}") from e
 
 
-def _field_getter(fields: dict[Any, Any]) -> Any:
+def _event_kind(text: str) -> EventKind:
+    if text not in EVENT_KINDS:
+        raise ValueError(text)
+    return cast(EventKind, text)  # (checked on the line above)
+
+
+def as_text(value: bytes | str | int | float) -> str:
+    """A Redis reply value as text: clients without ``decode_responses`` answer bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _field_getter(fields: dict[Any, Any]) -> Callable[[str], str]:
     def get(name: str) -> str:
-        value = fields[name] if name in fields else fields[name.encode()]
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return as_text(fields[name] if name in fields else fields[name.encode()])
 
     return get
 
@@ -213,6 +216,13 @@ class Job(TypedDict):
     gen: str
     request: dict[str, Any]
     producer: NotRequired[str]
+
+
+# Parameters of the openai SDK's ``chat.completions.create`` that are not fields of the request
+# body but options of the call: headers, query and extra body of the upstream request, and its
+# timeout. They are the worker's, not a producer's (the edge refuses them in a create body,
+# worker/llm.py drops them from a job).
+SDK_CALL_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
 
 
 def entry_time_ms(entry_id: str) -> int:
@@ -285,7 +295,7 @@ def decode_meta(raw: dict[Any, Any]) -> Meta | None:
 
     try:
         return Meta(
-            status=get("status"),  # type: ignore[arg-type]
+            status=cast(Status, get("status")),  # as written by this module's scripts
             seq=int(opt("seq") or 0),
             finish_reason=opt("finish_reason"),
             model=opt("model") or "",
@@ -453,8 +463,7 @@ class LeaseCheck:
 def decode_lease_check(reply: Any) -> LeaseCheck:
     try:
         outcome, wait_ms, lease_ttl_ms = reply
-        text = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        return LeaseCheck(text, int(wait_ms) / 1000, int(lease_ttl_ms) / 1000)
+        return LeaseCheck(as_text(outcome), int(wait_ms) / 1000, int(lease_ttl_ms) / 1000)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad lease check reply: {reply!r}") from e
 

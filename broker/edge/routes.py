@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -15,17 +16,19 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
-from broker import logs, openapi, protocol
-from broker.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
-from broker.errors import ApiError, error_response
-from broker.hub import Hub
-from broker.metrics import Metrics
-from broker.protocol import Meta
-from broker.settings import Settings
-from broker.store import Store
-from broker.stream import EventStream, ViewerSlots
-from broker.validation import parse_create_body, parse_last_event_id
+from broker.core import logs, protocol
+from broker.core.metrics import Metrics
+from broker.core.protocol import Meta
+from broker.core.settings import Settings
+from broker.core.store import Store
+from broker.edge import openapi
+from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
+from broker.edge.errors import ApiError, error_response
+from broker.edge.hub import Hub
+from broker.edge.stream import EventStream, ViewerSlots
+from broker.edge.validation import parse_create_body, parse_last_event_id
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,9 @@ class Edge:
             url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(gen_id)}"
         return url
 
-    def producer(self, request: Request) -> str | None:
-        """The caller's API key id (401 without a valid key); None when keys are off."""
+    def authorize_producer(self, request: Request) -> str | None:
+        """Refuse (401) a caller without a valid API key; the id of its key (None when keys
+        are off)."""
         return self.api_keys.check(request.headers.get("authorization"))
 
 
@@ -111,7 +115,7 @@ def _gen_id(request: Request) -> str:
 async def create_generation(request: Request) -> Response:
     edge = _edge(request)
     s = edge.settings
-    producer = edge.producer(request)
+    producer = edge.authorize_producer(request)
     body = await read_body(request, s.max_body_bytes, s.request_timeout)
     chat_request = parse_create_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
@@ -147,7 +151,7 @@ async def create_generation(request: Request) -> Response:
 
 async def get_generation(request: Request) -> Response:
     edge = _edge(request)
-    edge.producer(request)
+    edge.authorize_producer(request)
     gen_id = _gen_id(request)
     meta, text = await asyncio.gather(edge.store.meta(gen_id), edge.store.text(gen_id))
     # A running generation's worker may be gone with no other left to notice: a lease that ran
@@ -171,7 +175,7 @@ async def get_generation(request: Request) -> Response:
 
 async def cancel_generation(request: Request) -> Response:
     edge = _edge(request)
-    edge.producer(request)
+    edge.authorize_producer(request)
     gen_id = _gen_id(request)
     before = await edge.store.cancel(gen_id)
     if not before:
@@ -184,15 +188,33 @@ async def cancel_generation(request: Request) -> Response:
     return JSONResponse({"id": gen_id, "status": "cancelling"}, status_code=202)
 
 
-async def generation_events(request: Request) -> Response:
-    edge = _edge(request)
-    gen_id: str = request.path_params["gen_id"]
+# GET (and HEAD) of a generation's events: ``broker.edge.app.EdgeApp`` routes these itself,
+# before Starlette, and serves the stream ``open_stream`` answers.
+_STREAM_PATH = re.compile(r"/v1/generations/([^/]+)/events")
+
+
+def stream_route(scope: Scope) -> str | None:
+    """The generation id of a request for its event stream; None for any other request."""
+    if scope["method"] not in ("GET", "HEAD"):
+        return None
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    match = _STREAM_PATH.fullmatch(path)
+    return None if match is None else match[1]
+
+
+async def open_stream(edge: Edge, request: Request, gen_id: str) -> EventStream | Response:
+    """Authorize and validate a stream request: the stream to serve (it holds a viewer slot),
+    a 204 when there is nothing left to send, or an ``ApiError``."""
     # The token first: without one, no answer may tell whether the id exists.
     edge.viewer_tokens.check(
         request.query_params.get(TOKEN_PARAM) or request.cookies.get(TOKEN_COOKIE_PREFIX + gen_id),
         gen_id,
     )
-    gen_id = _gen_id(request)
+    if not protocol.is_generation_id(gen_id):
+        raise ApiError(404, "not_found", "no such generation")
     slot = edge.viewer_slots.take()
     if slot is None:
         raise ApiError(
@@ -219,10 +241,16 @@ async def generation_events(request: Request) -> Response:
             retry_ms=s.retry_ms, keepalive=s.keepalive_interval, send_timeout=s.send_timeout,
             max_seconds=s.max_stream_seconds, slot=slot,
         )
-        return stream  # type: ignore[return-value]
+        return stream
     finally:
         if stream is None:  # no stream to hand the slot to: refused, ended, or failed
             slot.release()
+
+
+async def generation_events(request: Request) -> Response:
+    """Never called: ``EdgeApp`` serves GET and HEAD of this path before routing. The route is
+    here so that other methods are answered 405 (and the path is listed with the others)."""
+    raise RuntimeError("the event stream is served by EdgeApp before routing")
 
 
 async def healthz(request: Request) -> Response:
@@ -256,7 +284,7 @@ async def metrics(request: Request) -> Response:
 
 @functools.cache
 def _demo_html() -> str:
-    return resources.files("broker").joinpath("static/index.html").read_text(encoding="utf-8")
+    return resources.files("broker.edge").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 async def demo_page(request: Request) -> Response:
@@ -265,7 +293,7 @@ async def demo_page(request: Request) -> Response:
 
 routes = [
     Route("/", demo_page, methods=["GET"]),
-    Mount("/static", app=StaticFiles(packages=[("broker", "static")]), name="static"),
+    Mount("/static", app=StaticFiles(packages=[("broker.edge", "static")]), name="static"),
     Route("/v1/generations", create_generation, methods=["POST"]),
     Route("/v1/generations/{gen_id}", get_generation, methods=["GET"]),
     Route("/v1/generations/{gen_id}/cancel", cancel_generation, methods=["POST"]),

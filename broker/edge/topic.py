@@ -19,10 +19,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from broker import sse
-from broker.metrics import Metrics
-from broker.protocol import Event, now_ms
-from broker.store import Store
+from broker.core import sse
+from broker.core.metrics import Metrics
+from broker.core.protocol import Event, now_ms
+from broker.core.store import Store
 
 LOG_READ_CHUNK = 200
 # Full chunks a topic keeps after reading them (log content never changes): in a resume storm
@@ -98,7 +98,7 @@ class Topic:
         """Highest seq in the window (0 when empty)."""
         return self.window[-1].seq if self.window else 0
 
-    def changed(self) -> asyncio.Event:
+    def next_change(self) -> asyncio.Event:
         """An event set at the next change; take it before looking, then wait on it."""
         return self._changed
 

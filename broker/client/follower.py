@@ -7,7 +7,8 @@
             print(message.text, end="")
         print(follower.result.finish_reason)
 
-Built on ``httpx-sse`` (a spec-following parser). Like a browser's ``EventSource`` it
+Read with ``broker.core.sse.SSEEventDecoder``, the spec's rules (lines end at CR, LF or CRLF
+only: a U+2028 in a message is text). Like a browser's ``EventSource`` it
 reconnects after a dropped connection with ``Last-Event-ID``, after ``retry:`` (doubling, with
 jitter, while reconnects bring nothing, up to 10 s), and stops on
 the terminal event or a 204; unlike it, it gives up after ``give_up_after`` seconds without
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from httpx_sse import SSEError, aconnect_sse
+
+from broker.core.sse import SSEEventDecoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,8 @@ MAX_RECONNECT_DELAY = 10.0
 
 
 class _Unavailable(Exception):
-    """A 5xx answer: the edge is unhealthy for now; retry like a dropped connection."""
+    """A 5xx answer, or a 200 that is not an event stream (a proxy's page): the edge is
+    unhealthy for now; retry like a dropped connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +139,7 @@ class Follower:
                     progress_at = time.monotonic()
                     failures = 1
                     yield message
-            except (httpx.TransportError, SSEError, _Unavailable):
+            except (httpx.TransportError, _Unavailable):
                 continue  # dropped: reconnect with Last-Event-ID, as EventSource does
             if self.result is not None:
                 return
@@ -145,30 +148,37 @@ class Follower:
         headers = {"accept": "text/event-stream"}
         if self.last_event_id is not None:
             headers["last-event-id"] = self.last_event_id
-        async with aconnect_sse(self.http, "GET", self.events_url, headers=headers) as source:
-            status = source.response.status_code
+        async with self.http.stream("GET", self.events_url, headers=headers) as response:
+            status = response.status_code
             if status == 204:
                 self.result = self.result or Result("unknown", None)
                 return
             if status == 404:
                 raise GenerationNotFound(self.events_url)
             if status != 200:
-                body = (await source.response.aread()).decode(errors="replace")
+                body = (await response.aread()).decode(errors="replace")
                 if status >= 500:
                     raise _Unavailable(f"HTTP {status}: {body[:200]}")
                 raise _rejected(status, body)
-            async for event in source.aiter_sse():
-                if event.retry is not None:
-                    self.retry_ms = event.retry
-                if event.data == "":
-                    continue  # no event is dispatched for an empty data buffer
-                if event.id:
-                    self.last_event_id = event.id
-                data = json.loads(event.data)
-                if event.event == "message":
-                    yield Message(event.id, data["text"])
-                elif event.event == "end":
-                    self.result = Result(data.get("finish_reason", "unknown"), data.get("usage"))
-                    return
-                elif event.event == "error":
-                    raise GenerationFailed(data.get("code", "unknown"), data.get("message", ""))
+            content_type = response.headers.get("content-type", "")
+            if not content_type.startswith("text/event-stream"):
+                raise _Unavailable(f"HTTP 200 with {content_type or 'no content type'}, not "
+                                   "an event stream")
+            decoder = SSEEventDecoder()
+            async for piece in response.aiter_bytes():
+                events = decoder.feed(piece)
+                if decoder.retry is not None:
+                    self.retry_ms = decoder.retry
+                for event in events:
+                    if event.id:
+                        self.last_event_id = event.id
+                    data = json.loads(event.data)
+                    if event.event == "message":
+                        yield Message(event.id, data["text"])
+                    elif event.event == "end":
+                        self.result = Result(data.get("finish_reason", "unknown"),
+                                             data.get("usage"))
+                        return
+                    elif event.event == "error":
+                        raise GenerationFailed(data.get("code", "unknown"),
+                                               data.get("message", ""))

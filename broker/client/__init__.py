@@ -1,0 +1,27 @@
+"""Python clients of an edge: ``create`` and ``Follower`` (``broker.client.follower``), and
+the terminal's ``broker ask``/``broker tail`` (``broker.client.terminal``). Imports
+``broker.core`` at most."""
+
+from broker.client.follower import (
+    Created,
+    Follower,
+    GenerationFailed,
+    GenerationNotFound,
+    Message,
+    RequestRejected,
+    Result,
+    StreamError,
+    create,
+)
+
+__all__ = [
+    "Created",
+    "Follower",
+    "GenerationFailed",
+    "GenerationNotFound",
+    "Message",
+    "RequestRejected",
+    "Result",
+    "StreamError",
+    "create",
+]
