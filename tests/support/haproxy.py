@@ -3,12 +3,15 @@
 The configuration is the product's (``broker.loadbalancer.haproxy_config``, whose docstring
 explains each setting for Server-Sent Events), so the fault suite runs behind exactly what
 ``broker cluster`` runs. Every response carries ``X-Served-By: <server name>`` (``edge0``,
-``edge1``, ... in the order of ``backends``), so a test can tell which edge answered.
+``edge1``, ... in the order of ``backends``), so a test can tell which edge answered. With
+``tls=True`` it also listens for HTTPS (HTTP/2 or HTTP/1.1 by ALPN, what ``broker cluster
+--tls`` serves) on a second port, with a self-signed certificate made for it.
 """
 
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,7 +28,8 @@ SERVED_BY = "x-served-by"
 class HAProxy:
     """``haproxy -f <cfg> -db`` on a free 127.0.0.1 port, balancing over ``backends``."""
 
-    def __init__(self, backends: list[str], *, check_path: str = "/readyz") -> None:
+    def __init__(self, backends: list[str], *, check_path: str = "/readyz",
+                 tls: bool = False) -> None:
         binary = shutil.which("haproxy")
         if binary is None:
             raise RuntimeError("haproxy is not installed (.ci/run installs it via scripts/test)")
@@ -39,10 +43,26 @@ class HAProxy:
         self.config = self.dir / "haproxy.cfg"
         self.log = self.dir / "haproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls_port: int | None = None
+        self.certificate: Path | None = None  # the PEM HAProxy serves (certificate + key)
+        if tls:
+            self.tls_port = free_port()
+            self.certificate = loadbalancer.self_signed_certificate(self.dir / "tls")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        """The HTTPS listener (``tls=True``): HTTP/2 for clients that offer it."""
+        assert self.tls_port is not None, "started without tls=True"
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def trust(self) -> ssl.SSLContext:
+        """A client TLS context that trusts this load balancer's certificate (and only it)."""
+        assert self.certificate is not None, "started without tls=True"
+        return ssl.create_default_context(cafile=str(self.certificate.with_name("cert.pem")))
 
     def server_names(self) -> dict[str, str]:
         """Server name (as in ``X-Served-By``) -> backend URL."""
@@ -50,6 +70,7 @@ class HAProxy:
 
     def render_config(self) -> str:
         return loadbalancer.haproxy_config(self.backends, port=self.port,
+                                           tls_port=self.tls_port, certificate=self.certificate,
                                            check_path=self.check_path)
 
     def start(self, timeout: float = 10.0) -> HAProxy:
@@ -69,7 +90,10 @@ class HAProxy:
         def ready() -> bool:
             if proc.poll() is not None:
                 return True  # exited: stop waiting, report below
-            return httpx.get(self.url + self.check_path, timeout=1).status_code == 200
+            if httpx.get(self.url + self.check_path, timeout=1).status_code != 200:
+                return False
+            return self.tls_port is None or httpx.get(
+                self.tls_url + self.check_path, timeout=1, verify=self.trust()).status_code == 200
 
         try:
             wait_until(ready, timeout, f"haproxy on {self.port} to answer {self.check_path}")
