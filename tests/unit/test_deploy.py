@@ -1004,8 +1004,11 @@ def test_deployment_doc_covers_running_and_the_smoke_run():
     for needle in ("docker compose up --scale edge=3 --scale worker=2", "--profile monitoring",
                    "OPENAI_BASE_URL", "OPENAI_API_KEY", "http-no-delay", "noeviction",
                    "client-output-buffer-limit", "## Sizing", "Compose v2",
-                   "## Run for real: `scripts/compose-smoke`", "### Figures"):
+                   "## Run for real: `scripts/compose-smoke`", "### Figures",
+                   "## HTTPS and HTTP/2 for browsers", "broker cluster --tls",
+                   "-f docker-compose.tls.yml", "BROKER_TLS_PEM", "alpn h2,http/1.1"):
         assert needle in doc, needle
     readme = (ROOT / "README.md").read_text()
-    for needle in ("Compose v2", "scripts/compose-smoke"):
+    for needle in ("Compose v2", "scripts/compose-smoke", "-f docker-compose.tls.yml",
+                   "broker cluster --tls", "docs/deployment.md#https-and-http2-for-browsers"):
         assert needle in readme, needle
