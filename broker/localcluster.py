@@ -220,6 +220,9 @@ class LocalCluster:
                 raise ClusterError(str(e)) from e
             self.certificate = pem.with_name("cert.pem")
             verify = ssl.create_default_context(cafile=str(self.certificate))
+            # Only this run's own certificate is trusted; its names (localhost, 127.0.0.1,
+            # ::1) need not match a --host such as a LAN address for the readiness check.
+            verify.check_hostname = False
             text = haproxy_config(edges, host=host, port=None, tls_port=port, certificate=pem)
         else:
             text = haproxy_config(edges, host=host, port=port)

@@ -335,7 +335,6 @@ async def test_over_http1_the_seventh_stream_waits_for_one_of_the_first_six(
           f"first six to end (released at {released_at:.0f} ms) and had theirs at "
           f"{', '.join(f'{t:.0f}' for t in late_firsts)} ms; all {STREAMS}: {all_first:.0f} ms")
     request.node.user_properties.append(("h1_all_first_event_ms", round(all_first)))
-    await witness.evaluate("() => window.streams")  # the witness page is still alive
 
 
 # -- events one by one, keep-alive comments ------------------------------------------------
