@@ -23,6 +23,7 @@ from broker import loadbalancer
 from .procs import free_port, wait_until
 
 SERVED_BY = "x-served-by"
+BIND_ATTEMPTS = 3  # ports tried when another listener took the free port first
 
 
 class HAProxy:
@@ -74,22 +75,44 @@ class HAProxy:
                                            check_path=self.check_path)
 
     def start(self, timeout: float = 10.0) -> HAProxy:
+        for attempt in range(BIND_ATTEMPTS):
+            if attempt:  # another listener took a port between free_port() and the bind
+                self.port = free_port()
+                self.tls_port = free_port() if self.tls_port is not None else None
+            proc = self._launch()
+            exited = self._wait_ready(proc, timeout)
+            if exited and "cannot bind socket" in self.output() and attempt + 1 < BIND_ATTEMPTS:
+                continue
+            if exited:
+                output = self.output()
+                self.stop()
+                raise RuntimeError(f"haproxy exited with {proc.returncode}:\n{output}")
+            return self
+        raise AssertionError("unreachable")
+
+    def _launch(self) -> subprocess.Popen[bytes]:
         self.config.write_text(self.render_config())
         check = subprocess.run([self.binary, "-c", "-f", str(self.config)],
                                capture_output=True, text=True, check=False)
         if check.returncode != 0:
             raise RuntimeError(f"haproxy rejected its config:\n{check.stdout}{check.stderr}")
+        # -dR (noreuseport): HAProxy binds with SO_REUSEPORT otherwise, so a port that another
+        # HAProxy holds (a test running beside this one picked the same free port) would be
+        # shared without a word, the two splitting the connections between them. Without it
+        # the bind fails, and start() tries other ports.
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [self.binary, "-f", str(self.config), "-db"],
+                [self.binary, "-f", str(self.config), "-db", "-dR"],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
+        return self.proc
 
-        proc = self.proc
+    def _wait_ready(self, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+        """Until HAProxy answers the check path on each listener; True if it exited."""
 
         def ready() -> bool:
             if proc.poll() is not None:
-                return True  # exited: stop waiting, report below
+                return True  # exited: stop waiting, the caller reports it
             if httpx.get(self.url + self.check_path, timeout=1).status_code != 200:
                 return False
             return self.tls_port is None or httpx.get(
@@ -101,11 +124,7 @@ class HAProxy:
             output = self.output()
             self.stop()
             raise RuntimeError(f"{e}; haproxy's output:\n{output}") from e
-        if proc.poll() is not None:
-            output = self.output()
-            self.stop()
-            raise RuntimeError(f"haproxy exited with {proc.returncode}:\n{output}")
-        return self
+        return proc.poll() is not None
 
     def output(self) -> str:
         try:
