@@ -93,10 +93,10 @@ def run_mock_llm(settings: Settings) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def run_cluster(settings: Settings, edges: int = 3, workers: int = 2) -> None:
+def run_cluster(settings: Settings, edges: int = 3, workers: int = 2, tls: bool = False) -> None:
     from broker.tools.localcluster import LocalCluster
 
-    raise SystemExit(LocalCluster(settings, edges=edges, workers=workers).run())
+    raise SystemExit(LocalCluster(settings, edges=edges, workers=workers, tls=tls).run())
 
 
 def _at_least_one(raw: str) -> int:
@@ -115,6 +115,10 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
                         help="broker edges to start behind HAProxy [default 3]")
     parser.add_argument("--workers", type=_at_least_one, default=2,
                         help="broker workers to start [default 2]")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve HTTPS with HTTP/2 (browsers then open any number of streams "
+                        "to it) on a self-signed certificate made with openssl for localhost; "
+                        "default: plain HTTP/1.1")
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:

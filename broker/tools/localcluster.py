@@ -6,8 +6,10 @@ edges, waits until each answers, prints the load balancer's URL, and stops them 
 SIGINT/SIGTERM. If any of them dies on its own, it stops the others and exits non-zero.
 
 Everything but HAProxy listens on 127.0.0.1, on free ports; HAProxy listens on
-``--host``/``--port``. Logs, HAProxy's config, Redis's data and a ``pids`` file go to a
-temporary directory that is printed and kept after the cluster stops.
+``--host``/``--port``: plain HTTP by default, HTTPS with HTTP/2 with ``--tls`` (on a
+self-signed certificate made for the run). Logs, HAProxy's config, Redis's data, the
+certificate and a ``pids`` file go to a temporary directory that is printed and kept after
+the cluster stops.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,9 +37,9 @@ import redis
 
 from broker.core.settings import Settings
 from broker.edge.uvicorn_extensions import ListenError, listen
-from broker.tools.loadbalancer import haproxy_config
+from broker.tools.loadbalancer import CertificateError, haproxy_config, self_signed_certificate
 
-INSTALL_HINT = "sudo apt-get install haproxy redis-server"
+INSTALL_HINT = "sudo apt-get install"  # + the missing packages (named as their binaries)
 READY_TIMEOUT = 30.0  # seconds each stage of the start may take
 STOP_TIMEOUT = 10.0  # seconds a stage of the stop may take before SIGKILL
 LOOPBACK = "127.0.0.1"
@@ -100,12 +103,14 @@ class LocalCluster:
     """The processes of one local cluster; ``run()`` is the whole ``broker cluster``."""
 
     def __init__(self, settings: Settings, *, edges: int = 3, workers: int = 2,
-                 out: TextIO | None = None) -> None:
+                 tls: bool = False, out: TextIO | None = None) -> None:
         if edges < 1 or workers < 1:
             raise ValueError("a cluster needs at least one edge and one worker")
         self.settings = settings
         self.n_edges = edges
         self.n_workers = workers
+        self.tls = tls
+        self.certificate: Path | None = None  # with --tls: what clients may trust
         self.out = out or sys.stdout
         self.dir: Path | None = None
         self.children: list[Child] = []
@@ -125,6 +130,10 @@ class LocalCluster:
             try:
                 self.start()
                 self._say(self.ready_line())
+                if self.certificate is not None:
+                    self._say(f"broker cluster: HTTPS with HTTP/2 on a self-signed certificate "
+                              f"for localhost: {self.certificate} (browsers warn once; curl "
+                              f"--cacert {self.certificate})")
                 self._say("broker cluster: pids " + " ".join(
                     f"{c.name}={c.pid}" for c in self.children) + "; Ctrl-C stops them all")
                 failed = self.wait()
@@ -143,11 +152,14 @@ class LocalCluster:
 
     def start(self) -> None:
         """Start every process and wait until each is ready (``ClusterError`` if one is not)."""
-        missing = [b for b in ("redis-server", "haproxy") if _which(b) is None]
+        needed = ["redis-server", "haproxy"] + (["openssl"] if self.tls else [])
+        missing = [b for b in needed if _which(b) is None]
         if missing:
             raise ClusterError(
                 f"{' and '.join(missing)} not found (it runs redis-server and haproxy as local "
-                f"processes); install them: {INSTALL_HINT}")
+                f"processes{', and openssl makes the certificate' if self.tls else ''}); "
+                f"install {'them' if len(missing) > 1 else 'it'}: "
+                f"{INSTALL_HINT} {' '.join(missing)}")
         check_port_free(self.settings.host, self.settings.port)
         self.dir = Path(tempfile.mkdtemp(prefix="broker-cluster-"))
         self._say(f"broker cluster: starting Redis, the mock LLM, {_count(self.n_edges, 'edge')}"
@@ -193,16 +205,38 @@ class LocalCluster:
             checks[worker] = _bind(_http_ok, worker.url)
         self._wait_ready(checks)
 
+        self._start_haproxy([e.url for e in edges])
+
+    def _start_haproxy(self, edges: list[str]) -> None:
+        """HAProxy in front of ``edges`` on ``--host``/``--port``: HTTPS with HTTP/2 on a
+        certificate made for this run with ``--tls``, plain HTTP otherwise."""
+        assert self.dir is not None
         host, port = self.settings.host, self.settings.port
+        verify: ssl.SSLContext | bool = True
+        if self.tls:
+            try:
+                pem = self_signed_certificate(self.dir / "tls")
+            except CertificateError as e:
+                raise ClusterError(str(e)) from e
+            self.certificate = pem.with_name("cert.pem")
+            verify = ssl.create_default_context(cafile=str(self.certificate))
+            # Only this run's own certificate is trusted; its names (localhost, 127.0.0.1,
+            # ::1) need not match a --host such as a LAN address for the readiness check.
+            verify.check_hostname = False
+            text = haproxy_config(edges, host=host, port=None, tls_port=port, certificate=pem)
+        else:
+            text = haproxy_config(edges, host=host, port=port)
         config = self.dir / "haproxy.cfg"
-        config.write_text(haproxy_config([e.url for e in edges], host=host, port=port))
+        config.write_text(text)
         binary = _which("haproxy") or "haproxy"
         check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True,
                                text=True, check=False)
         if check.returncode != 0:
             raise ClusterError(f"haproxy rejected {config}:\n{check.stdout}{check.stderr}")
         lb = self._spawn("haproxy", [binary, "-f", str(config), "-db"], {}, self.url)
-        self._wait_ready({lb: _bind(_http_ok, f"http://{_connectable(host)}:{port}/readyz")})
+        scheme = "https" if self.tls else "http"
+        ready = f"{scheme}://{_connectable(host)}:{port}/readyz"
+        self._wait_ready({lb: lambda: _http_ok(ready, verify)})
 
     def wait(self) -> bool:
         """Block until a signal (``_Stop``) or until a process exits (True, after saying
@@ -260,7 +294,8 @@ class LocalCluster:
     @property
     def url(self) -> str:
         host = self.settings.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.settings.port}/"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.settings.port}/"
 
     def ready_line(self) -> str:
         edges = " ".join(c.url for c in self.children if c.name.startswith("edge"))
@@ -366,8 +401,8 @@ def _bind(check: Callable[[str], bool], arg: str) -> Callable[[], bool]:
     return lambda: check(arg)
 
 
-def _http_ok(url: str) -> bool:
-    return httpx.get(url, timeout=1.0).status_code == 200
+def _http_ok(url: str, verify: ssl.SSLContext | bool = True) -> bool:
+    return httpx.get(url, timeout=1.0, verify=verify).status_code == 200
 
 
 def _redis_answers(port: int) -> bool:

@@ -2,6 +2,8 @@
 once ``docker compose up --scale edge=3 --scale worker=2`` is healthy.
 
     python -m tests.compose.smoke --project sse-broker-smoke [--url http://127.0.0.1:8080]
+    python -m tests.compose.smoke --project sse-broker-smoke --https https://127.0.0.1:8443 \
+        --cafile cert.pem      # only the HTTPS listener of docker-compose.tls.yml
 
 Functional checks (create, stream the exact text, resume on another edge with
 ``Last-Event-ID``, status, cancel), then faults with exact-text checks: an edge SIGKILLed
@@ -12,7 +14,9 @@ find and kill containers and to read a generation's owner and the edges' viewer 
 The expected text is the mock LLM's own answer to the prompt
 (``broker.tools.mockllm.default_script``), which is what the compose file's workers call. Prints one
 line per check and a summary, writes the figures as JSON (``--report``), exits 1 on the first
-failed check.
+failed check. With ``--https`` it checks only the load balancer's HTTPS listener (once the
+script recreated it with ``docker-compose.tls.yml``): ALPN offers HTTP/2 first and HTTP/1.1
+still, and an answer streams and resumes on another edge through it, exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -327,6 +333,52 @@ class Smoke:
         check(body["text"] == viewer.text, "status text != what the viewer saw")
         self.say(f"cancelled after {len(viewer.ids)} messages: end cancelled, status cancelled")
 
+    async def https(self, https_url: str, cafile: Path) -> None:
+        """The HTTPS listener of docker-compose.tls.yml (deploy/haproxy-tls.cfg), trusted
+        through ``cafile`` alone: HTTP/2 for browsers by ALPN, and the API through it."""
+        address = httpx.URL(https_url)
+        host, port = address.host, address.port or 443
+
+        def negotiated(offered: list[str]) -> str | None:
+            context = ssl.create_default_context(cafile=str(cafile))
+            context.set_alpn_protocols(offered)
+            with socket.create_connection((host, port), timeout=10) as raw, \
+                    context.wrap_socket(raw, server_hostname=host) as tls:
+                return tls.selected_alpn_protocol()
+
+        deadline = time.monotonic() + ANSWER_BOUND
+        while True:  # the recreated load balancer takes a moment to listen
+            try:
+                chosen = negotiated(["h2", "http/1.1"])
+                break
+            except OSError as e:
+                check(time.monotonic() < deadline, f"no TLS handshake on {https_url}: {e}")
+                await asyncio.sleep(0.5)
+        check(chosen == "h2", f"ALPN chose {chosen!r} for a client offering h2, http/1.1")
+        fallback = negotiated(["http/1.1"])
+        check(fallback == "http/1.1", f"ALPN chose {fallback!r} for an HTTP/1.1-only client")
+        self.say("HTTPS: ALPN h2 for a browser, http/1.1 for a client without HTTP/2")
+
+        trust = ssl.create_default_context(cafile=str(cafile))
+        async with httpx.AsyncClient(base_url=https_url, verify=trust, timeout=10.0) as http:
+            await wait_for_ready(http)
+            messages = prompt("https")
+            expected = expected_text(messages)
+            created = await create(http, messages)
+            first_edge, events, terminal = await read_stream(http, created.events_url)
+            text = "".join(t for _, t in events)
+            check(terminal.startswith("end:"), f"stream over HTTPS ended {terminal}")
+            check(text == expected, f"text over HTTPS differs:\n  {text!r}\n  {expected!r}")
+            cut = events[1][0]
+            for _ in range(6):
+                edge, resumed, terminal = await read_stream(http, created.events_url, cut)
+                if edge != first_edge:
+                    break
+            check(edge != first_edge, f"every resume over HTTPS was served by {first_edge}")
+            check(resumed == events[2:], f"resume over HTTPS from {cut}: {resumed}")
+        self.say(f"HTTPS: streamed the exact text from {first_edge}, resumed after id {cut} "
+                 f"on {edge} with exactly the {len(resumed)} later messages")
+
     async def edge_killed(self, round_: int, *, for_good: bool) -> None:
         """Kill the edge holding the most of nine viewers: a crash Docker restarts, or, with
         ``for_good``, a container that stays down (the load balancer keeps its address until
@@ -539,6 +591,16 @@ class Smoke:
             await asyncio.sleep(0.5)
 
 
+async def wait_for_ready(http: httpx.AsyncClient) -> None:
+    deadline = time.monotonic() + ANSWER_BOUND
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if (await http.get("/readyz")).status_code == 200:
+                return
+        check(time.monotonic() < deadline, f"{http.base_url}readyz never answered 200")
+        await asyncio.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the load balancer")
@@ -551,11 +613,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-seconds", type=float, help="for the summary")
     parser.add_argument("--start-seconds", type=float, help="for the summary")
     parser.add_argument("--report", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--https", metavar="URL",
+                        help="check only this HTTPS listener (docker-compose.tls.yml)")
+    parser.add_argument("--cafile", type=Path, help="the certificate to trust for --https")
     args = parser.parse_args(argv)
     if args.edges < 2 or args.workers < 1:
         parser.error("the faults need at least 2 edges and 1 worker")
+    if args.https and not args.cafile:
+        parser.error("--https needs --cafile (the certificate the listener serves)")
     smoke = Smoke(args.url, Stack(args.project, args.file), edges=args.edges,
                   workers=args.workers)
+    if args.https:
+        async def https_only() -> None:
+            try:
+                await smoke.https(args.https, args.cafile)
+            finally:
+                await smoke.http.aclose()
+
+        try:
+            asyncio.run(https_only())
+        except CheckFailed as e:
+            print(f"compose-smoke: FAILED: {e}", file=sys.stderr, flush=True)
+            return 1
+        return 0
     smoke.figures.update(build_s=args.build_seconds, start_s=args.start_seconds)
     try:
         asyncio.run(smoke.run(args.edge_kills))

@@ -4,7 +4,10 @@ and assemble the exact text, with no duplicate and no missing ids.
 The viewers are real, spec-following EventSource clients that reconnect by themselves with
 ``Last-Event-ID``: Chromium's, the ``eventsource`` npm package's and the project's own
 ``broker.client.Follower``. HAProxy names the edge that answered each request
-(``X-Served-By``), so the test knows which viewers were on the killed edge.
+(``X-Served-By``), so the test knows which viewers were on the killed edge. It runs twice:
+with Chromium on the load balancer's plain HTTP/1.1 listener, and on its HTTPS listener over
+HTTP/2 (what ``broker cluster --tls`` serves browsers: three streams on one connection, of
+which the killed edge's are reset while the others go on).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def start_haproxy() -> Iterator[Callable[[list[str]], HAProxy]]:
     started: list[HAProxy] = []
 
     def start(backends: list[str]) -> HAProxy:
-        lb = HAProxy(backends)
+        lb = HAProxy(backends, tls=True)
         started.append(lb)
         return lb.start()
 
@@ -147,7 +150,8 @@ async def chromium_page() -> AsyncIterator[Page]:
     async with async_playwright() as pw:
         browser = await launch(pw)
         try:
-            context = await browser.new_context()
+            # The HTTPS listener's certificate is self-signed: accepted as a user would.
+            context = await browser.new_context(ignore_https_errors=True)
             context.set_default_timeout(20_000)
             yield await context.new_page()
         finally:
@@ -237,10 +241,11 @@ async def chromium_state(page: Page) -> list[dict[str, Any]]:
 # -- the test -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chromium_over", ["http/1.1", "h2"])
 async def test_edge_killed_mid_stream_viewers_resume_on_surviving_edges(
     deploy: Any, fake_llm: Any, start_haproxy: Callable[[list[str]], HAProxy],
     start_node_viewers: Callable[[str, int], NodeViewers], chromium_page: Page,
-    request: pytest.FixtureRequest,
+    request: pytest.FixtureRequest, chromium_over: str,
 ) -> None:
     def record_property(name: str, value: object) -> None:
         # What the ``record_property`` fixture does, minus its warning under --junitxml with
@@ -259,8 +264,10 @@ async def test_edge_killed_mid_stream_viewers_resume_on_surviving_edges(
         events_url = created.json()["events_url"]
         gen_url = f"/v1/generations/{created.json()['id']}"
 
-        # Chromium: three EventSources in one page of the load balancer's origin.
+        # Chromium: three EventSources in one page of the load balancer's origin, plain or
+        # HTTPS (HTTP/2).
         page = chromium_page
+        browser_origin = lb.url if chromium_over == "http/1.1" else lb.tls_url
         chromium_served_by: dict[int, list[str]] = {i: [] for i in range(PER_KIND)}
 
         def note_chromium(response: Any) -> None:
@@ -270,8 +277,8 @@ async def test_edge_killed_mid_stream_viewers_resume_on_surviving_edges(
                 chromium_served_by[int(found.group(1))].append(served)
 
         page.on("response", note_chromium)
-        await page.goto(f"{lb.url}/healthz")
-        await page.evaluate(CHROMIUM_VIEWERS_JS, [lb.url + events_url, PER_KIND])
+        await page.goto(f"{browser_origin}/healthz")
+        await page.evaluate(CHROMIUM_VIEWERS_JS, [browser_origin + events_url, PER_KIND])
 
         # Node: three EventSources of the npm package in one process (returns once all open).
         node = await asyncio.to_thread(start_node_viewers, lb.url + events_url, PER_KIND)
@@ -347,6 +354,13 @@ async def test_edge_killed_mid_stream_viewers_resume_on_surviving_edges(
             "node", i, v["text"], v["ids"], v["reconnects"], v["terminal"],
             v["finish_reason"], v["code"], v["served_by"], _seconds(v["resumed_at"])))
     reports.extend(v.report for v in pythons)
+
+    # The protocol Chromium's streams really went over (Resource Timing of every request).
+    protocols = await page.evaluate(
+        """() => [...new Set(performance.getEntriesByType('resource')
+                   .filter((e) => e.name.includes('viewer=chromium-'))
+                   .map((e) => e.nextHopProtocol))]""")
+    assert protocols == [chromium_over], protocols
 
     per_kind = {kind: round(t - killed_at, 3) for kind, t in done_at.items()}
     moved = [r.name for r in reports if r.served_by and r.served_by[0] == victim]

@@ -4,7 +4,8 @@ load balancer like a deployment would be.
 One ``python -m broker cluster`` (Redis with AOF, the mock LLM, 3 edges, 2 workers, HAProxy)
 serves 60 viewers of 3 generations, spread over the edges by round-robin, and resumes that
 land on another edge than the one that served the start of the stream; then SIGINT stops it
-and every process it started.
+and every process it started. ``broker cluster --tls`` serves HTTPS, HTTP/2 by ALPN, on the
+self-signed certificate it made and names.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -44,10 +46,13 @@ GENERATIONS = 3
 VIEWERS_PER_GENERATION = 20
 
 READY_LINE = re.compile(
-    r"^broker cluster: (?P<url>http://\S+/) \(edges: (?P<edges>[^,]+), "
+    r"^broker cluster: (?P<url>https?://\S+/) \(edges: (?P<edges>[^,]+), "
     r"workers: (?P<workers>\d+), redis: (?P<redis>\S+)\)$")
 PIDS_LINE = re.compile(r"^broker cluster: pids (?P<pids>.+); Ctrl-C stops them all$")
 LOGS_LINE = re.compile(r"logs in (?P<dir>\S+)$")
+CERTIFICATE_LINE = re.compile(
+    r"^broker cluster: HTTPS with HTTP/2 on a self-signed certificate for localhost: "
+    r"(?P<cert>\S+) \(browsers warn once; curl --cacert (?P=cert)\)$")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Cluster:
     start_seconds: float
     lines: queue.Queue[str | None]
     stderr: Path
+    certificate: Path | None = None  # with --tls: the certificate it printed
 
 
 def _read_lines(stream: Iterator[str], into: queue.Queue[str | None]) -> None:
@@ -111,12 +117,17 @@ def running_cluster(*options: str) -> Iterator[Cluster]:
         ready = READY_LINE.match(_next_line(lines, deadline, stderr))
         assert ready is not None
         start_seconds = time.monotonic() - started
-        listed = PIDS_LINE.match(_next_line(lines, deadline, stderr))
-        assert listed is not None
+        line = _next_line(lines, deadline, stderr)
+        certificate = None
+        if (tls := CERTIFICATE_LINE.match(line)) is not None:
+            certificate = Path(tls["cert"])
+            line = _next_line(lines, deadline, stderr)
+        listed = PIDS_LINE.match(line)
+        assert listed is not None, line
         pids = {name: int(pid) for name, pid in
                 (item.split("=") for item in listed["pids"].split())}
         yield Cluster(proc, port, ready["url"], ready["edges"].split(), pids, log_dir,
-                      start_seconds, lines, stderr)
+                      start_seconds, lines, stderr, certificate)
     finally:
         if proc.poll() is None:  # the test failed before its own SIGINT
             proc.terminate()
@@ -300,3 +311,59 @@ def test_a_process_that_dies_stops_the_whole_cluster() -> None:
         assert not left, f"still running after broker cluster exited: {left}"
         assert port_free(cluster.port)
     shutil.rmtree(cluster.log_dir, ignore_errors=True)
+
+
+async def test_tls_serves_https_with_http2_on_the_certificate_it_names() -> None:
+    """``--tls``: the URL is https, the printed certificate verifies it (names localhost and
+    127.0.0.1), ALPN offers HTTP/2 first and HTTP/1.1 still, and an answer streams exactly
+    through it; plain HTTP is not served on that port."""
+    with running_cluster("--tls", "--edges", "1", "--workers", "1") as cluster:
+        assert cluster.url == f"https://127.0.0.1:{cluster.port}/"
+        assert cluster.certificate is not None and cluster.certificate.parent.parent == (
+            cluster.log_dir)
+        trust = ssl.create_default_context(cafile=str(cluster.certificate))
+
+        def negotiated(host: str, offered: list[str]) -> str | None:
+            context = ssl.create_default_context(cafile=str(cluster.certificate))
+            context.set_alpn_protocols(offered)
+            with socket.create_connection(("127.0.0.1", cluster.port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname=host) as tls:
+                return tls.selected_alpn_protocol()
+
+        assert negotiated("localhost", ["h2", "http/1.1"]) == "h2"
+        assert negotiated("127.0.0.1", ["http/1.1"]) == "http/1.1"
+        async with httpx.AsyncClient(base_url=cluster.url, verify=trust,
+                                     timeout=httpx.Timeout(20.0)) as http:
+            gen = await create(http, [{"role": "user", "content": "Over TLS, please."}])
+            follower = Follower(http, gen.events_url)
+            text = "".join([m.text async for m in follower])
+            status = (await http.get(f"/v1/generations/{gen.id}")).json()
+        assert follower.result is not None and follower.result.finish_reason == "stop"
+        assert status["status"] == "completed" and text == status["text"] != ""
+        async with httpx.AsyncClient(timeout=5) as plain:
+            with pytest.raises(httpx.HTTPError):
+                await plain.get(f"http://127.0.0.1:{cluster.port}/readyz")
+        cluster.proc.send_signal(signal.SIGINT)
+        assert cluster.proc.wait(STOP_DEADLINE) == 0
+    shutil.rmtree(cluster.log_dir, ignore_errors=True)
+
+
+def test_tls_without_openssl_says_what_to_install(tmp_path: Path) -> None:
+    """The certificate is made with the ``openssl`` command: without it, ``--tls`` stops
+    before starting anything, with one line naming the package."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for binary in ("redis-server", "haproxy"):
+        found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+        assert found is not None, f"{binary} is not installed (scripts/test installs it)"
+        (bin_dir / binary).symlink_to(found)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "cluster", "--tls", "--port", str(free_port())],
+        env=env, capture_output=True, text=True, timeout=STOP_DEADLINE, check=False)
+    assert done.returncode == 1, done
+    assert done.stderr.splitlines() == [
+        "broker cluster: openssl not found (it runs redis-server and haproxy as local "
+        "processes, and openssl makes the certificate); install it: "
+        "sudo apt-get install openssl"], done.stderr
+    assert "Traceback" not in done.stderr + done.stdout

@@ -19,7 +19,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-async def launch(playwright: Playwright) -> Browser:
+async def launch(playwright: Playwright, *, bfcache: bool = False) -> Browser:
+    """Debian's Chromium, headless. Playwright turns the back/forward cache off
+    (``--disable-back-forward-cache``); ``bfcache=True`` keeps it on, as in a user's browser."""
+    ignored = ["--disable-back-forward-cache"] if bfcache else []
     return await playwright.chromium.launch(
-        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+        ignore_default_args=ignored,
     )

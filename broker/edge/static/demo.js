@@ -237,9 +237,11 @@ function onViewerState(panel, state, info) {
     updateCounters(panel);
     setState(panel, 'reconnecting');
     const after = data.lastEventId || 'the start';
-    logLine(panel, info.reason === 'reconnect'
-      ? 'dropped; resuming after ' + after
-      : 'connection lost; browser reconnects after ' + after);
+    const why = { reconnect: 'dropped; resuming after ',
+                  pageshow: 'page shown again; resuming after ' }[info.reason];
+    logLine(panel, (why || 'connection lost; browser reconnects after ') + after);
+  } else if (state === 'paused') {
+    setState(panel, 'paused');  // the page was hidden away (pagehide): no connection
   } else if (info.reason === 'already_over') {
     // A resume after the terminal event: the server answers 204, nothing was missed.
     restoreTerminalState(panel);
