@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.core import protocol
 from broker.core.backoff import Backoff
 from broker.core.metrics import Metrics
-from broker.core.protocol import Event, JobEntry
+from broker.core.protocol import JobEntry, NewEvent
 from broker.core.sentences import SentenceBuffer
 from broker.core.settings import Settings
 from broker.core.store import Store
@@ -45,46 +45,45 @@ class Publisher:
         self.lock = asyncio.Lock()  # one publish at a time, so seqs reach Redis in order
 
     async def message(self, text: str) -> None:
-        first = self.seq == 0
-        await self._publish("message", protocol.message_data(text), text=text)
-        if first:
-            waited = max(0, protocol.now_ms() - self.enqueued_ms) / 1000
-            self.metrics.time_to_first_message.observe(waited)
+        await self.publish([protocol.new_message(text)])
 
     async def end(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
-        status = "cancelled" if finish_reason == "cancelled" else "completed"
-        data = protocol.end_data(finish_reason, usage)
-        await self._publish("end", data, final_status=status, finish_reason=finish_reason)
+        await self.publish([protocol.new_end(finish_reason, usage)])
 
     async def error(self, code: str, message: str) -> None:
-        data = protocol.error_data(code, message)
-        await self._publish("error", data, final_status="failed", finish_reason="error")
+        await self.publish([protocol.new_error(code, message)])
 
-    async def _publish(self, kind: protocol.EventKind, data: str, **fields: str) -> None:
+    async def publish(self, events: list[NewEvent]) -> None:
+        """Publish ``events`` as the next seqs, in one atomic call (all or none)."""
         # Shielded: a caller cancelled mid-call (a cancel, a shutdown) must not leave Redis
-        # holding an event whose seq this publisher never counted.
-        await asyncio.shield(asyncio.ensure_future(self._publish_next(kind, data, fields)))
+        # holding events whose seqs this publisher never counted.
+        await asyncio.shield(asyncio.ensure_future(self._publish_next(events)))
 
-    async def _publish_next(
-        self, kind: protocol.EventKind, data: str, fields: dict[str, str]
-    ) -> None:
+    async def _publish_next(self, events: list[NewEvent]) -> None:
         async with self.lock:
-            event = Event(self.seq + 1, kind, data, protocol.now_ms())
-            result = await self._with_retries(event, fields)
+            first = self.seq == 0
+            result = await self._with_retries(self.seq + 1, events)
             if result < 0:
                 raise Stop("generation gone" if result == -1 else "lease lost")
-            self.seq = event.seq
-            self.metrics.events_published.inc()
-            if fields.get("final_status"):
-                self.metrics.generations_finished.labels(fields["final_status"]).inc()
+            self.seq += len(events)
+            self.metrics.events_published.inc(len(events))
+            final_status = events[-1].final_status
+            if final_status:
+                self.metrics.generations_finished.labels(final_status).inc()
+            if first and not events[0].terminal:  # what a viewer sees first, of any kind
+                waited = max(0, protocol.now_ms() - self.enqueued_ms) / 1000
+                self.metrics.time_to_first_message.observe(waited)
 
-    async def _with_retries(self, event: Event, fields: dict[str, str]) -> int:
+    async def _with_retries(self, seq: int, events: list[NewEvent]) -> int:
         """Retry through a Redis restart: the explicit seq makes a repeated call a no-op."""
         deadline = time.monotonic() + PUBLISH_RETRY_DEADLINE
         backoff = Backoff(cap=1.0)
+        published_ms = protocol.now_ms()
         while True:
             try:
-                return await self.store.publish(self.gen_id, self.owner, event, **fields)
+                return await self.store.publish(
+                    self.gen_id, self.owner, seq, events, published_ms
+                )
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self.metrics.redis_errors.labels("publish").inc()
                 if time.monotonic() + backoff.delay > deadline:
