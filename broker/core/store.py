@@ -198,10 +198,6 @@ class Store:
     async def meta(self, gen_id: str) -> Meta | None:
         return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
 
-    async def text(self, gen_id: str) -> str:
-        raw = await self.redis.get(protocol.text_key(gen_id))
-        return as_text(raw) if raw else ""
-
     async def snapshot(self, gen_id: str) -> Snapshot | None:
         """The generation as ``GET /v1/generations/{id}`` shows it: meta and aggregates read
         in one round trip (one MULTI on one Redis: a consistent view; on a cluster the keys
