@@ -32,7 +32,7 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "b4": ([], ["--viewers", "100", "--log", "400", "--live", "10"]),
     "b5": ([], ["--g", "10", "--tokens", "60", "--refine", "0"]),
     "direct": ([], ["--generations", "4", "--tokens", "40"]),
-    "b6": ([], ["--messages", "1500", "--send-timeout", "2"]),
+    "b8": ([], ["--messages", "1500", "--send-timeout", "2"]),
 }
 
 
@@ -183,12 +183,12 @@ def direct_rows(results: Path) -> list[Row]:
     return out
 
 
-def b6_rows(results: Path) -> list[Row]:
-    data = load(results, "b6")
+def b8_rows(results: Path) -> list[Row]:
+    data = load(results, "b8")
     c = cell(data)
     if c is None:
-        return [("B6", "not run", "n/a", (data or {}).get("failure", "")[:80])]
-    return [("B6: a slow viewer costs the edge no backlog (no target)",
+        return [("B8", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    return [("B8: a slow viewer costs the edge no backlog (no target)",
              f"RSS +{c['edge_rss_growth_at_close_mb']:.1f} MB while "
              f"{c['streamed_at_close_mb']:.1f} MB streamed past it", "",
              f"peak +{c['edge_rss_peak_growth_mb']:.1f} MB with its resume; fast viewers p99 "
@@ -197,7 +197,7 @@ def b6_rows(results: Path) -> list[Row]:
 
 SUMMARIES: dict[str, Callable[[Path], list[Row]]] = {
     "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows, "b5": b5_rows,
-    "direct": direct_rows, "b6": b6_rows,
+    "direct": direct_rows, "b8": b8_rows,
 }
 
 

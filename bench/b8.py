@@ -1,4 +1,4 @@
-"""B6 slow viewer: one viewer reading ~100x slower than the stream, beside two fast ones, on
+"""B8 slow viewer: one viewer reading ~100x slower than the stream, beside two fast ones, on
 ONE broker edge: what its lag costs the edge's memory and the other viewers' latency.
 
 One cell on fresh processes: a redis-server, the edge (``python -m broker edge`` with
@@ -11,9 +11,9 @@ The edge's RSS is read with every viewer connected (the baseline), sampled every
 read again at the moment its ``broker_slow_viewers_closed_total`` first counts the slow
 viewer, with the bytes streamed by then (the ``text`` key's length).
 
-    .venv/bin/python -m bench.b6
+    .venv/bin/python -m bench.b8
 
-Prints a markdown table, writes ``bench/results/b6.json``. Exits 1 if a viewer lost, repeated
+Prints a markdown table, writes ``bench/results/b8.json``. Exits 1 if a viewer lost, repeated
 or reordered an event, or if the slow viewer was never closed.
 """
 
@@ -48,7 +48,7 @@ SAMPLE_EVERY = 0.05
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.b6", description=__doc__.splitlines()[0],
+        prog="python -m bench.b8", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--messages", type=int, default=6000, help="messages published")
@@ -137,13 +137,13 @@ async def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         await slow.expect("done", run_budget)
         watcher.cancel()
 
-        fast = collect(group, loadgens, "B6 fast viewers", FAST_VIEWERS * args.messages,
+        fast = collect(group, loadgens, "B8 fast viewers", FAST_VIEWERS * args.messages,
                        edge.tail())
         slow_result = json.loads(slow_out.read_text())
         if slow_result["errors"]:
-            raise BenchError("B6 slow viewer: " + "; ".join(slow_result["errors"]) + edge.tail())
+            raise BenchError("B8 slow viewer: " + "; ".join(slow_result["errors"]) + edge.tail())
         if watch.at_close is None or not slow_result["reconnects"]:
-            raise BenchError("B6: the edge never closed the slow viewer (raise --messages or "
+            raise BenchError("B8: the edge never closed the slow viewer (raise --messages or "
                              f"lower --send-timeout){edge.tail()}")
         mb = 1024 * 1024
         frame_bytes = args.size + 100  # the text, its JSON and SSE framing
@@ -193,7 +193,7 @@ COLUMNS = [
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"scenario": "B6 slow viewer", "params": {
+    out: dict[str, Any] = {"scenario": "B8 slow viewer", "params": {
         "messages": args.messages, "rate": args.rate, "size": args.size,
         "send_timeout": args.send_timeout, "slow_delay": args.slow_delay,
     }, "machine": machine(), "cells": []}
@@ -202,7 +202,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out["cells"].append(await run_cell(args))
     except BenchError as e:
         out["failure"] = str(e)
-        print(f"\nB6 FAILED: {e}", file=sys.stderr)
+        print(f"\nB8 FAILED: {e}", file=sys.stderr)
     return out
 
 
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.results.mkdir(parents=True, exist_ok=True)
     out = asyncio.run(run(args))
-    (args.results / "b6.json").write_text(json.dumps(out, indent=2))
-    print("## B6 slow viewer\n")
+    (args.results / "b8.json").write_text(json.dumps(out, indent=2))
+    print("## B8 slow viewer\n")
     if out["cells"]:
         print(columns_table(COLUMNS, out["cells"]))
     raise SystemExit(1 if "failure" in out else 0)
