@@ -112,7 +112,7 @@ class GenerationRun:
         self.publisher = Publisher(
             store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
         )
-        self.buffer = SentenceBuffer(settings.max_message_chars)
+        self.buffer = sentence_buffer(settings)
         self.cancel_requested = asyncio.Event()
         self.shutdown_requested = asyncio.Event()
         self.lost = asyncio.Event()
@@ -214,20 +214,26 @@ class GenerationRun:
         self.metrics.buffer_wait.observe(waited)
 
     async def _flush_on_time(self) -> None:
-        interval = self.settings.flush_interval
+        """Publish pending text when the buffer says it is due: the first text soon after the
+        first token, later text when no sentence end came in time (never past the bound)."""
         while True:
-            since = self.buffer.pending_since
-            if since is None:
+            deadline = self.buffer.deadline()
+            if deadline is None:
                 self._pending.clear()
                 await self._pending.wait()
                 continue
-            delay = since + interval - time.monotonic()
+            # Sleeping until a deadline computed now never oversleeps the bound: every deadline
+            # is at most the oldest pending character's arrival + BROKER_FLUSH_INTERVAL, and
+            # the oldest pending character only gets younger. (Text arriving meanwhile may move
+            # the deadline either way; waking early just computes it again.)
+            delay = deadline - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            self._note_wait(since)
-            text = self.buffer.flush()
-            if text:
+            since = self.buffer.pending_since
+            text = self.buffer.flush_due(time.monotonic())
+            if text and since is not None:
+                self._note_wait(since)
                 await self.publisher.message(text)
 
     async def _heartbeat(self) -> None:
@@ -246,6 +252,14 @@ class GenerationRun:
                 self.cancel_requested.set()
             elif state == "lost":
                 self.lost.set()
+
+
+def sentence_buffer(settings: Settings) -> SentenceBuffer:
+    """A buffer for one text channel of one generation, with the settings' timing."""
+    return SentenceBuffer(
+        settings.max_message_chars, first_wait=settings.first_text_wait,
+        max_wait=settings.flush_interval,
+    )
 
 
 async def _outcome(llm_task: asyncio.Task[Completion]) -> Completion | LLMError | None:
