@@ -142,10 +142,8 @@ class GenerationRun:
     async def _run(self) -> None:
         request = {"model": self.settings.model, **self.job_request}
         llm_task = asyncio.create_task(self.llm.stream(request, self._on_text))
-        helpers = [
-            asyncio.create_task(self._flush_on_time()),
-            asyncio.create_task(self._heartbeat()),
-        ]
+        flusher = asyncio.create_task(self._flush_on_time())
+        heartbeat = asyncio.create_task(self._heartbeat())
         stops = [
             asyncio.create_task(self.cancel_requested.wait()),
             asyncio.create_task(self.shutdown_requested.wait()),
@@ -156,7 +154,10 @@ class GenerationRun:
             if not llm_task.done():
                 llm_task.cancel()  # closes the upstream response (``async with stream``)
             outcome = await _outcome(llm_task)
-            await cancel_and_wait(*helpers)
+            # Only the flusher stops before the rest of the text goes out: the heartbeat keeps
+            # the lease until the terminal event, and stopping it can take a moment (a cancel
+            # lost in a Redis call is repeated, see cancel_and_wait) no text should wait for.
+            await cancel_and_wait(flusher)
             if self.lost.is_set():
                 log.warning("generation %s: lease lost; another party ended it", self.gen_id)
                 return
@@ -165,7 +166,7 @@ class GenerationRun:
             self.stopped = True
             log.warning("generation %s stopped: %s", self.gen_id, e)
         finally:
-            await cancel_and_wait(llm_task, *helpers, *stops)
+            await cancel_and_wait(llm_task, flusher, heartbeat, *stops)
 
     def _note_speed(self) -> None:
         first = self._first_token_at
