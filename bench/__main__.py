@@ -32,7 +32,7 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "b4": ([], ["--viewers", "100", "--log", "400", "--live", "10"]),
     "b5": ([], ["--g", "10", "--tokens", "60", "--refine", "0"]),
     "direct": ([], ["--generations", "4", "--tokens", "40"]),
-    "b6": ([], ["--rates", "100", "--answers", "emoji,cjk"]),
+    "b6": ([], ["--rates", "100", "--answers", "emoji,cjk", "--repeat", "1"]),
     "b8": ([], ["--messages", "1500", "--send-timeout", "2"]),
 }
 

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", default="10,20,30,50,100", help="tokens/s, one cell each")
     parser.add_argument("--answers", default=",".join(names),
                         help=f"which answers to stream (of {', '.join(names)})")
-    parser.add_argument("--repeat", type=int, default=1, help="generations per answer per cell")
+    parser.add_argument("--repeat", type=int, default=2, help="generations per answer per cell")
     parser.add_argument("--stagger", type=float, default=0.5,
                         help="seconds between the starts of two generations")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
@@ -99,8 +99,9 @@ def worker_settings(env: dict[str, str]) -> dict[str, Any]:
 # -- judging one generation -------------------------------------------------------------------
 
 
-def judge(answer: Answer, result: Result, token_ns: list[int]) -> dict[str, Any]:
+def judge(answer: Answer, result: Result, record: dict[str, Any]) -> dict[str, Any]:
     """Per message: does it end where a unit ends, and how long did its oldest text wait."""
+    token_ns = record["token_ns"]
     starts, at = [], 0
     for token in answer.tokens:
         starts.append(at)
@@ -124,6 +125,7 @@ def judge(answer: Answer, result: Result, token_ns: list[int]) -> dict[str, Any]
         "tokens": len(answer.tokens),
         "messages": messages,
         "ttft_ms": result.ttft_ms,
+        "to_llm_ms": (record["arrived_ns"] - result.sent_ns) / 1e6,
         "first_text_after_llm_ms": (result.received[0][0] - token_ns[0]) / 1e6,
     }
 
@@ -145,7 +147,8 @@ def stats(values: list[float]) -> dict[str, float]:
             "max": round(ordered[-1], 2), "n": len(ordered)}
 
 
-def summarize(rate: float, judged: list[dict[str, Any]], direct: list[Result]) -> dict[str, Any]:
+def summarize(rate: float, judged: list[dict[str, Any]], direct: list[Result],
+              records: dict[str, Any]) -> dict[str, Any]:
     messages = [m for g in judged for m in g["messages"]]
     later = [m for g in judged for m in g["messages"][1:]]
     units = sum(g["units"] for g in judged)
@@ -171,6 +174,12 @@ def summarize(rate: float, judged: list[dict[str, Any]], direct: list[Result]) -
         "first_text_after_llm_ms": stats([g["first_text_after_llm_ms"] for g in judged]),
         "ttft_ms": {"broker": broker_ttft, "direct": direct_ttft},
         "ttft_over_direct_p50_ms": round(broker_ttft["p50"] - direct_ttft["p50"], 2),
+        # Request sent → the LLM has read it: the broker's part is the create call, the job
+        # queue, the worker's claim and its SDK call.
+        "to_llm_ms": {
+            "broker": stats([g["to_llm_ms"] for g in judged]),
+            "direct": stats([(records[r.key]["arrived_ns"] - r.sent_ns) / 1e6 for r in direct]),
+        },
         "per_answer": {
             name: {**a, "share_on_end": round(a["on_end"] / a["messages"], 4)}
             for name, a in per_answer.items()},
@@ -224,9 +233,8 @@ async def run_cell(rate: float, args: argparse.Namespace) -> dict[str, Any]:
         if errors:
             raise BenchError(f"B6 at {rate:g} tok/s, {len(errors)} answer(s) wrong:\n  "
                              + "\n  ".join(errors[:10]))
-        judged = [judge(a, r, records[r.key]["token_ns"])
-                  for a, r in zip(played, results, strict=True)]
-        return {**summarize(rate, judged, direct), "generations_detail": judged}
+        judged = [judge(a, r, records[r.key]) for a, r in zip(played, results, strict=True)]
+        return {**summarize(rate, judged, direct, records), "generations_detail": judged}
     finally:
         await group.close(redis)
 
@@ -244,14 +252,16 @@ def report(out: dict[str, Any]) -> str:
         ["tok/s", "answers", "units", "messages", "messages / unit", "ending on an end",
          "after the first", "longest wait ms", "wait p99 ms", "first text after LLM's first "
          "token p50 / max ms", "POST → first text p50 ms", "direct → first token p50 ms",
-         "broker - direct ms"],
+         "broker - direct ms", "to LLM p50 ms broker / direct"],
         [[f"{c['rate']:g}", str(c["generations"]), str(c["units"]), str(c["messages"]),
           f"{c['messages_per_unit']:.2f}", pct(c["share_on_end"]),
           pct(c["share_on_end_after_first"]), f"{c['wait_ms']['max']:.0f}",
           f"{c['wait_ms']['p99']:.0f}",
           f"{c['first_text_after_llm_ms']['p50']:.1f} / {c['first_text_after_llm_ms']['max']:.1f}",
           f"{c['ttft_ms']['broker']['p50']:.1f}", f"{c['ttft_ms']['direct']['p50']:.1f}",
-          f"{c['ttft_over_direct_p50_ms']:+.1f}"] for c in cells])
+          f"{c['ttft_over_direct_p50_ms']:+.1f}",
+          f"{c['to_llm_ms']['broker']['p50']:.1f} / {c['to_llm_ms']['direct']['p50']:.1f}"]
+         for c in cells])
     names = list(cells[0]["per_answer"]) if cells else []
     per_answer = markdown_table(
         ["tok/s", *[f"{n}: on an end (messages / units)" for n in names]],

@@ -10,7 +10,7 @@ runs N generations per mode, C at a time, alternating batches of the two modes:
   sentence: arrival of its last token minus that token's ``t=`` stamp (the send time).
 - **broker**: ``POST /v1/generations`` to the edge, then the SSE stream of its ``events_url``.
   Time-to-first-text: POST sent → first message event (queue, worker pickup, LLM request and
-  the first sentence's buffering included). Per message: arrival minus the ``t=`` stamp of
+  the first text's wait included). Per message: arrival minus the ``t=`` stamp of
   the message's last token.
 
 Both modes must receive exactly the text the fake LLM sent (SHA-256 against its records);
