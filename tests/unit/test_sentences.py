@@ -160,7 +160,9 @@ def test_interleaved_flushes_keep_the_text(
     assert all(len(m) <= max_chars for m in out)
 
 
-@settings(max_examples=500)
+# deadline=None on the heavier properties: on a busy machine one example may take longer than
+# hypothesis's default 200 ms; they assert outcomes, not speed.
+@settings(max_examples=500, deadline=None)
 @given(split_text(st.text(max_size=200) | sentence_like))
 def test_feed_never_cuts_a_grapheme_cluster(case: tuple[str, list[str]]) -> None:
     """Every end feed() gives a message is where a grapheme cluster of the whole text starts:
@@ -188,7 +190,7 @@ word_deltas = st.lists(
     | st.text(max_size=3), max_size=40)
 
 
-@settings(max_examples=1000)
+@settings(max_examples=1000, deadline=None)
 @given(split_text(sentence_like) | word_deltas.map(lambda d: ("".join(d), d)),
        st.sampled_from([400, 6]), st.data())
 def test_fast_paths_do_what_the_scan_does(
@@ -258,7 +260,7 @@ waits = st.sampled_from([(0.02, 1.0), (0.0, 0.2), (0.02, 0.05), (0.2, 0.2), (1.0
 TICK = 0.004  # how late the flusher may wake in these runs (the event loop's scheduling)
 
 
-@settings(max_examples=1500)
+@settings(max_examples=1500, deadline=None)
 @given(timed_stream(), waits, st.sampled_from([400, 12, 3]),
        st.lists(st.sampled_from([0.0, TICK / 2, TICK]), max_size=50))
 @example(("x" * 50, [(0.0, "x" * 50)]), (0.02, 1.0), 400, [])
