@@ -79,8 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per generation")
     parser.add_argument("--tokens", type=int, default=300, help="tokens per answer")
     parser.add_argument("--sentence-tokens", default="6-10",
-                        help="tokens per sentence, LO-HI (at 50 tokens/s a sentence longer "
-                             "than 10 tokens outlasts the worker's 0.2 s flush interval)")
+                        help="tokens per sentence, LO-HI")
     parser.add_argument("--run-timeout", type=float, default=0.0,
                         help="seconds for all G generations to finish (0: 60 + 4 x the "
                              "answer's duration)")

@@ -10,7 +10,7 @@ runs N generations per mode, C at a time, alternating batches of the two modes:
   sentence: arrival of its last token minus that token's ``t=`` stamp (the send time).
 - **broker**: ``POST /v1/generations`` to the edge, then the SSE stream of its ``events_url``.
   Time-to-first-text: POST sent → first message event (queue, worker pickup, LLM request and
-  the first sentence's buffering included). Per message: arrival minus the ``t=`` stamp of
+  the first text's wait included). Per message: arrival minus the ``t=`` stamp of
   the message's last token.
 
 Both modes must receive exactly the text the fake LLM sent (SHA-256 against its records);
@@ -85,6 +85,7 @@ class Result:
         self.first_sentence_ns = 0
         self.latencies_ms: list[float] = []
         self.messages = 0
+        self.received: list[tuple[int, str]] = []  # (arrival ns, text) of each delta/message
         self.text = ""
         self.finish: str | None = None
 
@@ -94,6 +95,7 @@ class Result:
             self.first_text_ns = now
         self.text += text
         self.messages += 1
+        self.received.append((now, text))
         stamp = stamp_of(text)
         if stamp is not None:
             self.latencies_ms.append((now - stamp) / 1e6)
@@ -109,7 +111,9 @@ class Result:
         return (self.first_sentence_ns - self.sent_ns) / 1e6
 
 
-async def run_direct(llm: AsyncOpenAI, key: str, seed: int) -> Result:
+async def run_direct(llm: AsyncOpenAI, key: str, seed: int, first_only: bool = False) -> Result:
+    """Stream the answer with the SDK; ``first_only``: stop (close the stream) at the first
+    text, for its time-to-first-text alone."""
     result = Result("direct", key)
     result.sent_ns = time.time_ns()
     stream = await llm.chat.completions.create(
@@ -124,6 +128,8 @@ async def run_direct(llm: AsyncOpenAI, key: str, seed: int) -> Result:
                     result.on_text(choice.delta.content, now)
                 if choice.finish_reason:
                     result.finish = choice.finish_reason
+            if first_only and result.first_text_ns:
+                break
     return result
 
 

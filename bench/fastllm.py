@@ -18,10 +18,17 @@ seed so sentence ends of concurrent streams do not line up), ``--tokens`` tokens
 The seed is the request's ``seed`` field if it has one (same seed, same answer but for the
 stamps), else derived from the request's key.
 A sentence's words are plain lowercase tokens (``Word``, `` word``); its LAST token is
-`` t=<time.time_ns() when written>. ``: the dot and trailing space let the worker's
-sentence buffer end the message at once, and the stamp lets a client compute
+`` t=<time.time_ns() when written>.\\n``: the dot and line feed let the worker's
+sentence buffer end the message at once (after a space it would wait for the next token: a
+combining mark could still join the space), and the stamp lets a client compute
 token→receive latency. (`` t=<19 digits>`` is no abbreviation or list marker to
 ``broker.core.sentences``.)
+
+With ``--script FILE`` (B6) the answers are scripted instead: the file holds
+``{"answers": [[token, ...], ...]}`` and a request gets answer ``seed % len(answers)``, its
+first token at once (no prefill time) and then one token every 1/rate s on the stream's own
+schedule (``loop.call_at``: a few streams, exact pacing), each token's send time
+(``time.time_ns()``) recorded as ``token_ns``.
 
 Each request is keyed by the content of its last user message; per key the server keeps
 what it sent (token count and SHA-256 of the text, stamps included) so a benchmark can
@@ -45,6 +52,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 try:
@@ -94,7 +102,7 @@ def content_chunk(text: str) -> bytes:
 WORD_CHUNKS = [content_chunk(" " + w) for w in WORDS]
 CAP_CHUNKS = [content_chunk(w.capitalize()) for w in WORDS]
 # The stamp token's chunk split around the digits; its length is fixed, so is the frame size.
-_STAMP = content_chunk(" t=" + "0" * STAMP_DIGITS + ". ")
+_STAMP = content_chunk(" t=" + "0" * STAMP_DIGITS + ".\n")
 _AT = _STAMP.index(b" t=") + 3
 STAMP_HEAD, STAMP_TAIL = _STAMP[:_AT], _STAMP[_AT + STAMP_DIGITS :]
 ROLE_CHUNK = frame(sse(chunk({"role": "assistant", "content": ""}, None)))
@@ -136,7 +144,7 @@ def answer_text(seed: int, tokens: int, lo: int, hi: int, stamps: list[int]) -> 
     stamp_iter = iter(stamps)
     for code in plan(seed, tokens, lo, hi):
         if code == STAMP:
-            parts.append(f" t={next(stamp_iter)}. ")
+            parts.append(f" t={next(stamp_iter)}.\n")
         elif code >= n_words:
             parts.append(WORDS[code - n_words].capitalize())
         else:
@@ -160,9 +168,38 @@ class Stream:
         self.done = False
 
 
+class ScriptedStream:
+    """One scripted answer in progress (``--script``)."""
+
+    __slots__ = ("answer", "chunks", "conn", "done", "handle", "key", "sent", "t0", "tail",
+                 "times")
+
+    def __init__(self, conn: Conn, key: str, answer: int, chunks: list[bytes],
+                 tail: bytes) -> None:
+        self.conn = conn
+        self.key = key
+        self.answer = answer
+        self.chunks = chunks
+        self.tail = tail
+        self.sent = 0
+        self.done = False
+        self.times: list[int] = []  # time.time_ns() as each token was written
+        self.t0 = 0.0
+        self.handle: asyncio.TimerHandle | asyncio.Handle | None = None
+
+
+def load_script(path: Path) -> list[list[str]]:
+    answers = json.loads(path.read_text())["answers"]
+    if not answers or not all(isinstance(a, list) and a for a in answers):
+        raise SystemExit(f"{path}: expected {{\"answers\": [[token, ...], ...]}}")
+    return answers
+
+
 class Server:
     def __init__(self, args: argparse.Namespace) -> None:
         self.rate: float = args.rate
+        self.script: list[list[str]] = load_script(args.script) if args.script else []
+        self.script_chunks = [[content_chunk(token) for token in a] for a in self.script]
         self.tokens: int = args.tokens
         self.lo, self.hi = args.lo, args.hi
         self.n_slots: int = args.slots
@@ -177,7 +214,7 @@ class Server:
 
     # -- streams ---------------------------------------------------------------------------
 
-    def start_stream(self, conn: Conn, body: dict[str, Any]) -> Stream:
+    def start_stream(self, conn: Conn, body: dict[str, Any]) -> Stream | ScriptedStream:
         key = _last_user_content(body)
         seed = body.get("seed")
         if not isinstance(seed, int) or seed < 0:
@@ -185,19 +222,54 @@ class Server:
         record = self.records.setdefault(key, {"requests": 0})
         record["requests"] += 1
         record["arrived_ns"] = time.time_ns()  # the request, read whole
+        tokens = len(self.script[seed % len(self.script)]) if self.script else self.tokens
         tail = FINISH_CHUNK
         if (body.get("stream_options") or {}).get("include_usage"):
             prompt = sum(len(str(m.get("content", "")).split())
                          for m in body.get("messages") or [] if isinstance(m, dict))
-            usage = {"prompt_tokens": prompt, "completion_tokens": self.tokens,
-                     "total_tokens": prompt + self.tokens}
+            usage = {"prompt_tokens": prompt, "completion_tokens": tokens,
+                     "total_tokens": prompt + tokens}
             tail += frame(sse({**chunk({}, None), "choices": [], "usage": usage}))
-        stream = Stream(conn, key, seed, tail + DONE, self)
-        min(self.slots, key=len).append(stream)
-        self.active += 1
         self.counters["streams_started"] += 1
+        if self.script:  # its own schedule: not one of the ticker's ``active`` streams
+            index = seed % len(self.script)
+            scripted = ScriptedStream(conn, key, index, self.script_chunks[index], tail + DONE)
+            scripted.t0 = asyncio.get_running_loop().time()
+            # The first token at once, after the caller has made this its connection's stream.
+            scripted.handle = asyncio.get_running_loop().call_soon(self.step_scripted, scripted)
+            return scripted
+        stream = Stream(conn, key, seed, tail + DONE, self)
+        self.active += 1
+        min(self.slots, key=len).append(stream)
         self.wake.set()
         return stream
+
+    def step_scripted(self, s: ScriptedStream) -> None:
+        """Write the next token of ``s`` and schedule the one after it (on an absolute
+        schedule: a late token is caught up at once)."""
+        if s.done:
+            return
+        s.times.append(time.time_ns())
+        out = s.chunks[s.sent]
+        s.sent += 1
+        if s.sent == len(s.chunks):
+            out += s.tail
+            s.done = True
+            self.counters["streams_completed"] += 1
+            self.counters["tokens_sent"] += s.sent
+            text = "".join(self.script[s.answer])
+            record = self.records[s.key]
+            record.update(
+                completed=record.get("completed", 0) + 1, tokens=s.sent, chars=len(text),
+                sha256=hashlib.sha256(text.encode()).hexdigest(), answer=s.answer,
+                token_ns=s.times,
+            )
+        s.conn.write(out)
+        if s.done:
+            s.conn.stream_over()
+        else:
+            s.handle = asyncio.get_running_loop().call_at(
+                s.t0 + s.sent / self.rate, self.step_scripted, s)
 
     def step(self, s: Stream) -> None:
         """Write the next token of ``s`` (and, after its last, the end of the stream)."""
@@ -230,12 +302,16 @@ class Server:
             sha256=hashlib.sha256(text.encode()).hexdigest(),
         )
 
-    def abort(self, s: Stream) -> None:
+    def abort(self, s: Stream | ScriptedStream) -> None:
         """The client went away mid-stream (a cancel, a timeout): stop writing to it."""
         if s.done:
             return
         s.done = True
-        self.active -= 1
+        if isinstance(s, ScriptedStream):
+            if s.handle is not None:
+                s.handle.cancel()
+        else:
+            self.active -= 1
         self.counters["streams_aborted"] += 1
         self.counters["tokens_sent"] += s.sent
         record = self.records[s.key]
@@ -279,7 +355,7 @@ class Server:
             "max_tick_lag_ms": round(self.max_tick_lag_ms, 3),
             "cpu_s": round(times.user + times.system, 3),
             "config": {"rate": self.rate, "tokens": self.tokens, "slots": self.n_slots,
-                       "sentence_tokens": [self.lo, self.hi]},
+                       "sentence_tokens": [self.lo, self.hi], "scripted": len(self.script)},
             "records": self.records,
         }
         if reset:
@@ -304,7 +380,7 @@ class Conn(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
-        self.stream: Stream | None = None
+        self.stream: Stream | ScriptedStream | None = None
         self.close_after = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -424,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=300, help="tokens per answer")
     parser.add_argument("--sentence-tokens", type=parse_range, default=(6, 10),
                         help="tokens per sentence, LO-HI")
+    parser.add_argument("--script", type=Path, default=None,
+                        help="JSON {\"answers\": [[token, ...], ...]}: scripted answers (B6)")
     parser.add_argument("--slots", type=int, default=4,
                         help="ticks per token period, streams spread over them")
     args = parser.parse_args(argv)

@@ -3,7 +3,7 @@
 One raw Redis connection (an ``asyncio.Protocol``, no client library, so timestamps are
 taken when the bytes are read) sends ``PSUBSCRIBE {gen:*}:live`` and decodes each payload
 with ``broker.core.protocol.decode_payload``. A message whose text ends with the fake LLM's
-`` t=<ns>. `` stamp (the sentence's last token, see ``bench.fastllm``) yields one
+`` t=<ns>.\\n`` stamp (the sentence's last token, see ``bench.fastllm``) yields one
 token→publish latency: the receive time minus that stamp. Messages without a stamp (cut by
 the worker's flush interval or size limit) are counted, not timed.
 
@@ -38,8 +38,8 @@ MAX_ERRORS_KEPT = 20
 
 
 def stamp_of(text: str) -> int | None:
-    """The ``t=`` stamp a message ends with (`` t=<19 digits>. ``), else None."""
-    if not text.endswith(". "):
+    """The ``t=`` stamp a message ends with (`` t=<19 digits>.\\n``), else None."""
+    if not text.endswith(".\n"):
         return None
     at = text.rfind("t=")
     digits = text[at + 2 : -2] if at >= 0 else ""

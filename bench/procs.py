@@ -205,12 +205,15 @@ async def poll(check: object, within: float, what: str, proc: Proc | None = None
 
 
 async def start_fastllm(
-    group: ProcessGroup, *, rate: float, tokens: int, sentence_tokens: str
+    group: ProcessGroup, *, rate: float, tokens: int = 300, sentence_tokens: str = "6-10",
+    script: Path | None = None,
 ) -> tuple[Proc, str]:
-    """``bench.fastllm`` on a free port; returns it and its base URL (``.../v1``)."""
+    """``bench.fastllm`` on a free port; returns it and its base URL (``.../v1``).
+    ``script``: its scripted answers (``--script``) instead of the stamped word answers."""
     proc = await group.start(Proc("fastllm", [
         sys.executable, "-m", "bench.fastllm", "--port", "0", "--rate", str(rate),
         "--tokens", str(tokens), "--sentence-tokens", sentence_tokens,
+        *(["--script", str(script)] if script is not None else []),
     ], env=child_env(), lines=True, log_dir=group.log_dir))
     (port,) = await proc.expect("listening", 30)
     return proc, f"http://127.0.0.1:{port}/v1"

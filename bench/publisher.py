@@ -39,7 +39,7 @@ from broker.core.store import Store, connect
 
 OWNER = "bench-publisher"
 PREPARE_IN_FLIGHT = 64  # creates + claims at once
-FILLER = (  # long enough for B6's ~4 kB messages
+FILLER = (  # long enough for B8's ~4 kB messages
     "The quick brown fox jumps over the lazy dog while the broker fans this sentence out. "
     * 60
 )

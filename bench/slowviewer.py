@@ -1,4 +1,4 @@
-"""B6's slow viewer: one viewer that reads far slower than the stream until the edge closes it.
+"""B8's slow viewer: one viewer that reads far slower than the stream until the edge closes it.
 
 It follows the generation with the product's own client (``broker.client.Follower``, which
 resumes with ``Last-Event-ID`` like EventSource) over a socket whose receive buffer is fixed

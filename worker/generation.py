@@ -110,7 +110,7 @@ class GenerationRun:
         self.publisher = Publisher(
             store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
         )
-        self.buffer = SentenceBuffer(settings.max_message_chars)
+        self.buffer = sentence_buffer(settings)
         self.cancel_requested = asyncio.Event()
         self.shutdown_requested = asyncio.Event()
         self.lost = asyncio.Event()
@@ -140,10 +140,8 @@ class GenerationRun:
     async def _run(self) -> None:
         request = {"model": self.settings.model, **self.job_request}
         llm_task = asyncio.create_task(self.llm.stream(request, self._on_text))
-        helpers = [
-            asyncio.create_task(self._flush_on_time()),
-            asyncio.create_task(self._heartbeat()),
-        ]
+        flusher = asyncio.create_task(self._flush_on_time())
+        heartbeat = asyncio.create_task(self._heartbeat())
         stops = [
             asyncio.create_task(self.cancel_requested.wait()),
             asyncio.create_task(self.shutdown_requested.wait()),
@@ -154,7 +152,10 @@ class GenerationRun:
             if not llm_task.done():
                 llm_task.cancel()  # closes the upstream response (``async with stream``)
             outcome = await _outcome(llm_task)
-            await cancel_and_wait(*helpers)
+            # Only the flusher stops before the rest of the text goes out: the heartbeat keeps
+            # the lease until the terminal event, and stopping it can take a moment (a cancel
+            # lost in a Redis call is repeated, see cancel_and_wait) no text should wait for.
+            await cancel_and_wait(flusher)
             if self.lost.is_set():
                 log.warning("generation %s: lease lost; another party ended it", self.gen_id)
                 return
@@ -163,7 +164,7 @@ class GenerationRun:
             self.stopped = True
             log.warning("generation %s stopped: %s", self.gen_id, e)
         finally:
-            await cancel_and_wait(llm_task, *helpers, *stops)
+            await cancel_and_wait(llm_task, flusher, heartbeat, *stops)
 
     def _note_speed(self) -> None:
         first = self._first_token_at
@@ -212,20 +213,26 @@ class GenerationRun:
         self.metrics.buffer_wait.observe(waited)
 
     async def _flush_on_time(self) -> None:
-        interval = self.settings.flush_interval
+        """Publish pending text when the buffer says it is due: the first text soon after the
+        first token, later text when no sentence end came in time (never past the bound)."""
         while True:
-            since = self.buffer.pending_since
-            if since is None:
+            deadline = self.buffer.deadline()
+            if deadline is None:
                 self._pending.clear()
                 await self._pending.wait()
                 continue
-            delay = since + interval - time.monotonic()
+            # Sleeping until a deadline computed now never oversleeps the bound: every deadline
+            # is at most the oldest pending character's arrival + BROKER_FLUSH_INTERVAL, and
+            # the oldest pending character only gets younger. (Text arriving meanwhile may move
+            # the deadline either way; waking early just computes it again.)
+            delay = deadline - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            self._note_wait(since)
-            text = self.buffer.flush()
-            if text:
+            since = self.buffer.pending_since
+            text = self.buffer.flush_due(time.monotonic())
+            if text and since is not None:
+                self._note_wait(since)
                 await self.publisher.message(text)
 
     async def _heartbeat(self) -> None:
@@ -244,6 +251,14 @@ class GenerationRun:
                 self.cancel_requested.set()
             elif state == "lost":
                 self.lost.set()
+
+
+def sentence_buffer(settings: Settings) -> SentenceBuffer:
+    """A buffer for one text channel of one generation, with the settings' timing."""
+    return SentenceBuffer(
+        settings.max_message_chars, first_wait=settings.first_text_wait,
+        max_wait=settings.flush_interval,
+    )
 
 
 async def _outcome(llm_task: asyncio.Task[Completion]) -> Completion | LLMError | None:

@@ -54,7 +54,12 @@ class Settings:
         "gpt-4o-mini", "BROKER_MODEL", "model when a request names none", "edge worker dev cluster"
     )
     flush_interval: float = _setting(
-        0.2, "BROKER_FLUSH_INTERVAL", "seconds text may wait in the sentence buffer", "worker dev"
+        1.5, "BROKER_FLUSH_INTERVAL", "the longest any text waits in the sentence buffer, "
+        "seconds (the wait for a sentence end adapts to the token rate below it)", "worker dev"
+    )
+    first_text_wait: float = _setting(
+        0.01, "BROKER_FIRST_TEXT_WAIT", "seconds the first text of an answer waits after its "
+        "first token, at most", "worker dev"
     )
     max_message_chars: int = _setting(
         400, "BROKER_MAX_MESSAGE_CHARS", "flush a message at this size even mid-sentence",
@@ -208,7 +213,28 @@ class Settings:
             if raw is not None and raw != "":
                 values[f.name] = _convert(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        settings = cls(**values)
+        _check_ranges(settings)
+        return settings
+
+
+# Settings whose value outside a range would make no sense (a negative wait): name -> (lowest
+# allowed, whether that lowest value itself is allowed).
+_RANGES: dict[str, tuple[float, bool]] = {
+    "flush_interval": (0.0, False),
+    "first_text_wait": (0.0, True),
+}
+
+
+def _check_ranges(settings: Settings) -> None:
+    for f in dataclasses.fields(settings):
+        if f.name not in _RANGES:
+            continue
+        lowest, inclusive = _RANGES[f.name]
+        value = getattr(settings, f.name)
+        if value < lowest or (value == lowest and not inclusive):
+            expected = f">= {lowest:g}" if inclusive else f"> {lowest:g}"
+            raise SystemExit(f"{f.metadata['env']}: expected a number {expected}, got {value}")
 
 
 def _base_type(f: dataclasses.Field[Any]) -> type:

@@ -54,6 +54,7 @@ class Record:
 
     body: dict[str, Any]
     sent_tokens: int = 0
+    sent_at: list[float] = field(default_factory=list)  # time.monotonic() as each token went
     completed: bool = False
     closed_by_client: threading.Event = field(default_factory=threading.Event)
 
@@ -82,11 +83,10 @@ _ANSWER = (
 )
 
 
-# The default answer's pace: each sentence comes as a burst of its tokens, SENTENCE_PAUSE
-# after the one before. A burst reaches the worker within one read or a few, so no timed flush
-# (the worker's default waits 0.2 s) falls inside a sentence and cuts it in two unless the
-# worker stalls that long mid-burst; the pause is the speed the answer reads at.
-SENTENCE_PAUSE = 0.3
+# The default answer's pace: one word a token, at a steady rate like a hosted model's. The
+# worker shows the first word at once and reads the rest out in whole sentences (no sentence
+# of the answer takes longer than its wait at this rate).
+TOKENS_PER_SECOND = 40
 
 
 def default_script(body: dict[str, Any]) -> Reply:
@@ -97,26 +97,24 @@ def default_script(body: dict[str, Any]) -> Reply:
             question = str(message.get("content", ""))[:200]
             break
     intro = f'You asked: "{question.strip()}"\n\n' if question.strip() else ""
-    return sentence_paced(intro + _ANSWER)
-
-
-def sentence_paced(text: str) -> Reply:
-    """``text`` token by token, a sentence at a time. Sentences are cut where the worker's
-    sentence buffer cuts them, and the whitespace after each is a token of its own, sent before
-    the pause: with it the buffer knows at once that the sentence has ended."""
-    tokens: list[str] = []
-    delays: list[float] = []
-    for sentence in sentences(text):
-        words = tokenize(sentence)
-        delays += [SENTENCE_PAUSE] + [0.0] * (len(words) - 1)
-        tokens += words
-    return Reply(tokens, delays=delays)
+    return Reply(tokenize(intro + _ANSWER), delay=1 / TOKENS_PER_SECOND)
 
 
 def sentences(text: str) -> list[str]:
     """``text`` split as the worker's sentence buffer splits it when it all arrives at once."""
     buffer = SentenceBuffer()
     return [s for s in (*buffer.feed(text, now=0.0), buffer.flush()) if s]
+
+
+def streamed_messages(text: str, first_text: str) -> list[str]:
+    """The messages the worker sends for ``text`` streamed at a steady pace whose first text
+    was ``first_text``: that (the first words, out at once), the rest of the first sentence,
+    then one message per sentence. (``first_text`` may be the whole first sentence.)"""
+    first, *rest = sentences(text)
+    if not first.startswith(first_text) or not first_text:
+        raise ValueError(f"{first_text!r} does not begin the first sentence {first!r}")
+    remainder = first[len(first_text) :]
+    return [first_text, *([remainder] if remainder else []), *rest]
 
 
 def create_mock_llm_app(script: Script = default_script) -> Starlette:
@@ -193,6 +191,7 @@ async def _events(
             if delay:
                 await asyncio.sleep(delay)
             delta = {"content": token} if i else {"role": "assistant", "content": token}
+            record.sent_at.append(time.monotonic())
             yield _sse(_chunk(cid, model, delta, None), end)
             record.sent_tokens = i + 1
         yield _sse(_chunk(cid, model, {}, reply.finish_reason), end)

@@ -111,7 +111,7 @@ def edge_url(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[str]:
     create; viewer tokens on, as in dev mode) + a `broker worker` + a redis-server, with the
     fake LLM answering the page's default question as the built-in mock does."""
     mock = default_script({"messages": [{"role": "user", "content": DEMO_QUESTION}]})
-    fake_llm.script(DEMO_QUESTION, tokens=mock.tokens, delays=mock.delays)
+    fake_llm.script(DEMO_QUESTION, tokens=mock.tokens, delay=mock.delay, delays=mock.delays)
     redis = RedisServer().start()
     edge = start_broker("edge", redis.url, broker_insecure="1",
                         broker_viewer_token_keys=VIEWER_TOKEN_KEY)

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page
 
-from broker.tools.mockllm import sentences
+from broker.tools.mockllm import streamed_messages
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
 
@@ -179,10 +179,10 @@ async def test_an_answer_from_load_to_end(screen: Screen) -> None:
     assert {v["color"] for v in ended["viewers"]} == {await screen.page.evaluate(
         COLOR_OF, "--ok")}
 
-    # Each tinted band is one whole sentence.
+    # The first band is the first words, out at once; every band after it one whole sentence.
     bands = await screen.page.locator(".viewer").nth(0).locator(".answer .msg").all_inner_texts()
     assert "".join(bands) == gen_text
-    assert bands == sentences(gen_text)
+    assert bands == streamed_messages(gen_text, bands[0])
 
 
 async def test_a_cancelled_answer_reads_cancelled(screen: Screen) -> None:

@@ -1,7 +1,7 @@
 """A viewer reading 100x slower than the stream costs the edge no backlog, is closed by the edge
 once a write stays blocked past the send timeout, and resumes without loss; the other viewers
 get the whole answer meanwhile. What it costs in figures (the edge's memory, the other
-viewers' latency) is bench B6's to measure.
+viewers' latency) is bench B8's to measure.
 
 Two edges serve the same generation: on a *patient* one (a send timeout longer than the test)
 the slow viewer lags by the whole answer, whatever the machine's speed, so its memory can be

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from broker.tools.mockllm import sentences
+from broker.tools.mockllm import streamed_messages
 from tests.support.api import unique
 from tests.support.devserver import DevServer
 from tests.support.fakellm import FakeLLM
@@ -128,17 +128,20 @@ async def test_a_base_url_without_a_key_is_a_local_llm_server(fake_llm: FakeLLM)
             f"such as Ollama or llama.cpp)") in lines, lines
 
 
-async def test_the_mock_answer_arrives_a_whole_sentence_per_message(dev: DevServer) -> None:
-    """With every setting at its default, each message of the built-in answer is one whole
-    sentence, as the worker's sentence buffer cuts the text (the demo page tints each
-    message: a timed flush mid-sentence shows as a band cut in two)."""
+async def test_the_mock_answer_shows_its_first_words_at_once_then_whole_sentences(
+    dev: DevServer,
+) -> None:
+    """With every setting at its default, the built-in answer (a steady 40 tokens/s) goes out
+    as the worker's sentence buffer promises: its first words at once, the rest of the first
+    sentence, then every message one whole sentence (the demo page tints each message: a
+    timed cut mid-sentence would show as a band cut in two)."""
     async with httpx.AsyncClient(base_url=dev.url, timeout=30) as http:
         created = await http.post("/v1/generations", json={"messages": [{"role": "user",
             "content": "Explain how Server-Sent Events resume after a dropped connection."}]})
         got = await read_events(http, created.json()["events_url"])
     messages = [json.loads(e.data)["text"] for e in got.messages]
     assert got.terminal_data()["finish_reason"] == "stop"
-    assert messages == sentences("".join(messages))
+    assert messages == streamed_messages("".join(messages), messages[0])
     assert len(messages) >= 10
-    for message in messages:
+    for message in messages[1:]:
         assert SENTENCE_END.search(message), f"cut mid-sentence: {message!r}"

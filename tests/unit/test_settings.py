@@ -140,6 +140,28 @@ def test_bad_env_value_exits_with_a_clear_message(
     assert repr(value) in message
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("BROKER_FLUSH_INTERVAL", "0", "> 0"),
+        ("BROKER_FLUSH_INTERVAL", "-1", "> 0"),
+        ("BROKER_FIRST_TEXT_WAIT", "-0.01", ">= 0"),
+    ],
+)
+def test_a_wait_out_of_range_exits_with_a_clear_message(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        settings_for("worker")
+    assert str(info.value.code) == f"{name}: expected a number {expected}, got {float(value)}"
+
+
+def test_the_sentence_buffer_waits_in_range_are_accepted() -> None:
+    settings = settings_for("worker", "--first-text-wait", "0", "--flush-interval", "2.5")
+    assert settings.first_text_wait == 0.0 and settings.flush_interval == 2.5
+
+
 def test_bad_flag_value_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         settings_for("edge", "--port", "eighty")
