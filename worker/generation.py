@@ -1,4 +1,5 @@
-"""One generation on a worker: LLM deltas -> sentence buffer -> atomic append+publish."""
+"""One generation on a worker: LLM deltas -> typed events (answer and reasoning through their
+sentence buffers, tool calls, a refusal) -> atomic append+publish."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core import protocol
 from broker.core.backoff import Backoff
+from broker.core.deltas import Piece, Text, TextChannels
 from broker.core.metrics import Metrics
 from broker.core.protocol import JobEntry, NewEvent
 from broker.core.sentences import SentenceBuffer
@@ -43,12 +45,6 @@ class Publisher:
         self.enqueued_ms = enqueued_ms
         self.seq = 0
         self.lock = asyncio.Lock()  # one publish at a time, so seqs reach Redis in order
-
-    async def message(self, text: str) -> None:
-        await self.publish([protocol.new_message(text)])
-
-    async def end(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
-        await self.publish([protocol.new_end(finish_reason, usage)])
 
     async def error(self, code: str, message: str) -> None:
         await self.publish([protocol.new_error(code, message)])
@@ -110,11 +106,12 @@ class GenerationRun:
         self.publisher = Publisher(
             store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
         )
-        self.buffer = sentence_buffer(settings)
+        # The answer's and the reasoning's sentence buffers (broker.core.deltas).
+        self.channels = TextChannels(lambda: sentence_buffer(settings))
         self.cancel_requested = asyncio.Event()
         self.shutdown_requested = asyncio.Event()
         self.lost = asyncio.Event()
-        self._pending = asyncio.Event()  # the buffer holds text the flusher must time
+        self._pending = asyncio.Event()  # a buffer holds text the flusher must time
         self.stopped = False  # a publish was refused (see ``Stop``): no terminal event from us
         self.tokens_in = 0
         self._first_token_at: float | None = None
@@ -139,7 +136,7 @@ class GenerationRun:
 
     async def _run(self) -> None:
         request = {"model": self.settings.model, **self.job_request}
-        llm_task = asyncio.create_task(self.llm.stream(request, self._on_text))
+        llm_task = asyncio.create_task(self.llm.stream(request, self._on_pieces))
         flusher = asyncio.create_task(self._flush_on_time())
         heartbeat = asyncio.create_task(self._heartbeat())
         stops = [
@@ -174,37 +171,57 @@ class GenerationRun:
 
     async def _finish(self, outcome: Completion | LLMError | None) -> None:
         self._note_speed()
-        since = self.buffer.pending_since
-        rest = self.buffer.flush()
-        if rest and since is not None:
-            self._note_wait(since)
-            await self.publisher.message(rest)
+        # The text still pending goes out with the terminal event, in one batch.
+        events = self._flush_all()
         if isinstance(outcome, Completion):
-            await self.publisher.end(outcome.finish_reason, outcome.usage)
+            events.append(protocol.new_end(outcome.finish_reason, outcome.usage))
         elif isinstance(outcome, LLMError):
             log.info("generation %s failed upstream: %s", self.gen_id, outcome)
             self.metrics.llm_errors.labels(outcome.code).inc()
-            await self.publisher.error(outcome.code, outcome.message)
+            events.append(protocol.new_error(outcome.code, outcome.message))
         elif self.cancel_requested.is_set():
-            await self.publisher.end("cancelled", None)
+            events.append(protocol.new_end("cancelled", None))
         else:
-            await self.publisher.error(
+            events.append(protocol.new_error(
                 "worker_shutdown", "the worker stopped before the answer was complete"
-            )
+            ))
+        await self.publisher.publish(events)
 
-    async def _on_text(self, delta: str) -> None:
+    def _flush_all(self) -> list[NewEvent]:
+        """Every buffer's pending text, as events."""
+        since = self.channels.pending_since
+        events = self.channels.flush()
+        if events and since is not None:
+            self._note_wait(since)
+        return events
+
+    async def _on_pieces(self, pieces: list[Piece]) -> None:
+        """What one LLM chunk brought: the events it completes go out as one batch. Text goes
+        through its kind's sentence buffer; a tool call or a refusal goes out after the text
+        before it (``deltas``: the upstream's order)."""
+        now = time.monotonic()
+        events: list[NewEvent] = []
+        for piece in pieces:
+            if isinstance(piece, Text):
+                self._note_token(now)
+                since = self.channels.pending_since or now
+                texts = self.channels.feed(piece.kind, piece.text, now)
+                if texts:
+                    self._note_wait(since)
+                events += texts
+            else:
+                events += self._flush_all()
+                events.append(piece.event())
+        if events:
+            await self.publisher.publish(events)
+        if self.channels.pending_since is not None:
+            self._pending.set()
+
+    def _note_token(self, now: float) -> None:
         self.tokens_in += 1
-        now = self._last_token_at = time.monotonic()
+        self._last_token_at = now
         if self._first_token_at is None:
             self._first_token_at = now
-        since = self.buffer.pending_since or now
-        messages = self.buffer.feed(delta, now)
-        if messages:
-            self._note_wait(since)
-        for message in messages:
-            await self.publisher.message(message)
-        if self.buffer.pending_since is not None:
-            self._pending.set()
 
     def _note_wait(self, since: float) -> None:
         """Record how long the oldest text of a message waited in the buffer."""
@@ -216,7 +233,7 @@ class GenerationRun:
         """Publish pending text when the buffer says it is due: the first text soon after the
         first token, later text when no sentence end came in time (never past the bound)."""
         while True:
-            deadline = self.buffer.deadline()
+            deadline = self.channels.deadline()
             if deadline is None:
                 self._pending.clear()
                 await self._pending.wait()
@@ -229,11 +246,11 @@ class GenerationRun:
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            since = self.buffer.pending_since
-            text = self.buffer.flush_due(time.monotonic())
-            if text and since is not None:
+            since = self.channels.pending_since
+            events = self.channels.flush_due(time.monotonic())
+            if events and since is not None:
                 self._note_wait(since)
-                await self.publisher.message(text)
+                await self.publisher.publish(events)
 
     async def _heartbeat(self) -> None:
         """Renew the lease, and keep the job from looking idle to other workers' reapers.
