@@ -29,7 +29,7 @@ event mixes the answer and the reasoning.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,11 +39,8 @@ from broker.core.sentences import SentenceBuffer
 
 TextKind = Literal["message", "reasoning"]
 
-# Where a reasoning delta's text may be, in order of preference.
-REASONING_FIELDS = ("reasoning_content", "reasoning")
 
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per token, and a frozen init costs twice as much
 class Text:
     kind: TextKind
     text: str
@@ -71,17 +68,17 @@ class Refusal:
 Piece = Text | ToolCall | Refusal
 
 
-def chunk_dict(chunk: Any) -> Mapping[str, Any]:
+def chunk_dict(chunk: Any) -> dict[str, Any]:
     """A chunk as the dict its JSON decodes to: a dict as it is; an ``openai`` SDK model
     (``ChatCompletionChunk``) through pydantic's ``model_dump``, which keeps the fields the SDK
     does not declare (``reasoning_content``, ``reasoning``: the SDK's models allow extra
     fields and keep them in ``model_extra``). Anything else has no fields: ``{}``."""
-    if isinstance(chunk, Mapping):
+    if isinstance(chunk, dict):
         return chunk
     dump = getattr(chunk, "model_dump", None)
     if callable(dump):
         dumped = dump(exclude_none=True)
-        if isinstance(dumped, Mapping):
+        if isinstance(dumped, dict):
             return dumped
     return {}
 
@@ -96,12 +93,12 @@ class _CallParts:
         self.name = ""
         self.arguments: list[str] = []
 
-    def add(self, fragment: Mapping[str, Any]) -> None:
+    def add(self, fragment: dict[str, Any]) -> None:
         call_id = fragment.get("id")
         if isinstance(call_id, str) and call_id and not self.id:
             self.id = call_id
         function = fragment.get("function")
-        if not isinstance(function, Mapping):
+        if not isinstance(function, dict):
             return
         name = function.get("name")
         # The name comes whole in the first fragment (OpenAI, vLLM); some servers repeat it on
@@ -122,21 +119,22 @@ class DeltaReader:
         self._refusal: list[str] = []
         self._done = False  # the calls and the refusal were handed over
 
-    def feed(self, chunk: Mapping[str, Any]) -> list[Piece]:
+    def feed(self, chunk: dict[str, Any]) -> list[Piece]:
         """The pieces ``chunk`` completes, in order (often one text, often none). Only the
-        first choice is read: a generation is one answer (``n`` is 1)."""
+        first choice is read: a generation is one answer (``n`` is 1). This is the worker's
+        hot path (once per token): plain dict lookups, no ABC ``isinstance`` checks."""
         choices = chunk.get("choices")
         if not choices or not isinstance(choices, list):
             return []
         choice = choices[0]
-        if not isinstance(choice, Mapping):
+        if not isinstance(choice, dict):
             return []
         pieces: list[Piece] = []
         delta = choice.get("delta")
-        if isinstance(delta, Mapping):
+        if isinstance(delta, dict) and delta:
             self._read_delta(delta, pieces)
         finish_reason = choice.get("finish_reason")
-        if isinstance(finish_reason, str) and finish_reason:
+        if finish_reason and isinstance(finish_reason, str):
             self.finish_reason = finish_reason
             pieces += self.finish()
         return pieces
@@ -155,25 +153,23 @@ class DeltaReader:
             pieces.append(Refusal("".join(self._refusal)))
         return pieces
 
-    def _read_delta(self, delta: Mapping[str, Any], pieces: list[Piece]) -> None:
-        for name in REASONING_FIELDS:
-            reasoning = delta.get(name)
-            if isinstance(reasoning, str) and reasoning:
-                pieces.append(Text("reasoning", reasoning))
-                break
+    def _read_delta(self, delta: dict[str, Any], pieces: list[Piece]) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning and isinstance(reasoning, str):
+            pieces.append(Text("reasoning", reasoning))
         content = delta.get("content")
-        if isinstance(content, str) and content:
+        if content and isinstance(content, str):
             pieces.append(Text("message", content))
         tool_calls = delta.get("tool_calls")
-        if isinstance(tool_calls, list):
+        if tool_calls and isinstance(tool_calls, list):
             for fragment in tool_calls:
-                if isinstance(fragment, Mapping):
+                if isinstance(fragment, dict):
                     self._call_of(fragment).add(fragment)
         refusal = delta.get("refusal")
-        if isinstance(refusal, str) and refusal:
+        if refusal and isinstance(refusal, str):
             self._refusal.append(refusal)
 
-    def _call_of(self, fragment: Mapping[str, Any]) -> _CallParts:
+    def _call_of(self, fragment: dict[str, Any]) -> _CallParts:
         """The call a fragment belongs to: by its ``index``. Without one (some servers send
         each call whole, unindexed): by its ``id``, else a new call if it has an id, else the
         last call."""
