@@ -34,7 +34,6 @@ from typing import Any
 import httpx
 
 from broker.core import protocol
-from broker.core.protocol import Event
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
 
@@ -64,8 +63,7 @@ async def prepare(store: Store, gen_id: str) -> None:
 async def publish_message(store: Store, gen_id: str, seq: int, size: int) -> int:
     """Publish message ``seq``; its publish time (ns, as carried in the text)."""
     text = message_text(seq, size)
-    event = Event(seq, "message", protocol.message_data(text), protocol.now_ms())
-    result = await store.publish(gen_id, OWNER, event, text=text)
+    result = await store.publish(gen_id, OWNER, seq, [protocol.new_message(text)])
     if result != 1:
         raise SystemExit(f"publish of {gen_id} seq {seq} returned {result}")
     return int(text[2 : text.index(" ")])
@@ -93,10 +91,7 @@ class Schedule:
             if self.first_ns == 0 or sent_ns < self.first_ns:
                 self.first_ns = sent_ns
         seq = args.prefill + args.messages + 1
-        end = Event(seq, "end", protocol.end_data("stop", None), protocol.now_ms())
-        result = await store.publish(
-            gen_id, OWNER, end, final_status="completed", finish_reason="stop"
-        )
+        result = await store.publish(gen_id, OWNER, seq, [protocol.new_end("stop", None)])
         if result != 1:
             raise SystemExit(f"publish of {gen_id}'s end event returned {result}")
 

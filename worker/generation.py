@@ -1,4 +1,5 @@
-"""One generation on a worker: LLM deltas -> sentence buffer -> atomic append+publish."""
+"""One generation on a worker: LLM deltas -> typed events (answer and reasoning through their
+sentence buffers, tool calls, a refusal) -> atomic append+publish."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core import protocol
 from broker.core.backoff import Backoff
+from broker.core.deltas import Piece, Text, TextChannels
 from broker.core.metrics import Metrics
-from broker.core.protocol import Event, JobEntry
+from broker.core.protocol import JobEntry, NewEvent
 from broker.core.sentences import SentenceBuffer
 from broker.core.settings import Settings
 from broker.core.store import Store
@@ -44,47 +46,40 @@ class Publisher:
         self.seq = 0
         self.lock = asyncio.Lock()  # one publish at a time, so seqs reach Redis in order
 
-    async def message(self, text: str) -> None:
-        first = self.seq == 0
-        await self._publish("message", protocol.message_data(text), text=text)
-        if first:
-            waited = max(0, protocol.now_ms() - self.enqueued_ms) / 1000
-            self.metrics.time_to_first_message.observe(waited)
-
-    async def end(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
-        status = "cancelled" if finish_reason == "cancelled" else "completed"
-        data = protocol.end_data(finish_reason, usage)
-        await self._publish("end", data, final_status=status, finish_reason=finish_reason)
-
     async def error(self, code: str, message: str) -> None:
-        data = protocol.error_data(code, message)
-        await self._publish("error", data, final_status="failed", finish_reason="error")
+        await self.publish([protocol.new_error(code, message)])
 
-    async def _publish(self, kind: protocol.EventKind, data: str, **fields: str) -> None:
+    async def publish(self, events: list[NewEvent]) -> None:
+        """Publish ``events`` as the next seqs, in one atomic call (all or none)."""
         # Shielded: a caller cancelled mid-call (a cancel, a shutdown) must not leave Redis
-        # holding an event whose seq this publisher never counted.
-        await asyncio.shield(asyncio.ensure_future(self._publish_next(kind, data, fields)))
+        # holding events whose seqs this publisher never counted.
+        await asyncio.shield(asyncio.ensure_future(self._publish_next(events)))
 
-    async def _publish_next(
-        self, kind: protocol.EventKind, data: str, fields: dict[str, str]
-    ) -> None:
+    async def _publish_next(self, events: list[NewEvent]) -> None:
         async with self.lock:
-            event = Event(self.seq + 1, kind, data, protocol.now_ms())
-            result = await self._with_retries(event, fields)
+            first = self.seq == 0
+            result = await self._with_retries(self.seq + 1, events)
             if result < 0:
                 raise Stop("generation gone" if result == -1 else "lease lost")
-            self.seq = event.seq
-            self.metrics.events_published.inc()
-            if fields.get("final_status"):
-                self.metrics.generations_finished.labels(fields["final_status"]).inc()
+            self.seq += len(events)
+            self.metrics.events_published.inc(len(events))
+            final_status = events[-1].final_status
+            if final_status:
+                self.metrics.generations_finished.labels(final_status).inc()
+            if first and not events[0].terminal:  # what a viewer sees first, of any kind
+                waited = max(0, protocol.now_ms() - self.enqueued_ms) / 1000
+                self.metrics.time_to_first_message.observe(waited)
 
-    async def _with_retries(self, event: Event, fields: dict[str, str]) -> int:
+    async def _with_retries(self, seq: int, events: list[NewEvent]) -> int:
         """Retry through a Redis restart: the explicit seq makes a repeated call a no-op."""
         deadline = time.monotonic() + PUBLISH_RETRY_DEADLINE
         backoff = Backoff(cap=1.0)
+        published_ms = protocol.now_ms()
         while True:
             try:
-                return await self.store.publish(self.gen_id, self.owner, event, **fields)
+                return await self.store.publish(
+                    self.gen_id, self.owner, seq, events, published_ms
+                )
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self.metrics.redis_errors.labels("publish").inc()
                 if time.monotonic() + backoff.delay > deadline:
@@ -111,11 +106,12 @@ class GenerationRun:
         self.publisher = Publisher(
             store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
         )
-        self.buffer = sentence_buffer(settings)
+        # The answer's and the reasoning's sentence buffers (broker.core.deltas).
+        self.channels = TextChannels(lambda: sentence_buffer(settings))
         self.cancel_requested = asyncio.Event()
         self.shutdown_requested = asyncio.Event()
         self.lost = asyncio.Event()
-        self._pending = asyncio.Event()  # the buffer holds text the flusher must time
+        self._pending = asyncio.Event()  # a buffer holds text the flusher must time
         self.stopped = False  # a publish was refused (see ``Stop``): no terminal event from us
         self.tokens_in = 0
         self._first_token_at: float | None = None
@@ -140,7 +136,7 @@ class GenerationRun:
 
     async def _run(self) -> None:
         request = {"model": self.settings.model, **self.job_request}
-        llm_task = asyncio.create_task(self.llm.stream(request, self._on_text))
+        llm_task = asyncio.create_task(self.llm.stream(request, self._on_pieces))
         flusher = asyncio.create_task(self._flush_on_time())
         heartbeat = asyncio.create_task(self._heartbeat())
         stops = [
@@ -175,37 +171,57 @@ class GenerationRun:
 
     async def _finish(self, outcome: Completion | LLMError | None) -> None:
         self._note_speed()
-        since = self.buffer.pending_since
-        rest = self.buffer.flush()
-        if rest and since is not None:
-            self._note_wait(since)
-            await self.publisher.message(rest)
+        # The text still pending goes out with the terminal event, in one batch.
+        events = self._flush_all()
         if isinstance(outcome, Completion):
-            await self.publisher.end(outcome.finish_reason, outcome.usage)
+            events.append(protocol.new_end(outcome.finish_reason, outcome.usage))
         elif isinstance(outcome, LLMError):
             log.info("generation %s failed upstream: %s", self.gen_id, outcome)
             self.metrics.llm_errors.labels(outcome.code).inc()
-            await self.publisher.error(outcome.code, outcome.message)
+            events.append(protocol.new_error(outcome.code, outcome.message))
         elif self.cancel_requested.is_set():
-            await self.publisher.end("cancelled", None)
+            events.append(protocol.new_end("cancelled", None))
         else:
-            await self.publisher.error(
+            events.append(protocol.new_error(
                 "worker_shutdown", "the worker stopped before the answer was complete"
-            )
+            ))
+        await self.publisher.publish(events)
 
-    async def _on_text(self, delta: str) -> None:
+    def _flush_all(self) -> list[NewEvent]:
+        """Every buffer's pending text, as events."""
+        since = self.channels.pending_since
+        events = self.channels.flush()
+        if events and since is not None:
+            self._note_wait(since)
+        return events
+
+    async def _on_pieces(self, pieces: list[Piece]) -> None:
+        """What one LLM chunk brought: the events it completes go out as one batch. Text goes
+        through its kind's sentence buffer; a tool call or a refusal goes out after the text
+        before it (``deltas``: the upstream's order)."""
+        now = time.monotonic()
+        events: list[NewEvent] = []
+        for piece in pieces:
+            if isinstance(piece, Text):
+                self._note_token(now)
+                since = self.channels.pending_since or now
+                texts = self.channels.feed(piece.kind, piece.text, now)
+                if texts:
+                    self._note_wait(since)
+                events += texts
+            else:
+                events += self._flush_all()
+                events.append(piece.event())
+        if events:
+            await self.publisher.publish(events)
+        if self.channels.pending_since is not None:
+            self._pending.set()
+
+    def _note_token(self, now: float) -> None:
         self.tokens_in += 1
-        now = self._last_token_at = time.monotonic()
+        self._last_token_at = now
         if self._first_token_at is None:
             self._first_token_at = now
-        since = self.buffer.pending_since or now
-        messages = self.buffer.feed(delta, now)
-        if messages:
-            self._note_wait(since)
-        for message in messages:
-            await self.publisher.message(message)
-        if self.buffer.pending_since is not None:
-            self._pending.set()
 
     def _note_wait(self, since: float) -> None:
         """Record how long the oldest text of a message waited in the buffer."""
@@ -217,7 +233,7 @@ class GenerationRun:
         """Publish pending text when the buffer says it is due: the first text soon after the
         first token, later text when no sentence end came in time (never past the bound)."""
         while True:
-            deadline = self.buffer.deadline()
+            deadline = self.channels.deadline()
             if deadline is None:
                 self._pending.clear()
                 await self._pending.wait()
@@ -230,11 +246,11 @@ class GenerationRun:
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            since = self.buffer.pending_since
-            text = self.buffer.flush_due(time.monotonic())
-            if text and since is not None:
+            since = self.channels.pending_since
+            events = self.channels.flush_due(time.monotonic())
+            if events and since is not None:
                 self._note_wait(since)
-                await self.publisher.message(text)
+                await self.publisher.publish(events)
 
     async def _heartbeat(self) -> None:
         """Renew the lease, and keep the job from looking idle to other workers' reapers.

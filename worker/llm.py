@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 from openai import AsyncOpenAI
 
+from broker.core.deltas import DeltaReader, Piece
 from broker.core.protocol import SDK_CALL_OPTIONS
 from broker.core.settings import Settings
 from broker.core.sse import aiter_sse_data
@@ -57,8 +58,12 @@ class LLM:
     async def aclose(self) -> None:
         await self.client.close()
 
-    async def stream(self, request: dict[str, Any], on_text: Callable[[str], Any]) -> Completion:
-        """Stream the answer to ``request``, calling ``on_text`` with each content delta."""
+    async def stream(
+        self, request: dict[str, Any], on_pieces: Callable[[list[Piece]], Awaitable[None]]
+    ) -> Completion:
+        """Stream the answer to ``request``, calling ``on_pieces`` with what each chunk
+        completes (``broker.core.deltas``: answer and reasoning text, tool calls, a refusal),
+        in the upstream's order."""
         # Only fields of the request body reach the SDK: call options (a job queued by an edge
         # that did not refuse them yet) would set the upstream request's headers or timeout.
         dropped = sorted((SDK_CALL_OPTIONS | _WORKER_FIELDS) & request.keys())
@@ -68,7 +73,7 @@ class LLM:
         body = {k: v for k, v in request.items() if k not in dropped}
         known = {k: v for k, v in body.items() if k in self._known}
         extra = {k: v for k, v in body.items() if k not in self._known}
-        finish_reason: str | None = None
+        reader = DeltaReader()
         usage: dict[str, Any] | None = None
         # The SDK's own stream would build a pydantic model of every chunk: that was ~40 % of
         # the worker's CPU (B5, py-spy). The raw response is read here instead, SSE-decoded
@@ -94,14 +99,9 @@ class LLM:
                         raise LLMError("llm_error", f"the LLM failed: {_error_message(chunk)}")
                     if chunk.get("usage") is not None:
                         usage = _without_none(chunk["usage"])
-                    for choice in (chunk.get("choices") or [])[:1]:
-                        if not isinstance(choice, dict):
-                            continue
-                        content = (choice.get("delta") or {}).get("content")
-                        if content:
-                            await on_text(content)
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
+                    pieces = reader.feed(chunk)
+                    if pieces:
+                        await on_pieces(pieces)
         except LLMError:
             raise
         except openai.APIError as e:  # the request: the SDK wraps its errors
@@ -115,7 +115,11 @@ class LLM:
                     raise LLMError("llm_timeout", f"the LLM went silent mid-answer: {e!r}") from e
                 raise LLMError("llm_stream_broken", f"the LLM stream broke: {e!r}") from e
             raise
-        return Completion(finish_reason or "stop", usage)
+        # A stream that ended without a finish_reason: its tool calls are complete now.
+        pieces = reader.finish()
+        if pieces:
+            await on_pieces(pieces)
+        return Completion(reader.finish_reason or "stop", usage)
 
 
 def _translate(e: openai.APIError) -> LLMError:

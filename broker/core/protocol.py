@@ -10,6 +10,8 @@ Per generation:
                                (leases: see the scripts below)
   ``{gen:<id>}:log``   stream  the truth: one entry per event, explicit ids ``0-<seq>``
   ``{gen:<id>}:text``  string  the answer so far (for the status endpoint)
+  ``{gen:<id>}:reasoning`` string  the reasoning so far (likewise)
+  ``{gen:<id>}:tools`` list    the complete tool calls so far, each its event's data (likewise)
   ``{gen:<id>}:live``  channel the fast path: the same events (``decode_payload`` reads them)
 
 Shared:
@@ -27,8 +29,8 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
 
 # -- names ----------------------------------------------------------------------------------
@@ -70,6 +72,21 @@ def text_key(gen_id: str) -> str:
     return _tag(gen_id) + ":text"
 
 
+def reasoning_key(gen_id: str) -> str:
+    return _tag(gen_id) + ":reasoning"
+
+
+def tools_key(gen_id: str) -> str:
+    return _tag(gen_id) + ":tools"
+
+
+def generation_keys(gen_id: str) -> list[str]:
+    """The KEYS of every script that writes events (``PUBLISH_SCRIPT`` and those built on its
+    fragments), in this order: meta, log, and the aggregates text, reasoning, tools."""
+    return [meta_key(gen_id), log_key(gen_id), text_key(gen_id), reasoning_key(gen_id),
+            tools_key(gen_id)]
+
+
 def live_channel(gen_id: str) -> str:
     return _tag(gen_id) + ":live"
 
@@ -84,9 +101,18 @@ def gen_id_of_channel(channel: str) -> str:
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
-EventKind = Literal["message", "end", "error"]
-EVENT_KINDS: frozenset[str] = frozenset(get_args(EventKind))
+# The one list of event kinds (the SSE ``event:`` name of each but ``message``, which has none
+# so that v1 clients' ``onmessage`` sees answer text alone). Everything else derives from it.
+EventKind = Literal["message", "reasoning", "tool_call", "tool_result", "data", "end", "error"]
+EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 TERMINAL_KINDS: frozenset[str] = frozenset({"end", "error"})
+# What a generation carries before its terminal event; ``GET /v1/generations/{id}`` counts them.
+CONTENT_KINDS: tuple[EventKind, ...] = tuple(k for k in EVENT_KINDS if k not in TERMINAL_KINDS)
+
+# Where a generation's events come from (the meta's ``source``; absent: the built-in worker).
+# The reap script names a lost producer by it: ``worker_lost`` or ``producer_lost``.
+SOURCE_WORKER = "worker"
+SOURCE_EXTERNAL = "external"
 
 
 class ProtocolError(ValueError):
@@ -114,18 +140,89 @@ def now_ms() -> int:
 _COMPACT = (",", ":")
 
 
+def _json(value: dict[str, Any]) -> str:
+    """Compact JSON, characters as themselves (not ``\\u`` escapes); no NaN or Infinity, which
+    a browser's ``JSON.parse`` refuses (``ValueError``)."""
+    return json.dumps(value, ensure_ascii=False, separators=_COMPACT, allow_nan=False)
+
+
 def message_data(text: str) -> str:
-    return json.dumps({"text": text}, ensure_ascii=False, separators=_COMPACT)
+    return _json({"text": text})
+
+
+def reasoning_data(text: str) -> str:
+    return _json({"text": text})
+
+
+def tool_call_data(index: int, call_id: str, name: str, arguments: str) -> str:
+    """``arguments``: the exact concatenation of the upstream's fragments, never re-serialized
+    (it may not even be valid JSON: the model wrote it)."""
+    return _json({"index": index, "id": call_id, "name": name, "arguments": arguments})
+
+
+def tool_result_data(call_id: str, result: Any) -> str:
+    return _json({"id": call_id, "result": result})
+
+
+def app_data(name: str, value: Any) -> str:
+    """The data of a ``data`` event: application-defined ``value`` under ``name``."""
+    return _json({"name": name, "value": value})
 
 
 def end_data(finish_reason: str, usage: dict[str, Any] | None) -> str:
-    return json.dumps(
-        {"finish_reason": finish_reason, "usage": usage}, ensure_ascii=False, separators=_COMPACT
-    )
+    return _json({"finish_reason": finish_reason, "usage": usage})
 
 
 def error_data(code: str, message: str) -> str:
-    return json.dumps({"code": code, "message": message}, ensure_ascii=False, separators=_COMPACT)
+    return _json({"code": code, "message": message})
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to publish, not yet numbered (``PUBLISH_SCRIPT`` numbers a batch of them).
+
+    ``body``: what the kind's aggregate gets (the text of a message or a reasoning event;
+    empty for other kinds). ``final_status``/``finish_reason``: what a terminal event sets in
+    the meta. Build them with the ``new_*`` functions below, not by hand."""
+
+    kind: EventKind
+    data: str
+    body: str = ""
+    final_status: str = ""
+    finish_reason: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+
+def new_message(text: str) -> NewEvent:
+    return NewEvent("message", message_data(text), text)
+
+
+def new_reasoning(text: str) -> NewEvent:
+    return NewEvent("reasoning", reasoning_data(text), text)
+
+
+def new_tool_call(index: int, call_id: str, name: str, arguments: str) -> NewEvent:
+    return NewEvent("tool_call", tool_call_data(index, call_id, name, arguments))
+
+
+def new_tool_result(call_id: str, result: Any) -> NewEvent:
+    return NewEvent("tool_result", tool_result_data(call_id, result))
+
+
+def new_data(name: str, value: Any) -> NewEvent:
+    return NewEvent("data", app_data(name, value))
+
+
+def new_end(finish_reason: str, usage: dict[str, Any] | None) -> NewEvent:
+    status = "cancelled" if finish_reason == "cancelled" else "completed"
+    return NewEvent("end", end_data(finish_reason, usage), "", status, finish_reason)
+
+
+def new_error(code: str, message: str) -> NewEvent:
+    return NewEvent("error", error_data(code, message), "", "failed", "error")
 
 
 # The SSE id is the sequence number, zero-padded so that ids also sort as strings.
@@ -150,13 +247,24 @@ def stream_id(seq: int) -> str:
 
 
 def decode_payload(payload: bytes | str) -> Event:
-    """A live payload as the publish scripts send it (``_APPEND_AND_PUBLISH``, in Lua):
+    """A live payload as the publish scripts send it (``_APPEND``, in Lua):
     ``<seq> <kind> <published_ms> <data>``, data last, spaces and all."""
     try:
         seq, kind, published, data = as_text(payload).split(" ", 3)
         return Event(int(seq), _event_kind(kind), data, int(published))
     except ValueError as e:  # UnicodeDecodeError included
         raise ProtocolError(f"bad live payload: {payload[:80]!r}") from e
+
+
+def decode_tool_call(raw: bytes | str) -> dict[str, Any]:
+    """One entry of a generation's ``tools`` list (a ``tool_call`` event's data)."""
+    try:
+        call = json.loads(as_text(raw))
+    except ValueError as e:
+        raise ProtocolError(f"bad tool call: {raw[:80]!r}") from e
+    if not isinstance(call, dict):
+        raise ProtocolError(f"bad tool call: {raw[:80]!r}")
+    return call
 
 
 def decode_log_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
@@ -172,7 +280,7 @@ def decode_log_entry(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
 def _event_kind(text: str) -> EventKind:
     if text not in EVENT_KINDS:
         raise ValueError(text)
-    return cast(EventKind, text)  # (checked on the line above)
+    return text  # (a kind: mypy narrows it by the check above)
 
 
 def as_text(value: bytes | str | int | float) -> str:
@@ -266,10 +374,20 @@ class Meta:
     finish_reason: str | None
     model: str
     created_ms: int
+    source: str = SOURCE_WORKER  # who publishes its events: the built-in worker or a producer
+    counts: dict[str, int] = field(default_factory=dict)  # events published, per content kind
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    def event_counts(self) -> dict[str, int]:
+        """Every content kind's count, zeros included, in ``CONTENT_KINDS`` order."""
+        return {kind: self.counts.get(kind, 0) for kind in CONTENT_KINDS}
+
+
+# The meta field counting a kind's events (``HINCRBY`` in ``_APPEND``): ``c:<kind>``.
+COUNT_FIELD_PREFIX = "c:"
 
 
 def new_meta(model: str, producer: str | None = None) -> dict[str, str]:
@@ -300,38 +418,128 @@ def decode_meta(raw: dict[Any, Any]) -> Meta | None:
             finish_reason=opt("finish_reason"),
             model=opt("model") or "",
             created_ms=int(opt("created") or 0),
+            source=opt("source") or SOURCE_WORKER,
+            counts=_counts(opt),
         )
     except (KeyError, ValueError) as e:
         raise ProtocolError("bad meta hash") from e
+
+
+def _counts(opt: Callable[[str], str | None]) -> dict[str, int]:
+    """The meta's event counts (``c:<kind>`` fields), of the kinds that have one."""
+    counts: dict[str, int] = {}
+    for kind in CONTENT_KINDS:
+        count = opt(COUNT_FIELD_PREFIX + kind)
+        if count:
+            counts[kind] = int(count)
+    return counts
 
 
 # -- scripts -------------------------------------------------------------------------------
 # Each state change of a generation is ONE atomic script call, so a reader never sees the log
 # and the meta disagree, and a retried call (same seq) is a no-op instead of a duplicate.
 
-# Appends event ``seq`` to the log and publishes it. Expects locals meta, log, text, seq, kind,
-# data, ts, body, maxlen, ttl, channel, publish_cmd.
-_APPEND_AND_PUBLISH = """
-redis.call('XADD', log, 'MAXLEN', maxlen, '0-' .. seq, 'k', kind, 'd', data, 't', ts)
-redis.call('HSET', meta, 'seq', seq, 'updated', ts)
-if kind == 'message' then
-  redis.call('APPEND', text, body)
+def _lua_set(names: tuple[str, ...] | frozenset[str]) -> str:
+    """A Lua table literal usable as a set: ``{["end"] = true, ...}`` (bracketed: ``end`` is a
+    Lua keyword)."""
+    return "{" + ", ".join(f'["{name}"] = true' for name in sorted(names)) + "}"
+
+
+# Checks a batch of events before anything is written (Lua has no rollback: a batch is applied
+# whole or not at all). The events are ARGV's last arguments, three each (kind, data, body),
+# from ARGV[first_arg]. Expects the local ``first_arg``; sets ``n`` (how many events) and
+# ``last_kind``. A malformed batch (no event, a partial triple, an unknown kind, a terminal
+# event that is not the last) is an error reply: a bug of the caller, which validates first.
+_CHECK_BATCH = (
+    "local KNOWN_KINDS = " + _lua_set(EVENT_KINDS) + "\n"
+    + "local TERMINAL_KINDS = " + _lua_set(TERMINAL_KINDS) + "\n"
+    + """
+local n = (#ARGV - first_arg + 1) / 3
+if n < 1 or n ~= math.floor(n) then
+  return redis.error_reply('ERR bad batch: expected kind, data, body triples')
 end
-redis.call('PEXPIRE', meta, ttl)
-redis.call('PEXPIRE', log, ttl)
-if redis.call('EXISTS', text) == 1 then redis.call('PEXPIRE', text, ttl) end
-redis.call(publish_cmd, channel, seq .. ' ' .. kind .. ' ' .. ts .. ' ' .. data)
+local last_kind = ARGV[first_arg + 3 * (n - 1)]
+for i = 0, n - 1 do
+  local kind = ARGV[first_arg + 3 * i]
+  if not KNOWN_KINDS[kind] then
+    return redis.error_reply('ERR bad batch: unknown event kind ' .. tostring(kind))
+  end
+  if TERMINAL_KINDS[kind] and i < n - 1 then
+    return redis.error_reply('ERR bad batch: a terminal event must be the last')
+  end
+end
+"""
+)
+
+# Defines ``append(seq, kind, data, body)`` (log it, feed its kind's aggregate, count it,
+# publish it live) and ``appended(last_seq)`` (the meta's ``seq``, every key's retention),
+# called once after a batch's appends. Expects the locals meta, log, text, reasoning, tools
+# (``generation_keys``), ts, maxlen, ttl, channel, publish_cmd.
+# The live payload, ``<seq> <kind> <publish ms> <data>``, is built here alone.
+_APPEND = (
+    """
+local function append(seq, kind, data, body)
+  redis.call('XADD', log, 'MAXLEN', maxlen, '0-' .. seq, 'k', kind, 'd', data, 't', ts)
+  if kind == 'message' then
+    redis.call('APPEND', text, body)
+  elseif kind == 'reasoning' then
+    redis.call('APPEND', reasoning, body)
+  elseif kind == 'tool_call' then
+    redis.call('RPUSH', tools, data)
+  end
+  redis.call('HINCRBY', meta, '"""
+    + COUNT_FIELD_PREFIX
+    + """' .. kind, 1)
+  redis.call(publish_cmd, channel, seq .. ' ' .. kind .. ' ' .. ts .. ' ' .. data)
+end
+local function appended(last_seq)
+  redis.call('HSET', meta, 'seq', last_seq, 'updated', ts)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', log, ttl)
+  for _, key in ipairs({text, reasoning, tools}) do
+    if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end
+  end
+end
+"""
+)
+
+# Appends the batch checked by ``_CHECK_BATCH`` as events ``seq`` .. ``seq + n - 1``, in order.
+# Expects what ``_CHECK_BATCH`` and ``_APPEND`` expect, and ``seq``.
+_APPEND_BATCH = """
+for i = 0, n - 1 do
+  local at = first_arg + 3 * i
+  append(seq + i, ARGV[at], ARGV[at + 1], ARGV[at + 2])
+end
+appended(seq + n - 1)
 """
 
-# KEYS: meta, log, text. ARGV: owner, seq, kind, data, ts, body, maxlen, ttl_ms, channel,
-# publish_cmd, final_status, finish_reason.
-# Returns 1 published, 0 already published (a retry), -1 generation gone, -2 not the owner.
+# The first ARGV of the events in PUBLISH_SCRIPT's arguments.
+PUBLISH_FIRST_EVENT_ARG = 10
+
+# Publishes a batch of events of a running generation, all or nothing, numbered from ``seq``.
+# KEYS: ``generation_keys`` (meta, log, text, reasoning, tools).
+# ARGV: owner, seq (the first event's), ts (publish ms), maxlen, ttl_ms, channel, publish_cmd,
+#       final_status, finish_reason (both '' unless the batch ends with a terminal event: the
+#       meta's new status and finish_reason), then per event, in order: kind, data, body
+#       (from ARGV[PUBLISH_FIRST_EVENT_ARG]; ``NewEvent``'s fields).
+# Per kind: ``message`` APPENDs body to text, ``reasoning`` APPENDs body to reasoning,
+# ``tool_call`` RPUSHes data to tools; every event counts in the meta's ``c:<kind>``.
+# Returns 1 published, 0 already published (a retry of a batch that was applied), -1 generation
+# gone, -2 not the owner (or not running, or ``seq`` is not last + 1); an error reply for a
+# malformed batch (nothing written).
 PUBLISH_SCRIPT = (
     """
-local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
-local owner, seq, kind, data = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local ts, body = ARGV[5], ARGV[6]
-local maxlen, ttl, channel, publish_cmd = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local owner, seq, ts = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local maxlen, ttl, channel, publish_cmd = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local final_status, finish_reason = ARGV[8], ARGV[9]
+"""
+    + f"local first_arg = {PUBLISH_FIRST_EVENT_ARG}\n"
+    + _CHECK_BATCH
+    + """
+if (final_status ~= '') ~= (TERMINAL_KINDS[last_kind] == true) then
+  return redis.error_reply('ERR bad batch: a final status goes with a terminal event')
+end
 local status = redis.call('HGET', meta, 'status')
 if not status then return -1 end
 if (redis.call('HGET', meta, 'owner') or '') ~= owner then return -2 end
@@ -339,14 +547,35 @@ local last = tonumber(redis.call('HGET', meta, 'seq') or '0')
 if seq <= last then return 0 end
 if status ~= 'running' or seq ~= last + 1 then return -2 end
 """
-    + _APPEND_AND_PUBLISH
+    + _APPEND
+    + _APPEND_BATCH
     + """
-if ARGV[11] ~= '' then
-  redis.call('HSET', meta, 'status', ARGV[11], 'finish_reason', ARGV[12])
+if final_status ~= '' then
+  redis.call('HSET', meta, 'status', final_status, 'finish_reason', finish_reason)
 end
 return 1
 """
 )
+
+
+
+def publish_args(
+    owner: str, seq: int, events: Sequence[NewEvent], published_ms: int, *,
+    maxlen: int | str, ttl_ms: int | str, channel: str, publish_cmd: str,
+) -> list[str | int]:
+    """PUBLISH_SCRIPT's ARGV for ``events`` numbered from ``seq``. ``ValueError`` for an
+    empty batch or a terminal event before its end (the script refuses both too)."""
+    if not events:
+        raise ValueError("a batch holds at least one event")
+    if any(e.terminal for e in events[:-1]):
+        raise ValueError("a terminal event must be the last of its batch")
+    last = events[-1]
+    args: list[str | int] = [owner, seq, published_ms, maxlen, ttl_ms, channel, publish_cmd,
+                             last.final_status, last.finish_reason]
+    for event in events:
+        args += [event.kind, event.data, event.body]
+    return args
+
 
 # KEYS: a producer's queued set. ARGV: gen_id, now_ms, limit, stale_before_ms, ttl_ms.
 # Reserves a place in the producer's queue quota: 1, or 0 when ``limit`` already wait.
@@ -407,21 +636,23 @@ return 'run'
 """
 )
 
-# KEYS: meta, log, text. ARGV: reaper, healthy_ms, data (the error event), maxlen, ttl_ms,
-# channel, publish_cmd.
-# Checks a generation's lease and, if it ran out (its worker is gone), ends the generation with
-# the error event, in one atomic step: however many edges and workers call it at once, one
-# reaps and the others see the status it left. ``healthy_ms``: how long the caller has seen
-# Redis answer without failing; it reaps only once that covers the generation's ``lease_ttl``,
-# so after an outage a live owner gets a whole lease to renew before anyone judges it dead.
-# The event's publish time is Redis's clock. Returns {outcome, wait_ms, lease_ttl_ms}:
+# KEYS: ``generation_keys``. ARGV: reaper, healthy_ms, worker_lost (the error event's data for
+# a worker's generation), producer_lost (for an external producer's: the meta's ``source`` is
+# ``SOURCE_EXTERNAL``), maxlen, ttl_ms, channel, publish_cmd.
+# Checks a generation's lease and, if it ran out (its worker or producer is gone), ends the
+# generation with the error event, in one atomic step: however many edges and workers call it
+# at once, one reaps and the others see the status it left. ``healthy_ms``: how long the caller
+# has seen Redis answer without failing; it reaps only once that covers the generation's
+# ``lease_ttl``, so after an outage a live owner gets a whole lease to renew before anyone
+# judges it dead. The event's publish time is Redis's clock. Returns {outcome, wait_ms,
+# lease_ttl_ms}:
 #   {'reaped', 0, ttl}           ended here and now
 #   {'running', wait_ms, ttl}    the lease holds (or the caller must stay healthy longer):
 #                                nothing can be reaped for wait_ms
 #   {status, 0, 0}               'queued' (no lease yet) or an ended status; '' when gone
 REAP_SCRIPT = (
     """
-local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
+local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local status = redis.call('HGET', meta, 'status')
 if not status then return {'', 0, 0} end
 if status ~= 'running' then return {status, 0, 0} end
@@ -434,11 +665,17 @@ if left > 0 then return {'running', left, lease_ttl} end
 local healthy = tonumber(ARGV[2])
 if healthy < lease_ttl then return {'running', lease_ttl - healthy, lease_ttl} end
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0') + 1
-local kind, data, ts, body = 'error', ARGV[3], string.format('%d', now), ''
-local maxlen, ttl, channel, publish_cmd = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local data = ARGV[3]
+if redis.call('HGET', meta, 'source') == '"""
+    + SOURCE_EXTERNAL
+    + """' then data = ARGV[4] end
+local ts = string.format('%d', now)
+local maxlen, ttl, channel, publish_cmd = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 """
-    + _APPEND_AND_PUBLISH
+    + _APPEND
     + """
+append(seq, 'error', data, '')
+appended(seq)
 redis.call('HSET', meta, 'status', 'failed', 'finish_reason', 'error', 'owner', ARGV[1])
 return {'reaped', 0, lease_ttl}
 """
@@ -468,13 +705,13 @@ def decode_lease_check(reply: Any) -> LeaseCheck:
         raise ProtocolError(f"bad lease check reply: {reply!r}") from e
 
 
-# KEYS: meta, log, text. ARGV: gen_id, data (the end event), ts, maxlen, ttl_ms, channel,
+# KEYS: ``generation_keys``. ARGV: gen_id, data (the end event), ts, maxlen, ttl_ms, channel,
 # publish_cmd, cancel_channel.
 # A queued generation ends here and now; a running one is flagged and its worker told.
 # Returns the status before the call ('' when gone).
 CANCEL_SCRIPT = (
     """
-local meta, log, text = KEYS[1], KEYS[2], KEYS[3]
+local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local status = redis.call('HGET', meta, 'status')
 if not status then return '' end
 if status == 'running' then
@@ -484,11 +721,12 @@ if status == 'running' then
 end
 if status ~= 'queued' then return status end
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0') + 1
-local kind, data, ts, body = 'end', ARGV[2], ARGV[3], ''
-local maxlen, ttl, channel, publish_cmd = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local ts, maxlen, ttl, channel, publish_cmd = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 """
-    + _APPEND_AND_PUBLISH
+    + _APPEND
     + """
+append(seq, 'end', ARGV[2], '')
+appended(seq)
 redis.call('HSET', meta, 'status', 'cancelled', 'finish_reason', 'cancelled', 'cancel', '1')
 return status
 """

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,7 +28,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT, FieldT
 
 from broker.core import protocol
-from broker.core.protocol import Event, Job, JobEntry, Meta, as_text
+from broker.core.protocol import Event, Job, JobEntry, Meta, NewEvent, as_text
 from broker.core.settings import Settings
 
 POOL_WAIT_TIMEOUT = 5.0
@@ -128,6 +129,16 @@ def closed_under_the_command(error: RuntimeError | AttributeError) -> bool:
     return str(error).endswith("the handler is closed")
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A generation's meta and what its events add up to so far."""
+
+    meta: Meta
+    text: str  # the messages' texts, joined
+    reasoning: str  # the reasoning events' texts, joined
+    tool_calls: list[dict[str, Any]]  # the tool_call events' data, in order
+
+
 class Store:
     def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self.redis = redis
@@ -187,9 +198,25 @@ class Store:
     async def meta(self, gen_id: str) -> Meta | None:
         return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
 
-    async def text(self, gen_id: str) -> str:
-        raw = await self.redis.get(protocol.text_key(gen_id))
-        return as_text(raw) if raw else ""
+    async def snapshot(self, gen_id: str) -> Snapshot | None:
+        """The generation as ``GET /v1/generations/{id}`` shows it: meta and aggregates read
+        in one round trip (one MULTI on one Redis: a consistent view; on a cluster the keys
+        share a slot, so one node answers them together). None when unknown or expired."""
+        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
+            pipe.hgetall(protocol.meta_key(gen_id))
+            pipe.get(protocol.text_key(gen_id))
+            pipe.get(protocol.reasoning_key(gen_id))
+            pipe.lrange(protocol.tools_key(gen_id), 0, -1)
+            raw_meta, text, reasoning, tools = await pipe.execute()
+        meta = protocol.decode_meta(raw_meta)
+        if meta is None:
+            return None
+        return Snapshot(
+            meta=meta,
+            text=as_text(text) if text else "",
+            reasoning=as_text(reasoning) if reasoning else "",
+            tool_calls=[protocol.decode_tool_call(call) for call in tools or []],
+        )
 
     async def read_log(self, gen_id: str, after_seq: int, count: int) -> list[Event]:
         entries: Any = await self.redis.xrange(  # (redis-py types entries with None parts)
@@ -202,7 +229,7 @@ class Store:
         leaves its producer's queue quota."""
         data = protocol.end_data("cancelled", None)
         result = await self._cancel(
-            keys=self._keys(gen_id),
+            keys=protocol.generation_keys(gen_id),
             args=[gen_id, data, protocol.now_ms(), self.maxlen, self.ttl_ms,
                   protocol.live_channel(gen_id), self.publish_cmd, protocol.CANCEL_CHANNEL],
         )
@@ -239,28 +266,34 @@ class Store:
         return as_text(await self._heartbeat(keys=keys, args=[owner, _ms(lease_ttl)]))
 
     async def publish(
-        self, gen_id: str, owner: str, event: Event, *, text: str = "",
-        final_status: str = "", finish_reason: str = "",
+        self, gen_id: str, owner: str, seq: int, events: Sequence[NewEvent],
+        published_ms: int | None = None,
     ) -> int:
-        """Append ``event`` to the log and publish it, in one atomic call (see PUBLISH_SCRIPT)."""
-        result = await self._publish(
-            keys=self._keys(gen_id),
-            args=[owner, event.seq, event.kind, event.data, event.published_ms, text,
-                  self.maxlen, self.ttl_ms, protocol.live_channel(gen_id), self.publish_cmd,
-                  final_status, finish_reason],
+        """Append ``events`` to the log as ``seq``, ``seq + 1``, ... and publish them, all in
+        one atomic call, all or nothing (see PUBLISH_SCRIPT): 1 published, 0 already published
+        (a retry), -1 gone, -2 not ours. A terminal event may only come last; it sets the
+        generation's final status."""
+        args = protocol.publish_args(
+            owner, seq, events, protocol.now_ms() if published_ms is None else published_ms,
+            maxlen=self.maxlen, ttl_ms=self.ttl_ms, channel=protocol.live_channel(gen_id),
+            publish_cmd=self.publish_cmd,
         )
-        return int(result)
+        return int(await self._publish(keys=protocol.generation_keys(gen_id), args=args))
 
     async def reap(self, gen_id: str, reaper: str, healthy_for: float) -> protocol.LeaseCheck:
-        """End ``gen_id`` with ``worker_lost`` if its lease ran out (see REAP_SCRIPT);
-        ``healthy_for``: seconds the caller has seen Redis answer without failing."""
-        data = protocol.error_data(
+        """End ``gen_id`` with ``worker_lost`` (``producer_lost`` for an external producer's)
+        if its lease ran out (see REAP_SCRIPT); ``healthy_for``: seconds the caller has seen
+        Redis answer without failing."""
+        worker_lost = protocol.error_data(
             "worker_lost", "the worker running this generation stopped responding"
         )
+        producer_lost = protocol.error_data(
+            "producer_lost", "the producer of this generation stopped appending or heartbeating"
+        )
         reply = await self._reap(
-            keys=self._keys(gen_id),
-            args=[reaper, _ms(healthy_for), data, self.maxlen, self.ttl_ms,
-                  protocol.live_channel(gen_id), self.publish_cmd],
+            keys=protocol.generation_keys(gen_id),
+            args=[reaper, _ms(healthy_for), worker_lost, producer_lost, self.maxlen,
+                  self.ttl_ms, protocol.live_channel(gen_id), self.publish_cmd],
         )
         return protocol.decode_lease_check(reply)
 
@@ -329,9 +362,6 @@ class Store:
             pipe.xack(job.stream, protocol.WORKER_GROUP, job.entry_id)
             pipe.xdel(job.stream, job.entry_id)
             await pipe.execute()
-
-    def _keys(self, gen_id: str) -> list[str]:
-        return [protocol.meta_key(gen_id), protocol.log_key(gen_id), protocol.text_key(gen_id)]
 
 
 def _fields(values: Mapping[str, str]) -> dict[FieldT, EncodableT]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.core.protocol import SDK_CALL_OPTIONS
+from broker.core.protocol import CONTENT_KINDS, SDK_CALL_OPTIONS
 from broker.core.settings import Settings
 from broker.edge.validation import MAX_JSON_DEPTH, MAX_MODEL_CHARS
 
@@ -40,14 +40,32 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 
 def document(settings: Settings) -> dict[str, Any]:
+    tool_call = {
+        "type": "object", "required": ["index", "id", "name", "arguments"],
+        "properties": {"index": {"type": "integer"}, "id": {"type": "string"},
+                       "name": {"type": "string"},
+                       "arguments": {"type": "string",
+                                     "description": "the exact concatenation of the LLM's "
+                                                    "argument fragments"}},
+    }
     generation = {
         "type": "object",
-        "required": ["id", "status", "text", "finish_reason", "model", "created_ms",
-                     "events_url"],
+        "required": ["id", "status", "text", "reasoning", "tool_calls", "events",
+                     "finish_reason", "model", "created_ms", "events_url"],
         "properties": {
             "id": {"type": "string"},
             "status": {"enum": ["queued", "running", "completed", "failed", "cancelled"]},
-            "text": {"type": "string"},
+            "text": {"type": "string", "description": "the answer's messages so far, joined"},
+            "reasoning": {"type": "string",
+                          "description": "the reasoning events' texts so far, joined"},
+            "tool_calls": {"type": "array", "items": tool_call,
+                           "description": "the complete tool calls so far, in order"},
+            "events": {
+                "type": "object", "required": list(CONTENT_KINDS),
+                "properties": {kind: {"type": "integer", "minimum": 0}
+                               for kind in CONTENT_KINDS},
+                "description": "how many events of each kind were published so far",
+            },
             "finish_reason": {"type": ["string", "null"]},
             "model": {"type": "string"},
             "created_ms": {"type": "integer"},
@@ -118,7 +136,7 @@ def document(settings: Settings) -> dict[str, Any]:
                 },
             }},
             "/v1/generations/{gen_id}": {"get": {
-                "summary": "status and text so far",
+                "summary": "status, text, reasoning and tool calls so far",
                 "security": [{"apiKey": []}],
                 "parameters": [_GEN_ID],
                 "responses": {

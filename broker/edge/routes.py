@@ -153,18 +153,23 @@ async def get_generation(request: Request) -> Response:
     edge = _edge(request)
     edge.authorize_producer(request)
     gen_id = _gen_id(request)
-    meta, text = await asyncio.gather(edge.store.meta(gen_id), edge.store.text(gen_id))
+    snapshot = await edge.store.snapshot(gen_id)
     # A running generation's worker may be gone with no other left to notice: a lease that ran
     # out ends the generation now, and the answer says so instead of `running` until a worker
     # returns.
-    if meta is not None and meta.status == "running" and await edge.hub.leases.reaped(gen_id):
-        meta, text = await asyncio.gather(edge.store.meta(gen_id), edge.store.text(gen_id))
-    if meta is None:
+    if (snapshot is not None and snapshot.meta.status == "running"
+            and await edge.hub.leases.reaped(gen_id)):
+        snapshot = await edge.store.snapshot(gen_id)
+    if snapshot is None:
         raise ApiError(404, "not_found", "no such generation")
+    meta = snapshot.meta
     return JSONResponse({
         "id": gen_id,
         "status": meta.status,
-        "text": text,
+        "text": snapshot.text,
+        "reasoning": snapshot.reasoning,
+        "tool_calls": snapshot.tool_calls,
+        "events": meta.event_counts(),
         "finish_reason": meta.finish_reason,
         "model": meta.model,
         "created_ms": meta.created_ms,

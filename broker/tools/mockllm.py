@@ -30,7 +30,11 @@ from broker.core.sentences import SentenceBuffer  # the worker's rule, not a sec
 class Reply:
     """What the mock answers to one request."""
 
-    tokens: list[str]
+    tokens: list[str] = field(default_factory=list)  # the answer, one content delta each
+    # Or: each chunk's whole delta, in order (reasoning, tool-call fragments, a refusal, text;
+    # see ``text_deltas``, ``tool_call_deltas``); ``tokens`` is then not used. Everything said
+    # of tokens below (delays, break_after, ...) counts these instead.
+    deltas: list[dict[str, Any]] | None = None
     delay: float = 0.02  # seconds between tokens
     delays: list[float] | None = None  # or: seconds before each token, one per token
     finish_reason: str = "stop"
@@ -46,6 +50,13 @@ class Reply:
     line_end: str = "\n"
     bom: bool = False
     split_writes: bool = False
+    # Write each chunk's JSON with ``\\u`` escapes for every non-ASCII character (what Python
+    # servers using ``json.dumps``' default send): an astral character is then a surrogate
+    # pair, which a tool call's argument fragments may cut in two.
+    ascii_json: bool = False
+
+    def chunk_deltas(self) -> list[dict[str, Any]]:
+        return self.deltas if self.deltas is not None else text_deltas_of(self.tokens)
 
 
 @dataclass
@@ -69,6 +80,45 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+def text_deltas(text: str, field: str = "content") -> list[dict[str, Any]]:
+    """``text`` as deltas of one token each, in ``field``: ``content`` (the answer),
+    ``reasoning_content`` or ``reasoning`` (the two names servers give reasoning), ``refusal``."""
+    return text_deltas_of(tokenize(text), field)
+
+
+def text_deltas_of(tokens: list[str], field: str = "content") -> list[dict[str, Any]]:
+    return [{field: token} for token in tokens]
+
+
+@dataclass(frozen=True)
+class ScriptedCall:
+    """A tool call as the mock streams it: a first fragment with its ``id`` and name (and
+    empty arguments, as OpenAI sends it), then one fragment per piece of ``arguments``."""
+
+    index: int
+    id: str
+    name: str
+    pieces: list[str]
+
+    def fragments(self) -> list[dict[str, Any]]:
+        head = {"index": self.index, "id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": ""}}
+        return [head, *({"index": self.index, "function": {"arguments": piece}}
+                        for piece in self.pieces)]
+
+
+def tool_call_deltas(calls: list[ScriptedCall], interleave: bool = True) -> list[dict[str, Any]]:
+    """The calls' fragments as deltas, one fragment each: one call after the other, or
+    interleaved (each call's next fragment in turn, as servers running calls in parallel may
+    send them)."""
+    streams = [call.fragments() for call in calls]
+    if interleave:
+        order = [f for group in itertools.zip_longest(*streams) for f in group if f is not None]
+    else:
+        order = [f for stream in streams for f in stream]
+    return [{"tool_calls": [fragment]} for fragment in order]
+
+
 _ANSWER = (
     "Great question! Here is how it works, step by step.\n\n"
     "When you ask something, the edge stores a job in Redis and returns an id right away. "
@@ -89,15 +139,38 @@ _ANSWER = (
 TOKENS_PER_SECOND = 40
 
 
+_REASONING = (
+    "The user asks how the broker works. I should follow one question through it: the edge, "
+    "Redis, a worker, the viewers. Mention resuming, since that is what people worry about. "
+    "Keep it friendly and short."
+)
+_WEATHER_TEXT = "Let me look up the weather for you. "
+# Its arguments come in pieces, cut inside a string and after an escape, as LLMs stream them.
+WEATHER_CALL = ScriptedCall(
+    0, "call_weather_1", "get_weather",
+    ['{"city": "Par', 'is", "unit": "cel', 'sius", "when": "\\', '"now\\""}'],
+)
+
+
 def default_script(body: dict[str, Any]) -> Reply:
-    """A realistic multi-sentence answer that quotes the question."""
+    """A realistic multi-sentence answer that quotes the question. With "think" in the
+    question, reasoning comes first; with "weather", a short text and one tool call
+    (``get_weather``) instead of the answer, ending with ``finish_reason: "tool_calls"``."""
     question = ""
     for message in reversed(body.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             question = str(message.get("content", ""))[:200]
             break
     intro = f'You asked: "{question.strip()}"\n\n' if question.strip() else ""
-    return Reply(tokenize(intro + _ANSWER), delay=1 / TOKENS_PER_SECOND)
+    pace = 1 / TOKENS_PER_SECOND
+    lowered = question.lower()
+    if "think" not in lowered and "weather" not in lowered:
+        return Reply(tokenize(intro + _ANSWER), delay=pace)
+    deltas = text_deltas(_REASONING, "reasoning_content") if "think" in lowered else []
+    if "weather" in lowered:
+        deltas += text_deltas(_WEATHER_TEXT) + tool_call_deltas([WEATHER_CALL])
+        return Reply(deltas=deltas, delay=pace, finish_reason="tool_calls")
+    return Reply(deltas=deltas + text_deltas(intro + _ANSWER), delay=pace)
 
 
 def sentences(text: str) -> list[str]:
@@ -178,7 +251,7 @@ async def _events(
     try:
         if reply.bom:
             yield b"\xef\xbb\xbf"
-        for i, token in enumerate(reply.tokens):
+        for i, delta in enumerate(reply.chunk_deltas()):
             if reply.break_after is not None and i >= reply.break_after:
                 raise ConnectionAbortedError("mock: cutting the stream")
             if reply.stall_after is not None and i >= reply.stall_after:
@@ -190,11 +263,12 @@ async def _events(
             delay = reply.delay if reply.delays is None else reply.delays[i]
             if delay:
                 await asyncio.sleep(delay)
-            delta = {"content": token} if i else {"role": "assistant", "content": token}
+            if not i:
+                delta = {"role": "assistant", **delta}
             record.sent_at.append(time.monotonic())
-            yield _sse(_chunk(cid, model, delta, None), end)
+            yield _sse(_chunk(cid, model, delta, None), end, reply.ascii_json)
             record.sent_tokens = i + 1
-        yield _sse(_chunk(cid, model, {}, reply.finish_reason), end)
+        yield _sse(_chunk(cid, model, {}, reply.finish_reason), end, reply.ascii_json)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = _usage(body, reply)
             yield _sse({**_chunk(cid, model, {}, None), "choices": [], "usage": usage}, end)
@@ -213,16 +287,19 @@ def _chunk(cid: str, model: str, delta: dict[str, Any], finish: str | None) -> d
     }
 
 
-def _sse(obj: dict[str, Any], end: bytes = b"\n") -> bytes:
-    # ensure_ascii=False, as servers that write UTF-8 JSON do: U+2028, U+0085, emoji... go
-    # out as raw UTF-8, not as \u escapes (only the JSON-mandatory controls are escaped).
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + end + end
+def _sse(obj: dict[str, Any], end: bytes = b"\n", ascii_json: bool = False) -> bytes:
+    # By default ensure_ascii=False, as servers that write UTF-8 JSON do: U+2028, U+0085,
+    # emoji... go out as raw UTF-8, not as \u escapes (only the JSON-mandatory controls are
+    # escaped). ``ascii_json``: every non-ASCII character escaped (a lone surrogate a fragment
+    # holds too, which UTF-8 could not carry).
+    return b"data: " + json.dumps(obj, ensure_ascii=ascii_json).encode() + end + end
 
 
 def _usage(body: dict[str, Any], reply: Reply) -> dict[str, int]:
     prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
-    return {"prompt_tokens": prompt, "completion_tokens": len(reply.tokens),
-            "total_tokens": prompt + len(reply.tokens)}
+    completion = len(reply.chunk_deltas())
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
@@ -230,7 +307,8 @@ def _completion(body: dict[str, Any], reply: Reply) -> dict[str, Any]:
         "id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion",
         "created": int(time.time()), "model": body.get("model", "mock"),
         "choices": [{"index": 0, "finish_reason": reply.finish_reason,
-                     "message": {"role": "assistant", "content": "".join(reply.tokens)}}],
+                     "message": {"role": "assistant", "content": "".join(
+                         str(d.get("content", "")) for d in reply.chunk_deltas())}}],
         "usage": _usage(body, reply),
     }
 

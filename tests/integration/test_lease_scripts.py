@@ -1,6 +1,7 @@
-"""The lease scripts on real Redis: ``TIME`` inside a script on redis-server 7 (replicated by
-its effects: a replica holds the very lease the master wrote), on a Redis Cluster (the scripts
-touch one slot), and many reapers racing for one expired lease."""
+"""The scripts on real Redis: ``TIME`` inside a script on redis-server 7 (replicated by its
+effects: a replica holds the very lease the master wrote), on a Redis Cluster (the scripts
+touch one slot), many reapers racing for one expired lease, and a batch of typed events
+published at once and read back as ``GET /v1/generations/{id}`` shows it."""
 
 from __future__ import annotations
 
@@ -120,3 +121,32 @@ async def test_a_replica_holds_the_lease_the_master_wrote() -> None:
         await close(client)
         replica.stop()
         master.stop()
+
+
+async def test_a_batch_of_every_kind_is_published_at_once_and_read_back(store: Store) -> None:
+    """Every key a publish touches shares the generation's slot (a cluster refuses a script
+    whose keys do not), and the snapshot reads them back in one round trip."""
+    gen_id = await running(store, 60.0)
+    first = [protocol.new_reasoning("Think 🤔. "), protocol.new_message("Hi\u2028there. ")]
+    rest = [
+        protocol.new_tool_call(0, "call_1", "get_weather", '{"city":"東京"}'),
+        protocol.new_tool_result("call_1", {"temp": 21}),
+        protocol.new_data("sources", ["https://example.com"]),
+        protocol.new_reasoning("Done."),
+        protocol.new_end("tool_calls", None),
+    ]
+    assert await store.publish(gen_id, "w1", 1, first) == 1
+    assert await store.publish(gen_id, "w1", 1, first) == 0  # a retry
+    assert await store.publish(gen_id, "w1", 3, rest) == 1
+    events = await store.read_log(gen_id, 0, 100)
+    assert [e.kind for e in events] == [e.kind for e in first + rest]
+    assert [e.seq for e in events] == list(range(1, 8))
+    snapshot = await store.snapshot(gen_id)
+    assert snapshot is not None
+    assert snapshot.text == "Hi\u2028there. " and snapshot.reasoning == "Think 🤔. Done."
+    assert snapshot.tool_calls == [
+        {"index": 0, "id": "call_1", "name": "get_weather", "arguments": '{"city":"東京"}'}]
+    assert snapshot.meta.status == "completed" and snapshot.meta.finish_reason == "tool_calls"
+    assert snapshot.meta.event_counts() == {
+        "message": 1, "reasoning": 2, "tool_call": 1, "tool_result": 1, "data": 1}
+    assert await store.snapshot(protocol.new_generation_id()) is None

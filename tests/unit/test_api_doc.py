@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "api.md").read_text()
 # Calls that carry an error code (HTTP answers, `event: error` data, LLM failures), and the
 # position of the code among their arguments.
-CODE_ARGUMENT = {"ApiError": 1, "error_response": 1, "error_data": 0, "LLMError": 0, "error": 0}
+CODE_ARGUMENT = {"ApiError": 1, "error_response": 1, "error_data": 0, "new_error": 0, "LLMError": 0,
+                 "error": 0}
 CODE = re.compile(r"[a-z]+(?:_[a-z]+)*")
 
 

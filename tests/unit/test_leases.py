@@ -119,8 +119,7 @@ async def test_an_expired_lease_waits_until_the_reaper_saw_redis_healthy_for_a_l
 async def test_an_expired_lease_is_reaped_once_with_worker_lost() -> None:
     store = new_store()
     gen_id = await running(store, 5.0)
-    published = Event(1, "message", protocol.message_data("Half an answer."), protocol.now_ms())
-    assert await store.publish(gen_id, "w1", published, text="Half an answer.") == 1
+    assert await store.publish(gen_id, "w1", 1, [protocol.new_message("Half an answer.")]) == 1
     await expire_lease(store, gen_id)
     lease = int((await meta(store, gen_id))["lease"])
 
@@ -136,8 +135,7 @@ async def test_an_expired_lease_is_reaped_once_with_worker_lost() -> None:
     assert fields["status"] == "failed" and fields["finish_reason"] == "error"
     assert fields["seq"] == "2" and fields["owner"].startswith("edge-")
     # The stalled owner, should it come back: refused, and told it lost the lease.
-    late = Event(2, "message", protocol.message_data("More."), protocol.now_ms())
-    assert await store.publish(gen_id, "w1", late, text="More.") == -2
+    assert await store.publish(gen_id, "w1", 2, [protocol.new_message("More.")]) == -2
     assert await store.heartbeat(gen_id, "w1", 5.0) == "lost"
     assert len(await log(store, gen_id)) == 2
 

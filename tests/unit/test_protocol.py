@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import fakeredis
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from redis import exceptions as redis_exceptions
 
 from broker.core import protocol
 from broker.core.protocol import Event, ProtocolError
@@ -178,17 +180,19 @@ def publish_through_the_script(event: Event) -> tuple[bytes, Event]:
     payload a subscriber receives, and the event read back from the log."""
     redis = fakeredis.FakeRedis()
     gen_id = protocol.new_generation_id()
-    meta, log, text = protocol.meta_key(gen_id), protocol.log_key(gen_id), protocol.text_key(gen_id)
+    meta, log = protocol.meta_key(gen_id), protocol.log_key(gen_id)
     redis.hset(meta, mapping={"status": "running", "owner": "w", "seq": str(event.seq - 1)})
     channel = protocol.live_channel(gen_id)
     subscriber = redis.pubsub()
     subscriber.subscribe(channel)
     confirmation = subscriber.get_message(timeout=1)
     assert confirmation is not None and confirmation["type"] == "subscribe"
+    new = protocol.NewEvent(event.kind, event.data, "",
+                            "completed" if event.terminal else "", "x" if event.terminal else "")
     published = redis.register_script(protocol.PUBLISH_SCRIPT)(
-        keys=[meta, log, text],
-        args=["w", event.seq, event.kind, event.data, event.published_ms, "", 100, 60_000,
-              channel, "PUBLISH", "", ""],
+        keys=protocol.generation_keys(gen_id),
+        args=protocol.publish_args("w", event.seq, [new], event.published_ms, maxlen=100,
+                                   ttl_ms=60_000, channel=channel, publish_cmd="PUBLISH"),
     )
     assert published == 1
     message = subscriber.get_message(timeout=1)
@@ -201,7 +205,7 @@ SCRIPT_EVENTS = st.builds(
     Event,
     # Lua numbers print in %.14g: a seq is a generation's event count, far below that.
     seq=st.integers(min_value=1, max_value=10**12),
-    kind=st.sampled_from(["message", "end", "error"]),
+    kind=st.sampled_from(protocol.EVENT_KINDS),
     data=st.text(st.characters(exclude_categories=("Cs",))),
     published_ms=st.integers(min_value=0, max_value=2**53),
 )
@@ -212,6 +216,10 @@ SCRIPT_EVENTS = st.builds(
 @example(Event(2, "message", " leading and trailing ", 5))
 @example(Event(3, "end", "", 5))
 @example(Event(4, "error", "ünïcødé 🎉 \n two lines \u2028", 5))
+@example(Event(5, "reasoning", '{"text":"Hmm. "}', 5))
+@example(Event(6, "tool_call", '{"index":0,"id":"c","name":"f","arguments":"{\\"a\\":1}"}', 5))
+@example(Event(7, "tool_result", '{"id":"c","result":[1,"two"]}', 5))
+@example(Event(8, "data", '{"name":"sources","value":null}', 5))
 def test_what_the_publish_script_sends_live_and_logs_decodes_to_the_event(event: Event) -> None:
     payload, logged = publish_through_the_script(event)
     assert protocol.decode_payload(payload) == event
@@ -368,3 +376,206 @@ def test_terminal_statuses_are_finished(status: str) -> None:
 def test_malformed_meta_is_a_protocol_error(raw: dict) -> None:
     with pytest.raises(ProtocolError):
         protocol.decode_meta(raw)
+
+
+# -- typed events and batches ----------------------------------------------------------------
+
+
+def test_the_kinds_are_one_list_and_content_kinds_exclude_the_terminal_ones() -> None:
+    assert protocol.EVENT_KINDS == (
+        "message", "reasoning", "tool_call", "tool_result", "data", "end", "error")
+    assert protocol.CONTENT_KINDS == ("message", "reasoning", "tool_call", "tool_result", "data")
+    assert {"end", "error"} == protocol.TERMINAL_KINDS
+
+
+def test_builders_write_compact_json_with_characters_as_themselves() -> None:
+    assert protocol.new_message("Hé 🎉\u2028") == protocol.NewEvent(
+        "message", '{"text":"Hé 🎉\u2028"}', "Hé 🎉\u2028")
+    assert protocol.new_reasoning("Hmm.") == protocol.NewEvent("reasoning", '{"text":"Hmm."}',
+                                                               "Hmm.")
+    call = protocol.new_tool_call(1, "call_1", "get_weather", '{"city": "Paris"')
+    assert call == protocol.NewEvent(
+        "tool_call",
+        '{"index":1,"id":"call_1","name":"get_weather","arguments":"{\\"city\\": \\"Paris\\""}')
+    assert protocol.new_tool_result("call_1", {"temp": 21}).data == (
+        '{"id":"call_1","result":{"temp":21}}')
+    assert protocol.new_data("sources", ["a", 1]).data == '{"name":"sources","value":["a",1]}'
+    end = protocol.new_end("tool_calls", None)
+    assert (end.kind, end.final_status, end.finish_reason) == ("end", "completed", "tool_calls")
+    cancelled = protocol.new_end("cancelled", None)
+    assert (cancelled.final_status, cancelled.finish_reason) == ("cancelled", "cancelled")
+    error = protocol.new_error("producer_error", "boom")
+    assert (error.kind, error.final_status, error.finish_reason) == ("error", "failed", "error")
+    assert json.loads(error.data) == {"code": "producer_error", "message": "boom"}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), {"x": [float("-inf")]}])
+def test_builders_refuse_what_json_parse_refuses(value: object) -> None:
+    with pytest.raises(ValueError):
+        protocol.new_data("x", value)
+    with pytest.raises(ValueError):
+        protocol.new_tool_result("c", value)
+
+
+class ScriptedGeneration:
+    """One running generation on fakeredis, published to through the real scripts."""
+
+    def __init__(self, source: str | None = None) -> None:
+        self.redis = fakeredis.FakeRedis()
+        self.gen_id = protocol.new_generation_id()
+        self.keys = protocol.generation_keys(self.gen_id)
+        meta = {"status": "running", "owner": "w", "seq": "0", "lease": "0", "lease_ttl": "1"}
+        if source:
+            meta["source"] = source
+        self.redis.hset(self.keys[0], mapping=meta)
+        self.subscriber = self.redis.pubsub()
+        self.subscriber.subscribe(protocol.live_channel(self.gen_id))
+        assert self.subscriber.get_message(timeout=1) is not None  # the confirmation
+        self.publish_script = self.redis.register_script(protocol.PUBLISH_SCRIPT)
+
+    def publish(self, seq: int, events: list[protocol.NewEvent], ts: int = 7) -> object:
+        return self.publish_script(keys=self.keys, args=self.args(seq, events, ts))
+
+    def args(self, seq: int, events: list[protocol.NewEvent], ts: int = 7) -> list[str | int]:
+        return protocol.publish_args(
+            "w", seq, events, ts, maxlen=1000, ttl_ms=60_000,
+            channel=protocol.live_channel(self.gen_id), publish_cmd="PUBLISH")
+
+    def live(self) -> list[Event]:
+        events = []
+        while (message := self.subscriber.get_message(timeout=0.05)) is not None:
+            events.append(protocol.decode_payload(message["data"]))
+        return events
+
+    def log(self) -> list[Event]:
+        return [protocol.decode_log_entry(i, f) for i, f in self.redis.xrange(self.keys[1])]
+
+    def meta(self) -> protocol.Meta:
+        meta = protocol.decode_meta(self.redis.hgetall(self.keys[0]))
+        assert meta is not None
+        return meta
+
+    def state(self) -> tuple[object, ...]:
+        """Everything a publish may write."""
+        return (self.redis.hgetall(self.keys[0]), self.log(),
+                *(self.redis.dump(k) for k in self.keys[2:]))
+
+
+MIXED = [
+    protocol.new_reasoning("Let me think. "),
+    protocol.new_reasoning("The user wants weather."),
+    protocol.new_message("Checking. "),
+    protocol.new_tool_call(0, "call_a", "get_weather", '{"city":"Zürich"}'),
+    protocol.new_tool_call(1, "call_b", "get_time", ""),
+    protocol.new_tool_result("call_a", {"temp": 21}),
+    protocol.new_data("sources", [{"url": "https://example.com"}]),
+    protocol.new_message("It is 21 °C."),
+]
+
+
+def test_a_batch_is_numbered_in_order_logged_published_aggregated_and_counted() -> None:
+    gen = ScriptedGeneration()
+    assert gen.publish(1, MIXED[:3]) == 1
+    assert gen.publish(4, [*MIXED[3:], protocol.new_end("tool_calls", {"total_tokens": 3})]) == 1
+    kinds = [e.kind for e in [*MIXED, protocol.new_end("tool_calls", None)]]
+    logged = gen.log()
+    assert [(e.seq, e.kind) for e in logged] == list(enumerate(kinds, start=1))
+    assert [e.data for e in logged[:-1]] == [e.data for e in MIXED]
+    assert gen.live() == logged  # the live payloads are the logged events, in order
+    meta = gen.meta()
+    assert (meta.status, meta.seq, meta.finish_reason) == ("completed", 9, "tool_calls")
+    assert meta.event_counts() == {
+        "message": 2, "reasoning": 2, "tool_call": 2, "tool_result": 1, "data": 1}
+    assert gen.redis.get(protocol.text_key(gen.gen_id)).decode() == "Checking. It is 21 °C."
+    reasoning = gen.redis.get(protocol.reasoning_key(gen.gen_id)).decode()
+    assert reasoning == "Let me think. The user wants weather."
+    tools = gen.redis.lrange(protocol.tools_key(gen.gen_id), 0, -1)
+    assert [protocol.decode_tool_call(t) for t in tools] == [
+        {"index": 0, "id": "call_a", "name": "get_weather", "arguments": '{"city":"Zürich"}'},
+        {"index": 1, "id": "call_b", "name": "get_time", "arguments": ""}]
+    for key in gen.keys:
+        assert 0 < gen.redis.pttl(key) <= 60_000  # every key keeps the retention
+
+
+def test_a_retried_batch_is_a_no_op_and_a_gap_is_refused() -> None:
+    gen = ScriptedGeneration()
+    assert gen.publish(1, MIXED[:2]) == 1
+    before = gen.state()
+    assert gen.publish(1, MIXED[:2]) == 0  # a retry after a lost reply
+    assert gen.publish(4, MIXED[2:3]) == -2  # seq 3 missing
+    assert gen.state() == before
+
+
+@pytest.mark.parametrize(
+    ("mangle", "error"),
+    [
+        (lambda args: args[: protocol.PUBLISH_FIRST_EVENT_ARG - 1], "triples"),  # no event
+        (lambda args: args[:-1], "triples"),  # a partial triple
+        (lambda args: [*args[:-3], "bogus", "{}", ""], "unknown event kind"),
+        (lambda args: [*args[:-3], "MESSAGE", "{}", ""], "unknown event kind"),
+        (lambda args: [*args[:-6], *args[-3:], *args[-6:-3]], "terminal event must be the last"),
+        (lambda args: [*args[:7], "", "", *args[9:]], "final status"),  # an end, no status
+    ],
+)
+def test_a_malformed_batch_writes_nothing(mangle: Callable[[list], list], error: str) -> None:
+    gen = ScriptedGeneration()
+    assert gen.publish(1, MIXED[:1]) == 1
+    gen.live()
+    before = gen.state()
+    args = mangle(gen.args(2, [*MIXED[1:], protocol.new_end("stop", None)]))
+    with pytest.raises(redis_exceptions.ResponseError, match=error):
+        gen.publish_script(keys=gen.keys, args=args)
+    assert gen.state() == before and gen.live() == []
+
+
+def test_a_final_status_without_a_terminal_event_writes_nothing() -> None:
+    gen = ScriptedGeneration()
+    before = gen.state()
+    args = gen.args(1, MIXED[:2])
+    args[7:9] = ["completed", "stop"]
+    with pytest.raises(redis_exceptions.ResponseError, match="final status"):
+        gen.publish_script(keys=gen.keys, args=args)
+    assert gen.state() == before
+
+
+def test_publish_args_refuse_an_empty_batch_and_an_early_terminal_event() -> None:
+    gen = ScriptedGeneration()
+    with pytest.raises(ValueError):
+        gen.args(1, [])
+    with pytest.raises(ValueError):
+        gen.args(1, [protocol.new_end("stop", None), MIXED[0]])
+    assert gen.args(1, MIXED[:1])[protocol.PUBLISH_FIRST_EVENT_ARG - 1] == "reasoning"
+
+
+@pytest.mark.parametrize(("source", "code"), [
+    (None, "worker_lost"), ("worker", "worker_lost"), ("external", "producer_lost")])
+def test_the_reap_script_names_the_lost_party_by_the_source(source: str | None, code: str) -> None:
+    gen = ScriptedGeneration(source)
+    assert gen.publish(1, MIXED[:1]) == 1
+    worker_lost = protocol.error_data("worker_lost", "w")
+    producer_lost = protocol.error_data("producer_lost", "p")
+    reply = gen.redis.register_script(protocol.REAP_SCRIPT)(
+        keys=gen.keys, args=["edge", 10_000, worker_lost, producer_lost, 1000, 60_000,
+                             protocol.live_channel(gen.gen_id), "PUBLISH"])
+    assert protocol.decode_lease_check(reply).reaped
+    reaped = gen.log()[-1]
+    assert (reaped.seq, reaped.kind, json.loads(reaped.data)["code"]) == (2, "error", code)
+    assert gen.meta().status == "failed"
+    assert gen.redis.pttl(protocol.reasoning_key(gen.gen_id)) > 0
+
+
+def test_decode_meta_reads_the_counts_and_the_source() -> None:
+    meta = protocol.decode_meta({"status": "running", "c:message": "3", "c:data": "1",
+                                 "c:end": "1", "source": "external"})
+    assert meta is not None and meta.source == protocol.SOURCE_EXTERNAL
+    assert meta.event_counts() == {
+        "message": 3, "reasoning": 0, "tool_call": 0, "tool_result": 0, "data": 1}
+    plain = protocol.decode_meta({"status": "queued"})
+    assert plain is not None and plain.source == protocol.SOURCE_WORKER
+    assert set(plain.event_counts().values()) == {0}
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1]", b"\xff"])
+def test_a_malformed_tool_call_entry_is_a_protocol_error(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.decode_tool_call(raw)

@@ -188,6 +188,19 @@ def test_error_event_has_event_line() -> None:
     assert body == f"id: 0000000003\nevent: error\ndata: {data}\n\n".encode()
 
 
+@pytest.mark.parametrize("new", [
+    protocol.new_reasoning("Hmm,\nlet me think. "),
+    protocol.new_tool_call(0, "call_1", "f", '{"a":"\\n"}'),
+    protocol.new_tool_result("call_1", {"ok": True}),
+    protocol.new_data("sources", ["x"]),
+])
+def test_every_kind_but_message_is_named_in_an_event_line(new: protocol.NewEvent) -> None:
+    """A v1 client's ``onmessage`` sees none of these: only unnamed events reach it."""
+    body = sse.encode_event(Event(5, new.kind, new.data, 1))
+    assert body == f"id: 0000000005\nevent: {new.kind}\ndata: {new.data}\n\n".encode()
+    assert parse_sse(body).events == [Parsed(new.kind, new.data, "0000000005")]
+
+
 @pytest.mark.parametrize("seq", [1, 42, 9_999_999_999])
 def test_encode_event_id_is_protocol_event_id(seq: int) -> None:
     body = sse.encode_event(Event(seq, "message", "{}", 0))
