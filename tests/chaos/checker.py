@@ -32,6 +32,9 @@ EXPLAINED_BY = {
     "worker_lost": {"worker_kill", "worker_stop", "master_kill"},
     "worker_shutdown": {"worker_term"},
     "history_lost": {"master_kill"},
+    # A worker frozen past BROKER_LLM_IDLE_TIMEOUT: when it wakes, its idle timer has run out
+    # before it reads what the LLM sent meanwhile (docs/failure-model.md, known limits).
+    "llm_timeout": {"worker_stop"},
 }
 CLOCK_SLACK_MS = 200  # the harness's and Redis's clocks are one host's: only scheduling differs
 MODE_CODES = {"fail": {"llm_server_error"}, "silent": {"llm_timeout"},
