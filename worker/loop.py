@@ -142,7 +142,8 @@ class Worker:
         gen_id = job["gen"]
         logs.generation.set(gen_id)  # this task's log records carry the generation id
         try:
-            status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl)
+            status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl,
+                                            job=f"{entry.stream} {entry.entry_id}")
             if job.get("producer"):
                 # Taken (or never to run): it no longer counts against its producer's quota.
                 # A failure here must not stop the run: a stale entry ages out of the quota.

@@ -276,11 +276,13 @@ class Store:
 
     # -- worker side -----------------------------------------------------------------------
 
-    async def claim(self, gen_id: str, owner: str, lease_ttl: float) -> str:
+    async def claim(self, gen_id: str, owner: str, lease_ttl: float, job: str = "") -> str:
         """'ok' when this owner now runs the generation, its lease running out ``lease_ttl``
-        seconds from now by Redis's clock; else the status that prevents it."""
+        seconds from now by Redis's clock; else the status that prevents it. ``job`` names the
+        job entry it was read from: the same claim repeated (a retry after a lost reply) is
+        'ok' again."""
         keys = [protocol.meta_key(gen_id)]
-        return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
+        return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl), job]))
 
     async def cancel_requested(self, gen_id: str) -> bool:
         return await self.redis.hget(protocol.meta_key(gen_id), "cancel") == b"1"

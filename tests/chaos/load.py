@@ -44,6 +44,25 @@ class Generation:
     def answer(self) -> str:
         return llm.answer(self.prompt)
 
+    def to_json(self, t0: float) -> dict[str, Any]:
+        """What happened to it, for diagnosis (``generations.json``)."""
+        def at(t: float | None) -> float | None:
+            return None if not t else round(t - t0, 3)
+
+        return {
+            "label": self.label, "id": self.gen_id, "mode": self.mode,
+            "requested": at(self.requested_at), "created": at(self.created_at),
+            "ended": at(self.ended_at), "status": self.status, "create_error": self.create_error,
+            "log": None if self.log is None else [f"{e[0]}:{e[1]}" for e in self.log][-3:],
+            "log_length": None if self.log is None else len(self.log),
+            "viewers": [{
+                "name": v.name, "plan": vars(v.plan), "outcome": v.outcome,
+                "connects": v.connects, "answers": v.statuses,
+                "received": [g.seq for g in v.received],
+                "started": at(v.started_at), "done": at(v.done_at),
+            } for v in self.viewers],
+        }
+
 
 class Load:
     def __init__(self, seed: int, entry_url: str, admin: Any, *, retry_s: float,
@@ -65,8 +84,8 @@ class Load:
     # -- what the faults ask for -----------------------------------------------------------
 
     def next_modes(self, mode: str, count: int) -> list[str]:
+        start = len(self.generations) + len(self._modes)
         self._modes.extend([mode] * count)
-        start = len(self.generations)
         return [f"g{start + i:05d}" for i in range(count)]
 
     def add_slow_viewer(self, pause: float) -> str:

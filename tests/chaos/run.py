@@ -48,8 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=1.5, help="generations per second [1.5]")
     parser.add_argument("--mean-gap", type=float, default=4.0,
                         help="mean seconds between fault starts [4]")
-    parser.add_argument("--retention", type=float, default=20.0,
-                        help="BROKER_RETENTION_TTL for the run, seconds [20]")
+    parser.add_argument("--retention", type=float, default=60.0,
+                        help="BROKER_RETENTION_TTL for the run, seconds [60]: longer than any "
+                             "generation may wait queued through the faults (a worker down, "
+                             "then the reaper's lease), else its keys expire first")
     parser.add_argument("--margin", type=float, default=2.0,
                         help="seconds added to every timing bound (a shared machine) [2]")
     parser.add_argument("--out", type=Path, default=None,
@@ -136,6 +138,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         result["recovery_s"] = report.percentiles(result["recovery"])
         report.write(args.out, result)
+        (args.out / "generations.json").write_text(json.dumps(
+            [g.to_json(t0) for g in load.generations], indent=1))
         return result
     finally:
         await admin.aclose()

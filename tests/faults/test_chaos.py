@@ -11,16 +11,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-SEED = 18  # the schedule it draws: see tests/chaos/results/<run>/schedule.json
-MINUTES = "0.75"
-RUN_TIMEOUT = 240  # 45 s of faults, then healing, the viewers' drain and the retention wait
+import pytest
+
+SEED = 12  # 16 faults of 12 kinds in 36 s: see tests/chaos/results/<run>/schedule.json
+MINUTES = "0.6"
+RUN_TIMEOUT = 200  # 36 s of faults, then healing, the viewers' drain and the retention (30 s)
 
 
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
 def test_a_short_seeded_chaos_run_finds_no_violation(tmp_path: Path):
     out = tmp_path / "chaos"
     run = subprocess.run(
         [sys.executable, "-m", "tests.chaos", "--topology", "small", "--seed", str(SEED),
-         "--minutes", MINUTES, "--retention", "15", "--out", str(out)],
+         "--minutes", MINUTES, "--mean-gap", "3", "--retention", "30", "--out", str(out)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
     )
     print(run.stdout[-3000:], run.stderr[-3000:])
@@ -29,6 +32,6 @@ def test_a_short_seeded_chaos_run_finds_no_violation(tmp_path: Path):
     assert run.returncode == 0
     kinds = {fault["kind"] for fault in report["faults"]}
     assert len(kinds) >= 4, kinds  # a mixed schedule, not one kind over and over
-    assert report["created"] >= 30 and report["deliveries"] >= 300, report
+    assert report["created"] >= 25 and report["deliveries"] >= 300, report
     assert report["reconnects"] > 0  # faults made viewers resume
     assert (out / "recovery.png").stat().st_size > 0
