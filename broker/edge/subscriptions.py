@@ -125,6 +125,14 @@ class PubSubConnection:
                 else:
                     await self._pubsub.unsubscribe(channel)
 
+    def forget(self, channel: str) -> None:
+        """Stop routing ``channel`` here without telling Redis: its slot moved away, and the
+        master already unsubscribed us (an unasked ``sunsubscribe``) or is gone. Telling it
+        again would be answered ``MOVED``, which fails the whole connection, and every other
+        channel on it would be subscribed again and resynced from the log."""
+        self.channels.discard(channel)
+        self._unconfirmed.pop(channel, None)
+
     async def _subscribe(self, pubsub: PubSub, *channels: str) -> None:
         if not self.sharded:
             await pubsub.subscribe(*channels)
@@ -242,7 +250,8 @@ class Subscriptions:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._rebalancing = asyncio.Lock()
-        self._dropped: set[str] = set()  # channels a master unsubscribed us from (slot moved)
+        # Channels a master unsubscribed us from (slot moved), and since when (monotonic).
+        self._dropped: dict[str, float] = {}
         self._rebalance_again = False
         self._id = uuid.uuid4().hex
         self.slot_map = SlotMap(redis) if isinstance(redis, aioredis.RedisCluster) else None
@@ -345,7 +354,7 @@ class Subscriptions:
     # -- following the cluster -------------------------------------------------------------
 
     def channel_dropped(self, channel: str) -> None:
-        self._dropped.add(channel)
+        self._dropped.setdefault(channel, time.monotonic())
         self._in_background(self._rebalance_until_done())
 
     async def _rebalance_until_done(self) -> None:
@@ -391,17 +400,30 @@ class Subscriptions:
         for name, master in serving.items():
             if name not in self.connections:
                 self._add_master_connection(cluster, master)
-        dropped, self._dropped = self._dropped, set()
+        dropped, self._dropped = self._dropped, {}
+        behind = False
         for channel, connection in list(self._connection_of.items()):
             if self._connection_of.get(channel) is not connection:
                 continue  # its last listener left (or it moved) during an await of this loop
             target = self._route(channel)
+            if (channel in dropped and target is connection and not connection.retired
+                    and time.monotonic() - dropped[channel] < self.probe_timeout):
+                # The master dropped it, yet the map we read still names that master: the
+                # node we asked has not heard of the move yet (a resharding tells the nodes
+                # one by one). Subscribing there again would be answered MOVED; read the map
+                # again shortly (for a probe timeout at most, then trust it).
+                self._dropped[channel] = dropped[channel]
+                behind = True
+                continue
             if target is not connection or connection.retired or channel in dropped:
                 # Moved, or dropped by the server even if the map still names the same node:
                 # subscribe it (again) where it belongs; the confirmation resyncs its listener.
+                # Not unsubscribed where it was (see ``forget``).
                 self._connection_of[channel] = target
-                await connection.unsubscribe(channel)
+                connection.forget(channel)
                 await target.subscribe(channel)
+        if behind:
+            raise RedisConnectionError("the slot map is behind a slot move; reading it again")
 
     # -- probes ----------------------------------------------------------------------------
 
