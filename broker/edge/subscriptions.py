@@ -72,8 +72,12 @@ class PubSubConnection:
         self.retired = False  # no longer a master: its channels went elsewhere
 
     def ready(self) -> bool:
+        """A probe came back within a probe timeout, and nothing failed since: a connection
+        or probe that fails (a master killed, Redis restarted) makes the edge unready at once,
+        not a probe timeout later (which outlasts a cluster's failover)."""
         seen = self._probe_seen_at
-        return seen is not None and time.monotonic() - seen <= self.owner.probe_timeout
+        return (seen is not None and self._healthy_since is not None
+                and time.monotonic() - seen <= self.owner.probe_timeout)
 
     def healthy_for(self, now: float) -> float:
         """Seconds this connection has delivered its probes without a failure (0 while
