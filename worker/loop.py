@@ -178,8 +178,15 @@ class Worker:
         try:
             # A cancel that came between the claim and now was published to nobody; its flag
             # is in the meta. Any later one reaches this run through the listener.
-            if await self.store.cancel_requested(gen_id):
-                run.cancel_requested.set()
+            try:
+                if await self.store.cancel_requested(gen_id):
+                    run.cancel_requested.set()
+            except (RedisError, OSError):
+                # A Redis blip right after the claim must not end the run here: its job would
+                # stay pending and the generation running, and a reaper would call this live
+                # worker lost. The first heartbeat, a third of a lease on, reports a cancel
+                # flag set meanwhile.
+                self.metrics.redis_errors.labels("heartbeat").inc()
             await run.run()
         finally:
             del self.running[gen_id]

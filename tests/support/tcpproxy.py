@@ -29,6 +29,7 @@ class TcpProxy:
         self._handlers: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._lose_reply_to: bytes | None = None
+        self._lose_times = 0
         self.replies_lost = 0
 
     def start(self) -> TcpProxy:
@@ -59,12 +60,13 @@ class TcpProxy:
             link.frozen = True
         return len(frozen)
 
-    def lose_reply_to(self, marker: bytes) -> None:
-        """Once: the first command carrying ``marker`` reaches the server, and its reply is lost
-        with the connection (cut before a byte of it reaches the client), as when a network
-        fails between a command and its answer. A ``-NOSCRIPT`` reply passes: the command did
-        not run."""
+    def lose_reply_to(self, marker: bytes, times: int = 1) -> None:
+        """``times`` times: the next command carrying ``marker`` reaches the server, and its
+        reply is lost with the connection (cut before a byte of it reaches the client), as when
+        a network fails between a command and its answer. A ``-NOSCRIPT`` reply passes: the
+        command did not run."""
         self._lose_reply_to = marker
+        self._lose_times = times
 
     async def _serve(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
@@ -103,6 +105,9 @@ class TcpProxy:
                     link.losing, self._lose_reply_to = None, link.losing
                 elif link.losing is not None:
                     self.replies_lost += 1
+                    self._lose_times -= 1
+                    if self._lose_times > 0:
+                        self._lose_reply_to = link.losing  # armed for the client's next try
                     return  # the pumps stop, both connections close: the reply is lost
                 if not link.frozen:
                     writer.write(data)
