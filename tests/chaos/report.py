@@ -111,6 +111,9 @@ def markdown(r: dict[str, Any]) -> str:
            "| | before | after retention |", "| --- | --- | --- |",
            f"| Redis used_memory (bytes) | {r['memory']['before']['used_memory']} | "
            f"{r['memory']['after']['used_memory']} |",
+           f"| Redis used_memory_dataset (bytes) | "
+           f"{r['memory']['before']['used_memory_dataset']} | "
+           f"{r['memory']['after']['used_memory_dataset']} |",
            f"| Redis keys | {r['memory']['before']['keys']} | {r['memory']['after']['keys']} |",
            f"| edges' live subscriptions | {r['memory']['before']['live_subscriptions']:.0f} | "
            f"{r['memory']['after']['live_subscriptions']:.0f} |"]

@@ -208,18 +208,22 @@ class Topology:
         return [self.redis] if self.redis is not None else []
 
     def redis_memory(self) -> dict[str, int]:
-        """used_memory summed over the live masters (or the one Redis), and their key count."""
-        used = keys = 0
+        """used_memory (and its data part, without the replication backlog, client buffers and
+        other overhead that failovers and reconnects change) summed over the live masters (or
+        the one Redis), and their key count."""
+        used = dataset = keys = 0
         for node in self.redis_nodes():
             try:
                 client: redis.Redis = node.client()
                 if self.cluster is not None and self.cluster.role(node) != "master":
                     continue
-                used += int(client.info("memory")["used_memory"])
+                memory = client.info("memory")
+                used += int(memory["used_memory"])
+                dataset += int(memory["used_memory_dataset"])
                 keys += int(client.dbsize())
             except redis.RedisError:
                 continue
-        return {"used_memory": used, "keys": keys}
+        return {"used_memory": used, "used_memory_dataset": dataset, "keys": keys}
 
     def stop(self) -> None:
         for slot in [*self.edges, *self.workers]:

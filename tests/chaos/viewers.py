@@ -102,7 +102,6 @@ class Viewer:
     statuses: dict[str, int] = field(default_factory=dict)  # answer status/error -> count
     outcome: str = ""  # terminal | 204 | http_<code> | abandoned
     started_at: float = 0.0
-    first_request_ms: int = 0  # wall clock (the log's publish times are too)
     done_at: float = 0.0
 
     @property
@@ -119,8 +118,10 @@ class Viewer:
     async def run(self, http: httpx.AsyncClient, url: str, retry_s: float,
                   deadline: float) -> None:
         await asyncio.sleep(self.plan.join_after)
+        if self.plan.start_after is not None:
+            # A page resumes from an id it saw: never one past what the generation has.
+            self.plan.start_after = min(self.plan.start_after, await _published(http, url))
         self.started_at = time.monotonic()
-        self.first_request_ms = int(time.time() * 1000)
         self.heard_at.append(self.started_at)
         left = False
         try:
@@ -182,3 +183,17 @@ class Viewer:
             key = type(e).__name__
             self.statuses[key] = self.statuses.get(key, 0) + 1
             return "", False
+
+
+async def _published(http: httpx.AsyncClient, events_url: str) -> int:
+    """How many events the generation has now (its status: the counts of each kind)."""
+    status_url = events_url.rsplit("/events", 1)[0]
+    for _ in range(20):
+        try:
+            response = await http.get(status_url)
+            if response.status_code == 200:
+                return sum(response.json().get("events", {}).values())
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.5)
+    return 0
