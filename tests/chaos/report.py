@@ -27,7 +27,7 @@ def recovery(generations: list[Generation], timeline: list[Fault]) -> dict[str, 
         if fault.kind in NO_RECOVERY or "skipped" in fault.detail or "failed" in fault.detail:
             continue
         healed = fault.healed if fault.healed is not None else fault.start
-        worst = 0.0
+        worst: float | None = None
         for v in viewers:
             if not (v.started_at and v.started_at <= fault.start < v.done_at):
                 continue
@@ -35,8 +35,9 @@ def recovery(generations: list[Generation], timeline: list[Fault]) -> dict[str, 
                 continue
             after = next((g.at for g in v.received if g.at > healed), None)
             if after is not None:
-                worst = max(worst, after - fault.start)
-        out.setdefault(fault.kind, []).append(round(worst, 3))
+                worst = max(worst or 0.0, after - fault.start)
+        if worst is not None:  # else no viewer was following anything then
+            out.setdefault(fault.kind, []).append(round(worst, 3))
     return out
 
 
