@@ -27,8 +27,16 @@ COMMON = {
     "viewer_sever": 2, "pubsub_drop": 2,
     "llm_fail": 1, "llm_silent": 1, "llm_broken": 1, "slow_viewer": 1,
 }
-ONE_REDIS = {"redis_stop": 2, "redis_restart": 2, "redis_latency": 2, "redis_sever": 2}
+ONE_REDIS = {"redis_stop": 2, "redis_restart": 2, "redis_latency": 2, "redis_sever": 2,
+             "pubsub_overflow": 2}
 CLUSTER = {"master_kill": 3, "slot_move": 2}
+# The overflow: a pub/sub output-buffer limit this low, an edge frozen, and this much published
+# to it (its own probe channel: nothing a viewer sees) fills the kernel's socket buffers and
+# then Redis's, which closes the connection as it does in production at its limits.
+OVERFLOW_LIMIT = "pubsub 256kb 128kb 1"
+OVERFLOW_DEFAULT = "pubsub 32mb 8mb 60"
+OVERFLOW_PIECE = b"x" * (256 * 1024)
+OVERFLOW_PIECES = 48
 # Generation modes the LLM faults give the next few generations created.
 LLM_MODE = {"llm_fail": "fail", "llm_silent": "silent", "llm_broken": "broken"}
 
@@ -157,7 +165,7 @@ class Scheduler:
             return "cluster"
         if kind == "viewer_sever":
             return "viewer_link"
-        if kind == "pubsub_drop":
+        if kind in ("pubsub_drop", "pubsub_overflow"):
             return "redis"
         if kind in LLM_MODE:
             return "llm"
@@ -271,6 +279,49 @@ class Scheduler:
 
         fault.detail["connections"] = await asyncio.to_thread(kill)
         fault.healed = time.monotonic()
+
+    async def _do_pubsub_overflow(self, fault: Fault, params: dict[str, Any]) -> None:
+        """A real output-buffer overflow: a low limit, an edge frozen (SIGSTOP), megabytes
+        published to the edges' probe channels until Redis drops the frozen one's connection;
+        then the edge resumes and the limit is restored."""
+        server = self.topo.redis
+        live = [s for s in self.topo.edges if s.alive() and s.name not in self._busy]
+        if server is None or not live:
+            fault.detail["skipped"] = "no edge free"
+            fault.healed = time.monotonic()
+            return
+        edge = self._pick(live, params["pick"])
+        self._busy.add(edge.name)
+        fault.detail["edge"] = edge.name
+
+        name = f"broker-edge-{edge.proc.pid if edge.proc else 0}"
+
+        def subscribed(client: Any) -> bool:
+            return any(c.get("name") == name and int(c.get("sub", 0)) > 0
+                       for c in client.client_list())
+
+        def overflow() -> int:
+            """Pieces published until Redis dropped the frozen edge's subscription (0: never)."""
+            client = server.client()
+            client.config_set("client-output-buffer-limit", OVERFLOW_LIMIT)
+            try:
+                probes = [c.decode() for c in client.pubsub_channels("broker:edge:*")]
+                for piece in range(1, OVERFLOW_PIECES + 1):
+                    for channel in probes:
+                        client.publish(channel, OVERFLOW_PIECE)
+                    if not subscribed(client):
+                        return piece
+                return 0
+            finally:
+                client.config_set("client-output-buffer-limit", OVERFLOW_DEFAULT)
+
+        edge.signal(signal.SIGSTOP)
+        try:
+            fault.detail["dropped_after_pieces"] = await asyncio.to_thread(overflow)
+        finally:
+            edge.signal(signal.SIGCONT)
+            self._busy.discard(edge.name)
+            fault.healed = time.monotonic()
 
     async def _do_master_kill(self, fault: Fault, params: dict[str, Any]) -> None:
         cluster = self.topo.cluster

@@ -23,7 +23,8 @@ def test_a_short_seeded_chaos_run_finds_no_violation(tmp_path: Path):
     out = tmp_path / "chaos"
     run = subprocess.run(
         [sys.executable, "-m", "tests.chaos", "--topology", "small", "--seed", str(SEED),
-         "--minutes", MINUTES, "--mean-gap", "3", "--retention", "30", "--out", str(out)],
+         "--minutes", MINUTES, "--mean-gap", "3", "--retention", "30", "--margin", "3",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
     )
     print(run.stdout[-3000:], run.stderr[-3000:])
