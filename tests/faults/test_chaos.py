@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SEED = 12  # 16 faults of 12 kinds in 36 s: see tests/chaos/results/<run>/schedule.json
+SEED = 12  # 16 faults of 13 kinds in 36 s: see tests/chaos/results/<run>/schedule.json
 MINUTES = "0.6"
 RUN_TIMEOUT = 200  # 36 s of faults, then healing, the viewers' drain and the retention (30 s)
 
