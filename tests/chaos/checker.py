@@ -129,10 +129,14 @@ class Checker:
             self._fail("log_ids", gen, "", f"log ids {seqs[:5]}...{seqs[-5:]}")
         terminals = [e for e in log if e[1] in TERMINAL]
         if gen.status == "gone" and not log:
-            # Its keys vanished: only a lossy failover explains it.
+            # Its keys vanished: only a lossy failover explains it. Its viewers cannot be
+            # judged by a log that is gone; they are judged by the answer (below).
             if not self._faults_in(gen.created_at - 1, gen.ended_at, {"master_kill"}):
                 self._fail("vanished", gen, "", "the generation's keys vanished")
             self.outcomes["gone"] = self.outcomes.get("gone", 0) + 1
+            for viewer in gen.viewers:
+                self._viewer_of_lost(gen, viewer)
+            return
         elif len(terminals) != 1 or log[-1][1] not in TERMINAL:
             self._fail("terminal_count", gen, "",
                        f"{len(terminals)} terminal events; last kind {log[-1][1] if log else None}")
@@ -210,6 +214,28 @@ class Checker:
                        f"ended {viewer.outcome!r} after {len(got)} of {len(expected)} events; "
                        f"answers {viewer.statuses}")
         self._waits(gen, viewer)
+
+    def _viewer_of_lost(self, gen: Generation, viewer: Any) -> None:
+        """A viewer of a generation whose history a failover lost: its events are still ids
+        start+1.. with none missing or repeated, its text a beginning of the answer, and it
+        ended clearly: ``history_lost`` (no id), or 404 / 204 on a resume."""
+        name = viewer.name
+        self.deliveries += len(viewer.received)
+        self.viewer_outcomes[viewer.outcome] = self.viewer_outcomes.get(viewer.outcome, 0) + 1
+        logged = [g for g in viewer.received if g.seq is not None]
+        ids = [g.seq for g in logged]
+        if ids != list(range(viewer.start_point + 1, viewer.start_point + 1 + len(ids))):
+            self._fail("sequence", gen, name, f"ids {ids[:40]} after a lost history")
+        text = "".join(g.data.get("text", "") for g in logged if g.kind == "message")
+        if viewer.start_point == 0 and not gen.answer.startswith(text):
+            self._fail("wrong_text", gen, name, "a text that is not the answer's beginning")
+        last = viewer.received[-1] if viewer.received else None
+        clear = (viewer.outcome in ("http_404", "204") or (
+            viewer.outcome == "terminal" and last is not None and last.seq is None
+            and last.kind == "error" and last.data.get("code") == "history_lost"))
+        if not clear:
+            self._fail("viewer_end", gen, name, f"ended {viewer.outcome!r} after a lost "
+                       f"history, last event {last.kind if last else None}")
 
     def _waits(self, gen: Generation, viewer: Any) -> None:
         if viewer.plan.pause_after is not None:

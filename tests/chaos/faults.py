@@ -332,11 +332,20 @@ class Scheduler:
             return
         masters = [n for n in cluster.live_nodes() if cluster.role(n) == "master"]
         node = self._pick(masters, params["pick"])
+        replica = await asyncio.to_thread(cluster.replica_of, node)
         fault.detail["port"] = node.port
         await asyncio.to_thread(node.kill)
-        # Back (as a replica of whoever took over) after the failover and a while more.
-        await asyncio.to_thread(_wait, lambda: cluster.healthy(), 30)
+
+        def promoted() -> bool:
+            return cluster.role(replica) == "master" and cluster.healthy()
+
+        # Back only after its replica took over (then it rejoins as a replica and syncs): the
+        # node keeps no data of its own (no AOF), so back sooner it would serve its slots
+        # empty, which is a restart without persistence, not a failover.
+        promoted_in_time = await asyncio.to_thread(_wait, promoted, 30)
         fault.detail["failover_s"] = round(time.monotonic() - fault.start, 3)
+        if not promoted_in_time:
+            fault.detail["failover"] = "not within 30 s"
         await asyncio.sleep(params["restart_after"])
         await asyncio.to_thread(node.start)
         await asyncio.to_thread(_wait, cluster.replicas_in_sync, 30)

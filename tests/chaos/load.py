@@ -201,10 +201,14 @@ class Load:
                     gen.ended_at = time.monotonic()
                     gen.log = await self._log_of(gen.gen_id)
                     return
-            except (RedisError, RedisClusterException, OSError) as e:
+            except (RedisError, RedisClusterException, OSError, AttributeError,
+                    RuntimeError) as e:
+                # (redis-py's cluster client may meet a connection closed under it during a
+                # failover as AttributeError/RuntimeError: see broker.core.store)
                 gen.log_error = repr(e)
             await asyncio.sleep(LOG_POLL)
-        with contextlib.suppress(RedisError, RedisClusterException, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError, AttributeError,
+                                 RuntimeError):
             gen.log = await self._log_of(gen.gen_id)
 
     async def _log_of(self, gen_id: str) -> list[tuple[int, str, Any, int]]:

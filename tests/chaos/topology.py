@@ -211,7 +211,7 @@ class Topology:
         """used_memory (and its data part, without the replication backlog, client buffers and
         other overhead that failovers and reconnects change) summed over the live masters (or
         the one Redis), and their key count."""
-        used = dataset = keys = 0
+        used = dataset = scripts = keys = 0
         for node in self.redis_nodes():
             try:
                 client: redis.Redis = node.client()
@@ -220,10 +220,12 @@ class Topology:
                 memory = client.info("memory")
                 used += int(memory["used_memory"])
                 dataset += int(memory["used_memory_dataset"])
+                scripts += int(memory.get("used_memory_scripts", 0))
                 keys += int(client.dbsize())
             except redis.RedisError:
                 continue
-        return {"used_memory": used, "used_memory_dataset": dataset, "keys": keys}
+        return {"used_memory": used, "used_memory_dataset": dataset,
+                "used_memory_scripts": scripts, "keys": keys}
 
     def stop(self) -> None:
         for slot in [*self.edges, *self.workers]:
