@@ -28,6 +28,7 @@ from broker.core.metrics import Metrics
 from broker.core.pubsub import subscribe_forever
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
+from broker.edge.conversations import ConversationTopic
 from broker.edge.leases import LeaseWatch
 from broker.edge.topic import Topic, to_frame
 
@@ -205,6 +206,9 @@ class Shard:
                     self._healthy_since = self._probe_seen_at
             return
         hub = self.hub
+        if protocol.is_conversation_channel(channel):
+            self._dispatch_conversation(kind, channel)
+            return
         topic = hub.topics.get(protocol.gen_id_of_channel(channel))
         if kind in ("message", "smessage"):
             if topic is None:
@@ -235,6 +239,27 @@ class Shard:
             # became a replica). Find the new owner and subscribe there.
             hub.channel_dropped(channel)
 
+    def _dispatch_conversation(self, kind: str, channel: str) -> None:
+        """A conversation's notice, or its subscription's confirmation: its viewers look at
+        its turns index again (after a resubscription: notices may have been missed)."""
+        conversation = self.hub.conversations.get(protocol.conversation_of_channel(channel))
+        if kind in ("subscribe", "ssubscribe"):
+            waiting = self._unconfirmed.get(channel, 0)
+            if waiting > 1:
+                self._unconfirmed[channel] = waiting - 1
+                return
+            self._unconfirmed.pop(channel, None)
+            if conversation is not None:
+                if conversation.subscribed.is_set():
+                    self.hub.metrics.resubscribes.inc()
+                conversation.subscribed.set()
+                conversation.wake()
+        elif kind in ("message", "smessage"):
+            if conversation is not None:
+                conversation.wake()
+        elif kind == "sunsubscribe" and channel in self.channels:
+            self.hub.channel_dropped(channel)
+
 
 class Hub:
     """Owns this edge's topics and the pub/sub shards they are subscribed on."""
@@ -248,6 +273,7 @@ class Hub:
         self.window = window
         self.audit_interval = audit_interval
         self.topics: dict[str, Topic] = {}
+        self.conversations: dict[str, ConversationTopic] = {}  # by conversation id
         # Open SSE responses on this edge (``BROKER_MAX_VIEWERS`` bounds them); each has a
         # ``close_if_blocked(now)`` that the send watch calls.
         self.open_streams: set[Any] = set()
@@ -284,6 +310,8 @@ class Hub:
         self.closing = True
         for topic in self.topics.values():
             topic.resync()
+        for conversation in self.conversations.values():
+            conversation.wake()
 
     async def start(self) -> None:
         redis = self.store.redis
@@ -456,6 +484,44 @@ class Hub:
                 self.metrics.subscriptions.dec()
                 self.leases.forget(topic)
                 await self._unsubscribe(gen_id)
+
+    @contextlib.asynccontextmanager
+    async def watch_conversation(self, cid: str) -> AsyncIterator[ConversationTopic]:
+        """The turn notices of conversation ``cid``, subscribed (one subscription per
+        conversation on this edge); released (and unsubscribed if last) on exit."""
+        conversation = self.conversations.get(cid)
+        if conversation is None:
+            conversation = ConversationTopic(cid)
+            self.conversations[cid] = conversation
+            self.metrics.conversation_subscriptions.inc()
+        conversation.viewers += 1
+        channel = protocol.conversation_channel(cid)
+        try:
+            if not conversation.subscribed.is_set():
+                if conversation.viewers == 1:
+                    await self._subscribe_channel(channel)
+                try:
+                    async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                        await conversation.subscribed.wait()
+                except TimeoutError as e:
+                    raise RedisConnectionError("the subscription was not confirmed") from e
+            yield conversation
+        finally:
+            conversation.viewers -= 1
+            if conversation.viewers == 0 and self.conversations.get(cid) is conversation:
+                del self.conversations[cid]
+                self.metrics.conversation_subscriptions.dec()
+                shard = self._shard_of.pop(channel, None)
+                if shard is not None:
+                    await shard.unsubscribe(channel)
+
+    async def _subscribe_channel(self, channel: str) -> None:
+        try:
+            shard = self._route(channel)
+        except (RedisError, OSError) as e:
+            raise RedisConnectionError(f"no master serves {channel}") from e
+        self._shard_of[channel] = shard
+        await shard.subscribe(channel)
 
     async def _subscribe(self, gen_id: str) -> None:
         channel = protocol.live_channel(gen_id)

@@ -93,3 +93,24 @@ def test_a_bad_conversation_id_is_a_422(cid: object) -> None:
     with pytest.raises(ApiError) as refused:
         take_conversation_id({"conversation_id": cid})
     assert (refused.value.status, refused.value.code) == (422, "invalid_conversation_id")
+
+
+async def test_the_index_lives_as_long_as_its_newest_turn() -> None:
+    """Each turn's end (a worker's terminal event, a cancel, a reap) refreshes the index's
+    expiry as its generation's keys get theirs: the index never expires before its turns."""
+    store = new_store()
+    key = protocol.conversation_turns_key("kept")
+    first = await turn_of(store, "kept")
+    await store.redis.pexpire(key, 1000)  # (as if created long ago)
+    assert await store.claim(first, "w1", 5) == "ok"
+    assert await store.publish(first, "w1", 1, [protocol.new_message("Hi.")]) == 1
+    assert await store.redis.pttl(key) <= 1000  # not at every event: at the end
+    assert await store.publish(first, "w1", 2, [protocol.new_end("stop", None)]) == 1
+    assert await store.redis.pttl(key) > 1000
+    second = await turn_of(store, "kept")
+    await store.redis.pexpire(key, 1000)
+    await store.cancel(second)  # queued: it ends here
+    assert await store.redis.pttl(key) > 1000
+    plain = protocol.new_generation_id()
+    await store.create(plain, {"messages": []}, "m")
+    await store.cancel(plain)  # no conversation: nothing else to refresh
