@@ -74,7 +74,8 @@ class ConversationStream:
         watcher = asyncio.create_task(self._watch_disconnect(receive))
         metrics = self.hub.metrics
         metrics.viewers.inc()
-        self.hub.open_streams.add(self)
+        if self.slot is not None:
+            self.slot.watch(self)  # the send watch looks at it (close_if_blocked)
         try:
             # Subscribed first, the index read after: a turn added in between is in the index.
             async with self.hub.watch_conversation(self.cid) as conversation:
@@ -96,7 +97,6 @@ class ConversationStream:
                 metrics.slow_viewers_closed.inc()
         finally:
             metrics.viewers.dec()
-            self.hub.open_streams.discard(self)
             if self.slot is not None:
                 self.slot.release()
             watcher.cancel()
@@ -198,8 +198,8 @@ class ConversationStream:
                                    "more_body": more_body})
 
     def close_if_blocked(self, now: float) -> None:
-        """Called by the hub's send watch: a write blocked past the send timeout ends this
-        stream (the viewer resumes with its Last-Event-ID once it reads again)."""
+        """Called by the send watch (``OpenStreams``): a write blocked past the send timeout
+        ends this stream (the viewer resumes with its Last-Event-ID once it reads again)."""
         since = self._sending_since
         if since is not None and now - since > self.send_timeout and not self._too_slow:
             self._too_slow = True
