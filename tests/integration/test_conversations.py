@@ -311,3 +311,28 @@ async def test_a_conversation_token_opens_its_conversation_alone(
     status = (await http.get(f"{base}/v1/conversations/{cid}", headers=auth)).json()
     assert status["active"] == created["id"]
     assert status["turns"] == [{"generation_id": created["id"], "turn": 1, "status": "queued"}]
+
+
+async def test_an_idle_conversation_stream_sends_keepalives_and_takes_its_first_turn_live(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """Opened before the conversation has a turn: keepalive comments (every 0.3 s on this
+    edge) while it waits, then the first turn when it is created (no worker: it stays
+    queued)."""
+    cid = new_cid()
+    received = b""
+    async with http.stream("GET", f"{queue_only.a}/v1/conversations/{cid}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = response.aiter_raw()
+        async with asyncio.timeout(5):
+            while received.count(b": keepalive\n") < 2:
+                received += await anext(chunks)
+        created = await turn(http, queue_only.a, cid, "hello")
+        async with asyncio.timeout(5):
+            while b"event: turn" not in received:
+                received += await anext(chunks)
+    turn_event = received[received.index(b"id: "):].decode()
+    assert turn_event.startswith(f"id: {protocol.conversation_event_id(1, 0)}\nevent: turn\n")
+    assert json.loads(turn_event.split("data: ", 1)[1].split("\n", 1)[0]) == {
+        "generation_id": created["id"], "status": "queued", "turn": 1}
