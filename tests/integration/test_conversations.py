@@ -336,3 +336,27 @@ async def test_an_idle_conversation_stream_sends_keepalives_and_takes_its_first_
     assert turn_event.startswith(f"id: {protocol.conversation_event_id(1, 0)}\nevent: turn\n")
     assert json.loads(turn_event.split("data: ", 1)[1].split("\n", 1)[0]) == {
         "generation_id": created["id"], "status": "queued", "turn": 1}
+
+
+async def test_a_turn_that_ends_first_waits_for_the_earlier_turn(
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient
+) -> None:
+    """Two turns run at once (two worker slots); the later one ends first. Every device
+    shows them in creation order: the later one's events after the earlier one's end."""
+    cid = new_cid()
+    slow = fake_llm.script(unique("slow"), tokens=["Slow ", "and ", "steady."], hold_at=1)
+    fast = fake_llm.script(unique("fast"), "Quick answer.")
+    earlier = await turn(http, stack.a, cid, slow)
+    async with following(http, f"{stack.b}/v1/conversations/{cid}/events") as device:
+        await device.until(lambda d: d.text_of(earlier["id"]) == "Slow ", "the slow start")
+        later = await turn(http, stack.a, cid, fast)
+
+        async def later_ended() -> bool:
+            response = await http.get(f"{stack.a}/v1/generations/{later['id']}")
+            return bool(response.json()["status"] == "completed")
+        await eventually(later_ended, 10, "the later turn's end")
+        assert device.turns_ended() == 0  # it waits in Redis, not on this device's screen
+        fake_llm.reply_for(slow).release.set()
+        await device.until(lambda d: d.turns_ended() == 2, "both turns")
+    assert_well_formed(device, [earlier["id"], later["id"]])
+    assert device.text_of(later["id"]) == "Quick answer."
