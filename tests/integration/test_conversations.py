@@ -257,6 +257,9 @@ async def test_bad_conversation_ids_and_unknown_conversations(
     assert_error_body(response, 400, "invalid_last_event_id")
     response = await http.get(f"{stack.a}/v1/conversations/{unknown}/events?from=later")
     assert_error_body(response, 400, "invalid_request")
+    response = await http.head(f"{stack.a}/v1/conversations/{unknown}/events")
+    assert response.status_code == 200 and response.content == b""
+    assert response.headers["content-type"].startswith("text/event-stream")
 
 
 @pytest.fixture(scope="module")
