@@ -101,6 +101,13 @@ class ViewerTokens:
             raise ApiError(403, "token_expired", "the viewer token has expired")
 
 
+def conversation_scope(cid: str) -> str:
+    """What a conversation's viewer token signs in place of a generation id: no generation id
+    has a ``:``, so a conversation's token never opens a generation (nor one conversation's
+    another: the cid is signed whole)."""
+    return "conversation:" + cid
+
+
 def _sign(secret: bytes, gen_id: str, expires: int) -> str:
     mac = hmac.new(secret, f"{gen_id}.{expires}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()

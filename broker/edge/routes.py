@@ -24,11 +24,17 @@ from broker.core.protocol import Meta
 from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.edge import openapi
-from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
+from broker.edge.auth import (
+    TOKEN_COOKIE_PREFIX,
+    TOKEN_PARAM,
+    ApiKeys,
+    ViewerTokens,
+    conversation_scope,
+)
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
 from broker.edge.stream import EventStream, ViewerSlots
-from broker.edge.validation import parse_create_body, parse_last_event_id
+from broker.edge.validation import parse_create_body, parse_last_event_id, take_conversation_id
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,14 @@ class Edge:
         url = f"/v1/generations/{gen_id}/events"
         if self.viewer_tokens.enabled:
             url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(gen_id)}"
+        return url
+
+    def conversation_url(self, cid: str) -> str:
+        """A conversation's stream URL, with a token for that conversation alone when tokens
+        are on."""
+        url = f"/v1/conversations/{cid}/events"
+        if self.viewer_tokens.enabled:
+            url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(conversation_scope(cid))}"
         return url
 
     def authorize_producer(self, request: Request) -> str | None:
@@ -120,6 +134,7 @@ async def create_generation(request: Request) -> Response:
     chat_request = parse_create_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
+    conversation = take_conversation_id(chat_request)
     gen_id = protocol.new_generation_id()
     logs.generation.set(gen_id)
     if producer and not await edge.store.reserve_queue_slot(
@@ -131,7 +146,8 @@ async def create_generation(request: Request) -> Response:
             headers={"retry-after": "1"},
         )
     try:
-        await edge.store.create(gen_id, chat_request, chat_request["model"], producer)
+        await edge.store.create(gen_id, chat_request, chat_request["model"], producer,
+                                conversation)
     except BaseException:
         if producer:
             with contextlib.suppress(RedisError, OSError):
@@ -142,8 +158,12 @@ async def create_generation(request: Request) -> Response:
     if s.log_prompts:  # asked for explicitly: prompts are private by default
         log.info("generation %s prompt: %s", gen_id,
                  json.dumps(chat_request["messages"], ensure_ascii=False))
+    answer = {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"}
+    if conversation:
+        answer |= {"conversation_id": conversation,
+                   "conversation_url": edge.conversation_url(conversation)}
     return JSONResponse(
-        {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"},
+        answer,
         status_code=201,
         headers={"location": f"/v1/generations/{gen_id}"},
     )
