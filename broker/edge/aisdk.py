@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from broker.core import sse
+from broker.core import protocol, sse
 from broker.core.protocol import EventKind
 from broker.edge.errors import ApiError
+from broker.edge.validation import check_create_request, load_json
 
 # The header by which the SDK's docs tell a custom backend's UI message stream apart.
 UI_MESSAGE_STREAM_HEADERS = [
@@ -255,3 +257,49 @@ def _assistant_step(parts: list[dict[str, Any]], where: str) -> list[dict[str, A
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=_COMPACT)
+
+
+# -- the request body ------------------------------------------------------------------------
+
+# What ``Chat`` asks for: a new answer to the last user message, or another answer in place of
+# the last assistant message (the client has dropped that one from ``messages`` already).
+TRIGGERS = ("submit-message", "regenerate-message")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """What ``POST /v1/ai-sdk/chat`` asks for."""
+
+    chat_id: str  # the conversation
+    request: dict[str, Any]  # the chat-completions request, validated
+    # The assistant message the answer continues (the last UI message, when it is one: after
+    # a client-side tool's output the client sends the conversation back to go on), else None.
+    continues: str | None
+
+
+def parse_chat_body(
+    body: bytes, default_model: str, *, max_messages: int, max_content_chars: int
+) -> ChatTurn:
+    """The body ``DefaultChatTransport`` posts: ``id`` (the chat: the conversation),
+    ``messages`` (UI messages), ``trigger``, ``messageId``, and whatever the transport's
+    ``body`` option adds, which goes into the request as in ``POST /v1/generations``
+    (``model``, ``temperature``, ``tools``...)."""
+    request = load_json(body)
+    if not isinstance(request, dict):
+        raise _invalid("request body must be a JSON object")
+    chat_id = request.pop("id", None)
+    if not protocol.is_conversation_id(chat_id):
+        raise ApiError(422, "invalid_conversation_id",
+                       "'id' (the chat id) must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    trigger = request.pop("trigger", TRIGGERS[0])
+    if trigger not in TRIGGERS:
+        raise _invalid(f"'trigger' must be one of {', '.join(TRIGGERS)}")
+    request.pop("messageId", None)  # (which message a regenerate replaces: gone already)
+    request.pop("conversation_id", None)  # the chat id is the conversation
+    ui_messages = request.get("messages")
+    request["messages"] = to_chat_messages(ui_messages)
+    chat_request = check_create_request(request, default_model, max_messages=max_messages,
+                                        max_content_chars=max_content_chars)
+    last = ui_messages[-1] if ui_messages else {}
+    continues = last.get("id") if last.get("role") == "assistant" else None
+    return ChatTurn(str(chat_id), chat_request, continues if isinstance(continues, str) else None)
