@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from broker.core import protocol
-from broker.edge.aisdk import DONE, UIMessageStream, encode, to_chat_messages
+from broker.edge.aisdk import (
+    DONE,
+    ChatTurn,
+    UIMessageStream,
+    encode,
+    parse_chat_body,
+    to_chat_messages,
+)
 from broker.edge.errors import ApiError
 
 
@@ -192,3 +199,52 @@ def test_bad_shapes_are_422(ui: Any, where: str) -> None:
     with pytest.raises(ApiError) as e:
         to_chat_messages(ui)
     assert e.value.status == 422 and where in e.value.message
+
+
+# -- the request body ------------------------------------------------------------------------
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps({"id": "chat-1", "trigger": "submit-message", "messageId": None,
+                       "messages": [{"id": "u", "role": "user",
+                                     "parts": [{"type": "text", "text": "Hi"}]}],
+                       **fields}).encode()
+
+
+def parse(raw: bytes) -> ChatTurn:
+    return parse_chat_body(raw, "default-model", max_messages=8, max_content_chars=100)
+
+
+def test_the_transport_body() -> None:
+    turn = parse(body(temperature=0.2, conversation_id="other"))
+    assert turn == ChatTurn("chat-1", {"messages": [{"role": "user", "content": "Hi"}],
+                                       "temperature": 0.2, "model": "default-model"}, None)
+
+
+def test_a_body_ending_in_an_assistant_message_continues_it() -> None:
+    messages = [{"id": "u", "role": "user", "parts": [{"type": "text", "text": "Hi"}]},
+                {"id": "a1", "role": "assistant", "parts": [
+                    {"type": "tool-f", "toolCallId": "c", "state": "output-available",
+                     "input": {}, "output": 1}]}]
+    assert parse(body(messages=messages)).continues == "a1"
+
+
+@pytest.mark.parametrize(("fields", "status", "code"), [
+    ({"id": "has space"}, 422, "invalid_conversation_id"),
+    ({"id": None}, 422, "invalid_conversation_id"),
+    ({"trigger": "resume-stream"}, 422, "invalid_request"),
+    ({"messages": []}, 422, "invalid_request"),
+    ({"messages": [{"role": "user", "parts": [{"type": "text", "text": "x" * 101}]}]}, 422,
+     "content_too_long"),
+    ({"n": 2}, 422, "invalid_request"),
+])
+def test_bad_bodies(fields: dict[str, Any], status: int, code: str) -> None:
+    with pytest.raises(ApiError) as e:
+        parse(body(**fields))
+    assert (e.value.status, e.value.code) == (status, code)
+
+
+def test_not_json_is_400() -> None:
+    with pytest.raises(ApiError) as e:
+        parse(b"{")
+    assert (e.value.status, e.value.code) == (400, "invalid_json")
