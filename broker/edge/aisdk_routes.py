@@ -105,10 +105,12 @@ async def chat(request: Request) -> Response:
 async def resume(request: Request) -> Response:
     """Auth: the producer's API key (``Authorization``: the transport sends its ``headers``
     on this request too) or, without that header, the chat's conversation viewer token
-    (``?token=``, e.g. set by ``prepareReconnectToStreamRequest``) as a page may hold one."""
+    (``?token=``, e.g. set by ``prepareReconnectToStreamRequest``) as a page may hold one.
+    Open when API keys are off, as the chat's ``POST`` is."""
     edge: Edge = request.app.state.edge
     chat_id: str = request.path_params["chat_id"]
-    if "authorization" in request.headers or not edge.viewer_tokens.enabled:
+    by_token = edge.api_keys.enabled and edge.viewer_tokens.enabled
+    if not by_token or "authorization" in request.headers:
         edge.authorize_producer(request)
     else:
         edge.viewer_tokens.check(request.query_params.get(TOKEN_PARAM),
