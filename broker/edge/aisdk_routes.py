@@ -73,7 +73,7 @@ class _Served(Response):
 
 
 def _stream(edge: Edge, gen_id: str, message_id: str) -> Response:
-    slot = edge.viewer_slots.take()
+    slot = edge.open_streams.take()
     if slot is None:
         raise ApiError(
             503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
