@@ -120,6 +120,9 @@ async def resume(request: Request) -> Response:
     gen_id = await edge.store.active_turn(chat_id)
     if gen_id is None:
         return Response(status_code=204)  # the transport: no active stream, nothing to resume
+    if request.method == "HEAD":  # the headers alone: a stream would run on with no reader
+        return Response(headers={k.decode(): v.decode()
+                                 for k, v in aisdk.UI_MESSAGE_STREAM_HEADERS})
     return _stream(edge, gen_id, gen_id)
 
 

@@ -108,6 +108,10 @@ async def test_a_reload_mid_turn_resumes_on_another_edge_into_the_same_message(
         read = asyncio.create_task(node.call(op="read", api=api(chat_stack.b), id=cid,
                                              apiKey=KEY))
         await keepalives_pass(chat_stack.a, cid, count=2)
+        async with httpx.AsyncClient(headers=AUTH, timeout=5) as http:
+            head = await http.head(f"{api(chat_stack.b)}/{cid}/stream")
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["x-vercel-ai-ui-message-stream"] == "v1"
         assert not reply.release.is_set() and not read.done()
         reply.release.set()
         a = await node.call(op="wait", name="a", until="done")
