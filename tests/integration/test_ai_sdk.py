@@ -192,6 +192,19 @@ async def test_reasoning_and_tool_calls_arrive_as_parts_and_a_tool_output_contin
     ]
 
 
+async def test_a_refusal_arrives_as_a_data_part(chat_stack: Stack, fake_llm: FakeLLM) -> None:
+    refusal = "I cannot help with that."
+    question = fake_llm.script(prompt("ai-sdk refusal"),
+                               deltas=text_deltas(refusal, "refusal"))
+    async with NodeChats() as node:
+        await new_chat(node, "a", chat_stack.a, chat_id())
+        await node.call(op="send", name="a", text=question)
+        state = await node.call(op="wait", name="a", until="done")
+    assert state["status"] == "ready", state
+    assert assistant(state)["parts"] == [{"type": "step-start"},
+                                         {"type": "data-refusal", "data": refusal}]
+
+
 async def test_an_error_ends_the_message_with_the_error(
     chat_stack: Stack, fake_llm: FakeLLM
 ) -> None:
