@@ -818,3 +818,20 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call(ARGV[4], ARGV[3], turn .. ' ' .. ARGV[1])
 return turn
 """
+
+
+# A conversation stream's SSE id: the turn number, then the event's seq in its generation
+# (0: the turn's own ``turn`` event), zero-padded so ids compare as numbers and as strings.
+_CONVERSATION_SEQ_WIDTH = 10
+_CONVERSATION_EVENT_ID_RE = re.compile(r"[0-9]{11,20}")
+
+
+def conversation_event_id(turn: int, seq: int) -> str:
+    return f"{turn:08d}{seq:0{_CONVERSATION_SEQ_WIDTH}d}"
+
+
+def parse_conversation_event_id(value: str) -> tuple[int, int]:
+    """(turn, seq) of a conversation stream's SSE id; ``ProtocolError`` if not one of ours."""
+    if not _CONVERSATION_EVENT_ID_RE.fullmatch(value):
+        raise ProtocolError(f"not a conversation event id: {value[:40]!r}")
+    return int(value[:-_CONVERSATION_SEQ_WIDTH]), int(value[-_CONVERSATION_SEQ_WIDTH:])

@@ -245,6 +245,7 @@ class Store:
         before = as_text(result)
         if before == "queued":
             await self._leave_queue_quota(gen_id)
+            await self._turn_ended(gen_id)
         return before
 
     async def _leave_queue_quota(self, gen_id: str) -> None:
@@ -267,6 +268,18 @@ class Store:
             keys=[protocol.conversation_turns_key(cid)],
             args=[gen_id, self.ttl_ms, protocol.conversation_channel(cid), self.publish_cmd],
         ))
+
+    async def _turn_ended(self, gen_id: str) -> None:
+        """A generation ended, and its keys now live ``ttl`` from now: if it is a turn, so does
+        its conversation's index (it lives as long as its newest turn; an older turn ending
+        only makes it live longer). A second call, not part of the script that ended it: the
+        index is in another slot. Best effort: if it fails, the index still lives ``ttl`` from
+        its newest turn's creation."""
+        with contextlib.suppress(RedisError, OSError):
+            cid = await self.redis.hget(protocol.meta_key(gen_id), "conversation")
+            if cid:
+                await self.redis.pexpire(
+                    protocol.conversation_turns_key(as_text(cid)), int(self.ttl_ms))
 
     async def conversation_turns(self, cid: str, after: int = 0) -> list[protocol.Turn]:
         """The turns of ``cid`` after turn number ``after``, in order ([] when unknown)."""
@@ -324,7 +337,10 @@ class Store:
             maxlen=self.maxlen, ttl_ms=self.ttl_ms, channel=protocol.live_channel(gen_id),
             publish_cmd=self.publish_cmd,
         )
-        return int(await self._publish(keys=protocol.generation_keys(gen_id), args=args))
+        result = int(await self._publish(keys=protocol.generation_keys(gen_id), args=args))
+        if result == 1 and events[-1].terminal:
+            await self._turn_ended(gen_id)
+        return result
 
     async def reap(self, gen_id: str, reaper: str, healthy_for: float) -> protocol.LeaseCheck:
         """End ``gen_id`` with ``worker_lost`` (``producer_lost`` for an external producer's)
@@ -341,7 +357,10 @@ class Store:
             args=[reaper, _ms(healthy_for), worker_lost, producer_lost, self.maxlen,
                   self.ttl_ms, protocol.live_channel(gen_id), self.publish_cmd],
         )
-        return protocol.decode_lease_check(reply)
+        check = protocol.decode_lease_check(reply)
+        if check.reaped:
+            await self._turn_ended(gen_id)
+        return check
 
     # -- jobs ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from broker.core import protocol, sse
 from broker.edge import aisdk
-from broker.edge.auth import TOKEN_PARAM, conversation_scope
+from broker.edge.auth import CONVERSATION_COOKIE_PREFIX, TOKEN_PARAM, conversation_scope
 from broker.edge.errors import ApiError
 from broker.edge.hub import Hub
 from broker.edge.routes import Edge, queue_generation, read_body
@@ -105,7 +105,8 @@ async def chat(request: Request) -> Response:
 async def resume(request: Request) -> Response:
     """Auth: the producer's API key (``Authorization``: the transport sends its ``headers``
     on this request too) or, without that header, the chat's conversation viewer token
-    (``?token=``, e.g. set by ``prepareReconnectToStreamRequest``) as a page may hold one.
+    (``?token=``, e.g. set by ``prepareReconnectToStreamRequest``, or the conversation's
+    cookie, as ``GET /v1/conversations/{cid}/events`` takes it) as a page may hold one.
     Open when API keys are off, as the chat's ``POST`` is."""
     edge: Edge = request.app.state.edge
     chat_id: str = request.path_params["chat_id"]
@@ -113,8 +114,11 @@ async def resume(request: Request) -> Response:
     if not by_token or "authorization" in request.headers:
         edge.authorize_producer(request)
     else:
-        edge.viewer_tokens.check(request.query_params.get(TOKEN_PARAM),
-                                 conversation_scope(chat_id))
+        edge.viewer_tokens.check(
+            request.query_params.get(TOKEN_PARAM)
+            or request.cookies.get(CONVERSATION_COOKIE_PREFIX + chat_id),
+            conversation_scope(chat_id),
+        )
     if not protocol.is_conversation_id(chat_id):
         raise ApiError(404, "not_found", "no such chat")
     gen_id = await edge.store.active_turn(chat_id)

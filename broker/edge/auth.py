@@ -20,6 +20,7 @@ from broker.edge.errors import ApiError
 
 TOKEN_PARAM = "token"
 TOKEN_COOKIE_PREFIX = "broker_token_"  # + the generation id, for EventSource withCredentials
+CONVERSATION_COOKIE_PREFIX = "broker_conversation_token_"  # + the conversation id, likewise
 _KEY_ID_CHARS = 8
 
 

@@ -276,27 +276,7 @@ class EventStream:
     async def _next_frames(
         self, topic: Topic, cursor: int, check_log: bool
     ) -> tuple[list[Frame], bool]:
-        """The frames after ``cursor`` and whether the log must still be checked after them.
-
-        The window comes first even while the log must be checked: during a resume storm
-        the viewers' reads fill it, so most viewers follow from memory instead of each
-        reading every chunk themselves."""
-        if topic.lost:
-            raise HistoryLost("the generation's history no longer exists")
-        frames = topic.frames_after(cursor)
-        if frames:
-            return frames, check_log
-        if check_log and topic.read_to is not None and cursor >= topic.read_to:
-            check_log = False  # another viewer's read reached the log's end: the rest is live
-        if not check_log and (frames is not None or not topic.window):
-            # Caught up with the window, or nothing live yet and the log was read already:
-            # what follows arrives live.
-            return [], False
-        frames, more = await topic.read_log(self.hub.store, cursor, self.metrics)
-        if frames and frames[0].seq != cursor + 1:
-            raise HistoryLost(f"events after {cursor} were trimmed from the log")
-        self.metrics.replayed_events.inc(len(frames))
-        return frames, more
+        return await next_frames(self.hub, topic, cursor, check_log)
 
     async def _send(self, send: Send, body: bytes, *, more_body: bool = True) -> None:
         self._sending_since = time.monotonic()
@@ -324,6 +304,33 @@ class EventStream:
             if message["type"] == "http.disconnect":
                 self._client_left()
                 return
+
+
+async def next_frames(
+    hub: Hub, topic: Topic, cursor: int, check_log: bool
+) -> tuple[list[Frame], bool]:
+    """The frames after ``cursor`` and whether the log must still be checked after them (the
+    generation stream's, and each turn's of a conversation stream).
+
+    The window comes first even while the log must be checked: during a resume storm
+    the viewers' reads fill it, so most viewers follow from memory instead of each
+    reading every chunk themselves."""
+    if topic.lost:
+        raise HistoryLost("the generation's history no longer exists")
+    frames = topic.frames_after(cursor)
+    if frames:
+        return frames, check_log
+    if check_log and topic.read_to is not None and cursor >= topic.read_to:
+        check_log = False  # another viewer's read reached the log's end: the rest is live
+    if not check_log and (frames is not None or not topic.window):
+        # Caught up with the window, or nothing live yet and the log was read already:
+        # what follows arrives live.
+        return [], False
+    frames, more = await topic.read_log(hub.store, cursor, hub.metrics)
+    if frames and frames[0].seq != cursor + 1:
+        raise HistoryLost(f"events after {cursor} were trimmed from the log")
+    hub.metrics.replayed_events.inc(len(frames))
+    return frames, more
 
 
 def _batches(frames: list[Frame]) -> Iterator[list[Frame]]:

@@ -286,3 +286,6 @@ async def test_auth_validation_and_no_active_turn(chat_stack: Stack, fake_llm: F
         assert resumed.status_code in (200, 204)  # the turn may have ended already
         assert_error_body(await page.get(f"{api(chat_stack.b)}/{chat_id()}/stream",
                                          params={"token": token}), 403, "forbidden")
+        by_cookie = await page.get(f"{api(chat_stack.b)}/{cid}/stream",
+                                   headers={"cookie": f"broker_conversation_token_{cid}={token}"})
+        assert by_cookie.status_code in (200, 204)

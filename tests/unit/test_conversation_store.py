@@ -4,13 +4,17 @@ meta's ``conversation``, the active turn, the notice, the expiry; and the create
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import pytest
 
-from broker.core import protocol
+from broker.core import protocol, sse
 from broker.core.settings import Settings
 from broker.core.store import Store
+from broker.edge.conversation_stream import conversation_frame
 from broker.edge.errors import ApiError
+from broker.edge.topic import to_frame
 from broker.edge.validation import take_conversation_id
 
 
@@ -93,3 +97,51 @@ def test_a_bad_conversation_id_is_a_422(cid: object) -> None:
     with pytest.raises(ApiError) as refused:
         take_conversation_id({"conversation_id": cid})
     assert (refused.value.status, refused.value.code) == (422, "invalid_conversation_id")
+
+
+async def test_the_index_lives_as_long_as_its_newest_turn() -> None:
+    """Each turn's end (a worker's terminal event, a cancel, a reap) refreshes the index's
+    expiry as its generation's keys get theirs: the index never expires before its turns."""
+    store = new_store()
+    key = protocol.conversation_turns_key("kept")
+    first = await turn_of(store, "kept")
+    await store.redis.pexpire(key, 1000)  # (as if created long ago)
+    assert await store.claim(first, "w1", 5) == "ok"
+    assert await store.publish(first, "w1", 1, [protocol.new_message("Hi.")]) == 1
+    assert await store.redis.pttl(key) <= 1000  # not at every event: at the end
+    assert await store.publish(first, "w1", 2, [protocol.new_end("stop", None)]) == 1
+    assert await store.redis.pttl(key) > 1000
+    second = await turn_of(store, "kept")
+    await store.redis.pexpire(key, 1000)
+    await store.cancel(second)  # queued: it ends here
+    assert await store.redis.pttl(key) > 1000
+    plain = protocol.new_generation_id()
+    await store.create(plain, {"messages": []}, "m")
+    await store.cancel(plain)  # no conversation: nothing else to refresh
+
+
+@pytest.mark.parametrize("event", [
+    protocol.Event(3, "message", protocol.message_data("Hi.\n\u2028 \"q\""), 1),
+    protocol.Event(4, "tool_call", protocol.tool_call_data(0, "c1", "f", '{"a":1}'), 1),
+    protocol.Event(5, "end", protocol.end_data("stop", None), 1),
+    protocol.Event(6, "data", "{}", 1),
+])
+def test_a_frame_is_framed_again_for_its_conversation(event: protocol.Event) -> None:
+    """Same event name, the turn in the id, ``generation_id`` first in the data, the rest of
+    the data as it was (read back by the spec's rules: ``SSEEventDecoder``)."""
+    gen_id = "G" * 22
+    framed = conversation_frame(to_frame(event), protocol.Turn(12, gen_id))
+    [decoded] = sse.SSEEventDecoder().feed(framed)
+    assert decoded.event == ("message" if event.kind == "message" else event.kind)
+    assert decoded.id == protocol.conversation_event_id(12, event.seq)
+    assert decoded.id == f"00000012{event.seq:010d}"
+    assert protocol.parse_conversation_event_id(decoded.id) == (12, event.seq)
+    data = json.loads(decoded.data)
+    assert next(iter(data)) == "generation_id" and data.pop("generation_id") == gen_id
+    assert data == json.loads(event.data)
+
+
+@pytest.mark.parametrize("value", ["", "1", "0000000001", "abc", "1" * 21, "00000001-0000000001"])
+def test_what_is_not_a_conversation_event_id(value: str) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_conversation_event_id(value)
