@@ -192,6 +192,26 @@ async def test_reasoning_and_tool_calls_arrive_as_parts_and_a_tool_output_contin
     ]
 
 
+async def test_a_cancelled_turn_ends_the_message_without_an_error(
+    chat_stack: Stack, fake_llm: FakeLLM
+) -> None:
+    """Cancelled mid-answer (``POST /v1/generations/{id}/cancel`` with the message's id): the
+    stream ends with ``abort``; the client keeps the text so far and reports no error."""
+    question = fake_llm.script(prompt("ai-sdk cancel"), ANSWER, hold_at=4)
+    async with NodeChats() as node:
+        await new_chat(node, "a", chat_stack.a, chat_id())
+        await node.call(op="send", name="a", text=question)
+        partial = await node.call(op="wait", name="a", until="text")
+        gen_id = assistant(partial)["id"]
+        async with httpx.AsyncClient(headers=AUTH, timeout=5) as http:
+            cancelled = await http.post(f"{chat_stack.b}/v1/generations/{gen_id}/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        state = await node.call(op="wait", name="a", until="done")
+    assert state["status"] == "ready" and state["error"] is None, state
+    assert state["finishReason"] is None  # `abort` carries none
+    assert ANSWER.startswith(text_of(assistant(state))) and text_of(assistant(state))
+
+
 async def test_a_refusal_arrives_as_a_data_part(chat_stack: Stack, fake_llm: FakeLLM) -> None:
     refusal = "I cannot help with that."
     question = fake_llm.script(prompt("ai-sdk refusal"),
