@@ -58,8 +58,8 @@ class UIMessageEventStream(EventStream):
         return aisdk.encode(chunks) + (aisdk.DONE if self._ui.done else b"")
 
     def lost(self, message: str) -> bytes:
-        return aisdk.encode([{"type": "error", "errorText": f"history_lost: {message}"}]) + (
-            aisdk.DONE)
+        error = {"type": "error", "errorText": f"history_lost: {message}"}
+        return aisdk.encode([error]) + aisdk.DONE
 
 
 class _Served(Response):
