@@ -68,10 +68,11 @@ class UIMessageStream:
 
     __slots__ = ("_after_tool_output", "_open", "_tool_calls", "done", "message_id")
 
-    def __init__(self, message_id: str) -> None:
+    def __init__(self, message_id: str, tool_calls: Iterable[str] = ()) -> None:
+        """``tool_calls``: the call ids the message holds already (one it continues)."""
         self.message_id = message_id
         self._open: tuple[str, str] | None = None  # (part type, id) of the open text/reasoning
-        self._tool_calls: set[str] = set()  # call ids with a tool part in the message
+        self._tool_calls = set(tool_calls)  # call ids with a tool part in the message
         self._after_tool_output = False
         self.done = False  # the terminal event was mapped
 
@@ -273,8 +274,10 @@ class ChatTurn:
     chat_id: str  # the conversation
     request: dict[str, Any]  # the chat-completions request, validated
     # The assistant message the answer continues (the last UI message, when it is one: after
-    # a client-side tool's output the client sends the conversation back to go on), else None.
+    # a client-side tool's output the client sends the conversation back to go on), else None,
+    # and the tool calls that message holds (a result for one of them is its output).
     continues: str | None
+    continued_calls: frozenset[str] = frozenset()
 
 
 def parse_chat_body(
@@ -302,4 +305,9 @@ def parse_chat_body(
                                         max_content_chars=max_content_chars)
     last = ui_messages[-1] if ui_messages else {}
     continues = last.get("id") if last.get("role") == "assistant" else None
-    return ChatTurn(str(chat_id), chat_request, continues if isinstance(continues, str) else None)
+    if not isinstance(continues, str):
+        return ChatTurn(str(chat_id), chat_request, None)
+    calls = frozenset(part["toolCallId"] for part in last["parts"]
+                      if _tool_name(part) is not None
+                      and isinstance(part.get("toolCallId"), str))
+    return ChatTurn(str(chat_id), chat_request, continues, calls)

@@ -38,11 +38,11 @@ class UIMessageEventStream(EventStream):
     direct_writes = False
     __slots__ = ("_ui",)
 
-    def __init__(self, hub: Hub, gen_id: str, message_id: str, *, keepalive: float,
+    def __init__(self, hub: Hub, gen_id: str, ui: aisdk.UIMessageStream, *, keepalive: float,
                  send_timeout: float, slot: ViewerSlot) -> None:
         super().__init__(hub, gen_id, 0, retry_ms=0, keepalive=keepalive,
                          send_timeout=send_timeout, slot=slot)
-        self._ui = aisdk.UIMessageStream(message_id)
+        self._ui = ui
 
     def opening(self) -> bytes:
         return aisdk.encode(self._ui.start())
@@ -72,7 +72,8 @@ class _Served(Response):
         await self.stream.serve(scope, receive, send)
 
 
-def _stream(edge: Edge, gen_id: str, message_id: str) -> Response:
+def _stream(edge: Edge, gen_id: str, message_id: str,
+            tool_calls: frozenset[str] = frozenset()) -> Response:
     slot = edge.open_streams.take()
     if slot is None:
         raise ApiError(
@@ -81,8 +82,8 @@ def _stream(edge: Edge, gen_id: str, message_id: str) -> Response:
         )
     s = edge.settings
     return _Served(UIMessageEventStream(
-        edge.hub, gen_id, message_id, keepalive=s.keepalive_interval,
-        send_timeout=s.send_timeout, slot=slot,
+        edge.hub, gen_id, aisdk.UIMessageStream(message_id, tool_calls),
+        keepalive=s.keepalive_interval, send_timeout=s.send_timeout, slot=slot,
     ))
 
 
@@ -99,7 +100,9 @@ async def chat(request: Request) -> Response:
     # the SDK's own servers answer, ``getResponseUIMessageId``: the client then extends that
     # message instead of adding a copy of it). A resume says the generation's id either way:
     # a reloaded page's client rebuilds the turn as a message of its own.
-    return _stream(edge, gen_id, turn.continues or gen_id)
+    if turn.continues is None:
+        return _stream(edge, gen_id, gen_id)
+    return _stream(edge, gen_id, turn.continues, turn.continued_calls)
 
 
 async def resume(request: Request) -> Response:

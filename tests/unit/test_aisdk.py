@@ -226,7 +226,14 @@ def test_a_body_ending_in_an_assistant_message_continues_it() -> None:
                 {"id": "a1", "role": "assistant", "parts": [
                     {"type": "tool-f", "toolCallId": "c", "state": "output-available",
                      "input": {}, "output": 1}]}]
-    assert parse(body(messages=messages)).continues == "a1"
+    turn = parse(body(messages=messages))
+    assert (turn.continues, turn.continued_calls) == ("a1", frozenset({"c"}))
+
+
+def test_a_result_for_a_call_of_the_continued_message_is_its_output() -> None:
+    stream = UIMessageStream("a1", tool_calls={"c"})
+    assert stream.event(1, "tool_result", {"id": "c", "result": 2}) == [
+        {"type": "tool-output-available", "toolCallId": "c", "output": 2}]
 
 
 @pytest.mark.parametrize(("fields", "status", "code"), [
