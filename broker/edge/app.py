@@ -3,6 +3,7 @@ error shapes and the hub's lifetime."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,7 +23,8 @@ from starlette.types import Message, Receive, Scope, Send
 from broker.core.metrics import Metrics
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
-from broker.edge import headers
+from broker.core.tasks import cancel_and_wait
+from broker.edge import headers, producers
 from broker.edge.auth import ApiKeys, ViewerTokens, parse_keys
 from broker.edge.cors import CorsPolicy
 from broker.edge.errors import ApiError, error_response
@@ -60,6 +62,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        sweep = asyncio.create_task(producers.sweep_forever(edge), name="producer-sweep")
         try:
             if extra_lifespan is None:
                 yield
@@ -67,13 +70,14 @@ def create_app(
                 async with extra_lifespan(app):
                     yield
         finally:
+            await cancel_and_wait(sweep)
             await hub.stop()
             if redis is None:
                 await client.aclose()
 
     cors = CorsPolicy(settings.cors_origins)
     app = EdgeApp(
-        routes=routes,
+        routes=[*routes, *producers.routes],
         lifespan=lifespan,
         middleware=cors.middleware(),
         exception_handlers={

@@ -19,6 +19,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from broker.core import logs, protocol
+from broker.core.external import ExternalStore
 from broker.core.metrics import Metrics
 from broker.core.protocol import Meta
 from broker.core.settings import Settings
@@ -28,7 +29,11 @@ from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTo
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
 from broker.edge.stream import EventStream, ViewerSlots
-from broker.edge.validation import parse_create_body, parse_last_event_id
+from broker.edge.validation import (
+    parse_create_body,
+    parse_external_create,
+    parse_last_event_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,11 @@ class Edge:
             url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(gen_id)}"
         return url
 
+    @functools.cached_property
+    def external(self) -> ExternalStore:
+        """External producers' generations (``broker.edge.producers``)."""
+        return ExternalStore(self.store)
+
     def authorize_producer(self, request: Request) -> str | None:
         """Refuse (401) a caller without a valid API key; the id of its key (None when keys
         are off)."""
@@ -117,6 +127,11 @@ async def create_generation(request: Request) -> Response:
     s = edge.settings
     producer = edge.authorize_producer(request)
     body = await read_body(request, s.max_body_bytes, s.request_timeout)
+    external = parse_external_create(body, s.model)
+    if external is not None:
+        from broker.edge.producers import create_external  # (it imports this module)
+
+        return await create_external(edge, producer, *external)
     chat_request = parse_create_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
@@ -175,7 +190,16 @@ async def get_generation(request: Request) -> Response:
         "created_ms": meta.created_ms,
         # A producer may hand a viewer the stream later, or again (a fresh token each time).
         "events_url": edge.events_url(gen_id),
+        **_external_fields(meta),
     })
+
+
+def _external_fields(meta: Meta) -> dict[str, object]:
+    """What an external producer's generation shows besides: who produces it, its metadata."""
+    if meta.source != protocol.SOURCE_EXTERNAL:
+        return {}
+    return {"producer": meta.source,
+            "metadata": json.loads(meta.metadata) if meta.metadata else {}}
 
 
 async def cancel_generation(request: Request) -> Response:
