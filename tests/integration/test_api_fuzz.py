@@ -45,6 +45,8 @@ def _explicit_examples(test: Callable[..., None]) -> Callable[..., None]:
 # attribute), so the operations are driven here with its strategies and hypothesis directly.
 OPERATIONS = ["POST /v1/generations", "GET /v1/generations/{gen_id}",
               "POST /v1/generations/{gen_id}/cancel", "GET /v1/generations/{gen_id}/events",
+              "POST /v1/generations/{gen_id}/append", "POST /v1/generations/{gen_id}/finish",
+              "POST /v1/generations/{gen_id}/heartbeat",
               "GET /healthz", "GET /readyz", "GET /metrics"]
 
 
