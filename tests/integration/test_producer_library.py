@@ -100,9 +100,18 @@ async def test_text_without_a_sentence_end_goes_out_within_the_flush_interval(
     await asyncio.wait_for(reading, 10)
 
 
-@pytest.mark.parametrize("transport", ["http", "direct"])
+async def sdk_chunks(stream: Any) -> Any:
+    """The SDK stream behind a wrapper: pipe() then reads its chunk objects, not its bytes."""
+    async for chunk in stream:
+        yield chunk
+
+
+@pytest.mark.parametrize(("transport", "wrapped"), [
+    ("http", False), ("direct", False),  # the SDK's stream as it comes: read raw
+    ("direct", True),  # through a wrapper: the SDK's chunk objects
+])
 async def test_pipe_forwards_a_real_sdk_stream_exactly(
-    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient, transport: str
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient, transport: str, wrapped: bool
 ) -> None:
     """Reasoning, text and two interleaved tool calls cut awkwardly, read by the real openai
     SDK over HTTP, then a tool result and a second LLM call: one generation."""
@@ -113,7 +122,7 @@ async def test_pipe_forwards_a_real_sdk_stream_exactly(
         stream = await llm.chat.completions.create(
             model="m", messages=[{"role": "user", "content": prompt}], stream=True,
             stream_options={"include_usage": True})
-        turn = await gen.pipe(stream)
+        turn = await gen.pipe(sdk_chunks(stream) if wrapped else stream)
         assert turn.finish_reason == "tool_calls"
         assert turn.reasoning == REASONING_1 + REASONING_2
         assert turn.text == ANSWER_1 + ANSWER_2
