@@ -74,6 +74,10 @@ def document(settings: Settings) -> dict[str, Any]:
             "created_ms": {"type": "integer"},
             "events_url": {"type": "string",
                            "description": "the stream, with a fresh viewer token if tokens are on"},
+            "producer": {"const": "external",
+                         "description": "only for an external producer's generation"},
+            "metadata": {"type": "object",
+                         "description": "an external producer's create metadata"},
         },
     }
     message = {

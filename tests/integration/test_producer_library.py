@@ -265,3 +265,46 @@ async def test_a_worker_alone_ends_a_lapsed_direct_producer_once(
         assert json.loads(error)["code"] == "producer_lost"
     finally:
         server.stop()
+
+
+class LosingAnswers(httpx.AsyncBaseTransport):
+    """Every third append reaches the edge, which applies it, but its answer is lost on the
+    way back (as when a connection drops after the request went out)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.appends = 0
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path.endswith("/append"):
+            self.appends += 1
+            if self.appends % 3 == 0:
+                await response.aread()
+                await response.aclose()
+                self.lost += 1
+                raise httpx.ReadError("the answer was lost", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_appends_whose_answers_are_lost_are_retried_without_duplicates(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    transport = LosingAnswers()
+    sentences = [f"Sentence {i}. " for i in range(12)]
+    async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+        gen = producer.over_http(stack.a, client=client)
+        async with gen:
+            for i, sentence in enumerate(sentences):
+                await gen.text(sentence)
+                await gen.data("step", i)
+    assert transport.lost >= 3
+    received = await read_events(http, events_url(stack.b, gen.id))
+    assert received.text == "".join(sentences)
+    assert [json.loads(e.data)["value"] for e in received.events if e.event == "data"] == list(
+        range(12))
+    assert received.ids == [protocol.event_id(i) for i in range(1, len(received.events) + 1)]
