@@ -276,27 +276,39 @@ class MockLLM(FakeLLM):
 
 
 @pytest.fixture(scope="module")
-def producer_stack(start_broker: StartBroker) -> Iterator[tuple[list[str], str]]:
-    """Two edges with keys and viewer tokens (no worker: the example is the producer), and the
-    mock LLM."""
+def mock_llm() -> Iterator[MockLLM]:
     llm = MockLLM().start()
+    yield llm
+    llm.stop()
+
+
+@pytest.fixture
+def producer_target(request: pytest.FixtureRequest, start_broker: StartBroker
+                    ) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Where the example publishes: two edges with keys and viewer tokens (no worker: the
+    example is the producer), or ``broker dev`` (no keys)."""
+    if request.param == "dev":
+        server = DevServer().start()
+        yield [server.url, server.url], {}
+        server.stop()
+        return
     redis = RedisServer().start()
     edges = [start_broker("edge", redis.url, broker_api_keys=API_KEY,
                           broker_viewer_token_keys="readme-viewer-key", broker_insecure="0")
              for _ in range(2)]
-    yield [edge.url for edge in edges], llm.base_url
+    yield [edge.url for edge in edges], {"BROKER_API_KEY": API_KEY}
     redis.stop()
-    llm.stop()
 
 
+@pytest.mark.parametrize("producer_target", ["keyed", "dev"], indirect=True)
 async def test_the_agent_loop_example_streams_one_generation_to_many_viewers(
-    producer_stack: tuple[list[str], str], tmp_path: Path
+    producer_target: tuple[list[str], dict[str, str]], mock_llm: MockLLM, tmp_path: Path
 ) -> None:
-    (edge_a, edge_b), llm_url = producer_stack
+    (edge_a, edge_b), key_env = producer_target
     script = tmp_path / "agent.py"
     script.write_text(AGENT_LOOP)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "OPENAI_"))}
-    env |= {"BROKER_URL": edge_a, "BROKER_API_KEY": API_KEY, "OPENAI_BASE_URL": llm_url,
+    env |= {"BROKER_URL": edge_a, **key_env, "OPENAI_BASE_URL": mock_llm.base_url,
             "OPENAI_API_KEY": "test-key", "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(script), env=env, stdout=asyncio.subprocess.PIPE,
