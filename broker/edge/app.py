@@ -30,7 +30,7 @@ from broker.edge.cors import CorsPolicy
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
 from broker.edge.routes import Edge, open_stream, routes, stream_route
-from broker.edge.stream import EventStream, ViewerSlots
+from broker.edge.stream import EventStream, OpenStreams
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,13 @@ def create_app(
         probe_interval=settings.probe_interval,
         name=f"edge-{socket.gethostname()}-{os.getpid()}",
     )
-    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens,
-                ViewerSlots(settings.max_viewers))
+    open_streams = OpenStreams(settings.max_viewers)
+    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens, open_streams)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        send_watch = asyncio.create_task(open_streams.watch_sends_forever(), name="send-watch")
         sweep = asyncio.create_task(producers.sweep_forever(edge), name="producer-sweep")
         try:
             if extra_lifespan is None:
@@ -70,7 +71,7 @@ def create_app(
                 async with extra_lifespan(app):
                     yield
         finally:
-            await cancel_and_wait(sweep)
+            await cancel_and_wait(send_watch, sweep)
             await hub.stop()
             if redis is None:
                 await client.aclose()
