@@ -188,15 +188,23 @@ class Producer:
         to how many tool calls this producer sent before."""
         if index is None:
             index = self._tool_calls
+        _check_types(id=(id, str), name=(name, str), arguments=(arguments, str),
+                     index=(index, int))
+        if not name or index < 0:
+            raise ValueError("a tool call needs a name and an index >= 0")
         self._tool_calls = max(self._tool_calls, index + 1)
         await self._event(protocol.new_tool_call(index, id, name, arguments))
 
     async def tool_result(self, id: str, result: Any) -> None:
         """A tool's result (any JSON value) for the call ``id``."""
+        _check_types(id=(id, str))
         await self._event(protocol.new_tool_result(id, result))
 
     async def data(self, name: str, value: Any) -> None:
         """Application data for the viewers (sources, progress, UI state): any JSON value."""
+        _check_types(name=(name, str))
+        if not name:
+            raise ValueError("data needs a name")
         await self._event(protocol.new_data(name, value))
 
     async def flush(self) -> None:
@@ -383,6 +391,14 @@ class Producer:
                 return
             except (httpx.HTTPError, RedisError, OSError) as e:
                 log.warning("generation %s: a heartbeat failed (%r)", self.id, e)
+
+
+def _check_types(**values: tuple[Any, type]) -> None:
+    """What the edge would refuse (422), refused here the same way whichever the transport
+    (the direct one has no edge to check)."""
+    for name, (value, kind) in values.items():
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a {kind.__name__}, not {type(value).__name__}")
 
 
 class StreamFailed(Exception):

@@ -81,3 +81,19 @@ def test_only_a_producer_body_is_an_external_create() -> None:
 ])
 def test_finish_bodies(body: bytes, event: protocol.NewEvent) -> None:
     assert parse_finish_body(body) == event
+
+
+async def test_the_library_refuses_what_the_edge_would_whatever_the_transport() -> None:
+    from broker import producer
+
+    gen = producer.Producer(producer.HttpTransport("http://127.0.0.1:9"))
+    for call in (gen.tool_call(1, "f", "{}"), gen.tool_call("c", "f", {"a": 1}),  # type: ignore[arg-type]
+                 gen.tool_result(None, 1), gen.data(3, "x"),  # type: ignore[arg-type]
+                 gen.text(b"bytes")):  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            await call
+    for call in (gen.tool_call("c", "", "{}"), gen.tool_call("c", "f", "{}", index=-1),
+                 gen.data("", 1)):
+        with pytest.raises(ValueError):
+            await call
+    await gen.aclose()
