@@ -14,6 +14,7 @@ import pytest
 from broker.core import protocol
 from tests.conftest import Stack, StartBroker
 from tests.support.api import assert_error_body, create, events_url, status, unique
+from tests.support.cluster import RedisClusterServers
 from tests.support.procs import RedisServer
 from tests.support.sse import read_events
 
@@ -233,14 +234,24 @@ async def test_cancel_is_answered_to_the_producer(stack: Stack, http: httpx.Asyn
                       "cancelled")
 
 
-@pytest.fixture(scope="module")
-def short_lease(start_broker: StartBroker) -> Any:
-    """Two edges (no worker) whose producers' lease is short, on a Redis of their own."""
-    server = RedisServer().start()
-    edges = [start_broker("edge", server.url, broker_producer_lease="1",
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def short_lease(request: pytest.FixtureRequest, start_broker: StartBroker) -> Any:
+    """Two edges (no worker) whose producers' lease is short, on a Redis of their own or on
+    the three-master Redis Cluster (where the sweep's index and the generation are on
+    different slots)."""
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        url, server, owned = cluster.url, cluster, None
+    else:
+        owned = server = RedisServer().start()
+        url = owned.url
+    edges = [start_broker("edge", url, broker_producer_lease="1",
                           broker_probe_interval="0.25") for _ in range(2)]
     yield server, edges
-    server.stop()
+    for edge in edges:
+        edge.stop()
+    if owned is not None:
+        owned.stop()
 
 
 async def test_a_silent_producer_is_lost_exactly_once(short_lease: Any,
