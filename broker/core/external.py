@@ -50,15 +50,19 @@ class ExternalStore:
 
     async def create(
         self, gen_id: str, *, model: str, lease: float, producer: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> None:
+        metadata: dict[str, Any] | None = None, conversation: str | None = None,
+    ) -> int | None:
         """A running generation owned by an external producer, its lease ``lease`` seconds,
-        and its entry in the sweep's index. Two calls (on a cluster the index is another slot):
-        the meta first, so the index never names a generation before it exists; if the index
-        entry cannot be written, the meta is taken back and the caller gets the error."""
+        and its entry in the sweep's index; the next turn of ``conversation``, if given (its
+        turn number is returned). Calls in this order (on a cluster the index and the
+        conversation are other slots): the meta first, so neither the index nor the
+        conversation ever names a generation before it exists; if a later one fails, the
+        meta is taken back and the caller gets the error."""
         create = protocol.ExternalCreate(model=model)
         if producer:
             create["producer"] = producer
+        if conversation:
+            create["conversation"] = conversation
         if metadata:
             create["metadata"] = json.dumps(metadata, ensure_ascii=False,
                                             separators=(",", ":"))
@@ -66,11 +70,15 @@ class ExternalStore:
         for name, value in protocol.external_meta_fields(create).items():
             args += [name, value]
         await self._create(keys=[protocol.meta_key(gen_id)], args=args)
+        turn = None
         try:
             await self.schedule_check(gen_id, lease)
+            if conversation:
+                turn = await self.store.add_turn(conversation, gen_id)
         except BaseException:
             await self.store.redis.delete(protocol.meta_key(gen_id))
             raise
+        return turn
 
     async def append(
         self, gen_id: str, producer: str | None, after: int, events: Sequence[NewEvent],
@@ -105,6 +113,8 @@ class ExternalStore:
                   terminal.data, terminal.final_status, terminal.finish_reason],
         )
         result = ProducerReply(*protocol.decode_producer_reply(reply))
+        if result.outcome == "ok":
+            await self.store._turn_ended(gen_id)  # (its conversation lives as long as it does)
         if result.outcome in ("ok", "same"):
             await self.forget(gen_id)  # nothing left to sweep (if this fails, a sweep drops it)
         return result

@@ -874,6 +874,7 @@ class ExternalCreate(TypedDict):
     model: str
     producer: NotRequired[str]  # the creating API key's id (keys on)
     metadata: NotRequired[str]  # the create's ``metadata`` object, JSON
+    conversation: NotRequired[str]  # the conversation it is a turn of
 
 
 def external_meta_fields(create: ExternalCreate) -> dict[str, str]:
@@ -883,6 +884,8 @@ def external_meta_fields(create: ExternalCreate) -> dict[str, str]:
         fields["producer"] = create["producer"]
     if create.get("metadata"):
         fields["metadata"] = create["metadata"]
+    if create.get("conversation"):
+        fields["conversation"] = create["conversation"]
     return fields
 
 

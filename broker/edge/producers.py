@@ -35,21 +35,25 @@ def _urls(gen_id: str) -> dict[str, str]:
 
 
 async def create_external(
-    edge: Edge, producer: str | None, model: str, metadata: dict[str, Any]
+    edge: Edge, producer: str | None, model: str, metadata: dict[str, Any],
+    conversation: str | None,
 ) -> Response:
-    """A running generation for an external producer; its lease starts now."""
+    """A running generation for an external producer (the next turn of ``conversation``, if
+    given); its lease starts now."""
     gen_id = protocol.new_generation_id()
     logs.generation.set(gen_id)
     lease = edge.settings.producer_lease
     await edge.external.create(gen_id, model=model, lease=lease, producer=producer,
-                               metadata=metadata)
+                               metadata=metadata, conversation=conversation)
     edge.metrics.generations_created.inc()
     log.info("created generation %s for an external producer", gen_id)
-    return JSONResponse(
-        {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "running",
-         **_urls(gen_id), "lease_seconds": lease},
-        status_code=201, headers={"location": f"/v1/generations/{gen_id}"},
-    )
+    answer: dict[str, Any] = {"id": gen_id, "events_url": edge.events_url(gen_id),
+                              "status": "running", **_urls(gen_id), "lease_seconds": lease}
+    if conversation:
+        answer |= {"conversation_id": conversation,
+                   "conversation_url": edge.conversation_url(conversation)}
+    return JSONResponse(answer, status_code=201,
+                        headers={"location": f"/v1/generations/{gen_id}"})
 
 
 def _refusal(reply: ProducerReply) -> Response:

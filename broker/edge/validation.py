@@ -214,10 +214,12 @@ def _object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def parse_external_create(body: bytes, default_model: str) -> tuple[str, dict[str, Any]] | None:
-    """``(model, metadata)`` of an external producer's create; None for any other create
-    body (the worker's: ``parse_create_body`` checks it). ``messages`` may be sent and is
-    ignored: the producer runs its own loop."""
+def parse_external_create(
+    body: bytes, default_model: str
+) -> tuple[str, dict[str, Any], str | None] | None:
+    """``(model, metadata, conversation id)`` of an external producer's create; None for any
+    other create body (the worker's: ``parse_create_body`` checks it). ``messages`` may be
+    sent and is ignored: the producer runs its own loop."""
     if b'"producer"' not in body:  # the worker's creates are parsed once, by parse_create_body
         return None
     try:
@@ -229,6 +231,7 @@ def parse_external_create(body: bytes, default_model: str) -> tuple[str, dict[st
     request = _object(body)
     if request["producer"] != PRODUCER_EXTERNAL:
         raise ApiError(422, "invalid_request", "'producer' must be \"external\"")
+    conversation = take_conversation_id(request)
     unknown = sorted(request.keys() - _CREATE_FIELDS)
     if unknown:
         raise ApiError(422, "invalid_request",
@@ -245,7 +248,7 @@ def parse_external_create(body: bytes, default_model: str) -> tuple[str, dict[st
         metadata = {}
     if not isinstance(metadata, dict):
         raise ApiError(422, "invalid_request", "'metadata' must be an object")
-    return model, metadata
+    return model, metadata, conversation
 
 
 def _field(event: dict[str, Any], where: str, name: str, kind: type | tuple[type, ...],

@@ -116,12 +116,13 @@ class Producer:
 
     def __init__(
         self, transport: Transport, *, model: str | None = None,
-        metadata: dict[str, Any] | None = None, settings: Settings | None = None,
-        own_transport: bool = True,
+        metadata: dict[str, Any] | None = None, conversation_id: str | None = None,
+        settings: Settings | None = None, own_transport: bool = True,
     ) -> None:
         self.transport = transport
         self.model = model
         self.metadata = metadata
+        self.conversation_id = conversation_id  # a turn of this conversation, if given
         self.settings = settings or Settings()
         self._own_transport = own_transport
         self._created: Created | None = None
@@ -153,6 +154,12 @@ class Producer:
         tokens are on)."""
         return self._info().events_url
 
+    @property
+    def conversation_url(self) -> str | None:
+        """Its conversation's stream (every turn over one connection), if it is a turn of one
+        (``conversation_id``)."""
+        return self._info().conversation_url
+
     def _info(self) -> Created:
         if self._created is None:
             raise RuntimeError("the generation is not created yet: await start() first")
@@ -161,7 +168,8 @@ class Producer:
     async def start(self) -> Producer:
         """Create the generation (running at once) and start the heartbeat and flusher."""
         if self._created is None:
-            self._created = await self.transport.create(self.model, self.metadata)
+            self._created = await self.transport.create(self.model, self.metadata,
+                                                        self.conversation_id)
             self._last_renewal = time.monotonic()
             self._tasks = [asyncio.create_task(self._flush_on_time()),
                            asyncio.create_task(self._heartbeat())]
@@ -438,16 +446,19 @@ async def _chunks(stream: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any]]:
 
 
 def over_http(base_url: str, api_key: str | None = None, *, model: str | None = None,
-              metadata: dict[str, Any] | None = None, client: httpx.AsyncClient | None = None,
+              metadata: dict[str, Any] | None = None, conversation_id: str | None = None,
+              client: httpx.AsyncClient | None = None,
               settings: Settings | None = None) -> Producer:
     """A producer through an edge's HTTP API (``base_url``: the edge or its load balancer).
-    ``await`` its ``start()``, or use it with ``async with``."""
+    ``await`` its ``start()``, or use it with ``async with``. ``conversation_id``: the
+    generation is the next turn of that conversation."""
     return Producer(HttpTransport(base_url, api_key, client=client), model=model,
-                    metadata=metadata, settings=settings)
+                    metadata=metadata, conversation_id=conversation_id, settings=settings)
 
 
 def direct(redis_url: str | None = None, *, lease: float = 30.0, model: str | None = None,
-           metadata: dict[str, Any] | None = None, settings: Settings | None = None) -> Producer:
+           metadata: dict[str, Any] | None = None, conversation_id: str | None = None,
+           settings: Settings | None = None) -> Producer:
     """A producer writing straight to Redis (``REDIS_URL`` when ``redis_url`` is None) with
     the edge's own scripts: no extra hop. ``lease``: seconds without an append or a heartbeat
     before the generation ends with ``producer_lost``."""
@@ -455,4 +466,4 @@ def direct(redis_url: str | None = None, *, lease: float = 30.0, model: str | No
         settings = (Settings.from_env() if redis_url is None
                     else Settings.from_env(redis_url=redis_url))
     return Producer(RedisTransport(settings=settings, lease=lease), model=model,
-                    metadata=metadata, settings=settings)
+                    metadata=metadata, conversation_id=conversation_id, settings=settings)

@@ -55,10 +55,12 @@ class Created:
     id: str
     events_url: str  # relative to the edge (with a viewer token when tokens are on)
     lease: float  # seconds the lease lasts without an append or a heartbeat
+    conversation_url: str | None = None  # its conversation's stream, if it is a turn of one
 
 
 class Transport(Protocol):
-    async def create(self, model: str | None, metadata: dict[str, Any] | None) -> Created: ...
+    async def create(self, model: str | None, metadata: dict[str, Any] | None,
+                     conversation: str | None = None) -> Created: ...
 
     async def append(self, gen_id: str, after: int, events: Sequence[NewEvent]) -> int:
         """The producer's count after the batch; raises ``ProducerError``s."""
@@ -119,14 +121,18 @@ class HttpTransport:
             _raise_for(str(error.get("code", f"http_{response.status_code}")),
                        str(error.get("message", response.text[:200])), answer.get("count"))
 
-    async def create(self, model: str | None, metadata: dict[str, Any] | None) -> Created:
+    async def create(self, model: str | None, metadata: dict[str, Any] | None,
+                     conversation: str | None = None) -> Created:
         body: dict[str, Any] = {"producer": "external"}
         if model is not None:
             body["model"] = model
         if metadata:
             body["metadata"] = metadata
+        if conversation:
+            body["conversation_id"] = conversation
         answer = await self._post("/v1/generations", body)
-        return Created(answer["id"], answer["events_url"], float(answer["lease_seconds"]))
+        return Created(answer["id"], answer["events_url"], float(answer["lease_seconds"]),
+                       answer.get("conversation_url"))
 
     async def append(self, gen_id: str, after: int, events: Sequence[NewEvent]) -> int:
         body = {"after": after, "events": [_wire_event(event) for event in events]}
@@ -208,11 +214,17 @@ class RedisTransport:
                     raise
                 await backoff.sleep()
 
-    async def create(self, model: str | None, metadata: dict[str, Any] | None) -> Created:
+    async def create(self, model: str | None, metadata: dict[str, Any] | None,
+                     conversation: str | None = None) -> Created:
+        if conversation is not None and not protocol.is_conversation_id(conversation):
+            raise ValueError("a conversation id is 1-128 characters of A-Z a-z 0-9 _ . : -")
         gen_id = protocol.new_generation_id()
         await self.external.create(gen_id, model=model or self.settings.model,
-                                   lease=self.lease, producer=self.producer, metadata=metadata)
-        return Created(gen_id, f"/v1/generations/{gen_id}/events", self.lease)
+                                   lease=self.lease, producer=self.producer, metadata=metadata,
+                                   conversation=conversation)
+        conversation_url = (None if conversation is None
+                            else f"/v1/conversations/{conversation}/events")
+        return Created(gen_id, f"/v1/generations/{gen_id}/events", self.lease, conversation_url)
 
     async def append(self, gen_id: str, after: int, events: Sequence[NewEvent]) -> int:
         published_ms = protocol.now_ms()

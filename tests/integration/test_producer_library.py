@@ -308,3 +308,33 @@ async def test_appends_whose_answers_are_lost_are_retried_without_duplicates(
     assert [json.loads(e.data)["value"] for e in received.events if e.event == "data"] == list(
         range(12))
     assert received.ids == [protocol.event_id(i) for i in range(1, len(received.events) + 1)]
+
+
+async def test_producers_take_turns_in_a_conversation_with_the_worker(
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient
+) -> None:
+    """An external producer's generation may be a turn of a conversation, like a worker's:
+    a device following the conversation sees every turn, whoever produced it, in order."""
+    from tests.integration.test_conversations import following, new_cid, turn
+
+    cid = new_cid()
+    async with make(stack, "http", conversation_id=cid) as first:
+        assert first.conversation_url is not None
+        conversation_url = stack.b + first.conversation_url
+        await first.reasoning("Planning. ")
+        await first.text("First turn, by my own loop. ")
+    prompt = fake_llm.script(unique("second turn"), "Second turn, by the worker.")
+    second = await turn(http, stack.a, cid, prompt)
+    async with make(stack, "direct", conversation_id=cid) as third:
+        await third.tool_result("call_1", {"ok": True})
+        await third.text("Third turn, straight to Redis.")
+    async with following(http, conversation_url) as device:
+        await device.until(lambda d: d.turns_ended() == 3, "three turns")
+    assert [device.text_of(g) for g in (first.id, second["id"], third.id)] == [
+        "First turn, by my own loop. ", "Second turn, by the worker.",
+        "Third turn, straight to Redis."]
+    kinds = [e.event for e in device.of_turn(first.id)]
+    assert "reasoning" in kinds and kinds[-1] == "end"
+    assert "tool_result" in [e.event for e in device.of_turn(third.id)]
+    listing = (await http.get(f"{stack.a}/v1/conversations/{cid}")).json()
+    assert [t["generation_id"] for t in listing["turns"]] == [first.id, second["id"], third.id]

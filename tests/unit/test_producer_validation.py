@@ -65,10 +65,12 @@ def test_only_a_producer_body_is_an_external_create() -> None:
     worker = {"messages": [{"role": "user", "content": 'say "producer": "external"'}]}
     assert parse_external_create(json.dumps(worker).encode(), "m") is None
     assert parse_external_create(b"not json", "m") is None
-    assert parse_external_create(b'{"producer": "external"}', "m") == ("m", {})
+    assert parse_external_create(b'{"producer": "external"}', "m") == ("m", {}, None)
     assert parse_external_create(
-        b'{"producer": "external", "model": "agent", "metadata": {"a": 1}}', "m") == (
-        "agent", {"a": 1})
+        b'{"producer": "external", "model": "agent", "metadata": {"a": 1}, '
+        b'"conversation_id": "chat:1"}', "m") == ("agent", {"a": 1}, "chat:1")
+    bad = b'{"producer": "external", "conversation_id": "no spaces"}'
+    assert error_of(parse_external_create, bad, "m").code == "invalid_conversation_id"
 
 
 @pytest.mark.parametrize(("body", "event"), [
