@@ -15,6 +15,7 @@ from broker.core import protocol
 from tests.conftest import Stack, StartBroker
 from tests.support.api import assert_error_body, create, events_url, status, unique
 from tests.support.cluster import RedisClusterServers
+from tests.support.node_viewer import NodeViewers
 from tests.support.procs import RedisServer
 from tests.support.sse import read_events
 
@@ -327,3 +328,28 @@ async def test_only_the_creating_key_may_write(start_broker: StartBroker,
             ).status_code == 200
     received = await read_events(http, edge.url + created["events_url"])
     assert received.text == "Mine."
+
+
+async def test_a_v1_node_eventsource_sees_a_producers_answer_text_alone(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """The ``eventsource`` npm package with ``onmessage`` (and the terminal events) only, as a
+    v1 client: of a producer's mixed stream it gets exactly the answer's messages."""
+    created = await create_external(http, stack.a)
+    node = NodeViewers(stack.b + created["events_url"]).start()
+    try:
+        count = 0
+        for batch in (MIXED[:4], MIXED[4:]):
+            response = await append(http, stack.a, created, count, batch)
+            assert response.status_code == 200, response.text
+            count += len(batch)
+        finish = await http.post(stack.a + created["finish_url"], json={})
+        assert finish.status_code == 200
+        (viewer,) = await asyncio.to_thread(node.result, 30)
+    finally:
+        node.stop()
+    full = await read_events(http, events_url(stack.a, created["id"]))
+    assert viewer["text"] == full.text == "".join(
+        e["text"] for e in MIXED if e["type"] == "text")
+    assert viewer["ids"] == [*(e.id for e in full.messages), full.ids[-1]]
+    assert viewer["terminal"] == "end" and viewer["finish_reason"] == "stop"
