@@ -9,6 +9,7 @@ producer and one over HTTP write the same events the same way. Names and scripts
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,7 +22,8 @@ from broker.core.store import Store
 
 log = logging.getLogger(__name__)
 
-# How many due leases one sweep round takes: a round is one call plus one per generation.
+# How many due leases a sweep takes at once (one call, then one per generation, concurrently:
+# the client's pool bounds them); it takes more until none is due.
 SWEEP_BATCH = 64
 
 
@@ -133,21 +135,33 @@ class ExternalStore:
 
     async def sweep(self, check: Callable[[str], Awaitable[LeaseCheck]], hold: float) -> int:
         """One round: check the leases that are due with ``check`` (a ``REAP_SCRIPT`` call,
-        reaping a lapsed one); re-schedule the live ones for when their lease would run out,
-        forget the ended ones. ``hold``: how long the taken ones are left to this caller.
-        Returns how many were reaped here. Redis errors go to the caller."""
+        reaping a lapsed one), ``SWEEP_BATCH`` at a time and until none is due; re-schedule
+        the live ones for when their lease would run out, forget the ended ones. ``hold``:
+        how long the taken ones are left to this caller. Returns how many were reaped here.
+        Redis errors go to the caller (the entries it took come due again after ``hold``)."""
         reaped = 0
-        for gen_id in await self.due(SWEEP_BATCH, hold):
-            result = await check(gen_id)
-            if result.outcome == "running":
-                await self.schedule_check(gen_id, result.wait)
-                continue
-            if result.reaped:
-                reaped += 1
-                log.warning("generation %s: its producer stopped appending and heartbeating; "
-                            "ended it with producer_lost", gen_id)
-            await self.forget(gen_id)
-        return reaped
+        while True:
+            due = await self.due(SWEEP_BATCH, hold)
+            outcomes = await asyncio.gather(*(self._check_one(gen_id, check) for gen_id in due),
+                                            return_exceptions=True)  # (all done before a raise)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            reaped += sum(1 for outcome in outcomes if outcome is True)
+            if len(due) < SWEEP_BATCH:
+                return reaped
+
+    async def _check_one(self, gen_id: str, check: Callable[[str], Awaitable[LeaseCheck]]
+                         ) -> bool:
+        result = await check(gen_id)
+        if result.outcome == "running":
+            await self.schedule_check(gen_id, result.wait)
+            return False
+        if result.reaped:
+            log.warning("generation %s: its producer stopped appending and heartbeating; "
+                        "ended it with producer_lost", gen_id)
+        await self.forget(gen_id)
+        return result.reaped
 
 
 def _ms(seconds: float) -> int:

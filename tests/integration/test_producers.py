@@ -10,13 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from broker.core import protocol
+from broker.core.external import SWEEP_BATCH, ExternalStore
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
 from tests.conftest import Stack, StartBroker
 from tests.support.api import assert_error_body, create, events_url, status, unique
 from tests.support.cluster import RedisClusterServers
 from tests.support.node_viewer import NodeViewers
-from tests.support.procs import RedisServer
+from tests.support.procs import RedisServer, eventually
 from tests.support.sse import read_events
 
 # Every event type, with text that breaks careless framing, and JSON values of every shape.
@@ -353,3 +357,40 @@ async def test_a_v1_node_eventsource_sees_a_producers_answer_text_alone(
         e["text"] for e in MIXED if e["type"] == "text")
     assert viewer["ids"] == [*(e.id for e in full.messages), full.ids[-1]]
     assert viewer["terminal"] == "end" and viewer["finish_reason"] == "stop"
+
+
+async def test_many_silent_producers_are_all_lost_within_a_lease_and_a_few_sweeps(
+    short_lease: Any,
+) -> None:
+    """More lapsed leases than one sweep batch takes: a sweep goes on until none is due."""
+    server, _edges = short_lease
+    lease = 1.0
+    settings = Settings(redis_url=server.url)
+    store = Store(connect(settings, "test-many-producers"), settings)
+    external = ExternalStore(store)
+    ids = [protocol.new_generation_id() for _ in range(3 * SWEEP_BATCH)]
+    try:
+        await asyncio.gather(*(external.create(gen_id, model="m", lease=lease)
+                               for gen_id in ids))
+        created = time.monotonic()
+
+        async def all_failed() -> bool:
+            metas = await asyncio.gather(*(store.meta(gen_id) for gen_id in ids))
+            return all(m is not None and m.status == "failed" for m in metas)
+
+        await eventually(all_failed, lease + 5.0, "every silent producer reaped")
+        assert time.monotonic() - created >= lease * 0.9
+        logs = await asyncio.gather(*(store.read_log(gen_id, 0, 10) for gen_id in ids))
+        assert all([e.kind for e in log] == ["error"] for log in logs)
+
+        async def forgotten() -> bool:
+            scores = await asyncio.gather(*(store.redis.zscore(protocol.PRODUCERS_KEY, gen_id)
+                                            for gen_id in ids))
+            return all(score is None for score in scores)
+
+        await eventually(forgotten, 5.0, "the sweep's index forgot them")
+    finally:
+        if isinstance(store.redis, aioredis.Redis):  # (its own pool: closed only when told)
+            await store.redis.aclose(close_connection_pool=True)
+        else:
+            await store.redis.aclose()
