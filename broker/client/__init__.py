@@ -4,6 +4,7 @@ the terminal's ``broker ask``/``broker tail`` (``broker.client.terminal``). Impo
 
 from broker.client.follower import (
     Created,
+    Event,
     Follower,
     GenerationFailed,
     GenerationNotFound,
@@ -16,6 +17,7 @@ from broker.client.follower import (
 
 __all__ = [
     "Created",
+    "Event",
     "Follower",
     "GenerationFailed",
     "GenerationNotFound",
