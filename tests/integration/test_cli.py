@@ -137,9 +137,10 @@ async def test_ask_json_prints_one_object_per_event(stack: Stack, fake_llm: Fake
     assert done.code == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     *messages, end = lines
-    assert len(messages) >= 5 and all(set(m) == {"id", "text"} for m in messages)
+    assert len(messages) >= 5 and all(set(m) == {"id", "event", "text"} for m in messages)
+    assert {m["event"] for m in messages} == {"message"} and end["event"] == "end"
     assert "".join(m["text"] for m in messages) == STORY
-    ids = [protocol.parse_event_id(m["id"]) for m in messages]
+    ids = [protocol.parse_event_id(m["id"]) for m in [*messages, end]]
     assert ids == sorted(set(ids))
     assert end["finish_reason"] == "stop" and end["usage"]["completion_tokens"] > 0
     assert protocol.is_generation_id(done.stderr_lines[0])
