@@ -2,7 +2,9 @@
  * inline script). */
 /* The viewers follow the stream through the edge's own helper module, the same one any
  * page can import: it wraps EventSource, assembles the text, handles `end`, `event: error`,
- * refused streams (404, 410) and resumes. This page only renders what it reports. */
+ * refused streams (404, 410) and resumes. This page only renders what it reports: the
+ * answer, the model's reasoning in a pane that folds away, and each tool call, tool result
+ * and data event as a chip. */
 import { followGeneration } from '/static/broker-stream.js';
 
 /* Everything a test (or a curious person in the console) may want to read. Each viewer
@@ -81,12 +83,27 @@ function buildPanel(index) {
   drop.title = 'Close this EventSource and open a new one that resumes after the last id seen';
   head.append(drop);
 
+  // The reasoning pane: a <details>, so it folds with no script; hidden until reasoning comes.
+  const reasoning = el('details', 'reasoning');
+  reasoning.open = true;
+  reasoning.hidden = true;
+  const reasoningSummary = el('summary', null, 'Reasoning');
+  const reasoningCount = el('span', 'meta count-reasoning', '');
+  reasoningSummary.append(' ', reasoningCount);
+  const reasoningText = el('div', 'reasoning-text');
+  reasoning.append(reasoningSummary, reasoningText);
+
+  const tools = el('div', 'tools');
+  tools.hidden = true;
+  tools.setAttribute('aria-label', 'Tool calls and data');
+
   const answer = el('div', 'answer');
   answer.setAttribute('aria-live', 'polite');
   const log = el('ol', 'log');
 
-  root.append(head, answer, log);
-  return { root, state, messages, reconnects, lastId, drop, answer, log };
+  root.append(head, reasoning, tools, answer, log);
+  return { root, state, messages, reconnects, lastId, drop, reasoning, reasoningCount,
+           reasoningText, tools, answer, log };
 }
 
 /** Create viewer number `index` and connect it from the beginning (late join). */
@@ -103,6 +120,10 @@ function addViewer() {
     finishReason: null,
     errorCode: null,
     terminal: null,   // 'end' | 'error' once the terminal event has been seen
+    reasoning: '',    // the reasoning received, joined
+    toolCalls: [],    // each tool_call event's data: { index, id, name, arguments }
+    toolResults: [],  // each tool_result event's data: { id, result }
+    data: [],         // each data event's data: { name, value }
   };
   const panel = { data, follow: null, els: buildPanel(index) };
   demo.viewers.push(data);
@@ -112,6 +133,10 @@ function addViewer() {
   $('#viewers').append(panel.els.root);
   panel.follow = followGeneration(demo.generation.events_url, {
     onMessage: (message) => onAnswerMessage(panel, message),
+    onReasoning: (event) => onReasoning(panel, event),
+    onToolCall: (event) => onToolCall(panel, event),
+    onToolResult: (event) => onToolResult(panel, event),
+    onData: (event) => onDataEvent(panel, event),
     onEnd: (result) => onEnd(panel, result),
     onError: (error) => onViewerError(panel, error),
     onState: (state, info) => onViewerState(panel, state, info),
@@ -192,6 +217,101 @@ function onAnswerMessage(panel, message) {
 
   updateCounters(panel);
   logLine(panel, message.id + ' message (' + message.text.length + ' chars)');
+}
+
+/* ---------- typed events: reasoning, tool calls, tool results, data ---------- */
+
+const CHIP_TEXT_LIMIT = 60; // a chip shows the start of its value; its title holds it all
+
+function shorten(text) {
+  return text.length > CHIP_TEXT_LIMIT ? text.slice(0, CHIP_TEXT_LIMIT - 1) + '…' : text;
+}
+
+/** A JSON value as compact text, for a chip. */
+function compact(value) {
+  const text = JSON.stringify(value);
+  return text === undefined ? String(value) : text;
+}
+
+/** An event whose data could not be parsed: logged, not rendered; its id still counts. */
+function unparseable(panel, event, kind) {
+  if (event.data !== null) return false;
+  sync(panel);
+  updateCounters(panel);
+  logLine(panel, (event.id || '?') + ' ' + kind + ' with unparseable data: ' +
+    String(event.raw).slice(0, 80), true);
+  return true;
+}
+
+function onReasoning(panel, event) {
+  if (unparseable(panel, event, 'reasoning')) return;
+  const { data, els } = panel;
+  sync(panel);
+  generationRunning();
+  data.reasoning += event.text;
+  els.reasoning.hidden = false;
+  els.reasoningText.append(el('span', 'thought', event.text));
+  els.reasoningCount.textContent = '(' + data.reasoning.length + ' chars)';
+  updateCounters(panel);
+  logLine(panel, event.id + ' reasoning (' + event.text.length + ' chars)');
+}
+
+/** A chip in the panel's tool row; `title` holds the whole value. */
+function addChip(panel, className, label, title) {
+  const chip = el('span', 'chip ' + className, label);
+  chip.title = title;
+  panel.els.tools.hidden = false;
+  panel.els.tools.append(chip);
+  return chip;
+}
+
+function onToolCall(panel, event) {
+  if (unparseable(panel, event, 'tool_call')) return;
+  const { data } = panel;
+  const call = event.data;
+  sync(panel);
+  generationRunning();
+  data.toolCalls.push(call);
+  const args = typeof call.arguments === 'string' ? call.arguments : compact(call.arguments);
+  const chip = addChip(panel, 'tool-call', '⚙ ' + call.name + '(' + shorten(args) + ')',
+    call.name + '(' + args + ')\ncall id: ' + call.id);
+  chip.dataset.callId = String(call.id);
+  chip.dataset.eventId = event.id;
+  updateCounters(panel);
+  logLine(panel, event.id + ' tool_call ' + call.name + ' (' + call.id + ')');
+}
+
+function onToolResult(panel, event) {
+  if (unparseable(panel, event, 'tool_result')) return;
+  const { data } = panel;
+  const result = event.data;
+  sync(panel);
+  data.toolResults.push(result);
+  const text = compact(result.result);
+  const chip = addChip(panel, 'tool-result', '↳ ' + shorten(text),
+    'result of ' + result.id + ':\n' + text);
+  chip.dataset.callId = String(result.id);
+  chip.dataset.eventId = event.id;
+  // The call it answers shows that it has its result.
+  for (const call of panel.els.tools.querySelectorAll('.chip.tool-call')) {
+    if (call.dataset.callId === String(result.id)) call.classList.add('answered');
+  }
+  updateCounters(panel);
+  logLine(panel, event.id + ' tool_result for ' + result.id);
+}
+
+function onDataEvent(panel, event) {
+  if (unparseable(panel, event, 'data')) return;
+  const { data } = panel;
+  const item = event.data;
+  sync(panel);
+  data.data.push(item);
+  const text = compact(item.value);
+  const chip = addChip(panel, 'data', item.name + ': ' + shorten(text), item.name + ': ' + text);
+  chip.dataset.name = String(item.name);
+  chip.dataset.eventId = event.id;
+  updateCounters(panel);
+  logLine(panel, event.id + ' data ' + item.name);
 }
 
 function onEnd(panel, result) {
