@@ -20,6 +20,13 @@ _GEN_ID = {
 }
 
 
+_CID = {
+    "name": "cid", "in": "path", "required": True, "schema": {"type": "string"},
+    "description": "the conversation id (1-128 of A-Z a-z 0-9 _ . : -)",
+}
+CONVERSATION_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     descriptions = {
         400: "malformed JSON or Last-Event-ID", 401: "no valid API key or viewer token",
@@ -73,6 +80,23 @@ def document(settings: Settings) -> dict[str, Any]:
                            "description": "the stream, with a fresh viewer token if tokens are on"},
         },
     }
+    conversation = {
+        "type": "object", "required": ["id", "turns", "active", "events_url"],
+        "properties": {
+            "id": {"type": "string"},
+            "turns": {"type": "array", "items": {
+                "type": "object", "required": ["generation_id", "turn", "status"],
+                "properties": {
+                    "generation_id": {"type": "string"}, "turn": {"type": "integer"},
+                    "status": {"enum": ["queued", "running", "completed", "failed",
+                                        "cancelled", "expired"]},
+                },
+            }},
+            "active": {"type": ["string", "null"],
+                       "description": "the oldest turn that has not ended"},
+            "events_url": {"type": "string"},
+        },
+    }
     message = {
         "type": "object", "required": ["role", "content"],
         "properties": {
@@ -87,6 +111,7 @@ def document(settings: Settings) -> dict[str, Any]:
                          "maxItems": settings.max_messages},
             "model": {"type": "string", "pattern": "\\S", "maxLength": MAX_MODEL_CHARS},
             "n": {"const": 1},
+            "conversation_id": CONVERSATION_ID_SCHEMA,
             # Options of the worker's SDK call, not request fields: never accepted.
             **dict.fromkeys(sorted(SDK_CALL_OPTIONS), False),
         },
@@ -131,7 +156,9 @@ def document(settings: Settings) -> dict[str, Any]:
                                    "required": ["id", "events_url", "status"],
                                    "properties": {"id": {"type": "string"},
                                                   "events_url": {"type": "string"},
-                                                  "status": {"const": "queued"}}}}}},
+                                                  "status": {"const": "queued"},
+                                                  "conversation_id": {"type": "string"},
+                                                  "conversation_url": {"type": "string"}}}}}},
                     **_errors(400, 401, 408, 413, 422, 429, 503),
                 },
             }},
@@ -173,6 +200,37 @@ def document(settings: Settings) -> dict[str, Any]:
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                     "204": {"description": "nothing after Last-Event-ID: the stream ended"},
                     **_errors(400, 401, 403, 404, 410, 503),
+                },
+            }},
+            "/v1/conversations/{cid}": {"get": {
+                "summary": "a conversation's turns and its active turn",
+                "security": [{"apiKey": []}],
+                "parameters": [_CID],
+                "responses": {
+                    "200": {"description": "the conversation", "content": {
+                        "application/json": {"schema": conversation}}},
+                    **_errors(401, 404, 503),
+                },
+            }},
+            "/v1/conversations/{cid}/events": {"get": {
+                "summary": "every turn of a conversation over one stream (Server-Sent Events); "
+                           "stays open between turns, resumes after Last-Event-ID",
+                "security": [{"viewerToken": []}],
+                "parameters": [
+                    _CID,
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "last_event_id", "in": "query", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "from", "in": "query", "required": False,
+                     "schema": {"enum": ["all", "active"]},
+                     "description": "where a new device starts: every turn (all) or the "
+                                    "active one"},
+                ],
+                "responses": {
+                    "200": {"description": "the event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(400, 401, 403, 404, 503),
                 },
             }},
             "/healthz": {"get": {"summary": "the process is up", "responses": {

@@ -45,11 +45,12 @@ def _explicit_examples(test: Callable[..., None]) -> Callable[..., None]:
 # attribute), so the operations are driven here with its strategies and hypothesis directly.
 OPERATIONS = ["POST /v1/generations", "GET /v1/generations/{gen_id}",
               "POST /v1/generations/{gen_id}/cancel", "GET /v1/generations/{gen_id}/events",
+              "GET /v1/conversations/{cid}", "GET /v1/conversations/{cid}/events",
               "GET /healthz", "GET /readyz", "GET /metrics"]
 
 
 MODES = [(label, mode) for label in OPERATIONS for mode in ("positive", "negative")
-          if mode == "positive" or "generations" in label]  # the others take no input
+          if mode == "positive" or "/v1/" in label]  # the others take no input
 
 
 @pytest.mark.parametrize(("label", "mode"), MODES)
