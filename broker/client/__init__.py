@@ -3,6 +3,7 @@ the terminal's ``broker ask``/``broker tail`` (``broker.client.terminal``). Impo
 ``broker.core`` at most."""
 
 from broker.client.follower import (
+    ConversationFollower,
     Created,
     Event,
     Follower,
@@ -16,6 +17,7 @@ from broker.client.follower import (
 )
 
 __all__ = [
+    "ConversationFollower",
     "Created",
     "Event",
     "Follower",
