@@ -42,7 +42,8 @@ exit status:
   1    the generation failed (event: error; `error: <code>: <message>` on stderr)
   2    usage error, or the edge rejected the request (4xx)
   3    generation not found (404/410), or the edge unreachable or failing too long
-  130  interrupted (Ctrl-C); the generation goes on, `broker tail ID` follows it
+  130  interrupted (Ctrl-C); the generation goes on, `broker tail ID` follows it (and
+       how `broker tail --conversation` ends: a conversation has no last turn)
 """
 
 
@@ -139,7 +140,8 @@ def _colors_on(stream: TextIO) -> bool:
 
 
 class Printer:
-    """Writes a followed generation as it arrives.
+    """Writes a followed generation (or conversation: its turns one after the other, each
+    opened by a ``[turn N <generation id>] <status>`` side line) as it arrives.
 
     Plain: stdout gets the answer's text and nothing else when it is a file or a pipe; the
     reasoning (a block per run of reasoning events, ``[reasoning] `` first) and one line per
