@@ -3,7 +3,6 @@ the terminal's ``broker ask``/``broker tail`` (``broker.client.terminal``). Impo
 ``broker.core`` at most."""
 
 from broker.client.follower import (
-    ConversationFollower,
     Created,
     Event,
     Follower,
@@ -17,7 +16,6 @@ from broker.client.follower import (
 )
 
 __all__ = [
-    "ConversationFollower",
     "Created",
     "Event",
     "Follower",

@@ -68,15 +68,7 @@ class Event:
         return text if isinstance(text, str) else ""
 
 
-    @property
-    def generation_id(self) -> str | None:
-        """The generation (turn) an event of a conversation's stream belongs to."""
-        value = self.data.get("generation_id")
-        return value if isinstance(value, str) else None
-
-
 TEXT_KINDS = ("message", "reasoning")
-TERMINAL_KINDS = ("end", "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +154,6 @@ class Follower:
         self.retry_ms = 1000
         self.reconnects = 0
         self.result: Result | None = None
-        self._progress_at = time.monotonic()  # the last event (or, in a conversation, open)
 
     def __aiter__(self) -> AsyncGenerator[Message, None]:
         """The answer's messages alone (the other kinds are skipped, their ids still count
@@ -182,37 +173,25 @@ class Follower:
                     yield Message(event.id, event.text)
 
     async def _follow(self) -> AsyncGenerator[Event, None]:
-        self._progress_at = time.monotonic()
+        progress_at = time.monotonic()
         failures = 0  # reconnects in a row without an event: the delay doubles with each
         while True:
             if failures:
                 self.reconnects += 1
-                if time.monotonic() - self._progress_at > self.give_up_after:
+                if time.monotonic() - progress_at > self.give_up_after:
                     raise StreamError(f"no progress for {self.give_up_after}s; giving up")
                 delay = min(self.retry_ms / 1000 * 2 ** (failures - 1), MAX_RECONNECT_DELAY)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: no herds
             failures += 1
             try:
                 async for event in self._connect_once():
-                    self._progress_at = time.monotonic()
+                    progress_at = time.monotonic()
                     failures = 1
                     yield event
             except (httpx.TransportError, _Unavailable):
                 continue  # dropped: reconnect with Last-Event-ID, as EventSource does
             if self.result is not None:
                 return
-
-    def _ends(self, event: Event) -> bool:
-        """Whether ``event`` (an ``end`` or ``error``) ends the following. A generation's
-        terminal event does: ``end`` sets ``result``, ``error`` raises ``GenerationFailed``."""
-        if event.kind == "end":
-            self.result = Result(event.data.get("finish_reason", "unknown"),
-                                 event.data.get("usage"))
-            return True
-        raise GenerationFailed(event.data.get("code", "unknown"), event.data.get("message", ""))
-
-    def _opened(self) -> None:
-        """A connection answered with an event stream. Progress is counted in events."""
 
     async def _connect_once(self) -> AsyncIterator[Event]:
         headers = {"accept": "text/event-stream"}
@@ -234,7 +213,6 @@ class Follower:
             if not content_type.startswith("text/event-stream"):
                 raise _Unavailable(f"HTTP 200 with {content_type or 'no content type'}, not "
                                    "an event stream")
-            self._opened()
             decoder = SSEEventDecoder()
             async for piece in response.aiter_bytes():
                 events = decoder.feed(piece)
@@ -243,27 +221,13 @@ class Follower:
                 for event in events:
                     if event.id:
                         self.last_event_id = event.id
-                    typed = Event(event.event, event.id, json.loads(event.data))
-                    if typed.kind in TERMINAL_KINDS and self._ends(typed):
+                    data = json.loads(event.data)
+                    if event.event == "end":
+                        self.result = Result(data.get("finish_reason", "unknown"),
+                                             data.get("usage"))
                         return
-                    yield typed
-
-
-class ConversationFollower(Follower):
-    """Follows a conversation (``GET /v1/conversations/{cid}/events``, its ``events_url`` or
-    a create answer's ``conversation_url``): every turn in order over one stream that stays
-    open between turns, resumed like a generation's. ``events()`` yields every event, each
-    turn's ``turn`` (``{"generation_id", "status", "turn"}``), ``end`` and ``error``
-    included; every event's data holds its ``generation_id``. Iterating gives the messages of
-    every turn. Neither ends by itself: stop when you have what you need (``aclosing``, or
-    ``break``). It raises ``GenerationFailed`` only for an error the stream cannot go on from
-    (``history_lost``, sent without an id), and gives up after ``give_up_after`` seconds
-    without a connection (a quiet conversation is no reason to)."""
-
-    def _ends(self, event: Event) -> bool:
-        if event.kind == "error" and not event.id:
-            return super()._ends(event)  # raises
-        return False  # a turn's terminal event: the next turn follows
-
-    def _opened(self) -> None:
-        self._progress_at = time.monotonic()
+                    elif event.event == "error":
+                        raise GenerationFailed(data.get("code", "unknown"),
+                                               data.get("message", ""))
+                    else:
+                        yield Event(event.event, event.id, data)

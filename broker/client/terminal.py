@@ -16,7 +16,6 @@ from urllib.parse import quote
 import httpx
 
 from broker.client import (
-    ConversationFollower,
     Event,
     Follower,
     GenerationFailed,
@@ -42,8 +41,7 @@ exit status:
   1    the generation failed (event: error; `error: <code>: <message>` on stderr)
   2    usage error, or the edge rejected the request (4xx)
   3    generation not found (404/410), or the edge unreachable or failing too long
-  130  interrupted (Ctrl-C); the generation goes on, `broker tail ID` follows it (and
-       how `broker tail --conversation` ends: a conversation has no last turn)
+  130  interrupted (Ctrl-C); the generation goes on, `broker tail ID` follows it
 """
 
 
@@ -84,14 +82,9 @@ def one_line(text: str) -> str:
 
 def side_line(event: Event) -> str:
     """How plain mode shows an event that is neither answer nor reasoning: one line,
-    ``[<kind> <key>] <value>`` (the key: a tool call's id, a data event's name; a
-    conversation's turn number and generation id, an error's code)."""
+    ``[<kind> <key>] <value>`` (the key: a tool call's id, a data event's name)."""
     data = event.data
-    if event.kind == "turn":
-        head, body = f"turn {data.get('turn')} {data.get('generation_id')}", data.get("status")
-    elif event.kind == "error":
-        head, body = f"error {data.get('code')}", data.get("message")
-    elif event.kind == "tool_call":
+    if event.kind == "tool_call":
         head, body = f"tool_call {data.get('id')}", f"{data.get('name')}({data.get('arguments')})"
     elif event.kind == "tool_result":
         head, body = f"tool_result {data.get('id')}", _json(data.get("result"))
@@ -100,28 +93,6 @@ def side_line(event: Event) -> str:
     else:  # a kind newer than this client
         head, body = event.kind, _json(data)
     return one_line(f"[{head}] {body}")
-
-
-def json_line(event: Event) -> dict[str, Any]:
-    """``--json``'s object for an event: ``id``, ``event`` (its kind), a conversation's
-    ``generation_id``, then a message's ``text``; a terminal event's ``finish_reason`` and
-    ``usage``, or ``error``; a turn's ``status`` and ``turn``; any other kind's ``data``."""
-    data = dict(event.data)
-    generation_id = data.pop("generation_id", None)
-    line: dict[str, Any] = {"id": event.id, "event": event.kind}
-    if generation_id is not None:
-        line["generation_id"] = generation_id
-    if event.kind == "message":
-        line["text"] = event.text
-    elif event.kind == "end":
-        line |= {"finish_reason": data.get("finish_reason"), "usage": data.get("usage")}
-    elif event.kind == "error":
-        line["error"] = {"code": data.get("code"), "message": data.get("message")}
-    elif event.kind == "turn":
-        line |= data
-    else:
-        line["data"] = data
-    return line
 
 
 def _json(value: Any) -> str:
@@ -140,8 +111,7 @@ def _colors_on(stream: TextIO) -> bool:
 
 
 class Printer:
-    """Writes a followed generation (or conversation: its turns one after the other, each
-    opened by a ``[turn N <generation id>] <status>`` side line) as it arrives.
+    """Writes a followed generation as it arrives.
 
     Plain: stdout gets the answer's text and nothing else when it is a file or a pipe; the
     reasoning (a block per run of reasoning events, ``[reasoning] `` first) and one line per
@@ -165,19 +135,13 @@ class Printer:
         self.in_reasoning = False
 
     def event(self, event: Event) -> None:
-        """One event: of a generation before its terminal one, or any of a conversation's
-        (whose turns' ``end`` and ``error`` come this way: the stream goes on)."""
         if self.as_json:
-            self._line(json_line(event))
+            body = {"text": event.text} if event.kind == "message" else {"data": event.data}
+            self._line({"id": event.id, "event": event.kind, **body})
         elif event.kind == "message":
             self.message(event.text)
         elif event.kind == "reasoning":
             self.reasoning(event.text)
-        elif event.kind == "end":
-            self.end(event.id, "", None)
-        elif event.kind in ("turn", "error"):
-            self.stopped()  # a turn's partial answer ends its line
-            self.side.write(side_line(event) + "\n")
         else:
             self._end_reasoning()
             self.side.end_line()
@@ -209,7 +173,6 @@ class Printer:
             self._finish_lines()
             if self.side is not self.out:  # v1: a pipe gets the answer and one newline
                 self.out.write("\n")
-            self.printed = False
 
     def failed(self, event_id: str | None, code: str, message: str) -> None:
         if self.as_json:
@@ -293,8 +256,6 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
     fields = {} if args.model is None else {"model": args.model}
-    if args.conversation is not None:
-        fields["conversation_id"] = args.conversation
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
         try:
             created = await create(http, messages, **fields)
@@ -316,20 +277,13 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
         return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
     token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
-        conversation = args.conversation
         try:
-            if conversation is None:
-                events_url = await _events_url(http, args.id, token)
-            else:
-                events_url = await _conversation_url(http, conversation, token)
+            events_url = await _events_url(http, args.id, token)
         except GenerationNotFound:
-            what = "generation (unknown or expired)" if conversation is None else (
-                "conversation (no turn yet, or expired)")
-            return _error(EXIT_UNAVAILABLE, "not_found", f"no such {what}")
+            return _error(EXIT_UNAVAILABLE, "not_found", "no such generation (unknown or expired)")
         except httpx.HTTPError as e:
             return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
-        kind = Follower if conversation is None else ConversationFollower
-        return await _follow(kind(http, events_url, last_event_id=args.from_id), printer)
+        return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
 
 
 async def _events_url(http: httpx.AsyncClient, gen_id: str, token: str | None) -> str:
@@ -348,43 +302,21 @@ async def _events_url(http: httpx.AsyncClient, gen_id: str, token: str | None) -
     return url if isinstance(url, str) else f"{generation}/events"
 
 
-async def _conversation_url(http: httpx.AsyncClient, cid: str, token: str | None) -> str:
-    """A conversation's stream URL, found as ``_events_url`` finds a generation's
-    (``GET /v1/conversations/{cid}`` answers ``events_url``; 404 before its first turn)."""
-    conversation = f"/v1/conversations/{quote(cid, safe='')}"
-    if token:
-        return f"{conversation}/events?token={quote(token, safe='')}"
-    response = await http.get(conversation)
-    if response.status_code == 404:
-        raise GenerationNotFound(conversation)
-    url = response.json().get("events_url") if response.status_code == 200 else None
-    return url if isinstance(url, str) else f"{conversation}/events"
-
-
 def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     if command == "ask":
         parser.add_argument("question", help="the question (the user message)")
         parser.add_argument("--model", help="model to ask (default: the edge's BROKER_MODEL)")
         parser.add_argument("--system", metavar="TEXT", help="a system message before it")
-        parser.add_argument("--conversation", metavar="CID", help="make it the next turn of "
-                            "this conversation (`broker tail --conversation CID` follows "
-                            "them all)")
     else:
-        followed = parser.add_mutually_exclusive_group(required=True)
-        followed.add_argument("id", metavar="ID", nargs="?", help="the generation's id "
-                              "(`broker ask` prints it on stderr)")
-        followed.add_argument("--conversation", metavar="CID", help="follow a conversation "
-                              "instead: every turn, from the first, then each new one as it "
-                              "comes, until Ctrl-C (each turn starts with a `turn` event: a "
-                              "`[turn N <generation id>] <status>` line, and its answer ends "
-                              "with a newline)")
+        parser.add_argument("id", metavar="ID", help="the generation's id (`broker ask` prints "
+                            "it on stderr)")
         parser.add_argument("--from", dest="from_id", metavar="EVENT_ID",
                             help="resume: print only what follows this event id "
                             "(default: from the start)")
         parser.add_argument("--token", help="the viewer token (the `token` of the create "
-                            "answer's events_url, or conversation_url with --conversation); "
-                            "without it, tail asks the edge for the events_url (with "
-                            "--api-key where keys are on) [env BROKER_VIEWER_TOKEN]")
+                            "answer's events_url); without it, tail asks the edge for the "
+                            "events_url (with --api-key where keys are on) "
+                            "[env BROKER_VIEWER_TOKEN]")
     parser.add_argument("--api-key", help="a producer API key, when the edge requires one "
                         "[env BROKER_API_KEY]")
     parser.add_argument("--url", help=f"base URL of an edge or its load balancer "
@@ -401,8 +333,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 ClientCommand = Callable[[argparse.Namespace, Printer], Coroutine[Any, Any, int]]
 CLIENT_COMMANDS: dict[str, tuple[ClientCommand, str]] = {
     "ask": (ask, "ask a question: create a generation and print its answer as it streams"),
-    "tail": (tail, "follow a generation from the start, or from an event id, to its end; or "
-             "a conversation's turns (--conversation)"),
+    "tail": (tail, "follow a generation from the start, or from an event id, to its end"),
 }
 
 

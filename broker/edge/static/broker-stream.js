@@ -11,9 +11,6 @@
  * Leaving the page closes the connection; a page restored from the back/forward cache
  * resumes after the last id (see PAGE LIFECYCLE).
  *
- * `followConversation` (at the end of this file) follows a conversation's stream instead:
- * every turn over one connection that stays open between turns.
- *
  * Usage:
  *
  *   import { followGeneration } from '/static/broker-stream.js';
@@ -168,46 +165,6 @@ async function readJson(response) {
   }
 }
 
-/**
- * Repeat a refused stream request with fetch() to learn its status and error body:
- * { code, message, status } (see "How a refused stream is explained" above).
- */
-async function probeRefusal(url, withCredentials) {
-  let code = 'connection_closed';
-  let message;
-  let status = null;
-  const controller = new AbortController();
-  const timer = setTimeout(() => controller.abort(), PROBE_TIMEOUT_MS);
-  try {
-    const response = await fetch(url, {
-      credentials: withCredentials ? 'include' : 'same-origin',
-      cache: 'no-store',
-      signal: controller.signal,
-    });
-    status = response.status;
-    if (status === 200) {
-      controller.abort();  // a live stream: do not read it, the point was the status
-      const type = response.headers.get('content-type') || '';
-      message = type.startsWith('text/event-stream')
-        ? 'the stream was refused but answers again now; reconnect() to resume'
-        : 'the server answered 200 but not with an event stream (' + type + ')';
-    } else if (status === 204) {
-      message = 'the server says the stream is over (204), but its terminal event was not seen';
-    } else {
-      const body = await readJson(response);
-      const err = body && typeof body.error === 'object' && body.error ? body.error : {};
-      code = (typeof err.code === 'string' && err.code) || CODE_BY_STATUS[status] || code;
-      message = (typeof err.message === 'string' && err.message) || 'HTTP ' + status;
-    }
-  } catch (err) {
-    message = 'the stream was closed and the server could not be asked why: ' +
-      (err && err.message ? err.message : String(err));
-  } finally {
-    clearTimeout(timer);
-  }
-  return { code, message, status };
-}
-
 /** Run a caller's callback; its exception is reported but cannot break the stream's state. */
 function callback(fn, ...args) {
   if (typeof fn !== 'function') return;
@@ -291,7 +248,7 @@ export function followGeneration(eventsUrl, options = {}) {
 
   function onMessageEvent(e) {
     const data = parseJson(e.data);
-    const text = typeof data.text === 'string' ? data.text : '';
+    const text = data && typeof data.text === 'string' ? data.text : '';
     noteId(e.lastEventId);
     view.text += text;
     callback(onMessage, { id: e.lastEventId, text, data, raw: e.data }, handle);
@@ -356,10 +313,40 @@ export function followGeneration(eventsUrl, options = {}) {
     explainRefusal(token);
   }
 
-  /** Ask why the stream was refused (see the top of this file), then fail with it. */
+  /** Repeat the refused request with fetch() to learn its status and error body. */
   async function explainRefusal(token) {
-    const { code, message, status } = await probeRefusal(urlFrom(view.lastEventId),
-      withCredentials);
+    let code = 'connection_closed';
+    let message;
+    let status = null;
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), PROBE_TIMEOUT_MS);
+    try {
+      const response = await fetch(urlFrom(view.lastEventId), {
+        credentials: withCredentials ? 'include' : 'same-origin',
+        cache: 'no-store',
+        signal: controller.signal,
+      });
+      status = response.status;
+      if (status === 200) {
+        controller.abort();  // a live stream: do not read it, the point was the status
+        const type = response.headers.get('content-type') || '';
+        message = type.startsWith('text/event-stream')
+          ? 'the stream was refused but answers again now; reconnect() to resume'
+          : 'the server answered 200 but not with an event stream (' + type + ')';
+      } else if (status === 204) {
+        message = 'the server says the stream is over (204), but its terminal event was not seen';
+      } else {
+        const body = await readJson(response);
+        const err = body && typeof body.error === 'object' && body.error ? body.error : {};
+        code = (typeof err.code === 'string' && err.code) || CODE_BY_STATUS[status] || code;
+        message = (typeof err.message === 'string' && err.message) || 'HTTP ' + status;
+      }
+    } catch (err) {
+      message = 'the stream was closed and the server could not be asked why: ' +
+        (err && err.message ? err.message : String(err));
+    } finally {
+      clearTimeout(timer);
+    }
     if (token !== attempt) return;  // reconnect() or close() happened meanwhile
     fail(code, message, { status });
   }
@@ -484,206 +471,6 @@ export function followGeneration(eventsUrl, options = {}) {
     get reconnects() { return view.reconnects; },
     get source() { return source; },
     done,
-    reconnect,
-    drop: reconnect,
-    close,
-    snapshot,
-  };
-
-  open(urlFrom(view.lastEventId));
-  return handle;
-}
-
-/**
- * followConversation(conversationUrl, options) -> handle
- *
- * Follow a conversation (`GET /v1/conversations/{cid}/events`: the `conversation_url` of a
- * create answer with `conversation_id`, used verbatim): every turn in order over ONE
- * EventSource that stays open between turns. A turn's `end` or `error` does not close it: the
- * next turn comes over the same stream. The browser resumes a dropped connection with
- * `Last-Event-ID`, exactly once across turns; `reconnect()` resumes after `lastEventId` on a
- * new connection; a refused stream is explained as for followGeneration and stops it.
- *
- *   options.onTurn({ id, generationId, turn, status, data }, handle)  a turn begins.
- *   options.onMessage, onReasoning, onToolCall, onToolResult, onData  as for
- *                        followGeneration, each event with `generationId` (its turn's);
- *                        every callback's `data` is the object as the turn's own generation
- *                        stream has it (`generation_id` taken out: it is `generationId`).
- *   options.onTurnEnd({ id, generationId, finishReason, usage, data }, handle)
- *   options.onTurnError({ id, generationId, code, message, data }, handle)  a turn failed;
- *                        the conversation goes on.
- *   options.onError(error, handle)  a GenerationError: the stream was refused, or the edge
- *                        sent `event: error` without an id (`history_lost`); it stops.
- *   options.onState(state, { reason, reconnects }, handle)  'connecting' | 'live' |
- *                        'reconnecting' | 'error' | 'closed'.
- *   options.lastEventId, options.withCredentials  as for followGeneration.
- *
- * The handle: turns (one record per turn seen: { generationId, turn, status, text,
- * reasoning, toolCalls, finishReason, error }), ids, lastEventId, state, reconnects,
- * source, reconnect(), close(), snapshot(). No page-lifecycle handling: close() it on
- * `pagehide` if the page should stay eligible for the back/forward cache.
- */
-export function followConversation(conversationUrl, options = {}) {
-  if (typeof conversationUrl !== 'string' || conversationUrl === '') {
-    throw new TypeError('followConversation: conversationUrl must be the conversation_url ' +
-      'the server returned');
-  }
-  const { withCredentials = false, onState, onError } = options;
-  const view = {
-    turns: [],
-    ids: [],
-    lastEventId: options.lastEventId ? String(options.lastEventId) : '',
-    state: 'connecting',
-    reconnects: 0,
-  };
-  let source = null;
-  let attempt = 0;
-  let stopped = false;
-
-  const urlFrom = (id) => (id ? resumeUrl(conversationUrl, id) : conversationUrl);
-
-  function setState(state, reason) {
-    view.state = state;
-    callback(onState, state, { reason, reconnects: view.reconnects }, handle);
-  }
-
-  /** The record of the turn `generationId` (a turn seen from its middle gets one too). */
-  function turnOf(generationId) {
-    let record = view.turns.find((t) => t.generationId === generationId);
-    if (!record) {
-      record = { generationId, turn: null, status: null, text: '', reasoning: '',
-                 toolCalls: [], finishReason: null, error: null };
-      view.turns.push(record);
-    }
-    return record;
-  }
-
-  function stop(code, message, status) {
-    if (stopped) return;
-    stopped = true;
-    attempt += 1;
-    if (source) source.close();
-    setState('error', code);
-    callback(onError, new GenerationError(code, message, { status,
-      lastEventId: view.lastEventId }), handle);
-  }
-
-  function onEvent(kind, e) {
-    const streamed = parseJson(e.data);
-    if (kind === 'error' && !e.lastEventId) {  // from the edge itself: not resumable
-      const { code = 'unknown', message = '' } = streamed || {};
-      stop(code, message, null);
-      return;
-    }
-    // The data as the turn's own generation stream has it; its generation is apart.
-    const { generation_id: generationId = null, ...data } = streamed || {};
-    if (e.lastEventId) {
-      view.ids.push(e.lastEventId);
-      view.lastEventId = e.lastEventId;
-    }
-    const record = turnOf(generationId);
-    const event = { id: e.lastEventId, generationId, data: streamed && data, raw: e.data };
-    const text = data && typeof data.text === 'string' ? data.text : '';
-    if (kind === 'turn') {
-      record.turn = data.turn ?? null;
-      record.status = data.status ?? null;
-      callback(options.onTurn, { ...event, turn: record.turn, status: record.status }, handle);
-    } else if (kind === 'message') {
-      record.text += text;
-      callback(options.onMessage, { ...event, text }, handle);
-    } else if (kind === 'reasoning') {
-      record.reasoning += text;
-      callback(options.onReasoning, { ...event, text }, handle);
-    } else if (kind === 'tool_call') {
-      if (streamed) record.toolCalls.push(data);
-      callback(options.onToolCall, event, handle);
-    } else if (kind === 'tool_result') {
-      callback(options.onToolResult, event, handle);
-    } else if (kind === 'data') {
-      callback(options.onData, event, handle);
-    } else if (kind === 'end') {
-      record.status = 'ended';
-      record.finishReason = typeof data.finish_reason === 'string'
-        ? data.finish_reason : 'unknown';
-      callback(options.onTurnEnd, { ...event, finishReason: record.finishReason,
-                                    usage: data.usage ?? null }, handle);
-    } else if (kind === 'error') {
-      record.status = 'failed';
-      record.error = { code: data.code || 'unknown', message: data.message || '' };
-      callback(options.onTurnError, { ...event, ...record.error }, handle);
-    }
-  }
-
-  function open(url) {
-    attempt += 1;
-    const token = attempt;
-    const es = new EventSource(url, { withCredentials: Boolean(withCredentials) });
-    source = es;
-    const current = () => token === attempt;
-    es.onopen = () => {
-      if (current()) setState('live', 'open');
-    };
-    es.onmessage = (e) => {
-      if (current()) onEvent('message', e);
-    };
-    for (const kind of ['turn', 'reasoning', 'tool_call', 'tool_result', 'data', 'end']) {
-      es.addEventListener(kind, (e) => {
-        if (current()) onEvent(kind, e);
-      });
-    }
-    es.addEventListener('error', async (e) => {
-      if (!current()) return;
-      if (typeof e.data === 'string') {
-        onEvent('error', e);  // a turn's `event: error`, or the edge's own
-      } else if (es.readyState === EventSource.CONNECTING) {
-        view.reconnects += 1;
-        setState('reconnecting', 'connection_lost');
-      } else {
-        es.close();
-        const { code, message, status } = await probeRefusal(urlFrom(view.lastEventId),
-          withCredentials);
-        if (current()) stop(code, message, status);
-      }
-    });
-  }
-
-  function reconnect() {
-    if (stopped) return false;
-    attempt += 1;
-    if (source) source.close();
-    view.reconnects += 1;
-    setState('reconnecting', 'reconnect');
-    if (stopped) return false;  // onState called close()
-    open(urlFrom(view.lastEventId));
-    return true;
-  }
-
-  function close() {
-    if (stopped) return;
-    stopped = true;
-    attempt += 1;
-    if (source) source.close();
-    setState('closed', 'closed');
-  }
-
-  function snapshot() {
-    return {
-      turns: view.turns.map((t) => ({ ...t, toolCalls: t.toolCalls.map((c) => ({ ...c })),
-                                      error: t.error && { ...t.error } })),
-      ids: view.ids.slice(),
-      lastEventId: view.lastEventId,
-      state: view.state,
-      reconnects: view.reconnects,
-    };
-  }
-
-  const handle = {
-    get turns() { return snapshot().turns; },
-    get ids() { return view.ids.slice(); },
-    get lastEventId() { return view.lastEventId; },
-    get state() { return view.state; },
-    get reconnects() { return view.reconnects; },
-    get source() { return source; },
     reconnect,
     drop: reconnect,
     close,
