@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from broker.client import (
+    ConversationFollower,
     Event,
     Follower,
     GenerationFailed,
@@ -111,7 +112,8 @@ def _colors_on(stream: TextIO) -> bool:
 
 
 class Printer:
-    """Writes a followed generation as it arrives.
+    """Writes a followed generation (or a conversation's turns, each opened by a
+    ``── turn N (<generation id>) ──`` line on stdout) as it arrives.
 
     Plain: stdout gets the answer's text and nothing else when it is a file or a pipe; the
     reasoning (a block per run of reasoning events, ``[reasoning] `` first) and one line per
@@ -121,7 +123,9 @@ class Printer:
     ``--json``: one JSON object per event line, each with ``id`` (the event id) and ``event``
     (its kind): ``text`` for a message; the event's own ``data`` for reasoning, tool calls,
     tool results and data; then ``finish_reason`` and ``usage`` (``end``) or ``error``
-    (``{"code", "message"}``)."""
+    (``{"code", "message"}``). A conversation's lines also hold ``generation_id`` (after
+    ``event``), and each turn opens with ``{"id", "event": "turn", "generation_id", "turn",
+    "status"}``."""
 
     def __init__(self, as_json: bool, stdout: TextIO | None = None,
                  stderr: TextIO | None = None) -> None:
@@ -134,10 +138,11 @@ class Printer:
         self.printed = False  # answer text went out since the last line end we wrote
         self.in_reasoning = False
 
-    def event(self, event: Event) -> None:
+    def event(self, event: Event, generation_id: str | None = None) -> None:
+        """An event before the terminal one (``generation_id``: in a conversation)."""
         if self.as_json:
             body = {"text": event.text} if event.kind == "message" else {"data": event.data}
-            self._line({"id": event.id, "event": event.kind, **body})
+            self._line(self._head(event.id, event.kind, generation_id) | body)
         elif event.kind == "message":
             self.message(event.text)
         elif event.kind == "reasoning":
@@ -165,20 +170,37 @@ class Printer:
             self.in_reasoning = False
             self.side.end_line()
 
-    def end(self, event_id: str | None, finish_reason: str, usage: dict[str, Any] | None) -> None:
+    def end(self, event_id: str | None, finish_reason: str, usage: dict[str, Any] | None,
+            generation_id: str | None = None) -> None:
         if self.as_json:
-            self._line({"id": event_id, "event": "end", "finish_reason": finish_reason,
-                        "usage": usage})
+            self._line(self._head(event_id, "end", generation_id)
+                       | {"finish_reason": finish_reason, "usage": usage})
         else:
             self._finish_lines()
             if self.side is not self.out:  # v1: a pipe gets the answer and one newline
                 self.out.write("\n")
+        self.printed = False
 
-    def failed(self, event_id: str | None, code: str, message: str) -> None:
+    def failed(self, event_id: str | None, code: str, message: str,
+               generation_id: str | None = None) -> None:
         if self.as_json:
-            self._line({"id": event_id, "event": "error",
-                        "error": {"code": code, "message": message}})
+            self._line(self._head(event_id, "error", generation_id)
+                       | {"error": {"code": code, "message": message}})
         self.stopped()
+
+    def turn(self, event_id: str, number: int, generation_id: str, status: Any) -> None:
+        """A conversation's next turn begins (``broker tail --conversation``)."""
+        if self.as_json:
+            self._line(self._head(event_id, "turn", generation_id)
+                       | {"turn": number, "status": status})
+        else:
+            self.stopped()
+            self.out.write(f"── turn {number} ({generation_id}) ──\n")
+
+    @staticmethod
+    def _head(event_id: str | None, kind: str, generation_id: str | None) -> dict[str, Any]:
+        head = {"id": event_id, "event": kind}
+        return head if generation_id is None else head | {"generation_id": generation_id}
 
     def stopped(self) -> None:
         """Ends a partial answer with a newline, so the shell prompt starts on its own line."""
@@ -186,6 +208,7 @@ class Printer:
             self._finish_lines()
             if self.printed:
                 self.out.write("\n")
+                self.printed = False
 
     def _finish_lines(self) -> None:
         """Ends what the side stream left open; on a terminal, the answer's line too."""
@@ -256,6 +279,8 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
     fields = {} if args.model is None else {"model": args.model}
+    if args.conversation is not None:
+        fields["conversation_id"] = args.conversation
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
         try:
             created = await create(http, messages, **fields)
@@ -275,6 +300,10 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
     base_url = _base_url(args)
     if base_url is None:
         return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
+    if args.conversation is not None:
+        return await tail_conversation(args, printer, base_url)
+    if args.id is None:
+        return _error(EXIT_REJECTED, "usage", "give a generation ID, or --conversation CID")
     token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
         try:
@@ -284,6 +313,55 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
         except httpx.HTTPError as e:
             return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
         return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
+
+
+async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url: str) -> int:
+    """Every turn of a conversation as it comes, until Ctrl-C (or ``--turns`` turns ended)."""
+    token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
+    ended = 0
+    async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
+        try:
+            events_url = await _conversation_url(http, args.conversation, token)
+            follower = ConversationFollower(http, events_url, last_event_id=args.from_id)
+            async with contextlib.aclosing(follower.__aiter__()) as events:
+                async for event in events:
+                    data, generation_id = event.data, event.generation_id
+                    if event.event == "turn":
+                        printer.turn(event.id, int(data.get("turn", 0)), generation_id,
+                                     data.get("status"))
+                    elif event.event == "end":
+                        printer.end(event.id, data.get("finish_reason", "unknown"),
+                                    data.get("usage"), generation_id)
+                    elif event.event == "error":
+                        # One turn failed; the conversation goes on.
+                        code, message = data.get("code", "unknown"), data.get("message", "")
+                        printer.failed(event.id, code, message, generation_id)
+                        print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+                    else:  # the answer, reasoning, tool calls...: as in a generation's stream
+                        printer.event(Event(event.event, event.id, data), generation_id)
+                    if event.terminal:
+                        ended += 1
+                        if args.turns is not None and ended >= args.turns:
+                            return EXIT_OK
+        except RequestRejected as e:
+            printer.stopped()
+            hint = AUTH_HINT if e.status in (401, 403) else ""
+            return _error(EXIT_REJECTED, e.code, e.message + hint)
+        except (StreamError, httpx.HTTPError) as e:
+            printer.stopped()
+            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+    return EXIT_OK
+
+
+async def _conversation_url(http: httpx.AsyncClient, cid: str, token: str | None) -> str:
+    """As ``_events_url``, for a conversation (``GET /v1/conversations/{cid}``'s
+    ``events_url``; the plain URL for a conversation with no turn yet)."""
+    conversation = f"/v1/conversations/{quote(cid, safe='')}"
+    if token:
+        return f"{conversation}/events?token={quote(token, safe='')}"
+    response = await http.get(conversation)
+    url = response.json().get("events_url") if response.status_code == 200 else None
+    return url if isinstance(url, str) else f"{conversation}/events"
 
 
 async def _events_url(http: httpx.AsyncClient, gen_id: str, token: str | None) -> str:
@@ -307,9 +385,16 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("question", help="the question (the user message)")
         parser.add_argument("--model", help="model to ask (default: the edge's BROKER_MODEL)")
         parser.add_argument("--system", metavar="TEXT", help="a system message before it")
+        parser.add_argument("--conversation", metavar="CID", help="ask it as the next turn of "
+                            "this conversation (`broker tail --conversation CID` follows it)")
     else:
-        parser.add_argument("id", metavar="ID", help="the generation's id (`broker ask` prints "
-                            "it on stderr)")
+        parser.add_argument("id", metavar="ID", nargs="?", help="the generation's id "
+                            "(`broker ask` prints it on stderr)")
+        parser.add_argument("--conversation", metavar="CID", help="follow this conversation "
+                            "instead: every turn, live, until Ctrl-C (--from: a conversation "
+                            "event id)")
+        parser.add_argument("--turns", type=int, metavar="N", help="with --conversation: exit "
+                            "once N turns have ended")
         parser.add_argument("--from", dest="from_id", metavar="EVENT_ID",
                             help="resume: print only what follows this event id "
                             "(default: from the start)")
@@ -333,7 +418,9 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 ClientCommand = Callable[[argparse.Namespace, Printer], Coroutine[Any, Any, int]]
 CLIENT_COMMANDS: dict[str, tuple[ClientCommand, str]] = {
     "ask": (ask, "ask a question: create a generation and print its answer as it streams"),
-    "tail": (tail, "follow a generation from the start, or from an event id, to its end"),
+    "tail": (tail, "follow a generation from the start, or from an event id, to its end; or "
+                   "every turn of a conversation (--conversation)"),
+
 }
 
 

@@ -15,15 +15,16 @@ its own: a conversation has a few devices, a generation may have thousands of vi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
 
+from redis.exceptions import RedisError
 from starlette.types import Message, Receive, Scope, Send
 
 from broker.core import protocol, sse
 from broker.core.protocol import Turn
+from broker.edge.connection import connection_of
 from broker.edge.conversations import ConversationTopic
 from broker.edge.hub import Hub
 from broker.edge.stream import SSE_HEADERS, ViewerSlot, next_frames
@@ -83,10 +84,21 @@ class ConversationStream:
                     self.turn = await self._active_turn()
                 self.started = True
                 await self._send_message(send, {"type": "http.response.start", "status": 200,
-                                           "headers": SSE_HEADERS})
+                                                "headers": SSE_HEADERS})
+                if scope["method"] == "HEAD":
+                    await self._send(send, b"", more_body=False)
+                    return
                 await self._send(send, sse.retry(self.retry_ms))
-                with contextlib.suppress(_StreamOver):
+                try:
                     await self._follow(conversation, send)
+                except _StreamOver:
+                    pass
+                except (RedisError, OSError) as e:
+                    # Mid-stream: the response ends without a terminal event, and the device
+                    # resumes (on any edge) after the last id it has.
+                    metrics.redis_errors.labels("request").inc()
+                    log.warning("conversation %s: Redis failed mid-stream (%s); ending the "
+                                "response for the viewer to resume", self.cid, e)
             await self._send(send, b"", more_body=False)
         except asyncio.CancelledError:
             task = self._task
@@ -95,6 +107,10 @@ class ConversationStream:
             task.uncancel()  # the client left or was too slow: not a shutdown
             if self._too_slow:
                 metrics.slow_viewers_closed.inc()
+                # Its response cannot end (the socket takes no more): the connection goes.
+                connection = connection_of(scope)
+                if connection is not None:
+                    await connection.hang_up()
         finally:
             metrics.viewers.dec()
             if self.slot is not None:

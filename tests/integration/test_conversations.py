@@ -257,6 +257,9 @@ async def test_bad_conversation_ids_and_unknown_conversations(
     assert_error_body(response, 400, "invalid_last_event_id")
     response = await http.get(f"{stack.a}/v1/conversations/{unknown}/events?from=later")
     assert_error_body(response, 400, "invalid_request")
+    response = await http.head(f"{stack.a}/v1/conversations/{unknown}/events")
+    assert response.status_code == 200 and response.content == b""
+    assert response.headers["content-type"].startswith("text/event-stream")
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +363,37 @@ async def test_a_turn_that_ends_first_waits_for_the_earlier_turn(
         await device.until(lambda d: d.turns_ended() == 2, "both turns")
     assert_well_formed(device, [earlier["id"], later["id"]])
     assert device.text_of(later["id"]) == "Quick answer."
+
+
+@pytest.mark.parametrize("stack", ["redis"], indirect=True)  # (the CLI is no cluster client)
+async def test_two_terminals_follow_a_conversation_with_broker_tail(
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient
+) -> None:
+    """``broker tail --conversation`` in two terminals (one per edge, one printing JSON), a
+    turn asked with ``broker ask --conversation`` and one over HTTP: both terminals print both
+    turns, in order, exactly."""
+    from tests.integration.test_cli import finish, start
+
+    cid = new_cid()
+    answers = ["First answer. Short.", "Second answer, with a comma. Done."]
+    prompts = [fake_llm.script(unique("t1"), answers[0]),
+               fake_llm.script(unique("t2"), answers[1])]
+    text = await start("tail", "--conversation", cid, "--turns", "2", url=stack.a)
+    as_json = await start("tail", "--json", "--conversation", cid, "--turns", "2", url=stack.b)
+
+    async def following_now() -> bool:
+        return stack.numsub(protocol.conversation_channel(cid)) == 2
+    await eventually(following_now, 15, "the terminals to subscribe")
+    asked = await finish(await start("ask", "--conversation", cid, prompts[0], url=stack.a))
+    assert asked.code == 0, asked.stderr
+    assert asked.stdout == answers[0] + "\n"
+    gens = [asked.stderr_lines[0], (await turn(http, stack.b, cid, prompts[1]))["id"]]
+    done = await finish(text)
+    assert done.code == 0, done.stderr
+    assert done.stdout == "".join(
+        f"── turn {i + 1} ({gen}) ──\n{answer}\n"
+        for i, (gen, answer) in enumerate(zip(gens, answers, strict=True)))
+    lines = [json.loads(line) for line in (await finish(as_json)).stdout.splitlines()]
+    assert [line["generation_id"] for line in lines if "turn" in line] == gens
+    assert [line["finish_reason"] for line in lines if "finish_reason" in line] == ["stop"] * 2
+    assert "".join(line.get("text", "") for line in lines) == "".join(answers)
