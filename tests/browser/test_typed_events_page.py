@@ -246,3 +246,35 @@ async def test_onmessage_only_viewers_see_the_answer_alone_beside_every_kind(
     assert viewer["text"] == "".join(ANSWER)
     assert viewer["ids"] == [*message_ids, protocol.event_id(len(EVERY_EVENT))]
     assert viewer["terminal"] == "end" and viewer["finish_reason"] == "stop"
+
+
+# -- the conversation view ---------------------------------------------------------------------
+
+
+@pytest.mark.browser
+async def test_conversation_view_shows_each_turns_reasoning_and_tool_chip(
+    page: Page, api: httpx.AsyncClient
+) -> None:
+    """Both devices of the demo's conversation view show the turn's reasoning in its pane
+    and its tool call as a chip, beside the answer."""
+    await page.goto("/static/conversation.html")
+    await page.fill("#question", QUESTION)
+    await page.click("#ask")
+    await page.wait_for_function(
+        "() => window.conversationDemo.devices.length === 2 && window.conversationDemo"
+        ".devices.every((d) => d && d.turns.length === 1 && d.turns[0].ended)",
+        timeout=WAIT_MS)
+    (gen_id,) = await page.evaluate("() => window.conversationDemo.generations")
+    record = (await api.get(f"/v1/generations/{gen_id}")).json()
+    assert record["reasoning"] == mock_reasoning() != "" and record["finish_reason"] == "tool_calls"
+    for index in (0, 1):
+        turn = page.locator(".device").nth(index).locator(".turn")
+        assert await turn.count() == 1
+        pane = turn.locator("details.reasoning")
+        assert await pane.is_visible()
+        assert await pane.locator(".reasoning-text").text_content() == record["reasoning"]
+        chip = turn.locator(".tools .chip.tool-call")
+        assert await chip.count() == 1 and await chip.is_visible()
+        assert await chip.get_attribute("data-call-id") == WEATHER_CALL.id
+        assert (await chip.text_content() or "").startswith("⚙ get_weather({")
+        assert await turn.locator(".answer").text_content() == record["text"] != ""

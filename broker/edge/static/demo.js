@@ -6,6 +6,9 @@
  * answer, the model's reasoning in a pane that folds away, and each tool call, tool result
  * and data event as a chip. */
 import { followGeneration } from '/static/broker-stream.js';
+import {
+  buildTypedParts, el, showData, showReasoning, showToolCall, showToolResult,
+} from '/static/demo-typed.js';
 
 /* Everything a test (or a curious person in the console) may want to read. Each viewer
  * object is plain data; the stream handle and DOM nodes live in a private record instead, so
@@ -51,14 +54,6 @@ function setNotice(text, bad) {
   el.classList.toggle('bad', Boolean(bad));
 }
 
-/** Build an element with a class and text; text always goes through textContent. */
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
 /* ---------- viewer panels ---------- */
 
 /** Build the DOM of one viewer panel and return the nodes the code updates. */
@@ -83,27 +78,11 @@ function buildPanel(index) {
   drop.title = 'Close this EventSource and open a new one that resumes after the last id seen';
   head.append(drop);
 
-  // The reasoning pane: a <details>, so it folds with no script; hidden until reasoning comes.
-  const reasoning = el('details', 'reasoning');
-  reasoning.open = true;
-  reasoning.hidden = true;
-  const reasoningSummary = el('summary', null, 'Reasoning');
-  const reasoningCount = el('span', 'meta count-reasoning', '');
-  reasoningSummary.append(' ', reasoningCount);
-  const reasoningText = el('div', 'reasoning-text');
-  reasoning.append(reasoningSummary, reasoningText);
-
-  const tools = el('div', 'tools');
-  tools.hidden = true;
-  tools.setAttribute('aria-label', 'Tool calls and data');
-
-  const answer = el('div', 'answer');
-  answer.setAttribute('aria-live', 'polite');
+  const parts = buildTypedParts();  // reasoning pane, tool chips, answer
   const log = el('ol', 'log');
 
-  root.append(head, reasoning, tools, answer, log);
-  return { root, state, messages, reconnects, lastId, drop, reasoning, reasoningCount,
-           reasoningText, tools, answer, log };
+  root.append(head, ...parts.nodes, log);
+  return { root, state, messages, reconnects, lastId, drop, parts, answer: parts.answer, log };
 }
 
 /** Create viewer number `index` and connect it from the beginning (late join). */
@@ -221,18 +200,6 @@ function onAnswerMessage(panel, message) {
 
 /* ---------- typed events: reasoning, tool calls, tool results, data ---------- */
 
-const CHIP_TEXT_LIMIT = 60; // a chip shows the start of its value; its title holds it all
-
-function shorten(text) {
-  return text.length > CHIP_TEXT_LIMIT ? text.slice(0, CHIP_TEXT_LIMIT - 1) + '…' : text;
-}
-
-/** A JSON value as compact text, for a chip. */
-function compact(value) {
-  const text = JSON.stringify(value);
-  return text === undefined ? String(value) : text;
-}
-
 /** An event whose data could not be parsed: logged, not rendered; its id still counts. */
 function unparseable(panel, event, kind) {
   if (event.data !== null) return false;
@@ -249,69 +216,38 @@ function onReasoning(panel, event) {
   sync(panel);
   generationRunning();
   data.reasoning += event.text;
-  els.reasoning.hidden = false;
-  els.reasoningText.append(el('span', 'thought', event.text));
-  els.reasoningCount.textContent = '(' + data.reasoning.length + ' chars)';
+  showReasoning(els.parts, event.text);
   updateCounters(panel);
   logLine(panel, event.id + ' reasoning (' + event.text.length + ' chars)');
 }
 
-/** A chip in the panel's tool row; `title` holds the whole value. */
-function addChip(panel, className, label, title) {
-  const chip = el('span', 'chip ' + className, label);
-  chip.title = title;
-  panel.els.tools.hidden = false;
-  panel.els.tools.append(chip);
-  return chip;
-}
-
 function onToolCall(panel, event) {
   if (unparseable(panel, event, 'tool_call')) return;
-  const { data } = panel;
   const call = event.data;
   sync(panel);
   generationRunning();
-  data.toolCalls.push(call);
-  const args = typeof call.arguments === 'string' ? call.arguments : compact(call.arguments);
-  const chip = addChip(panel, 'tool-call', '⚙ ' + call.name + '(' + shorten(args) + ')',
-    call.name + '(' + args + ')\ncall id: ' + call.id);
-  chip.dataset.callId = String(call.id);
-  chip.dataset.eventId = event.id;
+  panel.data.toolCalls.push(call);
+  showToolCall(panel.els.parts, call, event.id);
   updateCounters(panel);
   logLine(panel, event.id + ' tool_call ' + call.name + ' (' + call.id + ')');
 }
 
 function onToolResult(panel, event) {
   if (unparseable(panel, event, 'tool_result')) return;
-  const { data } = panel;
-  const result = event.data;
   sync(panel);
-  data.toolResults.push(result);
-  const text = compact(result.result);
-  const chip = addChip(panel, 'tool-result', '↳ ' + shorten(text),
-    'result of ' + result.id + ':\n' + text);
-  chip.dataset.callId = String(result.id);
-  chip.dataset.eventId = event.id;
-  // The call it answers shows that it has its result.
-  for (const call of panel.els.tools.querySelectorAll('.chip.tool-call')) {
-    if (call.dataset.callId === String(result.id)) call.classList.add('answered');
-  }
+  panel.data.toolResults.push(event.data);
+  showToolResult(panel.els.parts, event.data, event.id);
   updateCounters(panel);
-  logLine(panel, event.id + ' tool_result for ' + result.id);
+  logLine(panel, event.id + ' tool_result for ' + event.data.id);
 }
 
 function onDataEvent(panel, event) {
   if (unparseable(panel, event, 'data')) return;
-  const { data } = panel;
-  const item = event.data;
   sync(panel);
-  data.data.push(item);
-  const text = compact(item.value);
-  const chip = addChip(panel, 'data', item.name + ': ' + shorten(text), item.name + ': ' + text);
-  chip.dataset.name = String(item.name);
-  chip.dataset.eventId = event.id;
+  panel.data.data.push(event.data);
+  showData(panel.els.parts, event.data, event.id);
   updateCounters(panel);
-  logLine(panel, event.id + ' data ' + item.name);
+  logLine(panel, event.id + ' data ' + event.data.name);
 }
 
 function onEnd(panel, result) {
