@@ -24,7 +24,7 @@ from broker.core.metrics import Metrics
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
 from broker.core.tasks import cancel_and_wait
-from broker.edge import headers
+from broker.edge import aisdk_routes, headers
 from broker.edge.auth import ApiKeys, ViewerTokens, parse_keys
 from broker.edge.cors import CorsPolicy
 from broker.edge.errors import ApiError, error_response
@@ -77,7 +77,7 @@ def create_app(
 
     cors = CorsPolicy(settings.cors_origins)
     app = EdgeApp(
-        routes=routes,
+        routes=[*routes, *aisdk_routes.routes],
         lifespan=lifespan,
         middleware=cors.middleware(),
         exception_handlers={

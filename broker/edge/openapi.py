@@ -233,6 +233,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     **_errors(400, 401, 403, 404, 503),
                 },
             }},
+            **_ai_sdk_paths(),
             "/healthz": {"get": {"summary": "the process is up", "responses": {
                 "200": {"description": "up"}}}},
             "/readyz": {"get": {"summary": "Redis reachable and delivering", "responses": {
@@ -241,4 +242,55 @@ def document(settings: Settings) -> dict[str, Any]:
                 "200": {"description": "metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
+    }
+
+
+def _ai_sdk_paths() -> dict[str, Any]:
+    """The AI SDK's chat endpoints (``broker.edge.aisdk_routes``). The body's schema holds
+    only what the edge checks (a body it would refuse must break the schema: the fuzzer's
+    negative cases count on it); the parts of a message are the SDK's ``UIMessage`` parts."""
+    ui_message = {
+        "type": "object", "required": ["role", "parts"],
+        "properties": {"id": {}, "role": {"enum": ["system", "user", "assistant"]},
+                       "parts": {"type": "array", "items": {"type": "object"}}},
+    }
+    chat_body = {
+        "type": "object", "required": ["id", "messages"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$",
+                   "description": "the chat id: the conversation the turn belongs to"},
+            "messages": {"type": "array", "items": ui_message, "minItems": 1},
+            "trigger": {"enum": ["submit-message", "regenerate-message"]},
+            "messageId": {},
+        },
+        "additionalProperties": True,
+        "description": "the body DefaultChatTransport posts; other fields (the transport's "
+                       "`body` option) go to the LLM request as in POST /v1/generations",
+    }
+    ui_stream = {"text/event-stream": {"schema": {"type": "string"}}}
+    stream_headers = {"x-vercel-ai-ui-message-stream": {"schema": {"const": "v1"}}}
+    return {
+        "/v1/ai-sdk/chat": {"post": {
+            "summary": "run a turn of the chat; its UI message stream (AI SDK)",
+            "security": [{"apiKey": []}],
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": chat_body}}},
+            "responses": {
+                "200": {"description": "the turn's UI message stream",
+                        "headers": stream_headers, "content": ui_stream},
+                **_errors(400, 401, 408, 413, 422, 429, 503),
+            },
+        }},
+        "/v1/ai-sdk/chat/{chat_id}/stream": {"get": {
+            "summary": "the chat's active turn's UI message stream, from its start (AI SDK)",
+            "security": [{"apiKey": []}, {"viewerToken": []}],
+            "parameters": [{"name": "chat_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}, "description": "the chat id"}],
+            "responses": {
+                "200": {"description": "the active turn's UI message stream",
+                        "headers": stream_headers, "content": ui_stream},
+                "204": {"description": "the chat has no active turn"},
+                **_errors(401, 403, 404, 503),
+            },
+        }},
     }

@@ -11,6 +11,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -134,6 +135,25 @@ async def create_generation(request: Request) -> Response:
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
     conversation = take_conversation_id(chat_request)
+    gen_id = await queue_generation(edge, producer, chat_request, conversation)
+    answer = {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"}
+    if conversation:
+        answer |= {"conversation_id": conversation,
+                   "conversation_url": edge.conversation_url(conversation)}
+    return JSONResponse(
+        answer,
+        status_code=201,
+        headers={"location": f"/v1/generations/{gen_id}"},
+    )
+
+
+async def queue_generation(
+    edge: Edge, producer: str | None, chat_request: dict[str, Any], conversation: str | None
+) -> str:
+    """Create a generation of the validated ``chat_request`` for the workers to run (a turn of
+    ``conversation``, if given), within ``producer``'s queue quota (429 past it); its id. The
+    one create path: ``POST /v1/generations`` and the AI SDK's ``POST /v1/ai-sdk/chat``."""
+    s = edge.settings
     gen_id = protocol.new_generation_id()
     logs.generation.set(gen_id)
     if producer and not await edge.store.reserve_queue_slot(
@@ -157,15 +177,7 @@ async def create_generation(request: Request) -> Response:
     if s.log_prompts:  # asked for explicitly: prompts are private by default
         log.info("generation %s prompt: %s", gen_id,
                  json.dumps(chat_request["messages"], ensure_ascii=False))
-    answer = {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"}
-    if conversation:
-        answer |= {"conversation_id": conversation,
-                   "conversation_url": edge.conversation_url(conversation)}
-    return JSONResponse(
-        answer,
-        status_code=201,
-        headers={"location": f"/v1/generations/{gen_id}"},
-    )
+    return gen_id
 
 
 async def get_generation(request: Request) -> Response:

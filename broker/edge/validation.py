@@ -40,7 +40,8 @@ def _finite(text: str) -> float:
     return value
 
 
-def _load(body: bytes) -> Any:
+def load_json(body: bytes) -> Any:
+    """A request body's JSON (400 ``invalid_json`` if it is not JSON, RFC 8259)."""
     try:
         return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -72,7 +73,16 @@ def parse_create_body(
     max_content_chars: int = 200_000,
 ) -> dict[str, Any]:
     """The chat-completions request to run: validated messages, a model, other fields as given."""
-    request = _load(body)
+    return check_create_request(load_json(body), default_model, max_messages=max_messages,
+                                max_content_chars=max_content_chars)
+
+
+def check_create_request(
+    request: Any, default_model: str, *, max_messages: int = 256,
+    max_content_chars: int = 200_000,
+) -> dict[str, Any]:
+    """``parse_create_body`` once the body is JSON: what the AI SDK's chat endpoint checks
+    the request it converts with too."""
     if not isinstance(request, dict):
         raise ApiError(422, "invalid_request", "request body must be a JSON object")
     if _nests_deeper_than(request, MAX_JSON_DEPTH):
