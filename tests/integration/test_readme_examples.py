@@ -20,7 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from broker.tools.mockllm import Reply, default_script
+from broker.tools.mockllm import WEATHER_CALL, Reply, default_script
 from tests.conftest import StartBroker
 from tests.support.devserver import DevServer
 from tests.support.fakellm import FakeLLM
@@ -33,6 +33,7 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 API_KEY = "readme-producer-key"
 ASKED = "Why is the sky blue?"
 HELLO = "Hello?"
+THOUGHT = "Think about the weather in Paris."
 # What the fake LLM answers behind the keyed edge (broker dev answers with its own mock).
 SKY = ("Light from the sun meets the air. Short blue waves scatter most! So the sky looks "
        "blue? Yes.\n\nAt sunset the light crosses more air. Then red remains.")
@@ -69,6 +70,7 @@ ASK = the_command(TERMINAL, f'broker ask "{ASKED}"')
 ASK_JSON = the_command(TERMINAL, "broker ask --json ")
 TAIL = the_command(TERMINAL, "broker tail <id>")
 TAIL_FROM = the_command(TERMINAL, "broker tail --from 0000000003 <id>")
+THINKING = the_command(TERMINAL, 'broker ask "Think about the weather')
 CREATE = the_command(API, "curl -s localhost:8000/v1/generations -H")
 STREAM = the_command(API, "curl -N 'localhost:8000/v1/generations/<id>/events?token=<token>'")
 RESUME = the_command(API, "curl -N -H 'Last-Event-ID: 0000000003' ")
@@ -77,7 +79,7 @@ CANCEL = the_command(API, "curl -s -XPOST localhost:8000/v1/generations/<id>/can
 
 
 def test_every_readme_example_is_run_here() -> None:
-    assert sorted(TERMINAL) == sorted([EXPORT, ASK, ASK_JSON, TAIL, TAIL_FROM])
+    assert sorted(TERMINAL) == sorted([EXPORT, ASK, ASK_JSON, TAIL, TAIL_FROM, THINKING])
     assert sorted(API) == sorted([CREATE, STREAM, RESUME, STATUS, CANCEL])
 
 
@@ -151,6 +153,10 @@ def keyed(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[Target]:
     """An edge with keys, a worker, a redis-server; "Hello?" waits (after its first token)
     until the test releases it, so the example's cancel finds it running."""
     fake_llm.script(ASKED, SKY)
+    # The typed-events example: what the dev mode's mock streams for it, reasoning first.
+    mock = default_script({"messages": [{"role": "user", "content": THOUGHT}]})
+    fake_llm.script(THOUGHT, deltas=mock.chunk_deltas(), finish_reason=mock.finish_reason,
+                    delay=0)
     fake_llm.script(HELLO, "Hello there. Nice to meet you! How can I help? Ask me anything. "
                     "I answer in sentences.", hold_at=1)
     redis = RedisServer().start()
@@ -245,6 +251,17 @@ async def test_the_terminal_examples_work_as_written(target: Target) -> None:
         tailed_from = await sh(target, f"{EXPORT}\n{TAIL_FROM}", id=gen_id)
         assert (tailed_from.code, tailed_from.stdout) == (0, rest + "\n"), tailed_from.stderr
         assert rest and rest != status["text"]
+
+        # The reasoning and the tool call beside the answer: on stderr, the answer alone on
+        # stdout.
+        thought = await sh(target, f"{EXPORT}\n{THINKING}")
+        assert thought.code == 0, thought.stderr
+        thought_id, _, side = thought.stderr.split("\n", 2)
+        record = await status_of(http, target, thought_id)
+        assert thought.stdout == record["text"] + "\n" != "\n"
+        arguments = "".join(WEATHER_CALL.pieces)
+        assert side == (f"[reasoning] {record['reasoning']}\n"
+                        f"[tool_call {WEATHER_CALL.id}] get_weather({arguments})\n")
 
 
 async def test_tail_on_a_keyed_edge_needs_a_key_or_a_token(keyed: Target) -> None:
