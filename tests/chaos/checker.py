@@ -153,7 +153,7 @@ class Checker:
             if data.get("finish_reason") == "stop" and text != gen.answer:
                 self._fail("wrong_text", gen, "", f"the log's text differs from the answer "
                            f"({len(text)} vs {len(gen.answer)} characters)")
-            if gen.mode != "ok":
+            if gen.mode not in ("ok", "producer"):
                 self._fail("unexpected_end", gen, "", f"mode {gen.mode} ended {outcome}")
         else:
             code = str(data.get("code"))
@@ -167,6 +167,8 @@ class Checker:
     def _explained(self, gen: Generation, code: str) -> bool:
         if code in MODE_CODES.get(gen.mode, set()):
             return True
+        if code == "producer_lost" and gen.mode == "producer" and gen.producer_crashed:
+            return True  # its producer stopped dead (killed, or gave up through an outage)
         kinds = EXPLAINED_BY.get(code)
         if not kinds:
             return False

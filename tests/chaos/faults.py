@@ -25,7 +25,7 @@ COMMON = {
     "edge_kill": 3, "edge_term": 2, "edge_stop": 1,
     "worker_kill": 3, "worker_term": 2, "worker_stop": 1,
     "viewer_sever": 2, "pubsub_drop": 2,
-    "llm_fail": 1, "llm_silent": 1, "llm_broken": 1, "slow_viewer": 1,
+    "llm_fail": 1, "llm_silent": 1, "llm_broken": 1, "slow_viewer": 1, "producer_kill": 1,
 }
 ONE_REDIS = {"redis_stop": 2, "redis_restart": 2, "redis_latency": 2, "redis_sever": 2,
              "pubsub_overflow": 2}
@@ -169,6 +169,8 @@ class Scheduler:
             return "redis"
         if kind in LLM_MODE:
             return "llm"
+        if kind == "producer_kill":
+            return "producer"
         if kind == "slow_viewer":
             return f"slow_viewer{len(self.timeline)}"
         return None
@@ -388,6 +390,10 @@ class Scheduler:
         fault.healed = time.monotonic()
 
     _do_llm_fail = _do_llm_silent = _do_llm_broken = _llm_mode
+
+    async def _do_producer_kill(self, fault: Fault, params: dict[str, Any]) -> None:
+        fault.detail["generation"] = self.load.crash_producer(params["pick"]) or "none running"
+        fault.healed = time.monotonic()
 
     async def _do_slow_viewer(self, fault: Fault, params: dict[str, Any]) -> None:
         fault.detail["viewer"] = self.load.add_slow_viewer(params["seconds"] * 2)

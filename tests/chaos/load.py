@@ -16,10 +16,14 @@ from typing import Any
 import httpx
 from redis.exceptions import RedisClusterException, RedisError
 
+from broker import producer
 from broker.core import protocol
+from broker.core.settings import Settings
+from broker.tools.mockllm import tokenize
 from tests.chaos import llm
 from tests.chaos.viewers import Plan, Viewer
 
+PRODUCER_SHARE = 0.2  # of the generations, made by an external producer instead of a worker
 CREATE_ATTEMPTS_FOR = 20.0  # seconds a create is retried through an outage
 LOG_POLL = 0.5
 
@@ -39,6 +43,8 @@ class Generation:
     status: str = ""
     ended_at: float | None = None  # monotonic, when the log reader saw the final status
     log_error: str = ""
+    producer_crashed: str = ""  # an external producer's: why it stopped without finishing
+    crash_requested: bool = False  # the producer_kill fault: stop as if the process died
 
     @property
     def answer(self) -> str:
@@ -77,6 +83,7 @@ class Load:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slow: list[float] = []  # slow viewers to add to the next generation (pause s)
         self.viewer_deadline = float("inf")
+        self.producer_settings = Settings.from_env({})  # the sentence buffer's defaults
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=50)
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(5.0, read=60.0), limits=limits)
@@ -99,6 +106,18 @@ class Load:
         gen.viewers.append(viewer)
         self._spawn(self._follow(gen, viewer))
         return viewer.name
+
+    def crash_producer(self, pick: float) -> str:
+        """Make a running external producer stop dead (as its process would if killed):
+        no finish, no fail, its heartbeat gone; the generation ends at its lease."""
+        running = [g for g in self.generations
+                   if g.mode == "producer" and g.gen_id and g.ended_at is None
+                   and not g.crash_requested]
+        if not running:
+            return ""
+        gen = running[min(len(running) - 1, int(pick * len(running)))]
+        gen.crash_requested = True
+        return gen.label
 
     def running_ids(self) -> list[str]:
         return [g.gen_id for g in self.generations if g.gen_id and g.ended_at is None]
@@ -129,6 +148,8 @@ class Load:
         rng = self.rng
         label = f"g{len(self.generations):05d}"
         mode = self._modes.pop(0) if self._modes else "ok"
+        if mode == "ok" and rng.random() < PRODUCER_SHARE:
+            mode = "producer"  # an external producer streams it over the edges' HTTP API
         prompt = llm.prompt(label, rng.randrange(1 << 30), rng.randint(20, 90),
                             rng.uniform(0.02, 0.08), mode)
         gen = Generation(label, prompt, mode)
@@ -155,6 +176,9 @@ class Load:
 
     async def _generation(self, gen: Generation) -> None:
         gen.requested_at = time.monotonic()
+        if gen.mode == "producer":
+            await self._produced(gen)
+            return
         if not await self._create(gen):
             return
         url = f"{self.entry_url}/v1/generations/{gen.gen_id}/events"
@@ -169,6 +193,48 @@ class Load:
     @property
     def _deadline(self) -> float:
         return self.viewer_deadline
+
+    async def _produced(self, gen: Generation) -> None:
+        """An external producer (``broker.producer`` over HTTP, through the viewers' link and
+        the load balancer) streams the answer token by token, then finishes; the viewers
+        follow it as any other generation."""
+        fields = llm.parse(gen.prompt)
+        delay = float(fields["delay"])
+        source = producer.over_http(self.entry_url, settings=self.producer_settings)
+        deadline = time.monotonic() + CREATE_ATTEMPTS_FOR
+        while True:
+            gen.create_attempts += 1
+            try:
+                await source.start()
+                break
+            except (producer.ProducerError, httpx.HTTPError) as e:
+                gen.create_error = repr(e)
+                if time.monotonic() > deadline:
+                    await source.aclose()
+                    return
+                await asyncio.sleep(self.retry_s)
+        gen.gen_id = source.id
+        gen.created_at = time.monotonic()
+        url = f"{self.entry_url}/v1/generations/{gen.gen_id}/events"
+        followers = [asyncio.create_task(self._follow(gen, v, url)) for v in gen.viewers]
+        reading = asyncio.create_task(self._read_log(gen))
+        try:
+            for token in tokenize(gen.answer):
+                if gen.crash_requested:
+                    gen.producer_crashed = "killed (producer_kill)"
+                    break
+                await source.text(token)
+                await asyncio.sleep(delay)
+            else:
+                await source.finish()
+        except (producer.ProducerError, httpx.HTTPError) as e:
+            # It gave up (its retries ran out through an outage): as a crashed process, it
+            # leaves the generation to its lease.
+            gen.producer_crashed = f"gave up: {e!r}"
+        finally:
+            await source.aclose()
+        await reading
+        await asyncio.gather(*followers, return_exceptions=True)
 
     async def _create(self, gen: Generation) -> bool:
         body = {"messages": [{"role": "user", "content": gen.prompt}]}

@@ -13,7 +13,7 @@ from tests.chaos.faults import LLM_MODE, Fault
 from tests.chaos.load import Generation
 
 # Faults that disturb no running viewer (they change what later generations do).
-NO_RECOVERY = {*LLM_MODE, "slow_viewer"}
+NO_RECOVERY = {*LLM_MODE, "slow_viewer", "producer_kill"}
 
 
 def recovery(generations: list[Generation], timeline: list[Fault]) -> dict[str, list[float]]:

@@ -35,6 +35,7 @@ SETTINGS = {
     "BROKER_LLM_MAX_RETRIES": "1",
     "BROKER_SEND_TIMEOUT": "5",
     "BROKER_FLUSH_INTERVAL": "1.0",
+    "BROKER_PRODUCER_LEASE": "5",
 }
 # Bytes of data (used_memory_dataset) Redis may keep over its baseline once every generation
 # expired: the job streams' and consumer groups' bookkeeping, the scripts' cache.
