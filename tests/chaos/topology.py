@@ -156,7 +156,10 @@ class Topology:
 
     def redis_url(self) -> str:
         if self.cluster is not None:
-            return self.cluster.url
+            # Every node a seed: a process (re)started while a master is down still finds the
+            # cluster (with one seed down it would not start: docs/deployment.md).
+            seeds = ",".join(f"127.0.0.1:{node.port}" for node in self.cluster.nodes)
+            return f"redis+cluster://{seeds}"
         assert self.redis_link is not None
         return f"redis://127.0.0.1:{self.redis_link.port}/0"
 
