@@ -345,13 +345,14 @@ class Scheduler:
         # node keeps no data of its own (no AOF), so back sooner it would serve its slots
         # empty, which is a restart without persistence, not a failover.
         promoted_in_time = await asyncio.to_thread(_wait, promoted, 30)
-        fault.detail["failover_s"] = round(time.monotonic() - fault.start, 3)
+        fault.healed = time.monotonic()  # its slots served again: recovery counts from here
+        fault.detail["failover_s"] = round(fault.healed - fault.start, 3)
         if not promoted_in_time:
             fault.detail["failover"] = "not within 30 s"
         await asyncio.sleep(params["restart_after"])
         await asyncio.to_thread(node.start)
         await asyncio.to_thread(_wait, cluster.replicas_in_sync, 30)
-        fault.healed = time.monotonic()
+        fault.detail["rejoined_s"] = round(time.monotonic() - fault.start, 3)
 
     async def _do_slot_move(self, fault: Fault, params: dict[str, Any]) -> None:
         cluster = self.topo.cluster
