@@ -34,6 +34,7 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "direct": ([], ["--generations", "4", "--tokens", "40"]),
     "b6": ([], ["--rates", "100", "--answers", "emoji,cjk", "--repeat", "1"]),
     "b8": ([], ["--messages", "1500", "--send-timeout", "2"]),
+    "b7": ([], ["--g", "20", "--rounds", "2", "--messages", "10", "--impls", "broker"]),
 }
 
 
@@ -223,9 +224,42 @@ def b8_rows(results: Path) -> list[Row]:
              f"{c['fast_latency_ms']['p99']:.1f} ms, max {c['fast_latency_ms']['max']:.1f} ms")]
 
 
+def b7_rows(results: Path) -> list[Row]:
+    data = load(results, "b7")
+    cells = (data or {}).get("cells", [])
+    if not cells:
+        return [("B7", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    rows: list[Row] = []
+    for r in data.get("ratios_nchan", []):
+        g = r["generations"]
+        broker = cell(data, impl="broker", generations=g, edge_processes=1) or {}
+        peer = cell(data, impl="nchan", generations=g) or {}
+        rows.append((f"B7 G={g}: edge CPU per delivery ≤ Nchan's",
+                     f"{broker['edge_cpu_us_per_delivery']:.1f} µs vs "
+                     f"{peer['edge_cpu_us_per_delivery']:.1f} µs ({r['edge CPU / delivery']}x)",
+                     verdict(r["edge CPU / delivery"] <= 1),
+                     f"p99 {broker['latency_ms']['p99']:.1f} vs {peer['latency_ms']['p99']:.1f}"
+                     f" ms; RSS {broker['edge_rss_peak_mb']:.0f} vs "
+                     f"{peer['edge_rss_peak_mb']:.0f} MB; Redis CPU {r['Redis CPU']}x"))
+    for g in sorted({c["generations"] for c in cells}):
+        one = cell(data, impl="broker", generations=g, edge_processes=1)
+        two = cell(data, impl="broker", generations=g, edge_processes=2)
+        if one and two:
+            speedup = one["edge_cores"] and two["edge_cores"] / one["edge_cores"]
+            rows.append((f"B7 G={g}: 2 edge processes (no target below saturation)",
+                         f"{two['deliveries_per_s']:.0f} vs {one['deliveries_per_s']:.0f} "
+                         "deliveries/s", "",
+                         f"p99 {two['latency_ms']['p99']:.1f} vs {one['latency_ms']['p99']:.1f} "
+                         f"ms; edge cores {two['edge_cores']:.2f} vs {one['edge_cores']:.2f} "
+                         f"({speedup:.2f}x)"))
+    if not rows:
+        rows.append(("B7", f"{len(cells)} cells, no Nchan cell to compare with", "n/a", ""))
+    return rows
+
+
 SUMMARIES: dict[str, Callable[[Path], list[Row]]] = {
     "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows, "b5": b5_rows,
-    "direct": direct_rows, "b6": b6_rows, "b8": b8_rows,
+    "direct": direct_rows, "b6": b6_rows, "b7": b7_rows, "b8": b8_rows,
 }
 
 
