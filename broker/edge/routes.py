@@ -23,11 +23,12 @@ from broker.core.metrics import Metrics
 from broker.core.protocol import Meta
 from broker.core.settings import Settings
 from broker.core.store import Store
+from broker.core.tasks import SharedCalls
 from broker.edge import openapi
 from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
-from broker.edge.stream import EventStream, ViewerSlots
+from broker.edge.stream import EventStream, OpenStreams
 from broker.edge.validation import parse_create_body, parse_last_event_id
 
 log = logging.getLogger(__name__)
@@ -43,29 +44,18 @@ class Edge:
     metrics: Metrics
     api_keys: ApiKeys
     viewer_tokens: ViewerTokens
-    viewer_slots: ViewerSlots  # BROKER_MAX_VIEWERS
-    _meta_reads: dict[str, asyncio.Future[Meta | None]] = field(default_factory=dict)
+    open_streams: OpenStreams  # BROKER_MAX_VIEWERS, the send watch
+    _meta_reads: SharedCalls[str, Meta | None] = field(default_factory=SharedCalls)
 
     async def stream_meta(self, gen_id: str, cursor: int) -> Meta | None:
         """The generation's meta for a stream request. Requests that arrive together (a
         resume storm, a crowd joining) share one read; an answer that would refuse the
         request (no such id, a cursor past its end) may predate this request's arrival, so
         it is read again for this request alone."""
-        read = self._meta_reads.get(gen_id)
-        if read is None:
-            read = asyncio.ensure_future(self.store.meta(gen_id))
-            self._meta_reads[gen_id] = read
-            read.add_done_callback(functools.partial(self._meta_read_done, gen_id))
-            return await asyncio.shield(read)
-        meta = await asyncio.shield(read)
-        if meta is None or cursor > meta.seq:
+        meta, shared = await self._meta_reads.get(gen_id, lambda: self.store.meta(gen_id))
+        if shared and (meta is None or cursor > meta.seq):
             meta = await self.store.meta(gen_id)
         return meta
-
-    def _meta_read_done(self, gen_id: str, read: asyncio.Future[Meta | None]) -> None:
-        del self._meta_reads[gen_id]
-        if not read.cancelled():
-            read.exception()  # retrieved here: every waiter may have left already
 
     def events_url(self, gen_id: str) -> str:
         """The stream's URL as a browser will open it: with a viewer token when tokens are on."""
@@ -220,7 +210,7 @@ async def open_stream(edge: Edge, request: Request, gen_id: str) -> EventStream 
     )
     if not protocol.is_generation_id(gen_id):
         raise ApiError(404, "not_found", "no such generation")
-    slot = edge.viewer_slots.take()
+    slot = edge.open_streams.take()
     if slot is None:
         raise ApiError(
             503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -19,6 +20,8 @@ from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
 
+SEND_WATCH_INTERVAL = 0.5
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -26,16 +29,27 @@ SSE_HEADERS = [
 ]
 
 
-class ViewerSlots:
-    """``BROKER_MAX_VIEWERS`` of one edge. A stream request takes a slot as it is accepted, in
-    the same step as the check (no await between: a burst cannot all pass a check before any
-    counts), and gives it back exactly once when it ends, whichever way."""
+class SendWatched(Protocol):
+    def close_if_blocked(self, now: float) -> None:
+        """End the response if a write has been blocked past the send timeout."""
 
-    __slots__ = ("limit", "taken")
+
+class OpenStreams:
+    """The SSE responses of this edge.
+
+    At most ``BROKER_MAX_VIEWERS`` of them: a stream request takes a slot as it is accepted, in
+    the same step as the check (no await between: a burst cannot all pass a check before any
+    counts), and gives it back exactly once when it ends, whichever way. And a send watch: a
+    write returns at once unless the socket's buffer is full, so rather than a timer around
+    every write (once half the edge's CPU), each started response is looked at now and then
+    and closed when a write stays blocked past the send timeout (a slow reader)."""
+
+    __slots__ = ("limit", "running", "taken")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.taken = 0
+        self.running: set[SendWatched] = set()
 
     def take(self) -> ViewerSlot | None:
         if self.taken >= self.limit:
@@ -43,18 +57,37 @@ class ViewerSlots:
         self.taken += 1
         return ViewerSlot(self)
 
+    async def watch_sends_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SEND_WATCH_INTERVAL)
+            now = time.monotonic()
+            for stream in list(self.running):
+                stream.close_if_blocked(now)
+
 
 class ViewerSlot:
-    __slots__ = ("_slots",)
+    """One stream's place among the ``OpenStreams``."""
 
-    def __init__(self, slots: ViewerSlots) -> None:
-        self._slots: ViewerSlots | None = slots
+    __slots__ = ("_slots", "_stream")
+
+    def __init__(self, slots: OpenStreams) -> None:
+        self._slots: OpenStreams | None = slots
+        self._stream: SendWatched | None = None
+
+    def watch(self, stream: SendWatched) -> None:
+        """The response runs: the send watch looks at it until the slot is released."""
+        if self._slots is not None:
+            self._stream = stream
+            self._slots.running.add(stream)
 
     def release(self) -> None:
         """Give the slot back; once (later calls do nothing)."""
         slots, self._slots = self._slots, None
         if slots is not None:
             slots.taken -= 1
+            if self._stream is not None:
+                slots.running.discard(self._stream)
+                self._stream = None
 
 
 class EventStream:
@@ -89,9 +122,7 @@ class EventStream:
         # connection lives forever (tokens are checked again, load rebalances).
         self.deadline = time.monotonic() + max_seconds
         self._client_gone = False
-        # Set while a write is in flight. A write returns at once unless the socket's buffer is
-        # full, so rather than a timer around every write (once half the edge's CPU), the hub
-        # looks at this now and then and closes viewers blocked past the send timeout.
+        # Set while a write is in flight: the send watch (``OpenStreams``) looks at it.
         self._sending_since: float | None = None
         self._last_write = time.monotonic()
         self._too_slow = False
@@ -111,7 +142,8 @@ class EventStream:
         if connection is None or not connection.on_lost(self._client_left):
             watcher = asyncio.create_task(self._watch_disconnect(receive))
         self.metrics.viewers.inc()
-        self.hub.open_streams.add(self)
+        if self.slot is not None:
+            self.slot.watch(self)
         try:
             async with self.hub.watch(self.gen_id) as topic:
                 changed = topic.next_change()
@@ -145,7 +177,6 @@ class EventStream:
                     await connection.hang_up()
         finally:
             self.metrics.viewers.dec()
-            self.hub.open_streams.discard(self)
             if self.slot is not None:
                 self.slot.release()
             self._writer = None
@@ -253,8 +284,8 @@ class EventStream:
         self._last_write = time.monotonic()
 
     def close_if_blocked(self, now: float) -> None:
-        """Called by the hub's watch: a write blocked past the send timeout ends this stream
-        (the viewer resumes from the log when it catches up)."""
+        """Called by the send watch (``OpenStreams``): a write blocked past the send timeout
+        ends this stream (the viewer resumes from the log when it catches up)."""
         since = self._sending_since
         if since is not None and now - since > self.send_timeout and not self._too_slow:
             self._too_slow = True
