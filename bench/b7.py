@@ -118,11 +118,11 @@ class Measured(Proc):
         return self._pid
 
 
-def edge_pids(edge: Proc, impl: str) -> list[int]:
+def edge_pids(edge: Proc, impl: str, procs: int) -> list[int]:
     """The processes doing the edge's work: nginx's worker; the broker edge and, with
     ``--workers N``, its N serving children (the parent then only supervises: it is
     included, it costs ~nothing)."""
-    if impl == "nchan":
+    if impl == "nchan" or procs == 1:
         return [edge.pid]
     return [edge.pid, *child_pids(edge.pid)]
 
@@ -141,7 +141,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             extra = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
             edge, edge_url = await start_edge(group, impl, redis_url, **extra)
             lb, lb_url = await start_haproxy(group, edge_url, "/readyz")
-        pids = edge_pids(edge, impl)
+        pids = edge_pids(edge, impl, procs)
         if impl == "broker" and len(pids) != (1 if procs == 1 else procs + 1):
             raise BenchError(f"broker edge with {procs} processes runs {len(pids)}: {pids}")
         for pid in pids:
@@ -190,7 +190,8 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             await s.stop()
 
         what = f"{impl} G={g} procs={procs}"
-        tail = "".join(p.tail() for p in group.procs if p.name in ("broker-edge", "nchan-edge"))
+        tail = "".join(p.tail() for p in group.procs
+                       if p.name in ("broker-edge", "nchan-edge", "haproxy"))
         verdict = collect(group, loadgens, what, shape.deliveries, tail)
         window_s = (verdict.max_of("last_recv_ns") - start_ns) / 1e9
         deliveries = verdict.deliveries
