@@ -80,6 +80,7 @@ class PushConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._buffer = bytearray()
+        self._pending: list[bytes] = []  # commands to write at the end of this loop turn
 
     async def connect(self) -> None:
         connection = self._connection
@@ -89,11 +90,22 @@ class PushConnection:
         self._writer = connection._writer
 
     def send(self, command: bytes, *channels: str) -> None:
-        """Write ``command channel...`` (no reply awaited: the confirmations are pushes)."""
+        """Write ``command channel...`` (no reply awaited: the confirmations are pushes).
+        Commands sent in one turn of the event loop go out in one write: viewers come and go
+        in bursts, and a write is a system call."""
         writer = self._writer
         if writer is None or writer.is_closing():
             raise RedisConnectionError("the pub/sub connection is not open")
-        writer.write(encode_command(command, channels))
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(encode_command(command, channels))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            # (Closed meanwhile: the reader reconnects and subscribes every channel again.)
+            writer.write(b"".join(pending))
 
     async def read(self) -> list[Push]:
         """The pushes that arrived: waits for at least one read, returns every complete push
