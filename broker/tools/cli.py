@@ -8,7 +8,9 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -29,8 +31,14 @@ from broker.edge.uvicorn_extensions import ListenError, listen, serve
 
 def run_edge(settings: Settings) -> None:
     from broker.edge.app import create_app
+    from broker.tools.edgeprocesses import LISTEN_FD_ENV, EdgeProcesses
 
-    serve(create_app(settings), settings)
+    inherited = os.environ.pop(LISTEN_FD_ENV, None)
+    if inherited is None and settings.workers > 1:
+        raise SystemExit(EdgeProcesses(settings).run())
+    # One of the processes of ``--workers N``: it serves the socket its supervisor bound.
+    sock = None if inherited is None else socket.socket(fileno=int(inherited))
+    serve(create_app(settings), settings, sock)
 
 
 # What `broker dev` needs on top of the edge and the worker: its in-memory store.
