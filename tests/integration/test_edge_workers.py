@@ -91,7 +91,8 @@ async def test_two_processes_share_the_port_and_both_serve_streams(
 
     edge.signal(15)  # SIGTERM: the supervisor stops both processes, then exits
     assert await asyncio.to_thread(edge.proc.wait, 20) == 0
-    assert not any(await asyncio.to_thread(os.path.exists, f"/proc/{pid}") for pid in processes)
+    left = [pid for pid in processes if await asyncio.to_thread(os.path.exists, f"/proc/{pid}")]
+    assert not left
 
 
 def test_a_port_in_use_is_one_line_and_starts_nothing(
