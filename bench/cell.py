@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from bench.procs import BenchError, Proc, ProcessGroup, child_env
 from bench.support import (
     calls_delta,
+    child_pids,
     command_calls,
     cpu_seconds,
     percentile,
@@ -59,6 +60,19 @@ async def start_loadgens(
         ], env=child_env(), lines=True, log_dir=group.log_dir)))
         first += n
     return loadgens
+
+
+async def edge_children(pid: int, procs: int, within: float = 10) -> list[int]:
+    """The ``procs`` serving processes of a broker edge started with ``--workers procs`` (none
+    for one process: it serves itself)."""
+    if procs == 1:
+        return []
+    deadline = time.monotonic() + within
+    while len(children := child_pids(pid)) != procs:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the edge runs {len(children)} processes, expected {procs}")
+        await asyncio.sleep(0.1)
+    return children
 
 
 async def edge_viewers(http: httpx.AsyncClient) -> float:
@@ -164,10 +178,11 @@ def collect(group: ProcessGroup, loadgens: list[Proc], what: str, expected_deliv
 
 
 class RssSampler:
-    """The edge's peak resident memory, sampled every 50 ms while the cell runs."""
+    """The edge's peak resident memory, sampled every 50 ms while the cell runs; of several
+    processes (an edge's ``--workers``), their sum."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
         self.peak_kb = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -177,7 +192,7 @@ class RssSampler:
     async def _sample(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+                self.peak_kb = max(self.peak_kb, self._rss_kb())
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
@@ -186,7 +201,10 @@ class RssSampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(OSError):
-            self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+            self.peak_kb = max(self.peak_kb, self._rss_kb())
+
+    def _rss_kb(self) -> int:
+        return sum(status_kb(pid, "VmRSS") for pid in self.pids)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
