@@ -15,6 +15,7 @@ from broker.core.metrics import Metrics
 from broker.core.protocol import error_data, now_ms
 from broker.edge.connection import DirectWriter, connection_of
 from broker.edge.errors import error_response
+from broker.edge.headers import with_headers
 from broker.edge.hub import Hub
 from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
@@ -130,8 +131,11 @@ class EventStream:
         self._writer: DirectWriter | None = None  # for the fan-out's writes, once started
         self.started = False  # the response began (or its error answer did)
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The response; exceptions before it started (``started``) still need an answer."""
+    async def serve(self, scope: Scope, receive: Receive, send: Send,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """The response, with ``headers`` beside its own; exceptions before it started
+        (``started``) still need an answer."""
+        extra = headers or []
         relay = asyncio.current_task()
         assert relay is not None
         self._relay_task = relay
@@ -155,10 +159,12 @@ class EventStream:
                     # Before any byte is sent: a non-200 answer, so EventSource stops here
                     # instead of reconnecting into the same hole forever.
                     self.started = True
-                    await error_response(410, "history_lost", str(e))(scope, receive, send)
+                    await error_response(410, "history_lost", str(e))(
+                        scope, receive, with_headers(send, extra))
                     return
                 self.started = True
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [*SSE_HEADERS, *extra]})
                 self._writer = None if connection is None else connection.direct_writer(scope)
                 await self._send(send, sse.retry(self.retry_ms))
                 await self._relay(topic, send, frames, check_log, changed)
