@@ -222,7 +222,11 @@ class EventStream:
                 if self.hub.closing:
                     return  # (a stream that started after close_streams woke the others)
                 if self._writer is not None and not changed.is_set():
-                    await topic.park(self)  # the fan-out writes to us meanwhile
+                    woken = topic.parked(self)  # the fan-out writes to us meanwhile
+                    try:
+                        await woken
+                    finally:
+                        topic.unpark(self, woken)
                     if self.position == topic.terminal_seq:
                         return  # the fan-out wrote the terminal event
                 else:

@@ -132,13 +132,22 @@ class Topic:
         (``viewer.push``) and returns here only when the viewer has something else to do: a
         frame it could not take at once, the terminal event, any other change (a gap, a
         resync, a log read), or a keepalive tick. So a fan-out wakes no task per viewer."""
-        woken = asyncio.get_running_loop().create_future()
-        self.live[viewer] = woken
+        woken = self.parked(viewer)
         try:
             await woken
         finally:
-            if self.live.get(viewer) is woken:
-                del self.live[viewer]
+            self.unpark(viewer, woken)
+
+    def parked(self, viewer: LiveViewer) -> asyncio.Future[None]:
+        """``park`` without its coroutine (an open stream then holds one frame less): the
+        future to await; call ``unpark`` with it after, however the wait ended."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.live[viewer] = woken
+        return woken
+
+    def unpark(self, viewer: LiveViewer, woken: asyncio.Future[None]) -> None:
+        if self.live.get(viewer) is woken:
+            del self.live[viewer]
 
     def _fan_out(self) -> None:
         """Write what each parked viewer lacks, framed once per position (all parked viewers
