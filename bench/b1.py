@@ -120,7 +120,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
             edge, edge_url = await start_edge(group, impl, redis_url, **extra_env)
         master_pid: int | None = getattr(edge, "master_pid", None)
         # With --workers N the edge is its supervisor and N processes: measured together.
-        pids = [edge.pid, *(await edge_children(edge.pid, procs))]
+        pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
         rss = RssSampler(*pids)
         rss.start()
 

@@ -135,7 +135,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             lb, lb_url = await start_haproxy(group, edge_url, "/readyz")
         # nginx's worker; the broker edge and, with --workers N, its N serving processes (the
         # supervisor costs ~nothing, it is counted too).
-        pids = [edge.pid, *(await edge_children(edge.pid, procs))]
+        pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
         for pid in pids:
             samplers.append(RssSampler(pid))
             samplers[-1].start()

@@ -62,17 +62,24 @@ async def start_loadgens(
     return loadgens
 
 
-async def edge_children(pid: int, procs: int, within: float = 10) -> list[int]:
+async def edge_children(pid: int, procs: int, redis: aioredis.Redis,
+                        within: float = 30) -> list[int]:
     """The ``procs`` serving processes of a broker edge started with ``--workers procs`` (none
-    for one process: it serves itself)."""
+    for one process: it serves itself), once each has started its app (its pub/sub connection,
+    named ``broker-edge-<pid>``, is subscribed) and so listens: viewers that connect before
+    the last one listens would all go to the others."""
     if procs == 1:
         return []
     deadline = time.monotonic() + within
-    while len(children := child_pids(pid)) != procs:
+    while True:
+        children = child_pids(pid)
+        started = {c.get("name", "") for c in await redis.client_list() if int(c.get("sub", 0))}
+        if len(children) == procs and all(f"broker-edge-{c}" in started for c in children):
+            return children
         if time.monotonic() > deadline:
-            raise BenchError(f"the edge runs {len(children)} processes, expected {procs}")
+            raise BenchError(f"the edge runs {len(children)} processes, expected {procs} "
+                             "with their apps started")
         await asyncio.sleep(0.1)
-    return children
 
 
 async def edge_viewers(http: httpx.AsyncClient) -> float:

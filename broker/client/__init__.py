@@ -1,9 +1,13 @@
-"""Python clients of an edge: ``create`` and ``Follower`` (``broker.client.follower``), and
+"""Python clients of an edge: ``create``, ``Follower`` and ``ConversationFollower``
+(``broker.client.follower``), and
 the terminal's ``broker ask``/``broker tail`` (``broker.client.terminal``). Imports
 ``broker.core`` at most."""
 
 from broker.client.follower import (
+    ConversationEvent,
+    ConversationFollower,
     Created,
+    Event,
     Follower,
     GenerationFailed,
     GenerationNotFound,
@@ -15,7 +19,10 @@ from broker.client.follower import (
 )
 
 __all__ = [
+    "ConversationEvent",
+    "ConversationFollower",
     "Created",
+    "Event",
     "Follower",
     "GenerationFailed",
     "GenerationNotFound",

@@ -7,6 +7,19 @@
             print(message.text, end="")
         print(follower.result.finish_reason)
 
+Iterating the follower gives the answer's messages alone (v1). ``follower.events()`` gives
+every event of the stream instead, typed (``Event``: ``kind``, ``id``, ``data``): the answer's
+messages and the reasoning, tool calls, tool results and application data between them, in
+the stream's one id order, with the same resume (see docs/api.md, "Typed events"):
+
+    async for event in follower.events():
+        if event.kind == "reasoning":
+            print(event.text, end="", file=sys.stderr)
+        elif event.kind == "message":
+            print(event.text, end="")
+        elif event.kind == "tool_call":
+            print(event.data["name"], event.data["arguments"])
+
 Read with ``broker.core.sse.SSEEventDecoder``, the spec's rules (lines end at CR, LF or CRLF
 only: a U+2028 in a message is text). Like a browser's ``EventSource`` it
 reconnects after a dropped connection with ``Last-Event-ID``, after ``retry:`` (doubling, with
@@ -18,6 +31,7 @@ progress and raises typed errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -34,6 +48,27 @@ from broker.core.sse import SSEEventDecoder
 class Message:
     id: str
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the stream before its terminal one. ``kind`` is the SSE event name:
+    ``message`` (the answer), ``reasoning``, ``tool_call``, ``tool_result``, ``data``, or a
+    kind newer than this client (passed on as it came). ``data`` is the event's JSON object,
+    as the edge sent it (docs/api.md lists each kind's fields)."""
+
+    kind: str
+    id: str
+    data: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        """The text of a ``message`` or ``reasoning`` event; ``""`` for the other kinds."""
+        text = self.data.get("text") if self.kind in TEXT_KINDS else None
+        return text if isinstance(text, str) else ""
+
+
+TEXT_KINDS = ("message", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +156,25 @@ class Follower:
         self.result: Result | None = None
 
     def __aiter__(self) -> AsyncGenerator[Message, None]:
+        """The answer's messages alone (the other kinds are skipped, their ids still count
+        for the resume point)."""
+        return self._messages()
+
+    def events(self) -> AsyncGenerator[Event, None]:
+        """Every event before the terminal one, typed, in the stream's order. The terminal
+        event ends the iteration as for messages: ``end`` sets ``result``, ``error`` raises
+        ``GenerationFailed``. Iterate a follower once, either way."""
         return self._follow()
 
-    async def _follow(self) -> AsyncGenerator[Message, None]:
+    async def _messages(self) -> AsyncGenerator[Message, None]:
+        async with contextlib.aclosing(self._follow()) as events:
+            async for event in events:
+                if event.kind == "message":
+                    yield Message(event.id, event.text)
+
+    async def _follow(self) -> AsyncGenerator[Event, None]:
         progress_at = time.monotonic()
-        failures = 0  # reconnects in a row without a message: the delay doubles with each
+        failures = 0  # reconnects in a row without an event: the delay doubles with each
         while True:
             if failures:
                 self.reconnects += 1
@@ -135,16 +184,16 @@ class Follower:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: no herds
             failures += 1
             try:
-                async for message in self._connect_once():
+                async for event in self._connect_once():
                     progress_at = time.monotonic()
                     failures = 1
-                    yield message
+                    yield event
             except (httpx.TransportError, _Unavailable):
                 continue  # dropped: reconnect with Last-Event-ID, as EventSource does
             if self.result is not None:
                 return
 
-    async def _connect_once(self) -> AsyncIterator[Message]:
+    async def _connect_once(self) -> AsyncIterator[Event]:
         headers = {"accept": "text/event-stream"}
         if self.last_event_id is not None:
             headers["last-event-id"] = self.last_event_id
@@ -173,12 +222,102 @@ class Follower:
                     if event.id:
                         self.last_event_id = event.id
                     data = json.loads(event.data)
-                    if event.event == "message":
-                        yield Message(event.id, data["text"])
-                    elif event.event == "end":
+                    if event.event == "end":
                         self.result = Result(data.get("finish_reason", "unknown"),
                                              data.get("usage"))
                         return
                     elif event.event == "error":
                         raise GenerationFailed(data.get("code", "unknown"),
                                                data.get("message", ""))
+                    else:
+                        yield Event(event.event, event.id, data)
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationEvent:
+    """One event of a conversation stream: ``event`` as the stream names it (``turn``,
+    ``message``, ``reasoning``, ..., ``end``, ``error``), its data without ``generation_id``,
+    which is here."""
+
+    id: str
+    event: str
+    generation_id: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in ("end", "error")
+
+
+class ConversationFollower:
+    """Follows a conversation's stream (``GET /v1/conversations/{cid}/events``): every turn,
+    for as long as it is iterated (a conversation has no end). Reconnects after a dropped
+    connection with ``Last-Event-ID``, as ``Follower`` does, and raises ``StreamError`` only
+    when no connection could be made for ``give_up_after`` seconds (a quiet conversation is
+    not a failure: the edge sends keepalives)."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, events_url: str, *, last_event_id: str | None = None,
+        give_up_after: float = 30.0,
+    ) -> None:
+        self.http = http
+        self.events_url = events_url
+        self.last_event_id = last_event_id
+        self.give_up_after = give_up_after
+        self.retry_ms = 1000
+        self.reconnects = 0
+
+    def __aiter__(self) -> AsyncGenerator[ConversationEvent, None]:
+        return self._follow()
+
+    async def _follow(self) -> AsyncGenerator[ConversationEvent, None]:
+        connected_at = time.monotonic()
+        failures = 0
+        while True:
+            if failures:
+                self.reconnects += 1
+                if time.monotonic() - connected_at > self.give_up_after:
+                    raise StreamError(f"no connection for {self.give_up_after}s; giving up")
+                delay = min(self.retry_ms / 1000 * 2 ** (failures - 1), MAX_RECONNECT_DELAY)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            failures += 1
+            try:
+                async with self.http.stream("GET", self.events_url,
+                                            headers=self._headers()) as response:
+                    await _check_stream(response)
+                    connected_at = time.monotonic()
+                    failures = 1
+                    decoder = SSEEventDecoder()
+                    async for piece in response.aiter_bytes():
+                        events = decoder.feed(piece)
+                        if decoder.retry is not None:
+                            self.retry_ms = decoder.retry
+                        for event in events:
+                            data = json.loads(event.data)
+                            if event.id:
+                                self.last_event_id = event.id
+                            yield ConversationEvent(event.id, event.event,
+                                                    str(data.pop("generation_id", "")), data)
+            except (httpx.TransportError, _Unavailable):
+                continue  # dropped (or the edge ended the response): resume after the last id
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["last-event-id"] = self.last_event_id
+        return headers
+
+
+async def _check_stream(response: httpx.Response) -> None:
+    """Raise unless ``response`` is an event stream: ``_Unavailable`` (retry) for a 5xx or a
+    200 that is something else, ``RequestRejected`` for another refusal."""
+    status = response.status_code
+    if status != 200:
+        body = (await response.aread()).decode(errors="replace")
+        if status >= 500:
+            raise _Unavailable(f"HTTP {status}: {body[:200]}")
+        raise _rejected(status, body)
+    content_type = response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        raise _Unavailable(f"HTTP 200 with {content_type or 'no content type'}, not an event "
+                           "stream")

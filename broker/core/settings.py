@@ -97,6 +97,10 @@ class Settings:
         5.0, "BROKER_LEASE_TTL", "seconds a worker's lease on a generation lasts unrenewed",
         "worker dev",
     )
+    producer_lease: float = _setting(
+        30.0, "BROKER_PRODUCER_LEASE", "seconds an external producer's generation lives "
+        "without an append or a heartbeat (then it ends with producer_lost)", "edge dev",
+    )
     llm_idle_timeout: float = _setting(
         60.0, "BROKER_LLM_IDLE_TIMEOUT", "seconds without a token before the LLM call fails",
         "worker dev",
@@ -228,6 +232,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "flush_interval": (0.0, False),
     "workers": (1.0, True),
     "first_text_wait": (0.0, True),
+    "producer_lease": (0.0, False),
 }
 
 

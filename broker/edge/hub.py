@@ -11,8 +11,10 @@ through its ``Listener`` methods (``on_message``, ``on_confirmed``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,6 +24,7 @@ from broker.core import protocol
 from broker.core.metrics import Metrics
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
+from broker.edge.conversations import ConversationTopic
 from broker.edge.leases import LeaseWatch
 from broker.edge.subscriptions import Subscriptions
 from broker.edge.topic import Topic, to_frame
@@ -43,6 +46,7 @@ class Hub:
         self.window = window
         self.audit_interval = audit_interval
         self.topics: dict[str, Topic] = {}
+        self.conversations: dict[str, ConversationTopic] = {}  # by conversation id
         self.subscriptions = Subscriptions(store.redis, metrics, self,
                                            probe_interval=probe_interval)
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,6 +66,8 @@ class Hub:
         self.closing = True
         for topic in self.topics.values():
             topic.resync()
+        for conversation in self.conversations.values():
+            conversation.wake()
 
     async def start(self) -> None:
         await self.subscriptions.start()
@@ -84,6 +90,12 @@ class Hub:
     # -- what the connections report (``subscriptions.Listener``) --------------------------
 
     def on_message(self, channel: str, data: bytes | str) -> None:
+        if protocol.is_conversation_channel(channel):
+            # A turn was added: its viewers look at the index again.
+            conversation = self.conversations.get(protocol.conversation_of_channel(channel))
+            if conversation is not None:
+                conversation.wake()
+            return
         topic = self.topics.get(protocol.gen_id_of_channel(channel))
         if topic is None:
             return  # its last viewer left while the message was on its way
@@ -96,6 +108,9 @@ class Hub:
             self.metrics.gaps.inc()
 
     def on_confirmed(self, channel: str) -> None:
+        if protocol.is_conversation_channel(channel):
+            self._conversation_confirmed(protocol.conversation_of_channel(channel))
+            return
         topic = self.topics.get(protocol.gen_id_of_channel(channel))
         if topic is None:
             return
@@ -143,6 +158,47 @@ class Hub:
             self.metrics.subscriptions.dec()
             self.leases.forget(topic)
             await self.subscriptions.unsubscribe(protocol.live_channel(topic.gen_id))
+
+    # -- conversations ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def watch_conversation(self, cid: str) -> AsyncIterator[ConversationTopic]:
+        """The turn notices of conversation ``cid``, subscribed (one subscription per
+        conversation on this edge, however many of its devices are here); released (and
+        unsubscribed if last) on exit."""
+        conversation = self.conversations.get(cid)
+        if conversation is None:
+            conversation = ConversationTopic(cid)
+            self.conversations[cid] = conversation
+            self.metrics.conversation_subscriptions.inc()
+        conversation.viewers += 1
+        channel = protocol.conversation_channel(cid)
+        try:
+            if not conversation.subscribed.is_set():
+                if conversation.viewers == 1:
+                    await self.subscriptions.subscribe(channel)
+                try:
+                    async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                        await conversation.subscribed.wait()
+                except TimeoutError as e:
+                    raise RedisConnectionError("the subscription was not confirmed") from e
+            yield conversation
+        finally:
+            conversation.viewers -= 1
+            if conversation.viewers == 0 and self.conversations.get(cid) is conversation:
+                del self.conversations[cid]
+                self.metrics.conversation_subscriptions.dec()
+                await self.subscriptions.unsubscribe(channel)
+
+    def _conversation_confirmed(self, cid: str) -> None:
+        conversation = self.conversations.get(cid)
+        if conversation is None:
+            return
+        if conversation.subscribed.is_set():
+            # A resubscription: notices may have been missed; the index has every turn.
+            self.metrics.resubscribes.inc()
+        conversation.subscribed.set()
+        conversation.wake()
 
     # -- checks ----------------------------------------------------------------------------
 

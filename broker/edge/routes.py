@@ -8,28 +8,46 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from broker.core import logs, protocol
+from broker.core.external import ExternalStore
 from broker.core.metrics import Metrics
 from broker.core.protocol import Meta
 from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.core.tasks import SharedCalls
 from broker.edge import openapi
-from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
+from broker.edge.auth import (
+    CONVERSATION_COOKIE_PREFIX,
+    TOKEN_COOKIE_PREFIX,
+    TOKEN_PARAM,
+    ApiKeys,
+    ViewerTokens,
+    conversation_scope,
+)
+from broker.edge.conversation_stream import ConversationStream
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
 from broker.edge.stream import EventStream, OpenStreams
-from broker.edge.validation import parse_create_body, parse_last_event_id
+from broker.edge.validation import (
+    parse_conversation_last_event_id,
+    parse_create_body,
+    parse_external_create,
+    parse_last_event_id,
+    parse_stream_start,
+    take_conversation_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +81,19 @@ class Edge:
         if self.viewer_tokens.enabled:
             url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(gen_id)}"
         return url
+
+    def conversation_url(self, cid: str) -> str:
+        """A conversation's stream URL, with a token for that conversation alone when tokens
+        are on."""
+        url = f"/v1/conversations/{cid}/events"
+        if self.viewer_tokens.enabled:
+            url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(conversation_scope(cid))}"
+        return url
+
+    @functools.cached_property
+    def external(self) -> ExternalStore:
+        """External producers' generations (``broker.edge.producers``)."""
+        return ExternalStore(self.store)
 
     def authorize_producer(self, request: Request) -> str | None:
         """Refuse (401) a caller without a valid API key; the id of its key (None when keys
@@ -107,9 +138,34 @@ async def create_generation(request: Request) -> Response:
     s = edge.settings
     producer = edge.authorize_producer(request)
     body = await read_body(request, s.max_body_bytes, s.request_timeout)
+    external = parse_external_create(body, s.model)
+    if external is not None:
+        from broker.edge.producers import create_external  # (it imports this module)
+
+        return await create_external(edge, producer, *external)
     chat_request = parse_create_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
+    conversation = take_conversation_id(chat_request)
+    gen_id = await queue_generation(edge, producer, chat_request, conversation)
+    answer = {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"}
+    if conversation:
+        answer |= {"conversation_id": conversation,
+                   "conversation_url": edge.conversation_url(conversation)}
+    return JSONResponse(
+        answer,
+        status_code=201,
+        headers={"location": f"/v1/generations/{gen_id}"},
+    )
+
+
+async def queue_generation(
+    edge: Edge, producer: str | None, chat_request: dict[str, Any], conversation: str | None
+) -> str:
+    """Create a generation of the validated ``chat_request`` for the workers to run (a turn of
+    ``conversation``, if given), within ``producer``'s queue quota (429 past it); its id. The
+    one create path: ``POST /v1/generations`` and the AI SDK's ``POST /v1/ai-sdk/chat``."""
+    s = edge.settings
     gen_id = protocol.new_generation_id()
     logs.generation.set(gen_id)
     if producer and not await edge.store.reserve_queue_slot(
@@ -121,7 +177,8 @@ async def create_generation(request: Request) -> Response:
             headers={"retry-after": "1"},
         )
     try:
-        await edge.store.create(gen_id, chat_request, chat_request["model"], producer)
+        await edge.store.create(gen_id, chat_request, chat_request["model"], producer,
+                                conversation)
     except BaseException:
         if producer:
             with contextlib.suppress(RedisError, OSError):
@@ -132,11 +189,7 @@ async def create_generation(request: Request) -> Response:
     if s.log_prompts:  # asked for explicitly: prompts are private by default
         log.info("generation %s prompt: %s", gen_id,
                  json.dumps(chat_request["messages"], ensure_ascii=False))
-    return JSONResponse(
-        {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"},
-        status_code=201,
-        headers={"location": f"/v1/generations/{gen_id}"},
-    )
+    return gen_id
 
 
 async def get_generation(request: Request) -> Response:
@@ -165,7 +218,16 @@ async def get_generation(request: Request) -> Response:
         "created_ms": meta.created_ms,
         # A producer may hand a viewer the stream later, or again (a fresh token each time).
         "events_url": edge.events_url(gen_id),
+        **_external_fields(meta),
     })
+
+
+def _external_fields(meta: Meta) -> dict[str, object]:
+    """What an external producer's generation shows besides: who produces it, its metadata."""
+    if meta.source != protocol.SOURCE_EXTERNAL:
+        return {}
+    return {"producer": meta.source,
+            "metadata": json.loads(meta.metadata) if meta.metadata else {}}
 
 
 async def cancel_generation(request: Request) -> Response:
@@ -248,6 +310,77 @@ async def generation_events(request: Request) -> Response:
     raise RuntimeError("the event stream is served by EdgeApp before routing")
 
 
+def _conversation_id(request: Request) -> str:
+    cid: str = request.path_params["cid"]
+    if not protocol.is_conversation_id(cid):
+        raise ApiError(404, "not_found", "no such conversation")
+    return cid
+
+
+async def get_conversation(request: Request) -> Response:
+    edge = _edge(request)
+    edge.authorize_producer(request)
+    cid = _conversation_id(request)
+    turns = await edge.store.conversation_turns(cid)
+    if not turns:
+        raise ApiError(404, "not_found", "no such conversation")
+    statuses = await edge.store.turn_statuses(turns)
+    active = next((turn.gen_id for turn, status in zip(turns, statuses, strict=True)
+                   if status is not None and status not in protocol.TERMINAL_STATUSES), None)
+    return JSONResponse({
+        "id": cid,
+        "turns": [{"generation_id": turn.gen_id, "turn": turn.number,
+                   "status": status or "expired"}
+                  for turn, status in zip(turns, statuses, strict=True)],
+        "active": active,
+        "events_url": edge.conversation_url(cid),
+    })
+
+
+async def conversation_events(scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /v1/conversations/{cid}/events`` (an ASGI app: the stream is its own answer).
+    Errors before the stream starts reach the exception handlers, as any route's."""
+    request = Request(scope, receive)
+    edge = _edge(request)
+    cid: str = request.path_params["cid"]
+    # The token first: without one, no answer may tell anything about the conversation.
+    edge.viewer_tokens.check(
+        request.query_params.get(TOKEN_PARAM)
+        or request.cookies.get(CONVERSATION_COOKIE_PREFIX + cid),
+        conversation_scope(cid),
+    )
+    cid = _conversation_id(request)
+    after = parse_conversation_last_event_id(
+        request.headers.get("last-event-id"), request.query_params.get("last_event_id")
+    )
+    start = parse_stream_start(request.query_params.get("from"))
+    slot = edge.open_streams.take()
+    if slot is None:
+        raise ApiError(
+            503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
+            headers={"retry-after": "5"},
+        )
+    if after is not None:
+        edge.metrics.resumes.inc()
+    s = edge.settings
+    stream = ConversationStream(
+        edge.hub, cid, after, start, retry_ms=s.retry_ms, keepalive=s.keepalive_interval,
+        send_timeout=s.send_timeout, max_seconds=s.max_stream_seconds, slot=slot,
+    )
+    await stream.serve(scope, receive, send)  # gives the slot back when it ends
+
+
+class AsgiEndpoint:
+    """A route's endpoint that answers itself (Starlette calls a plain function with a
+    ``Request`` and expects a ``Response`` back; an instance is called as an ASGI app)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -293,6 +426,8 @@ routes = [
     Route("/v1/generations/{gen_id}", get_generation, methods=["GET"]),
     Route("/v1/generations/{gen_id}/cancel", cancel_generation, methods=["POST"]),
     Route("/v1/generations/{gen_id}/events", generation_events, methods=["GET"]),
+    Route("/v1/conversations/{cid}", get_conversation, methods=["GET"]),
+    Route("/v1/conversations/{cid}/events", AsgiEndpoint(conversation_events), methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

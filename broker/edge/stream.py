@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -99,6 +99,13 @@ class EventStream:
     only to catch up (from the window or the log), for a write that has to wait, for a
     keepalive, and to end the response."""
 
+    # What a subclass speaking another protocol over the same machinery changes (see
+    # ``broker.edge.aisdk_routes``): the headers, the bytes before the first event, the bytes
+    # of a run of events, of a history lost mid-stream; whether the topic's fan-out may write
+    # its SSE frames to this stream directly.
+    headers: ClassVar[list[tuple[bytes, bytes]]] = SSE_HEADERS
+    direct_writes: ClassVar[bool] = True
+
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
         "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
@@ -164,9 +171,10 @@ class EventStream:
                     return
                 self.started = True
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": [*SSE_HEADERS, *extra]})
-                self._writer = None if connection is None else connection.direct_writer(scope)
-                await self._send(send, sse.retry(self.retry_ms))
+                            "headers": [*self.headers, *extra]})
+                if connection is not None and self.direct_writes:
+                    self._writer = connection.direct_writer(scope)
+                await self._send(send, self.opening())
                 await self._relay(topic, send, frames, check_log, changed)
             # Watched like any write: after a direct write filled the socket's buffer, this
             # one may wait for a client that no longer reads.
@@ -205,7 +213,7 @@ class EventStream:
         while True:
             if frames:
                 for batch in _batches(frames):
-                    await self._send(send, b"".join(f.data for f in batch))
+                    await self._send(send, self.encode(batch))
                     self.metrics.events_delivered.inc(len(batch))
                     self.position = batch[-1].seq
                 if caught_up:
@@ -242,8 +250,20 @@ class EventStream:
             try:
                 frames, check_log = await self._next_frames(topic, self.position, check_log)
             except HistoryLost as e:
-                await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
+                await self._send(send, self.lost(str(e)))
                 return
+
+    def opening(self) -> bytes:
+        """What the response starts with: the reconnection time EventSource should use."""
+        return sse.retry(self.retry_ms)
+
+    def encode(self, frames: list[Frame]) -> bytes:
+        """The bytes of consecutive frames: as the topic encoded them."""
+        return b"".join(f.data for f in frames)
+
+    def lost(self, message: str) -> bytes:
+        """The last bytes of a stream whose history is lost mid-way."""
+        return sse.frame(error_data("history_lost", message), event="error")
 
     def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
         """The topic's fan-out, while this viewer is parked: write frames ``after + 1`` to
@@ -265,27 +285,7 @@ class EventStream:
     async def _next_frames(
         self, topic: Topic, cursor: int, check_log: bool
     ) -> tuple[list[Frame], bool]:
-        """The frames after ``cursor`` and whether the log must still be checked after them.
-
-        The window comes first even while the log must be checked: during a resume storm
-        the viewers' reads fill it, so most viewers follow from memory instead of each
-        reading every chunk themselves."""
-        if topic.lost:
-            raise HistoryLost("the generation's history no longer exists")
-        frames = topic.frames_after(cursor)
-        if frames:
-            return frames, check_log
-        if check_log and topic.read_to is not None and cursor >= topic.read_to:
-            check_log = False  # another viewer's read reached the log's end: the rest is live
-        if not check_log and (frames is not None or not topic.window):
-            # Caught up with the window, or nothing live yet and the log was read already:
-            # what follows arrives live.
-            return [], False
-        frames, more = await topic.read_log(self.hub.store, cursor, self.metrics)
-        if frames and frames[0].seq != cursor + 1:
-            raise HistoryLost(f"events after {cursor} were trimmed from the log")
-        self.metrics.replayed_events.inc(len(frames))
-        return frames, more
+        return await next_frames(self.hub, topic, cursor, check_log)
 
     async def _send(self, send: Send, body: bytes, *, more_body: bool = True) -> None:
         self._sending_since = time.monotonic()
@@ -313,6 +313,33 @@ class EventStream:
             if message["type"] == "http.disconnect":
                 self._client_left()
                 return
+
+
+async def next_frames(
+    hub: Hub, topic: Topic, cursor: int, check_log: bool
+) -> tuple[list[Frame], bool]:
+    """The frames after ``cursor`` and whether the log must still be checked after them (the
+    generation stream's, and each turn's of a conversation stream).
+
+    The window comes first even while the log must be checked: during a resume storm
+    the viewers' reads fill it, so most viewers follow from memory instead of each
+    reading every chunk themselves."""
+    if topic.lost:
+        raise HistoryLost("the generation's history no longer exists")
+    frames = topic.frames_after(cursor)
+    if frames:
+        return frames, check_log
+    if check_log and topic.read_to is not None and cursor >= topic.read_to:
+        check_log = False  # another viewer's read reached the log's end: the rest is live
+    if not check_log and (frames is not None or not topic.window):
+        # Caught up with the window, or nothing live yet and the log was read already:
+        # what follows arrives live.
+        return [], False
+    frames, more = await topic.read_log(hub.store, cursor, hub.metrics)
+    if frames and frames[0].seq != cursor + 1:
+        raise HistoryLost(f"events after {cursor} were trimmed from the log")
+    hub.metrics.replayed_events.inc(len(frames))
+    return frames, more
 
 
 def _batches(frames: list[Frame]) -> Iterator[list[Frame]]:

@@ -380,10 +380,12 @@ class ListenError(Exception):
     """The server cannot listen where it was told to; the message is one line for the user."""
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A socket bound to ``host:port`` for uvicorn to serve on. Bound before the app starts, so
     a port in use is one clear line (``ListenError``) rather than a worker started in vain and
-    uvicorn's log of the bind failure."""
+    uvicorn's log of the bind failure. ``reuse_port``: with ``SO_REUSEPORT``, so the processes
+    of ``broker edge --workers N`` each listen on the port and the kernel spreads the
+    connections among them."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -393,6 +395,8 @@ def listen(host: str, port: int) -> socket.socket:
                           "another address with --host (BROKER_HOST)") from e
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as e:
         sock.close()

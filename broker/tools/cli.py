@@ -10,7 +10,6 @@ import dataclasses
 import importlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -31,13 +30,13 @@ from broker.edge.uvicorn_extensions import ListenError, listen, serve
 
 def run_edge(settings: Settings) -> None:
     from broker.edge.app import create_app
-    from broker.tools.edgeprocesses import LISTEN_FD_ENV, EdgeProcesses
+    from broker.tools.edgeprocesses import REUSE_PORT_ENV, EdgeProcesses
 
-    inherited = os.environ.pop(LISTEN_FD_ENV, None)
-    if inherited is None and settings.workers > 1:
+    one_of_many = os.environ.pop(REUSE_PORT_ENV, None) is not None
+    if not one_of_many and settings.workers > 1:
         raise SystemExit(EdgeProcesses(settings).run())
-    # One of the processes of ``--workers N``: it serves the socket its supervisor bound.
-    sock = None if inherited is None else socket.socket(fileno=int(inherited))
+    # One of the processes of ``--workers N`` listens beside the others (SO_REUSEPORT).
+    sock = listen(settings.host, settings.port, reuse_port=one_of_many)
     serve(create_app(settings), settings, sock)
 
 

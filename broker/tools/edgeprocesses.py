@@ -1,13 +1,15 @@
-"""``broker edge --workers N``: N edge processes serving one listening socket, so one host
-uses all its cores.
+"""``broker edge --workers N``: N edge processes serving one port, so one host uses all its
+cores.
 
 An edge is one Python process: one event loop, at most one core. This supervisor binds the
-port once (a port in use is one clear line, as for one process), then starts N ordinary
-``broker edge`` processes that inherit the listening socket (uvicorn's own ``--workers``
-does the same): the kernel hands each new connection to whichever process accepts first, so
-a busy process takes fewer. Each process is a whole edge: its own Redis pool, its own hub
-with one subscription per generation that its viewers watch (so a generation watched through
-both holds two subscriptions, as on two edges), its own ``/readyz`` and ``/metrics``.
+port first (a port in use is one clear line, as for one process; ``--port 0`` picks it
+here), with ``SO_REUSEPORT``, and keeps it bound without listening, then starts N ordinary
+``broker edge`` processes that each listen on that port with ``SO_REUSEPORT`` too: the
+kernel spreads new connections evenly among the listening processes (one socket shared by
+all would let whichever process wakes first take nearly every connection). Each process is
+a whole edge: its own Redis pool, its own hub with one subscription per generation that its
+viewers watch (so a generation watched through two holds two subscriptions, as on two
+edges), its own ``/readyz`` and ``/metrics``.
 
 The supervisor itself serves nothing. SIGTERM or SIGINT goes to every process (each ends its
 streams at once, see ``EdgeServer``), and it exits when they have. A process that dies on its
@@ -32,16 +34,16 @@ from broker.edge.uvicorn_extensions import GRACEFUL_SHUTDOWN_SECONDS, listen
 
 log = logging.getLogger(__name__)
 
-LISTEN_FD_ENV = "BROKER_EDGE_LISTEN_FD"
-"""Set for a process this supervisor starts: the inherited listening socket's descriptor."""
+REUSE_PORT_ENV = "BROKER_EDGE_REUSE_PORT"
+"""Set for a process this supervisor starts: listen with ``SO_REUSEPORT`` beside the others."""
 STARTUP_SECONDS = 5.0
 POLL_SECONDS = 0.2
 STOP_SECONDS = GRACEFUL_SHUTDOWN_SECONDS + 5
 
 
-def child_env(settings: Settings, fd: int) -> dict[str, str]:
+def child_env(settings: Settings, port: int) -> dict[str, str]:
     """The environment of one edge process: every edge setting as its env var (so flags given
-    to the supervisor hold for the processes too), one process each, and the socket."""
+    to the supervisor hold for the processes too), one process each, the port it bound."""
     env = dict(os.environ)
     for f in dataclasses.fields(Settings):
         if "edge" not in f.metadata["roles"]:
@@ -54,7 +56,8 @@ def child_env(settings: Settings, fd: int) -> dict[str, str]:
         else:
             env[f.metadata["env"]] = str(value)
     env["BROKER_EDGE_WORKERS"] = "1"
-    env[LISTEN_FD_ENV] = str(fd)
+    env["BROKER_PORT"] = str(port)
+    env[REUSE_PORT_ENV] = "1"
     return env
 
 
@@ -65,23 +68,23 @@ class EdgeProcesses:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.started: list[float] = []
 
-    def _start(self, fd: int) -> subprocess.Popen[bytes]:
+    def _start(self, port: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "broker", "edge"],
-                                env=child_env(self.settings, fd), pass_fds=(fd,))
+                                env=child_env(self.settings, port))
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
 
     def run(self) -> int:
         settings = self.settings
-        sock = listen(settings.host, settings.port)  # ListenError: one line, nothing started
-        sock.listen(2048)
-        fd = sock.fileno()
+        # Bound, never listening (connections go to listening sockets only): it holds the port
+        # for processes started again. ListenError: one line, nothing started.
+        sock = listen(settings.host, settings.port, reuse_port=True)
+        port = sock.getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        self.procs = [self._start(fd) for _ in range(settings.workers)]
+        self.procs = [self._start(port) for _ in range(settings.workers)]
         self.started = [time.monotonic()] * settings.workers
-        port = sock.getsockname()[1]
         log.warning("edge: %d processes on %s:%d (pids %s)", settings.workers, settings.host,
                     port, " ".join(str(p.pid) for p in self.procs))
         status = 0
@@ -99,7 +102,7 @@ class EdgeProcesses:
                         status = code or 1
                         break
                     log.error("edge process %d exited with %d; starting another", proc.pid, code)
-                    self.procs[i] = self._start(fd)
+                    self.procs[i] = self._start(port)
                     self.started[i] = time.monotonic()
         finally:
             self._stop_all()

@@ -15,7 +15,7 @@ from broker.core import protocol
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
 from tests.conftest import StartBroker
-from tests.support.procs import RedisServer, free_port, wait_until
+from tests.support.procs import RedisServer, eventually, free_port, wait_until
 
 OWNER = "test-producer"
 MAX_STREAMS = 48  # opened one by one until both processes serve some (each ~1/2 per stream)
@@ -24,6 +24,16 @@ MAX_STREAMS = 48  # opened one by one until both processes serve some (each ~1/2
 def child_pids(pid: int) -> set[int]:
     with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
         return {int(p) for p in f.read().split()}
+
+
+async def started_processes(redis_url: str) -> set[int]:
+    """Edge pids whose pub/sub connection (made as the app starts) is subscribed."""
+    client = connect(Settings(redis_url=redis_url), "test-observer")
+    try:
+        return {int(c["name"].rsplit("-", 1)[1]) for c in await client.client_list()
+                if re.fullmatch(r"broker-edge-\d+", c.get("name", "")) and int(c.get("sub", 0))}
+    finally:
+        await client.connection_pool.disconnect()
 
 
 async def serving_processes(redis_url: str) -> dict[int, int]:
@@ -47,6 +57,12 @@ async def test_two_processes_share_the_port_and_both_serve_streams(
     edge = start_broker("edge", redis_server.url, broker_edge_workers="2")
     processes = wait_until(lambda: len(child_pids(edge.proc.pid)) == 2 and child_pids(
         edge.proc.pid), 15, "two edge processes")
+    # Each process has started its app (its pub/sub connection is there) and so listens on
+    # the port: connections made before the second one listens would all go to the first.
+    async def both_started() -> bool:
+        return processes <= await started_processes(redis_server.url)
+
+    await eventually(both_started, 20, "both edge processes to start their app")
     redis = connect(Settings(redis_url=redis_server.url), "test-producer")
     store = Store(redis, Settings(redis_url=redis_server.url))
     streams: list[tuple[str, httpx.Response]] = []
