@@ -1,6 +1,6 @@
 """Run every benchmark scenario, one after the other, then summarise the targets.
 
-    .venv/bin/python -m bench                 # everything (~11 minutes on 2 cores)
+    .venv/bin/python -m bench                 # everything (~17 minutes on 2 cores)
     .venv/bin/python -m bench --only b1,b4    # some scenarios
     .venv/bin/python -m bench --quick         # small sizes: proves the harness, not the numbers
 
