@@ -1,11 +1,17 @@
 """``broker edge --workers 2``: two processes serve one port, both serve streams, each with
-its own subscriptions, and a SIGTERM to the supervisor ends them all."""
+its own subscriptions; a SIGTERM to the supervisor ends them all, a process that crashes is
+started again, and a port in use stops it with one line."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from contextlib import AsyncExitStack
 
 import httpx
@@ -14,6 +20,7 @@ import pytest
 from broker.core import protocol
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
+from broker.tools.edgeprocesses import STARTUP_SECONDS
 from tests.conftest import StartBroker
 from tests.support.procs import RedisServer, eventually, free_port, wait_until
 
@@ -114,10 +121,6 @@ async def test_two_processes_share_the_port_and_both_serve_streams(
 def test_a_port_in_use_is_one_line_and_starts_nothing(
     redis_server: RedisServer, start_broker: StartBroker,
 ) -> None:
-    import socket
-    import subprocess
-    import sys
-
     port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
@@ -132,3 +135,23 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_dies_is_started_again(
+    redis_server: RedisServer, start_broker: StartBroker,
+) -> None:
+    edge = start_broker("edge", redis_server.url, broker_edge_workers="2")
+    first = wait_until(lambda: len(child_pids(edge.proc.pid)) == 2 and child_pids(
+        edge.proc.pid), 15, "two edge processes")
+    # Past its startup: a death then is a crash to recover from, not a setting that cannot work.
+    time.sleep(STARTUP_SECONDS + 0.5)
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    after = wait_until(lambda: (c := child_pids(edge.proc.pid)) and len(c) == 2
+                       and victim not in c and c, 15, "a new edge process")
+    assert len(after & first) == 1  # the other one went on
+    assert edge.proc.poll() is None
+    wait_until(lambda: httpx.get(edge.url + "/readyz", timeout=2).status_code == 200, 15,
+               "the edge ready")
+    edge.wait_for_log(f"edge process {victim} exited with -9; starting another")
