@@ -5,7 +5,6 @@ direct writes for the SSE fan-out, and a shutdown that ends SSE streams at once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import json
@@ -13,7 +12,7 @@ import logging
 import socket
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import uvicorn
 from starlette.applications import Starlette
@@ -21,25 +20,11 @@ from starlette.types import Scope
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from broker.core.settings import Settings
+from broker.core.tasks import LazyEvent
 from broker.edge.connection import EXTENSION
 from broker.edge.headers import NOSNIFF
 
 log = logging.getLogger(__name__)
-
-
-class LazyEvent(asyncio.Event):
-    """An ``asyncio.Event`` whose waiter deque is made when someone first waits: until then
-    ``set`` iterates an empty tuple. uvicorn makes two events per streaming connection and
-    almost never waits on them."""
-
-    def __init__(self) -> None:  # (no super().__init__: it would make the deque)
-        self._waiters = ()  # type: ignore[assignment]
-        self._value = False
-
-    async def wait(self) -> Literal[True]:
-        if not self._value and not self._waiters:
-            self._waiters = collections.deque()
-        return await super().wait()
 
 
 class _Pipeline(list[Any]):

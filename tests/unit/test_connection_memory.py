@@ -17,7 +17,8 @@ from typing import Any
 
 import uvicorn
 
-from broker.edge.uvicorn_extensions import HeaderTimeoutProtocol, LazyEvent
+from broker.core.tasks import LazyEvent
+from broker.edge.uvicorn_extensions import HeaderTimeoutProtocol
 
 
 async def streaming_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
