@@ -138,7 +138,6 @@ class GenerationRun:
         request = {"model": self.settings.model, **self.job_request}
         llm_task = asyncio.create_task(self.llm.stream(request, self._on_pieces))
         flusher = asyncio.create_task(self._flush_on_time())
-        heartbeat = asyncio.create_task(self._heartbeat())
         stops = [
             asyncio.create_task(self.cancel_requested.wait()),
             asyncio.create_task(self.shutdown_requested.wait()),
@@ -149,9 +148,8 @@ class GenerationRun:
             if not llm_task.done():
                 llm_task.cancel()  # closes the upstream response (``async with stream``)
             outcome = await _outcome(llm_task)
-            # Only the flusher stops before the rest of the text goes out: the heartbeat keeps
-            # the lease until the terminal event, and stopping it can take a moment (a cancel
-            # lost in a Redis call is repeated, see cancel_and_wait) no text should wait for.
+            # Only the flusher stops before the rest of the text goes out (the worker's lease
+            # keeper renews the lease until the run returns, after the terminal event).
             await cancel_and_wait(flusher)
             if self.lost.is_set():
                 log.warning("generation %s: lease lost; another party ended it", self.gen_id)
@@ -161,7 +159,7 @@ class GenerationRun:
             self.stopped = True
             log.warning("generation %s stopped: %s", self.gen_id, e)
         finally:
-            await cancel_and_wait(llm_task, flusher, heartbeat, *stops)
+            await cancel_and_wait(llm_task, flusher, *stops)
 
     def _note_speed(self) -> None:
         first = self._first_token_at
@@ -252,22 +250,14 @@ class GenerationRun:
                 self._note_wait(since)
                 await self.publisher.publish(events)
 
-    async def _heartbeat(self) -> None:
-        """Renew the lease, and keep the job from looking idle to other workers' reapers.
-        The renewal also brings back a cancel flag whose pub/sub notice was missed."""
-        period = self.settings.lease_ttl / 3
-        while True:
-            await asyncio.sleep(period)
-            try:
-                state = await self.store.heartbeat(self.gen_id, self.owner, self.settings.lease_ttl)
-                await self.store.touch_job(self.owner, self.job_entry)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                self.metrics.redis_errors.labels("heartbeat").inc()
-                continue
-            if state == "cancel":
-                self.cancel_requested.set()
-            elif state == "lost":
-                self.lost.set()
+    def lease_state(self, state: str) -> None:
+        """What a renewal of this run's lease brought back (``worker.leases``): 'cancel' (a
+        cancel was requested; its pub/sub notice may have been missed) or 'lost' (no longer
+        ours)."""
+        if state == "cancel":
+            self.cancel_requested.set()
+        elif state == "lost":
+            self.lost.set()
 
 
 def sentence_buffer(settings: Settings) -> SentenceBuffer:

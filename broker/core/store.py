@@ -25,7 +25,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT, FieldT, StreamIdT
 
 from broker.core import protocol
 from broker.core.protocol import Event, Job, JobEntry, Meta, NewEvent, as_text
@@ -264,6 +264,35 @@ class Store:
         was requested) or 'lost' (no longer ours)."""
         keys = [protocol.meta_key(gen_id)]
         return as_text(await self._heartbeat(keys=keys, args=[owner, _ms(lease_ttl)]))
+
+    async def renew_leases(
+        self, owner: str, leases: Sequence[tuple[str, JobEntry]], lease_ttl: float
+    ) -> list[str]:
+        """``heartbeat`` for each generation and ``touch_job`` for each job, in one round trip
+        on one Redis (a pipeline; every reply is checked); on a cluster, where each generation
+        lives on its own slot, as concurrent calls. One state per lease, in order."""
+        if not leases:
+            return []
+        ttl_ms = _ms(lease_ttl)
+        jobs: dict[str, list[StreamIdT]] = {}
+        for _gen_id, job in leases:
+            jobs.setdefault(job.stream, []).append(job.entry_id)
+        if self.cluster:
+            states = await asyncio.gather(
+                *(self.heartbeat(gen_id, owner, lease_ttl) for gen_id, _ in leases))
+            await asyncio.gather(*(self.redis.xclaim(
+                stream, protocol.WORKER_GROUP, owner, 0, ids, justid=True)
+                for stream, ids in jobs.items()))
+            return list(states)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gen_id, _ in leases:
+                await self._heartbeat(  # (redis-py types no pipeline here, but takes one)
+                    keys=[protocol.meta_key(gen_id)], args=[owner, ttl_ms],
+                    client=pipe)  # type: ignore[arg-type]
+            for stream, ids in jobs.items():
+                pipe.xclaim(stream, protocol.WORKER_GROUP, owner, 0, ids, justid=True)
+            replies = await pipe.execute()
+        return [as_text(reply) for reply in replies[: len(leases)]]
 
     async def publish(
         self, gen_id: str, owner: str, seq: int, events: Sequence[NewEvent],

@@ -69,7 +69,12 @@ def run_worker(settings: Settings) -> None:
     async def main() -> None:
         redis = connect(settings, "broker-worker-" + worker_name)
         llm = LLM(settings)
-        worker = Worker(Store(redis, settings), llm, settings, metrics, name=worker_name)
+        worker = Worker(
+            Store(redis, settings), llm, settings, metrics, name=worker_name,
+            # The lease renewals' own connection, used from their own thread (worker.leases).
+            lease_store=lambda: Store(
+                connect(settings, "broker-worker-leases-" + worker_name), settings),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
