@@ -1,4 +1,5 @@
-"""Admission: a worker takes a new job only while its event loop keeps time.
+"""Admission: a worker takes a new job only while its event loop keeps time and its
+publishes go out promptly.
 
 ``BROKER_MAX_CONCURRENCY`` alone let one worker take 1000 jobs it could not serve: each one
 made every other one late. So the worker measures its loop (how late a timer fires) and,
@@ -31,6 +32,7 @@ class Admission:
         self.max_lag = settings.admit_max_lag
         self.metrics = metrics
         self._samples: deque[float] = deque(maxlen=max(1, round(WINDOW / SAMPLE_INTERVAL)))
+        self._publishes: deque[tuple[float, float]] = deque()  # (when, how long), the window's
         self._sampled: asyncio.Event | None = None
 
     @property
@@ -42,6 +44,23 @@ class Admission:
         """Seconds the loop ran a timer late, on average over the last ``WINDOW``."""
         return sum(self._samples) / len(self._samples) if self._samples else 0.0
 
+    @property
+    def publish_time(self) -> float:
+        """Seconds a publish took (queueing included), on average over the last ``WINDOW``."""
+        self._forget_old_publishes(time.monotonic())
+        if not self._publishes:
+            return 0.0
+        return sum(took for _, took in self._publishes) / len(self._publishes)
+
+    def note_publish(self, took: float) -> None:
+        now = time.monotonic()
+        self._publishes.append((now, took))
+        self._forget_old_publishes(now)
+
+    def _forget_old_publishes(self, now: float) -> None:
+        while self._publishes and self._publishes[0][0] < now - WINDOW:
+            self._publishes.popleft()
+
     async def measure_forever(self) -> None:
         self._sampled = asyncio.Event()
         while True:
@@ -49,6 +68,7 @@ class Admission:
             await asyncio.sleep(SAMPLE_INTERVAL)
             self._samples.append(max(0.0, time.monotonic() - asked - SAMPLE_INTERVAL))
             self.metrics.loop_lag.set(self.lag)
+            self.metrics.publish_time.set(self.publish_time)
             self._sampled.set()
             self._sampled = asyncio.Event()
 
@@ -58,7 +78,7 @@ class Admission:
         generations, and a job left queued would wait for nothing."""
         if not self.limited:
             return wanted
-        if running and self.lag > self.max_lag:
+        if running and (self.lag > self.max_lag or self.publish_time > self.max_lag):
             return 0
         return min(wanted, BATCH)
 

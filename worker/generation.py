@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,13 +37,17 @@ class Publisher:
     """Numbers the events of one generation and publishes them in order, retrying safely."""
 
     def __init__(
-        self, store: Store, gen_id: str, owner: str, metrics: Metrics, enqueued_ms: int
+        self, store: Store, gen_id: str, owner: str, metrics: Metrics, enqueued_ms: int,
+        on_published: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_published``: told how long each publish took, queueing for the lock and a
+        Redis connection included (the worker's admission watches it)."""
         self.store = store
         self.gen_id = gen_id
         self.owner = owner
         self.metrics = metrics
         self.enqueued_ms = enqueued_ms
+        self.on_published = on_published
         self.seq = 0
         self.lock = asyncio.Lock()  # one publish at a time, so seqs reach Redis in order
 
@@ -56,12 +61,15 @@ class Publisher:
         await asyncio.shield(asyncio.ensure_future(self._publish_next(events)))
 
     async def _publish_next(self, events: list[NewEvent]) -> None:
+        asked = time.monotonic()
         async with self.lock:
             first = self.seq == 0
             result = await self._with_retries(self.seq + 1, events)
             if result < 0:
                 raise Stop("generation gone" if result == -1 else "lease lost")
             self.seq += len(events)
+            if self.on_published is not None:
+                self.on_published(time.monotonic() - asked)
             self.metrics.events_published.inc(len(events))
             final_status = events[-1].final_status
             if final_status:
@@ -94,6 +102,7 @@ class GenerationRun:
         self, gen_id: str, request: dict[str, Any], *, job_entry: JobEntry, owner: str,
         store: Store,
         llm: LLM, settings: Settings, metrics: Metrics,
+        on_published: Callable[[float], None] | None = None,
     ) -> None:
         self.gen_id = gen_id
         self.job_entry = job_entry
@@ -104,7 +113,8 @@ class GenerationRun:
         self.settings = settings
         self.metrics = metrics
         self.publisher = Publisher(
-            store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
+            store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id),
+            on_published,
         )
         # The answer's and the reasoning's sentence buffers (broker.core.deltas).
         self.channels = TextChannels(lambda: sentence_buffer(settings))

@@ -201,6 +201,7 @@ class Worker:
         return GenerationRun(
             gen_id, job["request"], job_entry=entry, owner=self.name, store=self.store,
             llm=self.llm, settings=self.settings, metrics=self.metrics,
+            on_published=self.admission.note_publish,
         )
 
     async def _run_generation(self, run: GenerationRun) -> bool:

@@ -125,9 +125,14 @@ class Metrics:
             "how late the worker's event loop ran a timer, on average over the last half second",
             registry=r,
         )
+        self.publish_time = Gauge(
+            "broker_worker_publish_seconds",
+            "how long the worker's publishes took, queueing for a Redis connection included, on "
+            "average over the last half second", registry=r,
+        )
         self.admission_waits = Counter(
             "broker_admission_waits", "times this worker left jobs queued because its event "
-            "loop ran late (BROKER_ADMIT_MAX_LAG)", registry=r,
+            "loop ran late or its publishes were slow (BROKER_ADMIT_MAX_LAG)", registry=r,
         )
         self.lease_renewal_interval = Histogram(
             "broker_lease_renewal_interval_seconds",

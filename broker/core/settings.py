@@ -99,8 +99,8 @@ class Settings:
     )
     admit_max_lag: float = _setting(
         0.05, "BROKER_ADMIT_MAX_LAG", "a worker takes no new job while its event loop runs "
-        "this many seconds late (measured; jobs stay queued for other workers; 0: no limit "
-        "but BROKER_MAX_CONCURRENCY)", "worker dev",
+        "this many seconds late or its publishes take this long (measured; jobs stay queued "
+        "for other workers; 0: no limit but BROKER_MAX_CONCURRENCY)", "worker dev",
     )
     llm_idle_timeout: float = _setting(
         60.0, "BROKER_LLM_IDLE_TIMEOUT", "seconds without a token before the LLM call fails",
