@@ -16,6 +16,7 @@ from broker.core.deltas import DeltaReader, Piece
 from broker.core.protocol import SDK_CALL_OPTIONS
 from broker.core.settings import Settings
 from broker.core.sse import aiter_sse_data
+from worker.body import BodyBroken, BodySilent, lean_body
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class LLM:
         # Decoded as bytes by the SSE rules (broker.core.sse.SSEDecoder), not with aiter_lines:
         # that splits like str.splitlines, so a raw U+2028 in a chunk's JSON broke the stream.
         # aiter_bytes, not aiter_raw: a gzip/deflate/br/zstd Content-Encoding is undone.
+        # An uncompressed HTTP/1.1 body is read lean instead (``worker.body``: the same
+        # connection and parser, without httpx's and httpcore's per-chunk layers).
         call = self.client.chat.completions.with_streaming_response.create(
             **known,
             extra_body=extra or None,
@@ -89,7 +92,9 @@ class LLM:
         )
         try:
             async with call as response:
-                async for data in aiter_sse_data(response.http_response.aiter_bytes()):
+                http = response.http_response
+                pieces = lean_body(http) or http.aiter_bytes()
+                async for data in aiter_sse_data(pieces):
                     if data.startswith("[DONE]"):
                         break
                     chunk = json.loads(data)
@@ -104,6 +109,10 @@ class LLM:
                         await on_pieces(pieces)
         except LLMError:
             raise
+        except BodySilent as e:
+            raise LLMError("llm_timeout", f"the LLM went silent mid-answer: {e}") from e
+        except BodyBroken as e:
+            raise LLMError("llm_stream_broken", f"the LLM stream broke: {e}") from e
         except openai.APIError as e:  # the request: the SDK wraps its errors
             raise _translate(e) from e
         except (OSError, ValueError, openai.OpenAIError) as e:
