@@ -160,6 +160,10 @@ class Worker:
     async def _run_job(self, entry: JobEntry, job: Job) -> None:
         gen_id = job["gen"]
         logs.generation.set(gen_id)  # this task's log records carry the generation id
+        # Registered before the claim, so a cancel notice (sent only for a running generation,
+        # so after the claim) finds it: no read of the cancel flag after the claim is needed.
+        registered = self._new_run(gen_id, entry, job)
+        self.running[gen_id] = registered
         run: GenerationRun | None = None
         try:
             status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl)
@@ -167,7 +171,7 @@ class Worker:
                 # Renewed from now (no await since the claim) until the run has published its
                 # terminal event: the claim's lease lasts a whole BROKER_LEASE_TTL, the keeper
                 # renews it within a third of that.
-                run = self._new_run(gen_id, entry, job)
+                run = registered
                 self.leases.hold(gen_id, entry, run.lease_state)
                 waited = max(0, protocol.now_ms() - protocol.entry_time_ms(entry.entry_id))
                 self.metrics.queue_wait.observe(waited / 1000)
@@ -196,6 +200,8 @@ class Worker:
         finally:
             if run is not None:
                 self.leases.release(gen_id)
+            if self.running.get(gen_id) is registered:
+                del self.running[gen_id]
 
     def _new_run(self, gen_id: str, entry: JobEntry, job: Job) -> GenerationRun:
         return GenerationRun(
@@ -207,16 +213,12 @@ class Worker:
     async def _run_generation(self, run: GenerationRun) -> bool:
         """Run it to its end; False if it stopped on a refused publish (``run.stopped``)."""
         gen_id = run.gen_id
-        self.running[gen_id] = run
         self.metrics.generations_running.inc()
         try:
-            # A cancel that came between the claim and now was published to nobody; its flag
-            # is in the meta. Any later one reaches this run through the listener.
-            if await self.store.cancel_requested(gen_id):
-                run.cancel_requested.set()
             await run.run()
         finally:
-            del self.running[gen_id]
+            if self.running.get(gen_id) is run:
+                del self.running[gen_id]
             self.metrics.generations_running.dec()
         log.info(
             "generation %s done: %d tokens in, %d events out, longest buffer wait %.0f ms",

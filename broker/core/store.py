@@ -176,16 +176,32 @@ class Store:
     async def create(
         self, gen_id: str, request: dict[str, Any], model: str, producer: str | None = None
     ) -> None:
-        """Meta first, then the job, so a worker never sees a job without meta. The two live in
-        different slots on a cluster, so no transaction spans them: if the job cannot be queued,
-        the meta is taken back (and expires anyway) and the caller gets the error."""
+        """Meta first, then the job, so a worker never sees a job without meta. On one Redis
+        both go in one transaction (one round trip). On a cluster they live in different
+        slots, so no transaction spans them: if the job cannot be queued, the meta is taken
+        back (and expires anyway) and the caller gets the error."""
         meta = protocol.meta_key(gen_id)
         job_fields = protocol.Job(gen=gen_id, request=request)
         if producer:
             job_fields["producer"] = producer
         job = protocol.encode_job(job_fields)
-        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
-            pipe.hset(meta, mapping=_fields(protocol.new_meta(model, producer)))
+        meta_fields = _fields(protocol.new_meta(model, producer))
+        if not self.cluster:
+            # One Redis: meta and job in one round trip, one MULTI (all applied in order;
+            # should the XADD fail, the meta is taken back as below).
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(meta, mapping=meta_fields)
+                    pipe.pexpire(meta, int(self.ttl_ms))
+                    pipe.xadd(self.job_stream_of(gen_id), _fields(job))
+                    await pipe.execute()
+            except BaseException:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.delete(meta)
+                raise
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(meta, mapping=meta_fields)
             pipe.pexpire(meta, int(self.ttl_ms))
             await pipe.execute()
         try:
@@ -255,9 +271,6 @@ class Store:
         seconds from now by Redis's clock; else the status that prevents it."""
         keys = [protocol.meta_key(gen_id)]
         return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
-
-    async def cancel_requested(self, gen_id: str) -> bool:
-        return await self.redis.hget(protocol.meta_key(gen_id), "cancel") == b"1"
 
     async def heartbeat(self, gen_id: str, owner: str, lease_ttl: float) -> str:
         """Renew the lease for ``lease_ttl`` seconds (Redis's clock): 'run', 'cancel' (cancel
