@@ -19,6 +19,7 @@ transport, a version of httpcore laid out differently) is read by ``aiter_bytes`
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,13 +52,83 @@ def lean_body(response: Any) -> AsyncIterator[bytes] | None:
     if not isinstance(state, h11.Connection) or not isinstance(network, ByteStream):
         return None
     timeout = (response.request.extensions.get("timeout") or {}).get("read")
-    return _read(state, network, timeout)
+    source = _SocketSource.of(network) or _StreamSource(network)
+    return _read(state, source, timeout)
+
+
+class _StreamSource:
+    """Bytes from any anyio byte stream (TLS included), one ``receive`` per read."""
+
+    def __init__(self, network: ByteStream) -> None:
+        self.network = network
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    async def read(self) -> bytes:
+        try:
+            return await self.network.receive(READ_BYTES)
+        except anyio.EndOfStream:
+            return b""  # h11 decides: the end of a read-until-close body, or a cut one
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
+            raise BodyBroken(f"the LLM connection failed: {e!r}") from e
+
+
+class _SocketSource:
+    """Bytes from anyio's plain TCP stream on asyncio, taken from its protocol's queue. Its
+    ``receive`` resumes the transport's reading before each read and pauses it after (two
+    ``epoll_ctl`` calls per token under uvloop); the body is read with reading resumed
+    throughout, and paused again after, as anyio leaves it between its reads."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self.transport = transport
+        self.protocol = protocol
+
+    @classmethod
+    def of(cls, network: ByteStream) -> _SocketSource | None:
+        transport = getattr(network, "_transport", None)
+        protocol = getattr(network, "_protocol", None)
+        if (type(network).__name__ != "SocketStream"
+                or not isinstance(transport, asyncio.Transport)
+                or not isinstance(getattr(protocol, "read_queue", None), deque)
+                or not isinstance(getattr(protocol, "read_event", None), asyncio.Event)):
+            return None
+        return cls(transport, protocol)
+
+    def start(self) -> None:
+        self.transport.resume_reading()
+
+    def stop(self) -> None:
+        self.transport.pause_reading()
+        # As anyio's receive leaves it: the event set exactly while bytes wait in the queue.
+        if self.protocol.read_queue:
+            self.protocol.read_event.set()
+        else:
+            self.protocol.read_event.clear()
+
+    async def read(self) -> bytes:
+        protocol = self.protocol
+        queue: deque[bytes] = protocol.read_queue
+        while not queue:
+            if protocol.exception is not None:
+                raise BodyBroken(f"the LLM connection failed: {protocol.exception!r}")
+            if protocol.is_at_eof or self.transport.is_closing():
+                return b""
+            protocol.read_event.clear()
+            await protocol.read_event.wait()
+        data = queue.popleft() if len(queue) == 1 else b"".join(queue)
+        queue.clear()
+        return data
 
 
 async def _read(
-    state: h11.Connection, network: ByteStream, read_timeout: float | None
+    state: h11.Connection, source: _StreamSource | _SocketSource, read_timeout: float | None
 ) -> AsyncIterator[bytes]:
     silence = _Silence(read_timeout)
+    source.start()
     try:
         while True:
             parts: list[bytes] = []
@@ -80,15 +151,11 @@ async def _read(
                 yield b"".join(parts)
             silence.waiting_since = silence.loop.time()
             try:
-                data = await network.receive(READ_BYTES)
-            except anyio.EndOfStream:
-                data = b""  # h11 decides: the end of a read-until-close body, or a cut one
+                data = await source.read()
             except asyncio.CancelledError:
                 if silence.expired():
                     raise BodySilent(f"no byte from the LLM for {read_timeout} s") from None
                 raise
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
-                raise BodyBroken(f"the LLM connection failed: {e!r}") from e
             finally:
                 silence.waiting_since = None
             try:
@@ -96,6 +163,7 @@ async def _read(
             except h11.RemoteProtocolError as e:
                 raise BodyBroken(f"the LLM broke HTTP framing: {e}") from e
     finally:
+        source.stop()
         silence.stop()
 
 

@@ -25,7 +25,7 @@ from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
 from worker.admission import Admission
 from worker.generation import GenerationRun
-from worker.leases import LeaseKeeper
+from worker.leases import LeaseKeeper, SyncRedis
 from worker.llm import LLM
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,17 @@ CLUSTER_IN_TRANSITION = (ClusterDownError, TryAgainError)
 class Worker:
     def __init__(
         self, store: Store, llm: LLM, settings: Settings, metrics: Metrics | None = None,
-        name: str | None = None, lease_store: Callable[[], Store] | None = None,
+        name: str | None = None, lease_redis: Callable[[], SyncRedis] | None = None,
     ) -> None:
-        """``lease_store``: makes a ``Store`` on a Redis connection of its own, for the lease
-        renewals' thread (``worker.leases``); without it they run on this worker's loop."""
+        """``lease_redis``: makes a blocking Redis client of its own for the lease renewals'
+        thread (``worker.leases.blocking_client``); without it they run on this worker's
+        loop."""
         self.store = store
         self.llm = llm
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.name = name or settings.worker_name()
-        self.leases = LeaseKeeper(store, self.name, settings, self.metrics, lease_store)
+        self.leases = LeaseKeeper(store, self.name, settings, self.metrics, lease_redis)
         self.admission = Admission(settings, self.metrics)
         self.running: dict[str, GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()

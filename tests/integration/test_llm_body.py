@@ -32,6 +32,8 @@ async def body_of(client: AsyncOpenAI, prompt: str, lean: bool) -> bytes:
         http = response.http_response
         pieces = lean_body(http)
         assert pieces is not None, "a plain HTTP/1.1 answer must take the lean path"
+        # ... straight from the socket's queue (plain TCP): the reader's source says so.
+        assert type(pieces.ag_frame.f_locals["source"]).__name__ == "_SocketSource"  # type: ignore[attr-defined]
         if not lean:
             pieces = http.aiter_bytes()
         return b"".join([piece async for piece in pieces])

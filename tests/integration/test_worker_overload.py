@@ -17,7 +17,7 @@ from broker.core.store import Store, connect
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import RedisServer
 from worker import admission
-from worker.leases import TICKS_PER_LEASE
+from worker.leases import TICKS_PER_LEASE, blocking_client
 from worker.llm import LLM
 from worker.loop import Worker
 
@@ -43,7 +43,7 @@ async def worker(own_redis: RedisServer, fake_llm: FakeLLM) -> AsyncIterator[Wor
     redis = connect(settings, "test-worker")
     llm = LLM(settings)
     w = Worker(Store(redis, settings), llm, settings, Metrics(), name="w-overload",
-               lease_store=lambda: Store(connect(settings, "test-worker-leases"), settings))
+               lease_redis=lambda: blocking_client(settings, "test-worker-leases"))
     task = asyncio.create_task(w.run())
     try:
         yield w
