@@ -1,8 +1,11 @@
-"""Python clients of an edge: ``create`` and ``Follower`` (``broker.client.follower``), and
+"""Python clients of an edge: ``create``, ``Follower`` and ``ConversationFollower``
+(``broker.client.follower``), and
 the terminal's ``broker ask``/``broker tail`` (``broker.client.terminal``). Imports
 ``broker.core`` at most."""
 
 from broker.client.follower import (
+    ConversationEvent,
+    ConversationFollower,
     Created,
     Follower,
     GenerationFailed,
@@ -15,6 +18,8 @@ from broker.client.follower import (
 )
 
 __all__ = [
+    "ConversationEvent",
+    "ConversationFollower",
     "Created",
     "Follower",
     "GenerationFailed",

@@ -182,3 +182,93 @@ class Follower:
                     elif event.event == "error":
                         raise GenerationFailed(data.get("code", "unknown"),
                                                data.get("message", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationEvent:
+    """One event of a conversation stream: ``event`` as the stream names it (``turn``,
+    ``message``, ``reasoning``, ..., ``end``, ``error``), its data without ``generation_id``,
+    which is here."""
+
+    id: str
+    event: str
+    generation_id: str
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in ("end", "error")
+
+
+class ConversationFollower:
+    """Follows a conversation's stream (``GET /v1/conversations/{cid}/events``): every turn,
+    for as long as it is iterated (a conversation has no end). Reconnects after a dropped
+    connection with ``Last-Event-ID``, as ``Follower`` does, and raises ``StreamError`` only
+    when no connection could be made for ``give_up_after`` seconds (a quiet conversation is
+    not a failure: the edge sends keepalives)."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, events_url: str, *, last_event_id: str | None = None,
+        give_up_after: float = 30.0,
+    ) -> None:
+        self.http = http
+        self.events_url = events_url
+        self.last_event_id = last_event_id
+        self.give_up_after = give_up_after
+        self.retry_ms = 1000
+        self.reconnects = 0
+
+    def __aiter__(self) -> AsyncGenerator[ConversationEvent, None]:
+        return self._follow()
+
+    async def _follow(self) -> AsyncGenerator[ConversationEvent, None]:
+        connected_at = time.monotonic()
+        failures = 0
+        while True:
+            if failures:
+                self.reconnects += 1
+                if time.monotonic() - connected_at > self.give_up_after:
+                    raise StreamError(f"no connection for {self.give_up_after}s; giving up")
+                delay = min(self.retry_ms / 1000 * 2 ** (failures - 1), MAX_RECONNECT_DELAY)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            failures += 1
+            try:
+                async with self.http.stream("GET", self.events_url,
+                                            headers=self._headers()) as response:
+                    await _check_stream(response)
+                    connected_at = time.monotonic()
+                    failures = 1
+                    decoder = SSEEventDecoder()
+                    async for piece in response.aiter_bytes():
+                        events = decoder.feed(piece)
+                        if decoder.retry is not None:
+                            self.retry_ms = decoder.retry
+                        for event in events:
+                            data = json.loads(event.data)
+                            if event.id:
+                                self.last_event_id = event.id
+                            yield ConversationEvent(event.id, event.event,
+                                                    str(data.pop("generation_id", "")), data)
+            except (httpx.TransportError, _Unavailable):
+                continue  # dropped (or the edge ended the response): resume after the last id
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["last-event-id"] = self.last_event_id
+        return headers
+
+
+async def _check_stream(response: httpx.Response) -> None:
+    """Raise unless ``response`` is an event stream: ``_Unavailable`` (retry) for a 5xx or a
+    200 that is something else, ``RequestRejected`` for another refusal."""
+    status = response.status_code
+    if status != 200:
+        body = (await response.aread()).decode(errors="replace")
+        if status >= 500:
+            raise _Unavailable(f"HTTP {status}: {body[:200]}")
+        raise _rejected(status, body)
+    content_type = response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        raise _Unavailable(f"HTTP 200 with {content_type or 'no content type'}, not an event "
+                           "stream")

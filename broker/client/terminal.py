@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from broker.client import (
+    ConversationFollower,
     Follower,
     GenerationFailed,
     GenerationNotFound,
@@ -52,18 +53,29 @@ class Printer:
         self.as_json = as_json
         self.printed = False
 
-    def message(self, event_id: str, text: str) -> None:
+    def message(self, event_id: str, text: str, generation_id: str | None = None) -> None:
         if self.as_json:
-            self._line({"id": event_id, "text": text})
+            line = {"id": event_id, "text": text}
+            self._line(line if generation_id is None else line | {"generation_id": generation_id})
         elif text:
             self._write(text)
             self.printed = True
 
-    def end(self, finish_reason: str, usage: dict[str, Any] | None) -> None:
+    def end(self, finish_reason: str, usage: dict[str, Any] | None,
+            generation_id: str | None = None) -> None:
         if self.as_json:
-            self._line({"finish_reason": finish_reason, "usage": usage})
+            line = {"finish_reason": finish_reason, "usage": usage}
+            self._line(line if generation_id is None else line | {"generation_id": generation_id})
         else:
             self._write("\n")
+        self.printed = False
+
+    def turn(self, number: int, generation_id: str) -> None:
+        """A conversation's next turn begins (``broker tail --conversation``)."""
+        if self.as_json:
+            self._line({"turn": number, "generation_id": generation_id})
+        else:
+            self._write(f"── turn {number} ({generation_id}) ──\n")
 
     def failed(self, code: str, message: str) -> None:
         if self.as_json:
@@ -142,6 +154,8 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
     if args.system is not None:
         messages.insert(0, {"role": "system", "content": args.system})
     fields = {} if args.model is None else {"model": args.model}
+    if args.conversation is not None:
+        fields["conversation_id"] = args.conversation
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
         try:
             created = await create(http, messages, **fields)
@@ -161,6 +175,10 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
     base_url = _base_url(args)
     if base_url is None:
         return _error(EXIT_REJECTED, "invalid_url", "--url / BROKER_URL must be http(s)://host")
+    if args.conversation is not None:
+        return await tail_conversation(args, printer, base_url)
+    if args.id is None:
+        return _error(EXIT_REJECTED, "usage", "give a generation ID, or --conversation CID")
     token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
         try:
@@ -170,6 +188,54 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
         except httpx.HTTPError as e:
             return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
         return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
+
+
+async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url: str) -> int:
+    """Every turn of a conversation as it comes, until Ctrl-C (or ``--turns`` turns ended)."""
+    token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
+    ended = 0
+    async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
+        try:
+            events_url = await _conversation_url(http, args.conversation, token)
+            follower = ConversationFollower(http, events_url, last_event_id=args.from_id)
+            async with contextlib.aclosing(follower.__aiter__()) as events:
+                async for event in events:
+                    data = event.data
+                    if event.event == "turn":
+                        printer.turn(int(data.get("turn", 0)), event.generation_id)
+                    elif event.event == "message":
+                        printer.message(event.id, data["text"], event.generation_id)
+                    elif event.event == "end":
+                        printer.end(data.get("finish_reason", "unknown"), data.get("usage"),
+                                    event.generation_id)
+                    elif event.event == "error":
+                        # One turn failed; the conversation goes on.
+                        code, message = data.get("code", "unknown"), data.get("message", "")
+                        printer.failed(code, message)
+                        print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+                    if event.terminal:
+                        ended += 1
+                        if args.turns is not None and ended >= args.turns:
+                            return EXIT_OK
+        except RequestRejected as e:
+            printer.stopped()
+            hint = AUTH_HINT if e.status in (401, 403) else ""
+            return _error(EXIT_REJECTED, e.code, e.message + hint)
+        except (StreamError, httpx.HTTPError) as e:
+            printer.stopped()
+            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+    return EXIT_OK
+
+
+async def _conversation_url(http: httpx.AsyncClient, cid: str, token: str | None) -> str:
+    """As ``_events_url``, for a conversation (``GET /v1/conversations/{cid}``'s
+    ``events_url``; the plain URL for a conversation with no turn yet)."""
+    conversation = f"/v1/conversations/{quote(cid, safe='')}"
+    if token:
+        return f"{conversation}/events?token={quote(token, safe='')}"
+    response = await http.get(conversation)
+    url = response.json().get("events_url") if response.status_code == 200 else None
+    return url if isinstance(url, str) else f"{conversation}/events"
 
 
 async def _events_url(http: httpx.AsyncClient, gen_id: str, token: str | None) -> str:
@@ -193,9 +259,16 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         parser.add_argument("question", help="the question (the user message)")
         parser.add_argument("--model", help="model to ask (default: the edge's BROKER_MODEL)")
         parser.add_argument("--system", metavar="TEXT", help="a system message before it")
+        parser.add_argument("--conversation", metavar="CID", help="ask it as the next turn of "
+                            "this conversation (`broker tail --conversation CID` follows it)")
     else:
-        parser.add_argument("id", metavar="ID", help="the generation's id (`broker ask` prints "
-                            "it on stderr)")
+        parser.add_argument("id", metavar="ID", nargs="?", help="the generation's id "
+                            "(`broker ask` prints it on stderr)")
+        parser.add_argument("--conversation", metavar="CID", help="follow this conversation "
+                            "instead: every turn, live, until Ctrl-C (--from: a conversation "
+                            "event id)")
+        parser.add_argument("--turns", type=int, metavar="N", help="with --conversation: exit "
+                            "once N turns have ended")
         parser.add_argument("--from", dest="from_id", metavar="EVENT_ID",
                             help="resume: print only what follows this event id "
                             "(default: from the start)")
@@ -214,7 +287,8 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 ClientCommand = Callable[[argparse.Namespace, Printer], Coroutine[Any, Any, int]]
 CLIENT_COMMANDS: dict[str, tuple[ClientCommand, str]] = {
     "ask": (ask, "ask a question: create a generation and print its answer as it streams"),
-    "tail": (tail, "follow a generation from the start, or from an event id, to its end"),
+    "tail": (tail, "follow a generation from the start, or from an event id, to its end; or "
+                   "every turn of a conversation (--conversation)"),
 }
 
 

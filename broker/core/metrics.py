@@ -13,6 +13,10 @@ class Metrics:
         self.subscriptions = Gauge(
             "broker_live_subscriptions", "generations this edge is subscribed to", registry=r
         )
+        self.conversation_subscriptions = Gauge(
+            "broker_conversation_subscriptions",
+            "conversations this edge is subscribed to (their turn notices)", registry=r,
+        )
         self.generations_created = Counter(
             "broker_generations_created", "generations accepted by this edge", registry=r
         )

@@ -376,6 +376,7 @@ class Meta:
     created_ms: int
     source: str = SOURCE_WORKER  # who publishes its events: the built-in worker or a producer
     counts: dict[str, int] = field(default_factory=dict)  # events published, per content kind
+    conversation: str | None = None  # the conversation it is a turn of, if any
 
     @property
     def finished(self) -> bool:
@@ -390,12 +391,17 @@ class Meta:
 COUNT_FIELD_PREFIX = "c:"
 
 
-def new_meta(model: str, producer: str | None = None) -> dict[str, str]:
+def new_meta(
+    model: str, producer: str | None = None, conversation: str | None = None
+) -> dict[str, str]:
     """A queued generation's meta; ``producer``: the id of the API key that created it (whose
-    queue quota it counts against, until a worker takes it or it is cancelled)."""
+    queue quota it counts against, until a worker takes it or it is cancelled);
+    ``conversation``: the conversation it is a turn of."""
     meta = {"status": "queued", "seq": "0", "model": model, "created": str(now_ms())}
     if producer:
         meta["producer"] = producer
+    if conversation:
+        meta["conversation"] = conversation
     return meta
 
 
@@ -420,6 +426,7 @@ def decode_meta(raw: dict[Any, Any]) -> Meta | None:
             created_ms=int(opt("created") or 0),
             source=opt("source") or SOURCE_WORKER,
             counts=_counts(opt),
+            conversation=opt("conversation"),
         )
     except (KeyError, ValueError) as e:
         raise ProtocolError("bad meta hash") from e
@@ -731,3 +738,100 @@ redis.call('HSET', meta, 'status', 'cancelled', 'finish_reason', 'cancelled', 'c
 return status
 """
 )
+
+
+# -- conversations -------------------------------------------------------------------------
+# A conversation is a sequence of turns, each a generation. Its keys share the hash tag
+# ``{conv:<cid>}`` (one cluster slot, so one script may touch them together); a generation's
+# meta names its conversation (``conversation``), the index names its generations:
+#   ``{conv:<cid>}:turns``  stream  one entry per turn, explicit id ``0-<turn>`` (1, 2, ...),
+#                                   field ``gen``: the turn's generation id
+#   ``{conv:<cid>}:live``   channel ``<turn> <gen_id>`` when a turn is added (a notice: the
+#                                   index is the truth, a viewer re-reads it after subscribing)
+# The cid alphabet has no ``{``/``}`` (the tag stays whole) and no space (the notice's split).
+
+_CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def is_conversation_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_CONVERSATION_ID_RE.fullmatch(value))
+
+
+def _conversation_tag(cid: str) -> str:
+    return "{conv:" + cid + "}"
+
+
+def conversation_turns_key(cid: str) -> str:
+    return _conversation_tag(cid) + ":turns"
+
+
+def conversation_channel(cid: str) -> str:
+    return _conversation_tag(cid) + ":live"
+
+
+def is_conversation_channel(channel: str) -> bool:
+    return channel.startswith("{conv:") and channel.endswith("}:live")
+
+
+def conversation_of_channel(channel: str) -> str:
+    """Inverse of ``conversation_channel``."""
+    return channel[len("{conv:") : -len("}:live")]
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One turn of a conversation: its number (1, 2, ...: the index entry's seq) and its
+    generation."""
+
+    number: int
+    gen_id: str
+
+
+def decode_turn(entry_id: bytes | str, fields: dict[Any, Any]) -> Turn:
+    """One ``XRANGE`` entry of a conversation's turns index."""
+    eid = as_text(entry_id)
+    try:
+        return Turn(int(eid.split("-", 1)[1]), _field_getter(fields)("gen"))
+    except (ValueError, KeyError, IndexError) as e:
+        raise ProtocolError(f"bad turn entry {eid!r}") from e
+
+
+def decode_turn_notice(payload: bytes | str) -> Turn:
+    """A conversation channel's payload (``ADD_TURN_SCRIPT``): ``<turn> <gen_id>``."""
+    try:
+        number, gen_id = as_text(payload).split(" ", 1)
+        return Turn(int(number), gen_id)
+    except ValueError as e:
+        raise ProtocolError(f"bad turn notice: {payload[:80]!r}") from e
+
+
+# KEYS: the conversation's turns index. ARGV: gen_id, ttl_ms, channel, publish_cmd.
+# Appends the next turn (its number: the last one's + 1, or 1), refreshes the index's expiry
+# (a conversation lives as long as its newest turn) and publishes the notice, in one step.
+# Returns the turn's number.
+ADD_TURN_SCRIPT = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local turn = 1
+if #last > 0 then turn = tonumber(string.match(last[1][1], '-(%d+)$')) + 1 end
+redis.call('XADD', KEYS[1], '0-' .. turn, 'gen', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call(ARGV[4], ARGV[3], turn .. ' ' .. ARGV[1])
+return turn
+"""
+
+
+# A conversation stream's SSE id: the turn number, then the event's seq in its generation
+# (0: the turn's own ``turn`` event), zero-padded so ids compare as numbers and as strings.
+_CONVERSATION_SEQ_WIDTH = 10
+_CONVERSATION_EVENT_ID_RE = re.compile(r"[0-9]{11,20}")
+
+
+def conversation_event_id(turn: int, seq: int) -> str:
+    return f"{turn:08d}{seq:0{_CONVERSATION_SEQ_WIDTH}d}"
+
+
+def parse_conversation_event_id(value: str) -> tuple[int, int]:
+    """(turn, seq) of a conversation stream's SSE id; ``ProtocolError`` if not one of ours."""
+    if not _CONVERSATION_EVENT_ID_RE.fullmatch(value):
+        raise ProtocolError(f"not a conversation event id: {value[:40]!r}")
+    return int(value[:-_CONVERSATION_SEQ_WIDTH]), int(value[-_CONVERSATION_SEQ_WIDTH:])

@@ -156,6 +156,7 @@ class Store:
         self._cancel = redis.register_script(protocol.CANCEL_SCRIPT)
         self._reap = redis.register_script(protocol.REAP_SCRIPT)
         self._queue_quota = redis.register_script(protocol.QUEUE_QUOTA_SCRIPT)
+        self._add_turn = redis.register_script(protocol.ADD_TURN_SCRIPT)
 
     # -- generations -----------------------------------------------------------------------
 
@@ -174,21 +175,25 @@ class Store:
         await self.redis.zrem(protocol.queued_key(producer), gen_id)
 
     async def create(
-        self, gen_id: str, request: dict[str, Any], model: str, producer: str | None = None
-    ) -> None:
-        """Meta first, then the job, so a worker never sees a job without meta. On one Redis
-        both go in one transaction (one round trip). On a cluster they live in different
-        slots, so no transaction spans them: if the job cannot be queued, the meta is taken
-        back (and expires anyway) and the caller gets the error."""
+        self, gen_id: str, request: dict[str, Any], model: str, producer: str | None = None,
+        conversation: str | None = None,
+    ) -> int | None:
+        """Meta first, then the job, so a worker never sees a job without meta. On one Redis,
+        with no conversation, both go in one transaction (one round trip). On a cluster they
+        live in different slots, so no transaction spans them: if the job cannot be queued,
+        the meta is taken back (and expires anyway) and the caller gets the error.
+
+        A turn of ``conversation`` is indexed between the two (``add_turn``), before any
+        worker can publish an event of it; returns its turn number (None: no conversation)."""
         meta = protocol.meta_key(gen_id)
         job_fields = protocol.Job(gen=gen_id, request=request)
         if producer:
             job_fields["producer"] = producer
         job = protocol.encode_job(job_fields)
-        meta_fields = _fields(protocol.new_meta(model, producer))
-        if not self.cluster:
-            # One Redis: meta and job in one round trip, one MULTI (all applied in order;
-            # should the XADD fail, the meta is taken back as below).
+        meta_fields = _fields(protocol.new_meta(model, producer, conversation))
+        if not self.cluster and not conversation:
+            # Meta and job in one MULTI: applied in order, one round trip (should the XADD
+            # fail, the meta is taken back as below).
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.hset(meta, mapping=meta_fields)
@@ -199,17 +204,21 @@ class Store:
                 with contextlib.suppress(RedisError, OSError):
                     await self.redis.delete(meta)
                 raise
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
+            return None
+        async with self.redis.pipeline(transaction=not self.cluster) as pipe:
             pipe.hset(meta, mapping=meta_fields)
             pipe.pexpire(meta, int(self.ttl_ms))
             await pipe.execute()
+        turn = None
         try:
+            if conversation:
+                turn = await self.add_turn(conversation, gen_id)
             await self.redis.xadd(self.job_stream_of(gen_id), _fields(job))
         except BaseException:
             with contextlib.suppress(RedisError, OSError):
                 await self.redis.delete(meta)
             raise
+        return turn
 
     async def meta(self, gen_id: str) -> Meta | None:
         return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
@@ -252,6 +261,7 @@ class Store:
         before = as_text(result)
         if before == "queued":
             await self._leave_queue_quota(gen_id)
+            await self._turn_ended(gen_id)
         return before
 
     async def _leave_queue_quota(self, gen_id: str) -> None:
@@ -263,6 +273,55 @@ class Store:
             producer = await self.redis.hget(protocol.meta_key(gen_id), "producer")
             if producer:
                 await self.release_queue_slot(as_text(producer), gen_id)
+
+    # -- conversations ---------------------------------------------------------------------
+
+    async def add_turn(self, cid: str, gen_id: str) -> int:
+        """Index ``gen_id`` as the next turn of ``cid`` and publish the notice (one script: the
+        index and the channel share a slot); the turn's number. Its meta must exist already,
+        naming the conversation: a viewer who reads the index finds the generation."""
+        return int(await self._add_turn(
+            keys=[protocol.conversation_turns_key(cid)],
+            args=[gen_id, self.ttl_ms, protocol.conversation_channel(cid), self.publish_cmd],
+        ))
+
+    async def _turn_ended(self, gen_id: str) -> None:
+        """A generation ended, and its keys now live ``ttl`` from now: if it is a turn, so does
+        its conversation's index (it lives as long as its newest turn; an older turn ending
+        only makes it live longer). A second call, not part of the script that ended it: the
+        index is in another slot. Best effort: if it fails, the index still lives ``ttl`` from
+        its newest turn's creation."""
+        with contextlib.suppress(RedisError, OSError):
+            cid = await self.redis.hget(protocol.meta_key(gen_id), "conversation")
+            if cid:
+                await self.redis.pexpire(
+                    protocol.conversation_turns_key(as_text(cid)), int(self.ttl_ms))
+
+    async def conversation_turns(self, cid: str, after: int = 0) -> list[protocol.Turn]:
+        """The turns of ``cid`` after turn number ``after``, in order ([] when unknown)."""
+        entries: Any = await self.redis.xrange(  # (redis-py types entries with None parts)
+            protocol.conversation_turns_key(cid), min=f"({protocol.stream_id(after)}"
+        )
+        return [protocol.decode_turn(eid, fields) for eid, fields in entries or []]
+
+    async def turn_statuses(self, turns: Sequence[protocol.Turn]) -> list[str | None]:
+        """The status of each turn's generation (None: expired), in one round trip per node."""
+        if not turns:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for turn in turns:
+                pipe.hget(protocol.meta_key(turn.gen_id), "status")
+            replies = await pipe.execute()
+        return [as_text(reply) if reply else None for reply in replies]
+
+    async def active_turn(self, cid: str) -> str | None:
+        """The generation of the oldest turn of ``cid`` that has not ended (queued or
+        running), or None. (Turns may end out of order: two workers run them at once.)"""
+        turns = await self.conversation_turns(cid)
+        for turn, status in zip(turns, await self.turn_statuses(turns), strict=True):
+            if status is not None and status not in protocol.TERMINAL_STATUSES:
+                return turn.gen_id
+        return None
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -320,7 +379,10 @@ class Store:
             maxlen=self.maxlen, ttl_ms=self.ttl_ms, channel=protocol.live_channel(gen_id),
             publish_cmd=self.publish_cmd,
         )
-        return int(await self._publish(keys=protocol.generation_keys(gen_id), args=args))
+        result = int(await self._publish(keys=protocol.generation_keys(gen_id), args=args))
+        if result == 1 and events[-1].terminal:
+            await self._turn_ended(gen_id)
+        return result
 
     async def reap(self, gen_id: str, reaper: str, healthy_for: float) -> protocol.LeaseCheck:
         """End ``gen_id`` with ``worker_lost`` (``producer_lost`` for an external producer's)
@@ -337,7 +399,10 @@ class Store:
             args=[reaper, _ms(healthy_for), worker_lost, producer_lost, self.maxlen,
                   self.ttl_ms, protocol.live_channel(gen_id), self.publish_cmd],
         )
-        return protocol.decode_lease_check(reply)
+        check = protocol.decode_lease_check(reply)
+        if check.reaped:
+            await self._turn_ended(gen_id)
+        return check
 
     # -- jobs ------------------------------------------------------------------------------
 

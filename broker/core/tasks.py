@@ -1,9 +1,15 @@
-"""Stopping asyncio tasks for sure."""
+"""Stopping asyncio tasks for sure, and sharing one call among the callers that wait for it."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import functools
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 RECANCEL_INTERVAL = 0.5
 
@@ -24,3 +30,50 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=RECANCEL_INTERVAL)
     await asyncio.gather(*tasks, return_exceptions=True)  # (retrieves their exceptions)
+
+
+class SharedCalls(Generic[K, V]):
+    """Callers that ask for the same key while a call for it runs share that one call (a
+    single flight: a resume storm or a crowd joining reads Redis once, not once each).
+
+    The call runs in a task of its own, so a caller that leaves cancels only its own wait. A
+    finished call is forgotten unless ``keep(result)`` says its result stays valid; then it is
+    kept for later callers, the ``capacity`` most recently asked for, until ``clear``.
+    """
+
+    def __init__(self, keep: Callable[[V], bool] | None = None, capacity: int = 0) -> None:
+        self._keep = keep
+        self._capacity = capacity
+        self._calls: OrderedDict[K, asyncio.Future[V]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    async def get(self, key: K, call: Callable[[], Coroutine[Any, Any, V]]) -> tuple[V, bool]:
+        """The result of the call for ``key`` (``call()`` if none runs or is kept), and
+        whether it was shared: started before this caller asked."""
+        running = self._calls.get(key)
+        if running is None:
+            running = asyncio.ensure_future(call())
+            self._calls[key] = running
+            running.add_done_callback(functools.partial(self._done, key))
+            shared = False
+        else:
+            self._calls.move_to_end(key)
+            shared = True
+        return await asyncio.shield(running), shared
+
+    def clear(self) -> None:
+        """Forget every call: later callers call afresh (those waiting still get theirs)."""
+        self._calls.clear()
+
+    def _done(self, key: K, call: asyncio.Future[V]) -> None:
+        # The exception is retrieved here: every caller may have left already.
+        failed = call.cancelled() or call.exception() is not None
+        if failed or self._keep is None or not self._keep(call.result()):
+            if self._calls.get(key) is call:
+                del self._calls[key]
+            return
+        kept = [k for k, c in self._calls.items() if c.done()]
+        for old in kept[: max(0, len(kept) - self._capacity)]:
+            del self._calls[old]

@@ -3,6 +3,7 @@ error shapes and the hub's lifetime."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,13 +23,14 @@ from starlette.types import Message, Receive, Scope, Send
 from broker.core.metrics import Metrics
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
-from broker.edge import headers
+from broker.core.tasks import cancel_and_wait
+from broker.edge import aisdk_routes, headers
 from broker.edge.auth import ApiKeys, ViewerTokens, parse_keys
 from broker.edge.cors import CorsPolicy
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
 from broker.edge.routes import Edge, open_stream, routes, stream_route
-from broker.edge.stream import EventStream, ViewerSlots
+from broker.edge.stream import EventStream, OpenStreams
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,13 @@ def create_app(
         probe_interval=settings.probe_interval,
         name=f"edge-{socket.gethostname()}-{os.getpid()}",
     )
-    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens,
-                ViewerSlots(settings.max_viewers))
+    open_streams = OpenStreams(settings.max_viewers)
+    edge = Edge(settings, store, hub, metrics, api_keys, viewer_tokens, open_streams)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        send_watch = asyncio.create_task(open_streams.watch_sends_forever(), name="send-watch")
         try:
             if extra_lifespan is None:
                 yield
@@ -67,13 +70,14 @@ def create_app(
                 async with extra_lifespan(app):
                     yield
         finally:
+            await cancel_and_wait(send_watch)
             await hub.stop()
             if redis is None:
                 await client.aclose()
 
     cors = CorsPolicy(settings.cors_origins)
     app = EdgeApp(
-        routes=routes,
+        routes=[*routes, *aisdk_routes.routes],
         lifespan=lifespan,
         middleware=cors.middleware(),
         exception_handlers={

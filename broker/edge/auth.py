@@ -20,6 +20,7 @@ from broker.edge.errors import ApiError
 
 TOKEN_PARAM = "token"
 TOKEN_COOKIE_PREFIX = "broker_token_"  # + the generation id, for EventSource withCredentials
+CONVERSATION_COOKIE_PREFIX = "broker_conversation_token_"  # + the conversation id, likewise
 _KEY_ID_CHARS = 8
 
 
@@ -99,6 +100,13 @@ class ViewerTokens:
             raise ApiError(403, "forbidden", "the viewer token is not valid for this stream")
         if int(expiry) < (time.time() if now is None else now):
             raise ApiError(403, "token_expired", "the viewer token has expired")
+
+
+def conversation_scope(cid: str) -> str:
+    """What a conversation's viewer token signs in place of a generation id: no generation id
+    has a ``:``, so a conversation's token never opens a generation (nor one conversation's
+    another: the cid is signed whole)."""
+    return "conversation:" + cid
 
 
 def _sign(secret: bytes, gen_id: str, expires: int) -> str:

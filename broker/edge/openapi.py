@@ -20,6 +20,13 @@ _GEN_ID = {
 }
 
 
+_CID = {
+    "name": "cid", "in": "path", "required": True, "schema": {"type": "string"},
+    "description": "the conversation id (1-128 of A-Z a-z 0-9 _ . : -)",
+}
+CONVERSATION_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     descriptions = {
         400: "malformed JSON or Last-Event-ID", 401: "no valid API key or viewer token",
@@ -73,6 +80,23 @@ def document(settings: Settings) -> dict[str, Any]:
                            "description": "the stream, with a fresh viewer token if tokens are on"},
         },
     }
+    conversation = {
+        "type": "object", "required": ["id", "turns", "active", "events_url"],
+        "properties": {
+            "id": {"type": "string"},
+            "turns": {"type": "array", "items": {
+                "type": "object", "required": ["generation_id", "turn", "status"],
+                "properties": {
+                    "generation_id": {"type": "string"}, "turn": {"type": "integer"},
+                    "status": {"enum": ["queued", "running", "completed", "failed",
+                                        "cancelled", "expired"]},
+                },
+            }},
+            "active": {"type": ["string", "null"],
+                       "description": "the oldest turn that has not ended"},
+            "events_url": {"type": "string"},
+        },
+    }
     message = {
         "type": "object", "required": ["role", "content"],
         "properties": {
@@ -87,6 +111,7 @@ def document(settings: Settings) -> dict[str, Any]:
                          "maxItems": settings.max_messages},
             "model": {"type": "string", "pattern": "\\S", "maxLength": MAX_MODEL_CHARS},
             "n": {"const": 1},
+            "conversation_id": CONVERSATION_ID_SCHEMA,
             # Options of the worker's SDK call, not request fields: never accepted.
             **dict.fromkeys(sorted(SDK_CALL_OPTIONS), False),
         },
@@ -131,7 +156,9 @@ def document(settings: Settings) -> dict[str, Any]:
                                    "required": ["id", "events_url", "status"],
                                    "properties": {"id": {"type": "string"},
                                                   "events_url": {"type": "string"},
-                                                  "status": {"const": "queued"}}}}}},
+                                                  "status": {"const": "queued"},
+                                                  "conversation_id": {"type": "string"},
+                                                  "conversation_url": {"type": "string"}}}}}},
                     **_errors(400, 401, 408, 413, 422, 429, 503),
                 },
             }},
@@ -175,6 +202,38 @@ def document(settings: Settings) -> dict[str, Any]:
                     **_errors(400, 401, 403, 404, 410, 503),
                 },
             }},
+            "/v1/conversations/{cid}": {"get": {
+                "summary": "a conversation's turns and its active turn",
+                "security": [{"apiKey": []}],
+                "parameters": [_CID],
+                "responses": {
+                    "200": {"description": "the conversation", "content": {
+                        "application/json": {"schema": conversation}}},
+                    **_errors(401, 404, 503),
+                },
+            }},
+            "/v1/conversations/{cid}/events": {"get": {
+                "summary": "every turn of a conversation over one stream (Server-Sent Events); "
+                           "stays open between turns, resumes after Last-Event-ID",
+                "security": [{"viewerToken": []}],
+                "parameters": [
+                    _CID,
+                    {"name": "Last-Event-ID", "in": "header", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "last_event_id", "in": "query", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "from", "in": "query", "required": False,
+                     "schema": {"enum": ["all", "active"]},
+                     "description": "where a new device starts: every turn (all) or the "
+                                    "active one"},
+                ],
+                "responses": {
+                    "200": {"description": "the event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                    **_errors(400, 401, 403, 404, 503),
+                },
+            }},
+            **_ai_sdk_paths(),
             "/healthz": {"get": {"summary": "the process is up", "responses": {
                 "200": {"description": "up"}}}},
             "/readyz": {"get": {"summary": "Redis reachable and delivering", "responses": {
@@ -183,4 +242,55 @@ def document(settings: Settings) -> dict[str, Any]:
                 "200": {"description": "metrics",
                         "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
         },
+    }
+
+
+def _ai_sdk_paths() -> dict[str, Any]:
+    """The AI SDK's chat endpoints (``broker.edge.aisdk_routes``). The body's schema holds
+    only what the edge checks (a body it would refuse must break the schema: the fuzzer's
+    negative cases count on it); the parts of a message are the SDK's ``UIMessage`` parts."""
+    ui_message = {
+        "type": "object", "required": ["role", "parts"],
+        "properties": {"id": {}, "role": {"enum": ["system", "user", "assistant"]},
+                       "parts": {"type": "array", "items": {"type": "object"}}},
+    }
+    chat_body = {
+        "type": "object", "required": ["id", "messages"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$",
+                   "description": "the chat id: the conversation the turn belongs to"},
+            "messages": {"type": "array", "items": ui_message, "minItems": 1},
+            "trigger": {"enum": ["submit-message", "regenerate-message"]},
+            "messageId": {},
+        },
+        "additionalProperties": True,
+        "description": "the body DefaultChatTransport posts; other fields (the transport's "
+                       "`body` option) go to the LLM request as in POST /v1/generations",
+    }
+    ui_stream = {"text/event-stream": {"schema": {"type": "string"}}}
+    stream_headers = {"x-vercel-ai-ui-message-stream": {"schema": {"const": "v1"}}}
+    return {
+        "/v1/ai-sdk/chat": {"post": {
+            "summary": "run a turn of the chat; its UI message stream (AI SDK)",
+            "security": [{"apiKey": []}],
+            "requestBody": {"required": True,
+                            "content": {"application/json": {"schema": chat_body}}},
+            "responses": {
+                "200": {"description": "the turn's UI message stream",
+                        "headers": stream_headers, "content": ui_stream},
+                **_errors(400, 401, 408, 413, 422, 429, 503),
+            },
+        }},
+        "/v1/ai-sdk/chat/{chat_id}/stream": {"get": {
+            "summary": "the chat's active turn's UI message stream, from its start (AI SDK)",
+            "security": [{"apiKey": []}, {"viewerToken": []}],
+            "parameters": [{"name": "chat_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}, "description": "the chat id"}],
+            "responses": {
+                "200": {"description": "the active turn's UI message stream",
+                        "headers": stream_headers, "content": ui_stream},
+                "204": {"description": "the chat has no active turn"},
+                **_errors(401, 403, 404, 503),
+            },
+        }},
     }

@@ -8,27 +8,44 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from broker.core import logs, protocol
 from broker.core.metrics import Metrics
 from broker.core.protocol import Meta
 from broker.core.settings import Settings
 from broker.core.store import Store
+from broker.core.tasks import SharedCalls
 from broker.edge import openapi
-from broker.edge.auth import TOKEN_COOKIE_PREFIX, TOKEN_PARAM, ApiKeys, ViewerTokens
+from broker.edge.auth import (
+    CONVERSATION_COOKIE_PREFIX,
+    TOKEN_COOKIE_PREFIX,
+    TOKEN_PARAM,
+    ApiKeys,
+    ViewerTokens,
+    conversation_scope,
+)
+from broker.edge.conversation_stream import ConversationStream
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
-from broker.edge.stream import EventStream, ViewerSlots
-from broker.edge.validation import parse_create_body, parse_last_event_id
+from broker.edge.stream import EventStream, OpenStreams
+from broker.edge.validation import (
+    parse_conversation_last_event_id,
+    parse_create_body,
+    parse_last_event_id,
+    parse_stream_start,
+    take_conversation_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,35 +60,32 @@ class Edge:
     metrics: Metrics
     api_keys: ApiKeys
     viewer_tokens: ViewerTokens
-    viewer_slots: ViewerSlots  # BROKER_MAX_VIEWERS
-    _meta_reads: dict[str, asyncio.Future[Meta | None]] = field(default_factory=dict)
+    open_streams: OpenStreams  # BROKER_MAX_VIEWERS, the send watch
+    _meta_reads: SharedCalls[str, Meta | None] = field(default_factory=SharedCalls)
 
     async def stream_meta(self, gen_id: str, cursor: int) -> Meta | None:
         """The generation's meta for a stream request. Requests that arrive together (a
         resume storm, a crowd joining) share one read; an answer that would refuse the
         request (no such id, a cursor past its end) may predate this request's arrival, so
         it is read again for this request alone."""
-        read = self._meta_reads.get(gen_id)
-        if read is None:
-            read = asyncio.ensure_future(self.store.meta(gen_id))
-            self._meta_reads[gen_id] = read
-            read.add_done_callback(functools.partial(self._meta_read_done, gen_id))
-            return await asyncio.shield(read)
-        meta = await asyncio.shield(read)
-        if meta is None or cursor > meta.seq:
+        meta, shared = await self._meta_reads.get(gen_id, lambda: self.store.meta(gen_id))
+        if shared and (meta is None or cursor > meta.seq):
             meta = await self.store.meta(gen_id)
         return meta
-
-    def _meta_read_done(self, gen_id: str, read: asyncio.Future[Meta | None]) -> None:
-        del self._meta_reads[gen_id]
-        if not read.cancelled():
-            read.exception()  # retrieved here: every waiter may have left already
 
     def events_url(self, gen_id: str) -> str:
         """The stream's URL as a browser will open it: with a viewer token when tokens are on."""
         url = f"/v1/generations/{gen_id}/events"
         if self.viewer_tokens.enabled:
             url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(gen_id)}"
+        return url
+
+    def conversation_url(self, cid: str) -> str:
+        """A conversation's stream URL, with a token for that conversation alone when tokens
+        are on."""
+        url = f"/v1/conversations/{cid}/events"
+        if self.viewer_tokens.enabled:
+            url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(conversation_scope(cid))}"
         return url
 
     def authorize_producer(self, request: Request) -> str | None:
@@ -120,6 +134,26 @@ async def create_generation(request: Request) -> Response:
     chat_request = parse_create_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
+    conversation = take_conversation_id(chat_request)
+    gen_id = await queue_generation(edge, producer, chat_request, conversation)
+    answer = {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"}
+    if conversation:
+        answer |= {"conversation_id": conversation,
+                   "conversation_url": edge.conversation_url(conversation)}
+    return JSONResponse(
+        answer,
+        status_code=201,
+        headers={"location": f"/v1/generations/{gen_id}"},
+    )
+
+
+async def queue_generation(
+    edge: Edge, producer: str | None, chat_request: dict[str, Any], conversation: str | None
+) -> str:
+    """Create a generation of the validated ``chat_request`` for the workers to run (a turn of
+    ``conversation``, if given), within ``producer``'s queue quota (429 past it); its id. The
+    one create path: ``POST /v1/generations`` and the AI SDK's ``POST /v1/ai-sdk/chat``."""
+    s = edge.settings
     gen_id = protocol.new_generation_id()
     logs.generation.set(gen_id)
     if producer and not await edge.store.reserve_queue_slot(
@@ -131,7 +165,8 @@ async def create_generation(request: Request) -> Response:
             headers={"retry-after": "1"},
         )
     try:
-        await edge.store.create(gen_id, chat_request, chat_request["model"], producer)
+        await edge.store.create(gen_id, chat_request, chat_request["model"], producer,
+                                conversation)
     except BaseException:
         if producer:
             with contextlib.suppress(RedisError, OSError):
@@ -142,11 +177,7 @@ async def create_generation(request: Request) -> Response:
     if s.log_prompts:  # asked for explicitly: prompts are private by default
         log.info("generation %s prompt: %s", gen_id,
                  json.dumps(chat_request["messages"], ensure_ascii=False))
-    return JSONResponse(
-        {"id": gen_id, "events_url": edge.events_url(gen_id), "status": "queued"},
-        status_code=201,
-        headers={"location": f"/v1/generations/{gen_id}"},
-    )
+    return gen_id
 
 
 async def get_generation(request: Request) -> Response:
@@ -220,7 +251,7 @@ async def open_stream(edge: Edge, request: Request, gen_id: str) -> EventStream 
     )
     if not protocol.is_generation_id(gen_id):
         raise ApiError(404, "not_found", "no such generation")
-    slot = edge.viewer_slots.take()
+    slot = edge.open_streams.take()
     if slot is None:
         raise ApiError(
             503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
@@ -256,6 +287,77 @@ async def generation_events(request: Request) -> Response:
     """Never called: ``EdgeApp`` serves GET and HEAD of this path before routing. The route is
     here so that other methods are answered 405 (and the path is listed with the others)."""
     raise RuntimeError("the event stream is served by EdgeApp before routing")
+
+
+def _conversation_id(request: Request) -> str:
+    cid: str = request.path_params["cid"]
+    if not protocol.is_conversation_id(cid):
+        raise ApiError(404, "not_found", "no such conversation")
+    return cid
+
+
+async def get_conversation(request: Request) -> Response:
+    edge = _edge(request)
+    edge.authorize_producer(request)
+    cid = _conversation_id(request)
+    turns = await edge.store.conversation_turns(cid)
+    if not turns:
+        raise ApiError(404, "not_found", "no such conversation")
+    statuses = await edge.store.turn_statuses(turns)
+    active = next((turn.gen_id for turn, status in zip(turns, statuses, strict=True)
+                   if status is not None and status not in protocol.TERMINAL_STATUSES), None)
+    return JSONResponse({
+        "id": cid,
+        "turns": [{"generation_id": turn.gen_id, "turn": turn.number,
+                   "status": status or "expired"}
+                  for turn, status in zip(turns, statuses, strict=True)],
+        "active": active,
+        "events_url": edge.conversation_url(cid),
+    })
+
+
+async def conversation_events(scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /v1/conversations/{cid}/events`` (an ASGI app: the stream is its own answer).
+    Errors before the stream starts reach the exception handlers, as any route's."""
+    request = Request(scope, receive)
+    edge = _edge(request)
+    cid: str = request.path_params["cid"]
+    # The token first: without one, no answer may tell anything about the conversation.
+    edge.viewer_tokens.check(
+        request.query_params.get(TOKEN_PARAM)
+        or request.cookies.get(CONVERSATION_COOKIE_PREFIX + cid),
+        conversation_scope(cid),
+    )
+    cid = _conversation_id(request)
+    after = parse_conversation_last_event_id(
+        request.headers.get("last-event-id"), request.query_params.get("last_event_id")
+    )
+    start = parse_stream_start(request.query_params.get("from"))
+    slot = edge.open_streams.take()
+    if slot is None:
+        raise ApiError(
+            503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
+            headers={"retry-after": "5"},
+        )
+    if after is not None:
+        edge.metrics.resumes.inc()
+    s = edge.settings
+    stream = ConversationStream(
+        edge.hub, cid, after, start, retry_ms=s.retry_ms, keepalive=s.keepalive_interval,
+        send_timeout=s.send_timeout, max_seconds=s.max_stream_seconds, slot=slot,
+    )
+    await stream.serve(scope, receive, send)  # gives the slot back when it ends
+
+
+class AsgiEndpoint:
+    """A route's endpoint that answers itself (Starlette calls a plain function with a
+    ``Request`` and expects a ``Response`` back; an instance is called as an ASGI app)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 async def healthz(request: Request) -> Response:
@@ -303,6 +405,8 @@ routes = [
     Route("/v1/generations/{gen_id}", get_generation, methods=["GET"]),
     Route("/v1/generations/{gen_id}/cancel", cancel_generation, methods=["POST"]),
     Route("/v1/generations/{gen_id}/events", generation_events, methods=["GET"]),
+    Route("/v1/conversations/{cid}", get_conversation, methods=["GET"]),
+    Route("/v1/conversations/{cid}/events", AsgiEndpoint(conversation_events), methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from typing import ClassVar, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -19,6 +20,8 @@ from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
 
+SEND_WATCH_INTERVAL = 0.5
+
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -26,16 +29,27 @@ SSE_HEADERS = [
 ]
 
 
-class ViewerSlots:
-    """``BROKER_MAX_VIEWERS`` of one edge. A stream request takes a slot as it is accepted, in
-    the same step as the check (no await between: a burst cannot all pass a check before any
-    counts), and gives it back exactly once when it ends, whichever way."""
+class SendWatched(Protocol):
+    def close_if_blocked(self, now: float) -> None:
+        """End the response if a write has been blocked past the send timeout."""
 
-    __slots__ = ("limit", "taken")
+
+class OpenStreams:
+    """The SSE responses of this edge.
+
+    At most ``BROKER_MAX_VIEWERS`` of them: a stream request takes a slot as it is accepted, in
+    the same step as the check (no await between: a burst cannot all pass a check before any
+    counts), and gives it back exactly once when it ends, whichever way. And a send watch: a
+    write returns at once unless the socket's buffer is full, so rather than a timer around
+    every write (once half the edge's CPU), each started response is looked at now and then
+    and closed when a write stays blocked past the send timeout (a slow reader)."""
+
+    __slots__ = ("limit", "running", "taken")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.taken = 0
+        self.running: set[SendWatched] = set()
 
     def take(self) -> ViewerSlot | None:
         if self.taken >= self.limit:
@@ -43,18 +57,37 @@ class ViewerSlots:
         self.taken += 1
         return ViewerSlot(self)
 
+    async def watch_sends_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SEND_WATCH_INTERVAL)
+            now = time.monotonic()
+            for stream in list(self.running):
+                stream.close_if_blocked(now)
+
 
 class ViewerSlot:
-    __slots__ = ("_slots",)
+    """One stream's place among the ``OpenStreams``."""
 
-    def __init__(self, slots: ViewerSlots) -> None:
-        self._slots: ViewerSlots | None = slots
+    __slots__ = ("_slots", "_stream")
+
+    def __init__(self, slots: OpenStreams) -> None:
+        self._slots: OpenStreams | None = slots
+        self._stream: SendWatched | None = None
+
+    def watch(self, stream: SendWatched) -> None:
+        """The response runs: the send watch looks at it until the slot is released."""
+        if self._slots is not None:
+            self._stream = stream
+            self._slots.running.add(stream)
 
     def release(self) -> None:
         """Give the slot back; once (later calls do nothing)."""
         slots, self._slots = self._slots, None
         if slots is not None:
             slots.taken -= 1
+            if self._stream is not None:
+                slots.running.discard(self._stream)
+                self._stream = None
 
 
 class EventStream:
@@ -64,6 +97,13 @@ class EventStream:
     topic's fan-out writes each next event straight to its socket (``push``). Its task runs
     only to catch up (from the window or the log), for a write that has to wait, for a
     keepalive, and to end the response."""
+
+    # What a subclass speaking another protocol over the same machinery changes (see
+    # ``broker.edge.aisdk_routes``): the headers, the bytes before the first event, the bytes
+    # of a run of events, of a history lost mid-stream; whether the topic's fan-out may write
+    # its SSE frames to this stream directly.
+    headers: ClassVar[list[tuple[bytes, bytes]]] = SSE_HEADERS
+    direct_writes: ClassVar[bool] = True
 
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
@@ -89,9 +129,7 @@ class EventStream:
         # connection lives forever (tokens are checked again, load rebalances).
         self.deadline = time.monotonic() + max_seconds
         self._client_gone = False
-        # Set while a write is in flight. A write returns at once unless the socket's buffer is
-        # full, so rather than a timer around every write (once half the edge's CPU), the hub
-        # looks at this now and then and closes viewers blocked past the send timeout.
+        # Set while a write is in flight: the send watch (``OpenStreams``) looks at it.
         self._sending_since: float | None = None
         self._last_write = time.monotonic()
         self._too_slow = False
@@ -111,7 +149,8 @@ class EventStream:
         if connection is None or not connection.on_lost(self._client_left):
             watcher = asyncio.create_task(self._watch_disconnect(receive))
         self.metrics.viewers.inc()
-        self.hub.open_streams.add(self)
+        if self.slot is not None:
+            self.slot.watch(self)
         try:
             async with self.hub.watch(self.gen_id) as topic:
                 changed = topic.next_change()
@@ -126,9 +165,11 @@ class EventStream:
                     await error_response(410, "history_lost", str(e))(scope, receive, send)
                     return
                 self.started = True
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-                self._writer = None if connection is None else connection.direct_writer(scope)
-                await self._send(send, sse.retry(self.retry_ms))
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": self.headers})
+                if connection is not None and self.direct_writes:
+                    self._writer = connection.direct_writer(scope)
+                await self._send(send, self.opening())
                 await self._relay(topic, send, frames, check_log, changed)
             # Watched like any write: after a direct write filled the socket's buffer, this
             # one may wait for a client that no longer reads.
@@ -145,7 +186,6 @@ class EventStream:
                     await connection.hang_up()
         finally:
             self.metrics.viewers.dec()
-            self.hub.open_streams.discard(self)
             if self.slot is not None:
                 self.slot.release()
             self._writer = None
@@ -168,7 +208,7 @@ class EventStream:
         while True:
             if frames:
                 for batch in _batches(frames):
-                    await self._send(send, b"".join(f.data for f in batch))
+                    await self._send(send, self.encode(batch))
                     self.metrics.events_delivered.inc(len(batch))
                     self.position = batch[-1].seq
                 if caught_up:
@@ -201,8 +241,20 @@ class EventStream:
             try:
                 frames, check_log = await self._next_frames(topic, self.position, check_log)
             except HistoryLost as e:
-                await self._send(send, sse.frame(error_data("history_lost", str(e)), event="error"))
+                await self._send(send, self.lost(str(e)))
                 return
+
+    def opening(self) -> bytes:
+        """What the response starts with: the reconnection time EventSource should use."""
+        return sse.retry(self.retry_ms)
+
+    def encode(self, frames: list[Frame]) -> bytes:
+        """The bytes of consecutive frames: as the topic encoded them."""
+        return b"".join(f.data for f in frames)
+
+    def lost(self, message: str) -> bytes:
+        """The last bytes of a stream whose history is lost mid-way."""
+        return sse.frame(error_data("history_lost", message), event="error")
 
     def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
         """The topic's fan-out, while this viewer is parked: write frames ``after + 1`` to
@@ -224,27 +276,7 @@ class EventStream:
     async def _next_frames(
         self, topic: Topic, cursor: int, check_log: bool
     ) -> tuple[list[Frame], bool]:
-        """The frames after ``cursor`` and whether the log must still be checked after them.
-
-        The window comes first even while the log must be checked: during a resume storm
-        the viewers' reads fill it, so most viewers follow from memory instead of each
-        reading every chunk themselves."""
-        if topic.lost:
-            raise HistoryLost("the generation's history no longer exists")
-        frames = topic.frames_after(cursor)
-        if frames:
-            return frames, check_log
-        if check_log and topic.read_to is not None and cursor >= topic.read_to:
-            check_log = False  # another viewer's read reached the log's end: the rest is live
-        if not check_log and (frames is not None or not topic.window):
-            # Caught up with the window, or nothing live yet and the log was read already:
-            # what follows arrives live.
-            return [], False
-        frames, more = await topic.read_log(self.hub.store, cursor, self.metrics)
-        if frames and frames[0].seq != cursor + 1:
-            raise HistoryLost(f"events after {cursor} were trimmed from the log")
-        self.metrics.replayed_events.inc(len(frames))
-        return frames, more
+        return await next_frames(self.hub, topic, cursor, check_log)
 
     async def _send(self, send: Send, body: bytes, *, more_body: bool = True) -> None:
         self._sending_since = time.monotonic()
@@ -253,8 +285,8 @@ class EventStream:
         self._last_write = time.monotonic()
 
     def close_if_blocked(self, now: float) -> None:
-        """Called by the hub's watch: a write blocked past the send timeout ends this stream
-        (the viewer resumes from the log when it catches up)."""
+        """Called by the send watch (``OpenStreams``): a write blocked past the send timeout
+        ends this stream (the viewer resumes from the log when it catches up)."""
         since = self._sending_since
         if since is not None and now - since > self.send_timeout and not self._too_slow:
             self._too_slow = True
@@ -272,6 +304,33 @@ class EventStream:
             if message["type"] == "http.disconnect":
                 self._client_left()
                 return
+
+
+async def next_frames(
+    hub: Hub, topic: Topic, cursor: int, check_log: bool
+) -> tuple[list[Frame], bool]:
+    """The frames after ``cursor`` and whether the log must still be checked after them (the
+    generation stream's, and each turn's of a conversation stream).
+
+    The window comes first even while the log must be checked: during a resume storm
+    the viewers' reads fill it, so most viewers follow from memory instead of each
+    reading every chunk themselves."""
+    if topic.lost:
+        raise HistoryLost("the generation's history no longer exists")
+    frames = topic.frames_after(cursor)
+    if frames:
+        return frames, check_log
+    if check_log and topic.read_to is not None and cursor >= topic.read_to:
+        check_log = False  # another viewer's read reached the log's end: the rest is live
+    if not check_log and (frames is not None or not topic.window):
+        # Caught up with the window, or nothing live yet and the log was read already:
+        # what follows arrives live.
+        return [], False
+    frames, more = await topic.read_log(hub.store, cursor, hub.metrics)
+    if frames and frames[0].seq != cursor + 1:
+        raise HistoryLost(f"events after {cursor} were trimmed from the log")
+    hub.metrics.replayed_events.inc(len(frames))
+    return frames, more
 
 
 def _batches(frames: list[Frame]) -> Iterator[list[Frame]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from broker.core import sse
 from broker.core.metrics import Metrics
 from broker.core.protocol import Event, now_ms
 from broker.core.store import Store
+from broker.core.tasks import SharedCalls
 
 LOG_READ_CHUNK = 200
 # Full chunks a topic keeps after reading them (log content never changes): in a resume storm
@@ -89,9 +90,11 @@ class Topic:
     live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
     _fan_out_soon: asyncio.Handle | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    # Log reads by chunk start: in flight, or done and full (then kept, least recently used
-    # first, see KEPT_CHUNKS).
-    _chunks: OrderedDict[int, asyncio.Future[list[Frame]]] = field(default_factory=OrderedDict)
+    # Log reads by chunk start: in flight, or done and full (then kept, see KEPT_CHUNKS; a
+    # short chunk grows as the generation goes on).
+    _chunks: SharedCalls[int, list[Frame]] = field(
+        default_factory=lambda: SharedCalls(keep=_is_full, capacity=KEPT_CHUNKS)
+    )
 
     @property
     def head(self) -> int:
@@ -235,26 +238,8 @@ class Topic:
         in a task of its own: a viewer leaving mid-read cancels only its own wait.
         """
         start = cursor - cursor % LOG_READ_CHUNK
-        read = self._chunks.get(start)
-        if read is None:
-            read = asyncio.ensure_future(self._read_log(store, start, metrics))
-            self._chunks[start] = read
-            read.add_done_callback(lambda done: self._read_done(start, done))
-        else:
-            self._chunks.move_to_end(start)
-        chunk = await asyncio.shield(read)
-        return [f for f in chunk if f.seq > cursor], len(chunk) >= LOG_READ_CHUNK
-
-    def _read_done(self, start: int, read: asyncio.Future[list[Frame]]) -> None:
-        failed = read.cancelled() or read.exception() is not None  # retrieved: waiters may be gone
-        if failed or len(read.result()) < LOG_READ_CHUNK:
-            # Not kept: a short chunk grows as the generation goes on.
-            if self._chunks.get(start) is read:
-                del self._chunks[start]
-            return
-        done = [key for key, r in self._chunks.items() if r.done()]
-        for key in done[: max(0, len(done) - KEPT_CHUNKS)]:
-            del self._chunks[key]
+        chunk, _ = await self._chunks.get(start, lambda: self._read_log(store, start, metrics))
+        return [f for f in chunk if f.seq > cursor], _is_full(chunk)
 
     async def _read_log(self, store: Store, start: int, metrics: Metrics) -> list[Frame]:
         metrics.log_reads.inc()
@@ -310,3 +295,7 @@ class Topic:
         for woken in live.values():
             if not woken.done():
                 woken.set_result(None)
+
+
+def _is_full(chunk: list[Frame]) -> bool:
+    return len(chunk) >= LOG_READ_CHUNK

@@ -40,7 +40,8 @@ def _finite(text: str) -> float:
     return value
 
 
-def _load(body: bytes) -> Any:
+def load_json(body: bytes) -> Any:
+    """A request body's JSON (400 ``invalid_json`` if it is not JSON, RFC 8259)."""
     try:
         return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -72,7 +73,16 @@ def parse_create_body(
     max_content_chars: int = 200_000,
 ) -> dict[str, Any]:
     """The chat-completions request to run: validated messages, a model, other fields as given."""
-    request = _load(body)
+    return check_create_request(load_json(body), default_model, max_messages=max_messages,
+                                max_content_chars=max_content_chars)
+
+
+def check_create_request(
+    request: Any, default_model: str, *, max_messages: int = 256,
+    max_content_chars: int = 200_000,
+) -> dict[str, Any]:
+    """``parse_create_body`` once the body is JSON: what the AI SDK's chat endpoint checks
+    the request it converts with too."""
     if not isinstance(request, dict):
         raise ApiError(422, "invalid_request", "request body must be a JSON object")
     if _nests_deeper_than(request, MAX_JSON_DEPTH):
@@ -136,3 +146,42 @@ def parse_last_event_id(header: str | None, query: str | None) -> int:
         return protocol.parse_event_id(value)
     except protocol.ProtocolError as e:
         raise ApiError(400, "invalid_last_event_id", f"malformed Last-Event-ID: {e}") from e
+
+
+def take_conversation_id(request: dict[str, Any]) -> str | None:
+    """The create body's ``conversation_id`` (taken out: it is the broker's, not the LLM's),
+    or None; 422 unless 1-128 characters of ``[A-Za-z0-9_.:-]``."""
+    cid = request.pop("conversation_id", None)
+    if cid is None:
+        return None
+    if not protocol.is_conversation_id(cid):
+        raise ApiError(422, "invalid_conversation_id",
+                       "'conversation_id' must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    return str(cid)
+
+
+STREAM_STARTS = ("all", "active")
+
+
+def parse_conversation_last_event_id(
+    header: str | None, query: str | None
+) -> tuple[int, int] | None:
+    """Where a conversation stream resumes: after (turn, seq) of its last event id; None: from
+    the start (see ``parse_stream_start``). The header wins, as for a generation stream."""
+    value = header if header else query
+    if not value:
+        return None
+    try:
+        return protocol.parse_conversation_event_id(value)
+    except protocol.ProtocolError as e:
+        raise ApiError(400, "invalid_last_event_id", f"malformed Last-Event-ID: {e}") from e
+
+
+def parse_stream_start(value: str | None) -> str | None:
+    """``?from=`` of a conversation stream: ``all`` (the default: every turn) or ``active``
+    (the oldest turn not ended, else the next one)."""
+    if value is None or value == "all":
+        return None
+    if value not in STREAM_STARTS:
+        raise ApiError(400, "invalid_request", "'from' must be 'all' or 'active'")
+    return value

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import hypothesis
 import pytest
+import requests
 import schemathesis
 
 from tests.conftest import StartBroker
@@ -45,11 +46,21 @@ def _explicit_examples(test: Callable[..., None]) -> Callable[..., None]:
 # attribute), so the operations are driven here with its strategies and hypothesis directly.
 OPERATIONS = ["POST /v1/generations", "GET /v1/generations/{gen_id}",
               "POST /v1/generations/{gen_id}/cancel", "GET /v1/generations/{gen_id}/events",
-              "GET /healthz", "GET /readyz", "GET /metrics"]
+              "GET /v1/conversations/{cid}", "GET /v1/conversations/{cid}/events",
+              "GET /healthz", "GET /readyz", "GET /metrics",
+              "POST /v1/ai-sdk/chat", "GET /v1/ai-sdk/chat/{chat_id}/stream"]
+# A valid chat turn opens a stream that never ends here (no worker runs it): the chat's POST
+# gets negative cases only (tests/integration/test_ai_sdk.py runs valid ones, with a worker).
+# A negative case may still break the schema where the edge lets it (a header) with a valid
+# body, and the resume GET may draw a chat id that case created: the answers of both are not
+# read past their status and headers.
+NEGATIVE_ONLY = {"POST /v1/ai-sdk/chat"}
+ENDLESS = {"POST /v1/ai-sdk/chat", "GET /v1/ai-sdk/chat/{chat_id}/stream"}
 
 
 MODES = [(label, mode) for label in OPERATIONS for mode in ("positive", "negative")
-          if mode == "positive" or "generations" in label]  # the others take no input
+         if (label not in NEGATIVE_ONLY if mode == "positive"
+             else "/v1/" in label)]  # the others take no input
 
 
 @pytest.mark.parametrize(("label", "mode"), MODES)
@@ -62,12 +73,24 @@ def test_no_input_breaks_the_api(fuzzed_edge: BrokerProcess, label: str, mode: s
     )
 
     @hypothesis.given(case=strategy)
-    @hypothesis.settings(max_examples=150, deadline=None, database=None,
-                         suppress_health_check=list(hypothesis.HealthCheck))
+    # (The chat's bodies are the largest to draw and send: fewer of them.)
+    @hypothesis.settings(max_examples=60 if label in NEGATIVE_ONLY else 150, deadline=None,
+                         database=None, suppress_health_check=list(hypothesis.HealthCheck))
     def run(case: schemathesis.Case) -> None:
         CASES[label, mode] += 1
-        response = case.call(base_url=fuzzed_edge.url, timeout=10,
-                             headers={"authorization": f"Bearer {API_KEY}"})
+        auth = {"authorization": f"Bearer {API_KEY}"}
+        if label in ENDLESS:
+            with requests.request(**case.as_transport_kwargs(fuzzed_edge.url, auth),
+                                  stream=True, timeout=10) as streamed:
+                status = streamed.status_code
+                assert status < 500 or status == 503
+                if mode == "positive":
+                    assert str(status) in case.operation.definition.raw["responses"], status
+                if status >= 400:
+                    error = streamed.json()["error"]
+                    assert isinstance(error["code"], str) and isinstance(error["message"], str)
+            return
+        response = case.call(base_url=fuzzed_edge.url, timeout=10, headers=auth)
         assert response.status_code < 500 or response.status_code == 503, response.text
         if mode == "positive":
             # ignored_auth would read our real key, set over the generated one, as "invalid

@@ -74,12 +74,18 @@ async def test_edge_and_worker_metrics_answer_operators_questions(
     for gauge in ("broker_viewers", "broker_live_subscriptions"):
         assert (gauge, ()) in edge
 
+    seen: list[float] = []  # llm_stream_broken errors counted, per scrape
+
     async def worker_caught_up() -> dict | None:
         worker = await scrape(http, worker_url)
-        return worker if grew("broker_llm_errors_total", worker_before, worker,
-                              code="llm_stream_broken") == 1 else None
+        seen.append(grew("broker_llm_errors_total", worker_before, worker,
+                         code="llm_stream_broken"))
+        return worker if seen[-1] == 1 else None
 
-    worker = await eventually(worker_caught_up, 10, "the worker's metrics")
+    try:
+        worker = await eventually(worker_caught_up, 10, "the worker's metrics")
+    except TimeoutError as e:
+        raise AssertionError(f"llm_stream_broken errors counted per scrape: {seen}") from e
     assert grew("broker_time_to_first_message_seconds_count", worker_before, worker) >= 2
     assert grew("broker_llm_tokens_per_second_count", worker_before, worker) >= 2
     assert grew("broker_generations_finished_total", worker_before, worker,

@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.routing import Mount, Route
 
 from broker.core.settings import Settings
-from broker.edge import openapi
+from broker.edge import aisdk_routes, openapi
 from broker.edge.routes import routes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,11 +82,11 @@ def test_every_error_code_is_documented() -> None:
 
 
 def documented_path(path: str) -> str:
-    return path.replace("{gen_id}", "{id}")
+    return path.replace("{gen_id}", "{id}").replace("{chat_id}", "{id}")
 
 
 def test_every_route_is_documented() -> None:
-    for route in routes:
+    for route in [*routes, *aisdk_routes.routes]:
         if isinstance(route, Mount):
             assert f"`GET {route.path}/" in DOC, route.path
             continue

@@ -307,7 +307,7 @@ def test_finite_numbers_and_long_integers_within_the_limit_pass() -> None:
     assert parse_create_body(body_with("temperature", "1e308"), "m")["temperature"] == 1e308
 
 
-@pytest.mark.parametrize("option", SDK_CALL_OPTIONS)
+@pytest.mark.parametrize("option", sorted(SDK_CALL_OPTIONS))
 def test_sdk_call_options_are_422(option: str) -> None:
     error = api_error(body_with(option, "{}"))
     assert (error.status, error.code) == (422, "invalid_request")
