@@ -111,28 +111,34 @@ class LeaseKeeper:
     def _thread_main(self) -> None:
         """The thread: a blocking client, no event loop of its own. It waits on the stop
         event between ticks and on its socket during a round, and holds the interpreter
-        only to build one round's commands and read their replies."""
+        only to build one round's commands and read their replies. Nothing ends it but the
+        stop: a failed round (Redis down, a cluster failover, anything) is counted, logged
+        and tried again at the next tick, with a new client if need be."""
         assert self.own_redis is not None
-        client = self.own_redis()
-        heartbeat = client.register_script(protocol.HEARTBEAT_SCRIPT)
+        client: SyncRedis | None = None
+        heartbeat: Script | None = None
         last_round: float | None = None
-        try:
-            while not self._stop.wait(self.period):
-                with self._lock:
-                    held = list(self._held.items())
-                if not held:
-                    last_round = None
-                    continue
-                try:
-                    states = _renew_blocking(client, heartbeat, self.owner, held,
-                                             self.settings.lease_ttl)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as e:
-                    self.metrics.redis_errors.labels("heartbeat").inc()
-                    log.warning("renewing %d lease(s) failed: %s", len(held), e)
-                    continue
-                last_round = self._renewed(held, states, last_round)
-        finally:
-            client.close()
+        while not self._stop.wait(self.period):
+            with self._lock:
+                held = list(self._held.items())
+            if not held:
+                last_round = None
+                continue
+            try:
+                if client is None or heartbeat is None:
+                    client = self.own_redis()
+                    heartbeat = client.register_script(protocol.HEARTBEAT_SCRIPT)
+                states = _renew_blocking(client, heartbeat, self.owner, held,
+                                         self.settings.lease_ttl)
+            except Exception as e:
+                self.metrics.redis_errors.labels("heartbeat").inc()
+                log.warning("renewing %d lease(s) failed: %r", len(held), e)
+                if not isinstance(e, RedisConnectionError | RedisTimeoutError | OSError):
+                    _closed(client)  # (a cluster's view may be stale: start over)
+                    client = None
+                continue
+            last_round = self._renewed(held, states, last_round)
+        _closed(client)
 
     async def _renew_forever(self) -> None:
         """The same rounds as the thread's, on the worker's loop (an embedded store)."""
@@ -147,9 +153,9 @@ class LeaseKeeper:
             try:
                 states = await self.store.renew_leases(
                     self.owner, [(gen_id, h.job) for gen_id, h in held], self.settings.lease_ttl)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except Exception as e:  # (as in the thread: counted, logged, tried again)
                 self.metrics.redis_errors.labels("heartbeat").inc()
-                log.warning("renewing %d lease(s) failed: %s", len(held), e)
+                log.warning("renewing %d lease(s) failed: %r", len(held), e)
                 continue
             last_round = self._renewed(held, states, last_round)
 
@@ -213,3 +219,11 @@ def _renew_blocking(
             pipe.xclaim(stream, protocol.WORKER_GROUP, owner, 0, ids, justid=True)
         replies = pipe.execute()
     return [as_text(reply) for reply in replies[: len(held)]]
+
+
+def _closed(client: SyncRedis | None) -> None:
+    if client is not None:
+        try:
+            client.close()
+        except Exception as e:  # closing a broken client: nothing left to do
+            log.debug("closing the renewal client: %r", e)
