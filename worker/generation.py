@@ -22,6 +22,7 @@ from broker.core.sentences import SentenceBuffer
 from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
+from worker.batch import PublishBatcher
 from worker.llm import LLM, Completion, LLMError
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,14 @@ class Publisher:
     def __init__(
         self, store: Store, gen_id: str, owner: str, metrics: Metrics, enqueued_ms: int,
         on_published: Callable[[float], None] | None = None,
+        batcher: PublishBatcher | None = None,
     ) -> None:
         """``on_published``: told how long each publish took, queueing for the lock and a
-        Redis connection included (the worker's admission watches it)."""
+        Redis connection included (the worker's admission watches it). ``batcher``: the
+        worker's, sending the publishes of all its generations ready together in one round
+        trip (``worker.batch``); without it each goes alone."""
         self.store = store
+        self.send = batcher.publish if batcher is not None else store.publish
         self.gen_id = gen_id
         self.owner = owner
         self.metrics = metrics
@@ -85,9 +90,7 @@ class Publisher:
         published_ms = protocol.now_ms()
         while True:
             try:
-                return await self.store.publish(
-                    self.gen_id, self.owner, seq, events, published_ms
-                )
+                return await self.send(self.gen_id, self.owner, seq, events, published_ms)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self.metrics.redis_errors.labels("publish").inc()
                 if time.monotonic() + backoff.delay > deadline:
@@ -103,6 +106,7 @@ class GenerationRun:
         store: Store,
         llm: LLM, settings: Settings, metrics: Metrics,
         on_published: Callable[[float], None] | None = None,
+        batcher: PublishBatcher | None = None,
     ) -> None:
         self.gen_id = gen_id
         self.job_entry = job_entry
@@ -114,7 +118,7 @@ class GenerationRun:
         self.metrics = metrics
         self.publisher = Publisher(
             store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id),
-            on_published,
+            on_published, batcher,
         )
         # The answer's and the reasoning's sentence buffers (broker.core.deltas).
         self.channels = TextChannels(lambda: sentence_buffer(settings))

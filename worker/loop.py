@@ -24,6 +24,7 @@ from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
 from worker.admission import Admission
+from worker.batch import PublishBatcher
 from worker.generation import GenerationRun
 from worker.leases import LeaseKeeper, SyncRedis
 from worker.llm import LLM
@@ -54,6 +55,7 @@ class Worker:
         self.name = name or settings.worker_name()
         self.leases = LeaseKeeper(store, self.name, settings, self.metrics, lease_redis)
         self.admission = Admission(settings, self.metrics)
+        self.batcher = PublishBatcher(store)
         self.running: dict[str, GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reserved = 0  # slots a shard reader is reading jobs for right now
@@ -208,7 +210,7 @@ class Worker:
         return GenerationRun(
             gen_id, job["request"], job_entry=entry, owner=self.name, store=self.store,
             llm=self.llm, settings=self.settings, metrics=self.metrics,
-            on_published=self.admission.note_publish,
+            on_published=self.admission.note_publish, batcher=self.batcher,
         )
 
     async def _run_generation(self, run: GenerationRun) -> bool:

@@ -384,6 +384,45 @@ class Store:
             await self._turn_ended(gen_id)
         return result
 
+    async def publish_many(self, batches: Sequence[PublishCall]) -> list[int | Exception]:
+        """``publish`` for several generations at once: one pipeline, one round trip on one
+        Redis (each script call still atomic by itself); concurrent calls on a cluster, where
+        the generations live on different slots. One result per call, in order: what
+        ``publish`` returns, or the exception it would raise (a lost connection fails them
+        all: each caller retries its own, the explicit seq making a repeat harmless)."""
+        if self.cluster or len(batches) == 1:
+            outcomes = await asyncio.gather(
+                *(self.publish(*call) for call in batches), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    raise outcome  # (a cancellation)
+            return [o for o in outcomes if isinstance(o, int | Exception)]
+        sha = self._publish.sha
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gen_id, owner, seq, events, published_ms in batches:
+                args = protocol.publish_args(
+                    owner, seq, events, published_ms, maxlen=self.maxlen, ttl_ms=self.ttl_ms,
+                    channel=protocol.live_channel(gen_id), publish_cmd=self.publish_cmd,
+                )
+                keys = protocol.generation_keys(gen_id)
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        results: list[int | Exception] = []
+        for call, reply in zip(batches, replies, strict=True):
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+                try:  # (Redis lost its scripts: the Script object loads it again)
+                    results.append(await self.publish(*call))
+                except (RedisError, OSError) as e:
+                    results.append(e)
+            elif isinstance(reply, Exception):
+                results.append(reply)
+            else:
+                result = int(reply)
+                if result == 1 and call[3][-1].terminal:
+                    await self._turn_ended(call[0])
+                results.append(result)
+        return results
+
     async def reap(self, gen_id: str, reaper: str, healthy_for: float) -> protocol.LeaseCheck:
         """End ``gen_id`` with ``worker_lost`` (``producer_lost`` for an external producer's)
         if its lease ran out (see REAP_SCRIPT); ``healthy_for``: seconds the caller has seen
@@ -469,6 +508,10 @@ class Store:
             pipe.xack(job.stream, protocol.WORKER_GROUP, job.entry_id)
             pipe.xdel(job.stream, job.entry_id)
             await pipe.execute()
+
+
+# One ``Store.publish`` call's arguments: gen_id, owner, seq, events, published_ms.
+PublishCall = tuple[str, str, int, Sequence[NewEvent], int]
 
 
 def _fields(values: Mapping[str, str]) -> dict[FieldT, EncodableT]:
