@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -409,7 +410,7 @@ class Store:
             replies = await pipe.execute(raise_on_error=False)
         results: list[int | Exception] = []
         for call, reply in zip(batches, replies, strict=True):
-            if isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT"):
+            if isinstance(reply, NoScriptError):
                 try:  # (Redis lost its scripts: the Script object loads it again)
                     results.append(await self.publish(*call))
                 except (RedisError, OSError) as e:
