@@ -34,6 +34,8 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "direct": ([], ["--generations", "4", "--tokens", "40"]),
     "b6": ([], ["--rates", "100", "--answers", "emoji,cjk", "--repeat", "1"]),
     "b8": ([], ["--messages", "1500", "--send-timeout", "2"]),
+    "producers": ([], ["--producers", "4", "--batches", "20", "--generations", "4",
+                       "--tokens", "40"]),
     "overload": ([], ["--g", "20", "--tokens", "30"]),
     "create": ([], ["--generations", "20", "--warmup", "2"]),
 }
@@ -267,9 +269,29 @@ def create_rows(results: Path) -> list[Row]:
              + (f"; the SDK alone {sdk['cpu_ms_per_generation']:.2f} ms" if sdk else ""))]
 
 
+def producers_rows(results: Path) -> list[Row]:
+    data = load(results, "producers")
+    if not data or "side_by_side" not in data:
+        return [("producers", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    rows: list[Row] = [
+        (f"producers: HTTP appends of {c['batch_size']} event(s) (no target)",
+         f"{c['events_per_edge_cpu_s']:,.0f} events per edge CPU-s", "",
+         f"{c['events_per_s']:,.0f} events/s from {c['producers']} producers, "
+         f"{c['edge_cpu_us_per_append']:.0f} µs edge CPU per append")
+        for c in data["http"]]
+    side = data["side_by_side"]
+    rows.append(("producers: Python direct producer vs the worker, same answers (no target)",
+                 f"{side['direct producer']['cpu_us_per_event']:.0f} vs "
+                 f"{side['worker']['cpu_us_per_event']:.0f} µs CPU per event", "",
+                 f"{side['ratio']['direct_over_worker_cpu']}x the worker's CPU; per token "
+                 f"{side['direct producer']['cpu_us_per_token']:.0f} vs "
+                 f"{side['worker']['cpu_us_per_token']:.0f} µs"))
+    return rows
+
+
 SUMMARIES: dict[str, Callable[[Path], list[Row]]] = {
     "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows, "b5": b5_rows,
-    "direct": direct_rows, "b6": b6_rows, "b8": b8_rows,
+    "direct": direct_rows, "b6": b6_rows, "b8": b8_rows, "producers": producers_rows,
     "overload": overload_rows, "create": create_rows,
 }
 

@@ -109,8 +109,17 @@ CLUSTER_JOB_SHARDS = "6"
 
 
 @pytest.fixture(scope="session", params=["redis", "cluster"])
-def stack(request: pytest.FixtureRequest, fake_llm: FakeLLM, start_broker: StartBroker) -> Stack:
-    """The contract's stack, run once on one Redis and once on a three-master Redis Cluster."""
+def stack(request: pytest.FixtureRequest, fake_llm: FakeLLM, start_broker: StartBroker,
+          started_stacks: dict[str, Stack]) -> Stack:
+    """The contract's stack, run once on one Redis and once on a three-master Redis Cluster.
+
+    Started once per session and kind: pytest sets a parametrized session fixture up again
+    when the test order switches back to a parameter it already tore down (it does, under
+    pytest-xdist's distribution), and a second stack on the same Redis would leave the first
+    one's worker taking the jobs the test expects the second's to run."""
+    started = started_stacks.get(request.param)
+    if started is not None:
+        return started
     if request.param == "cluster":
         cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
         url, settings = cluster.url, {"broker_job_shards": CLUSTER_JOB_SHARDS}
@@ -120,7 +129,13 @@ def stack(request: pytest.FixtureRequest, fake_llm: FakeLLM, start_broker: Start
         url, settings = redis.url, {}
     edges = [start_broker("edge", url, **settings) for _ in range(2)]
     worker = start_broker("worker", url, fake_llm, broker_max_concurrency="100", **settings)
-    return Stack(redis, edges, worker)
+    started_stacks[request.param] = Stack(redis, edges, worker)
+    return started_stacks[request.param]
+
+
+@pytest.fixture(scope="session")
+def started_stacks() -> dict[str, Stack]:
+    return {}
 
 
 @pytest.fixture(scope="session")

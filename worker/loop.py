@@ -17,6 +17,7 @@ from redis.exceptions import (
 
 from broker.core import logs, protocol
 from broker.core.backoff import Backoff
+from broker.core.external import ExternalStore
 from broker.core.metrics import Metrics
 from broker.core.protocol import Job, JobEntry
 from broker.core.pubsub import subscribe_forever
@@ -84,6 +85,7 @@ class Worker:
             asyncio.create_task(self._listen_for_cancels()),
             asyncio.create_task(self._reap_forever()),
             asyncio.create_task(self.admission.measure_forever()),
+            asyncio.create_task(self._sweep_producers_forever()),
         ]
         self.leases.start()
         try:
@@ -272,6 +274,28 @@ class Worker:
                 self._healthy_since = time.monotonic()
                 self.metrics.redis_errors.labels("reaper").inc()
                 log.warning("reaping failed: %s", e)
+
+    async def _sweep_producers_forever(self) -> None:
+        """End external producers' generations whose producer fell silent (``producer_lost``):
+        no job of theirs sits in the queue, and nobody may be watching them, so every worker
+        (and every edge) sweeps the producers' lease index. Redis arbitrates: one ends each."""
+        external = ExternalStore(self.store)
+
+        async def check(gen_id: str) -> protocol.LeaseCheck:
+            check = await self.store.reap(gen_id, self.name,
+                                          time.monotonic() - self._healthy_since)
+            if check.reaped:
+                self.metrics.generations_finished.labels("failed").inc()
+            return check
+
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            try:
+                await external.sweep(check, hold=4 * REAP_INTERVAL)
+            except (RedisError, OSError, protocol.ProtocolError) as e:
+                self._healthy_since = time.monotonic()
+                self.metrics.redis_errors.labels("reaper").inc()
+                log.warning("sweeping the producers' leases failed: %s", e)
 
     async def _reclaimed(self, entry: JobEntry, job: Job) -> None:
         gen_id = job["gen"]

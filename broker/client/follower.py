@@ -7,6 +7,19 @@
             print(message.text, end="")
         print(follower.result.finish_reason)
 
+Iterating the follower gives the answer's messages alone (v1). ``follower.events()`` gives
+every event of the stream instead, typed (``Event``: ``kind``, ``id``, ``data``): the answer's
+messages and the reasoning, tool calls, tool results and application data between them, in
+the stream's one id order, with the same resume (see docs/api.md, "Typed events"):
+
+    async for event in follower.events():
+        if event.kind == "reasoning":
+            print(event.text, end="", file=sys.stderr)
+        elif event.kind == "message":
+            print(event.text, end="")
+        elif event.kind == "tool_call":
+            print(event.data["name"], event.data["arguments"])
+
 Read with ``broker.core.sse.SSEEventDecoder``, the spec's rules (lines end at CR, LF or CRLF
 only: a U+2028 in a message is text). Like a browser's ``EventSource`` it
 reconnects after a dropped connection with ``Last-Event-ID``, after ``retry:`` (doubling, with
@@ -18,6 +31,7 @@ progress and raises typed errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -34,6 +48,27 @@ from broker.core.sse import SSEEventDecoder
 class Message:
     id: str
     text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the stream before its terminal one. ``kind`` is the SSE event name:
+    ``message`` (the answer), ``reasoning``, ``tool_call``, ``tool_result``, ``data``, or a
+    kind newer than this client (passed on as it came). ``data`` is the event's JSON object,
+    as the edge sent it (docs/api.md lists each kind's fields)."""
+
+    kind: str
+    id: str
+    data: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        """The text of a ``message`` or ``reasoning`` event; ``""`` for the other kinds."""
+        text = self.data.get("text") if self.kind in TEXT_KINDS else None
+        return text if isinstance(text, str) else ""
+
+
+TEXT_KINDS = ("message", "reasoning")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +156,25 @@ class Follower:
         self.result: Result | None = None
 
     def __aiter__(self) -> AsyncGenerator[Message, None]:
+        """The answer's messages alone (the other kinds are skipped, their ids still count
+        for the resume point)."""
+        return self._messages()
+
+    def events(self) -> AsyncGenerator[Event, None]:
+        """Every event before the terminal one, typed, in the stream's order. The terminal
+        event ends the iteration as for messages: ``end`` sets ``result``, ``error`` raises
+        ``GenerationFailed``. Iterate a follower once, either way."""
         return self._follow()
 
-    async def _follow(self) -> AsyncGenerator[Message, None]:
+    async def _messages(self) -> AsyncGenerator[Message, None]:
+        async with contextlib.aclosing(self._follow()) as events:
+            async for event in events:
+                if event.kind == "message":
+                    yield Message(event.id, event.text)
+
+    async def _follow(self) -> AsyncGenerator[Event, None]:
         progress_at = time.monotonic()
-        failures = 0  # reconnects in a row without a message: the delay doubles with each
+        failures = 0  # reconnects in a row without an event: the delay doubles with each
         while True:
             if failures:
                 self.reconnects += 1
@@ -135,16 +184,16 @@ class Follower:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: no herds
             failures += 1
             try:
-                async for message in self._connect_once():
+                async for event in self._connect_once():
                     progress_at = time.monotonic()
                     failures = 1
-                    yield message
+                    yield event
             except (httpx.TransportError, _Unavailable):
                 continue  # dropped: reconnect with Last-Event-ID, as EventSource does
             if self.result is not None:
                 return
 
-    async def _connect_once(self) -> AsyncIterator[Message]:
+    async def _connect_once(self) -> AsyncIterator[Event]:
         headers = {"accept": "text/event-stream"}
         if self.last_event_id is not None:
             headers["last-event-id"] = self.last_event_id
@@ -173,15 +222,15 @@ class Follower:
                     if event.id:
                         self.last_event_id = event.id
                     data = json.loads(event.data)
-                    if event.event == "message":
-                        yield Message(event.id, data["text"])
-                    elif event.event == "end":
+                    if event.event == "end":
                         self.result = Result(data.get("finish_reason", "unknown"),
                                              data.get("usage"))
                         return
                     elif event.event == "error":
                         raise GenerationFailed(data.get("code", "unknown"),
                                                data.get("message", ""))
+                    else:
+                        yield Event(event.event, event.id, data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote
 
 import httpx
 
 from broker.client import (
     ConversationFollower,
+    Event,
     Follower,
     GenerationFailed,
     GenerationNotFound,
@@ -45,55 +46,179 @@ exit status:
 """
 
 
+class _Output:
+    """A text stream that remembers whether its line is open (the last write did not end
+    with a newline), so that side lines start on a line of their own."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.line_open = False
+
+    def write(self, text: str) -> None:
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+            self.line_open = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.line_open:
+            self.write("\n")
+
+
+# SGR faint on, then normal intensity (not a full reset: the terminal's own colours stay).
+DIM, UNDIM = "\x1b[2m", "\x1b[22m"
+# What must not reach a one-line rendering as itself: every control character (C0, DEL, C1:
+# line ends, and escape sequences a terminal would act on) but the tab, and the two Unicode
+# line separators. Each is shown as its escape instead.
+_ESCAPES = {ord("\n"): "\\n", ord("\r"): "\\r"}
+_LINE_UNSAFE = {c: _ESCAPES.get(c, f"\\u{c:04x}")
+                for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029] if c != ord("\t")}
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: line ends, other control characters and U+2028/U+2029 escaped
+    (``\\n``, ``\\r``, ``\\u2028``, ...); everything else as it is."""
+    return text.translate(_LINE_UNSAFE)
+
+
+def side_line(event: Event) -> str:
+    """How plain mode shows an event that is neither answer nor reasoning: one line,
+    ``[<kind> <key>] <value>`` (the key: a tool call's id, a data event's name)."""
+    data = event.data
+    if event.kind == "tool_call":
+        head, body = f"tool_call {data.get('id')}", f"{data.get('name')}({data.get('arguments')})"
+    elif event.kind == "tool_result":
+        head, body = f"tool_result {data.get('id')}", _json(data.get("result"))
+    elif event.kind == "data":
+        head, body = f"data {data.get('name')}", _json(data.get("value"))
+    else:  # a kind newer than this client
+        head, body = event.kind, _json(data)
+    return one_line(f"[{head}] {body}")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return callable(isatty) and bool(isatty())
+
+
+def _colors_on(stream: TextIO) -> bool:
+    """Dimmed text only on a terminal that shows it (https://no-color.org: NO_COLOR off)."""
+    return (_is_terminal(stream) and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")
+
+
 class Printer:
-    """Writes a followed generation to stdout: its text as it arrives, or one JSON object per
-    event (``{"id", "text"}`` per message, then ``{"finish_reason", "usage"}``)."""
+    """Writes a followed generation (or a conversation's turns, each opened by a
+    ``── turn N (<generation id>) ──`` line on stdout) as it arrives.
 
-    def __init__(self, as_json: bool) -> None:
+    Plain: stdout gets the answer's text and nothing else when it is a file or a pipe; the
+    reasoning (a block per run of reasoning events, ``[reasoning] `` first) and one line per
+    tool call, tool result and data event (``side_line``) go to stderr. When stdout is a
+    terminal they all share it, in the stream's order, the reasoning dimmed.
+
+    ``--json``: one JSON object per event line, each with ``id`` (the event id) and ``event``
+    (its kind): ``text`` for a message; the event's own ``data`` for reasoning, tool calls,
+    tool results and data; then ``finish_reason`` and ``usage`` (``end``) or ``error``
+    (``{"code", "message"}``). A conversation's lines also hold ``generation_id`` (after
+    ``event``), and each turn opens with ``{"id", "event": "turn", "generation_id", "turn",
+    "status"}``."""
+
+    def __init__(self, as_json: bool, stdout: TextIO | None = None,
+                 stderr: TextIO | None = None) -> None:
         self.as_json = as_json
-        self.printed = False
+        self.out = _Output(stdout or sys.stdout)
+        # The answer alone on stdout where a program reads it; one screen for a person.
+        terminal = _is_terminal(self.out.stream)
+        self.side = self.out if terminal else _Output(stderr or sys.stderr)
+        self.dim = _colors_on(self.side.stream)
+        self.printed = False  # answer text went out since the last line end we wrote
+        self.in_reasoning = False
 
-    def message(self, event_id: str, text: str, generation_id: str | None = None) -> None:
+    def event(self, event: Event, generation_id: str | None = None) -> None:
+        """An event before the terminal one (``generation_id``: in a conversation)."""
         if self.as_json:
-            line = {"id": event_id, "text": text}
-            self._line(line if generation_id is None else line | {"generation_id": generation_id})
-        elif text:
-            self._write(text)
+            body = {"text": event.text} if event.kind == "message" else {"data": event.data}
+            self._line(self._head(event.id, event.kind, generation_id) | body)
+        elif event.kind == "message":
+            self.message(event.text)
+        elif event.kind == "reasoning":
+            self.reasoning(event.text)
+        else:
+            self._end_reasoning()
+            self.side.end_line()
+            self.side.write(side_line(event) + "\n")
+
+    def message(self, text: str) -> None:
+        if text:
+            self._end_reasoning()
+            self.out.write(text)
             self.printed = True
 
-    def end(self, finish_reason: str, usage: dict[str, Any] | None,
+    def reasoning(self, text: str) -> None:
+        if not self.in_reasoning:
+            self.side.end_line()
+            self.in_reasoning = True
+            text = "[reasoning] " + text
+        self.side.write(f"{DIM}{text}{UNDIM}" if self.dim else text)
+
+    def _end_reasoning(self) -> None:
+        if self.in_reasoning:
+            self.in_reasoning = False
+            self.side.end_line()
+
+    def end(self, event_id: str | None, finish_reason: str, usage: dict[str, Any] | None,
             generation_id: str | None = None) -> None:
         if self.as_json:
-            line = {"finish_reason": finish_reason, "usage": usage}
-            self._line(line if generation_id is None else line | {"generation_id": generation_id})
+            self._line(self._head(event_id, "end", generation_id)
+                       | {"finish_reason": finish_reason, "usage": usage})
         else:
-            self._write("\n")
+            self._finish_lines()
+            if self.side is not self.out:  # v1: a pipe gets the answer and one newline
+                self.out.write("\n")
         self.printed = False
 
-    def turn(self, number: int, generation_id: str) -> None:
+    def failed(self, event_id: str | None, code: str, message: str,
+               generation_id: str | None = None) -> None:
+        if self.as_json:
+            self._line(self._head(event_id, "error", generation_id)
+                       | {"error": {"code": code, "message": message}})
+        self.stopped()
+
+    def turn(self, event_id: str, number: int, generation_id: str, status: Any) -> None:
         """A conversation's next turn begins (``broker tail --conversation``)."""
         if self.as_json:
-            self._line({"turn": number, "generation_id": generation_id})
+            self._line(self._head(event_id, "turn", generation_id)
+                       | {"turn": number, "status": status})
         else:
-            self._write(f"── turn {number} ({generation_id}) ──\n")
+            self.stopped()
+            self.out.write(f"── turn {number} ({generation_id}) ──\n")
 
-    def failed(self, code: str, message: str) -> None:
-        if self.as_json:
-            self._line({"error": {"code": code, "message": message}})
-        self.stopped()
+    @staticmethod
+    def _head(event_id: str | None, kind: str, generation_id: str | None) -> dict[str, Any]:
+        head = {"id": event_id, "event": kind}
+        return head if generation_id is None else head | {"generation_id": generation_id}
 
     def stopped(self) -> None:
         """Ends a partial answer with a newline, so the shell prompt starts on its own line."""
-        if self.printed and not self.as_json:
-            self._write("\n")
+        if not self.as_json:
+            self._finish_lines()
+            if self.printed:
+                self.out.write("\n")
+                self.printed = False
+
+    def _finish_lines(self) -> None:
+        """Ends what the side stream left open; on a terminal, the answer's line too."""
+        self._end_reasoning()
+        self.side.end_line()
+        if self.side is self.out:
             self.printed = False
 
     def _line(self, obj: dict[str, Any]) -> None:
-        self._write(json.dumps(obj) + "\n")
-
-    def _write(self, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        self.out.write(json.dumps(obj) + "\n")
 
 
 def _error(status: int, code: str, message: str) -> int:
@@ -123,11 +248,11 @@ async def _follow(follower: Follower, printer: Printer) -> int:
     """Prints the generation to its terminal event; the exit status says how it ended."""
     try:
         # aclosing: a failed write (stdout closed) closes the stream here, not at exit.
-        async with contextlib.aclosing(follower.__aiter__()) as messages:
-            async for message in messages:
-                printer.message(message.id, message.text)
+        async with contextlib.aclosing(follower.events()) as events:
+            async for event in events:
+                printer.event(event)
     except GenerationFailed as e:
-        printer.failed(e.code, e.message)
+        printer.failed(follower.last_event_id, e.code, e.message)
         return _error(EXIT_FAILED, e.code, e.message)
     except GenerationNotFound:
         printer.stopped()
@@ -142,7 +267,7 @@ async def _follow(follower: Follower, printer: Printer) -> int:
         return _error(EXIT_UNAVAILABLE, "unavailable", str(e))
     result = follower.result
     assert result is not None
-    printer.end(result.finish_reason, result.usage)
+    printer.end(follower.last_event_id, result.finish_reason, result.usage)
     return EXIT_OK
 
 
@@ -200,19 +325,20 @@ async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url
             follower = ConversationFollower(http, events_url, last_event_id=args.from_id)
             async with contextlib.aclosing(follower.__aiter__()) as events:
                 async for event in events:
-                    data = event.data
+                    data, generation_id = event.data, event.generation_id
                     if event.event == "turn":
-                        printer.turn(int(data.get("turn", 0)), event.generation_id)
-                    elif event.event == "message":
-                        printer.message(event.id, data["text"], event.generation_id)
+                        printer.turn(event.id, int(data.get("turn", 0)), generation_id,
+                                     data.get("status"))
                     elif event.event == "end":
-                        printer.end(data.get("finish_reason", "unknown"), data.get("usage"),
-                                    event.generation_id)
+                        printer.end(event.id, data.get("finish_reason", "unknown"),
+                                    data.get("usage"), generation_id)
                     elif event.event == "error":
                         # One turn failed; the conversation goes on.
                         code, message = data.get("code", "unknown"), data.get("message", "")
-                        printer.failed(code, message)
+                        printer.failed(event.id, code, message, generation_id)
                         print(f"error: {code}: {message}", file=sys.stderr, flush=True)
+                    else:  # the answer, reasoning, tool calls...: as in a generation's stream
+                        printer.event(Event(event.event, event.id, data), generation_id)
                     if event.terminal:
                         ended += 1
                         if args.turns is not None and ended >= args.turns:
@@ -281,7 +407,12 @@ def add_client_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--url", help=f"base URL of an edge or its load balancer "
                         f"[env BROKER_URL; default {DEFAULT_URL}]")
     parser.add_argument("--json", action="store_true", help="print one JSON object per event "
-                        "line: {id, text} per message, then {finish_reason, usage}")
+                        "line, each with `id` and `event` (its kind): {id, event, text} per "
+                        "message, {id, event, data} per reasoning, tool_call, tool_result and "
+                        "data event, then {id, event, finish_reason, usage} or {id, event, "
+                        "error}. Plain output: the answer alone on stdout; reasoning and one "
+                        "line per tool call/result/data event on stderr (on a terminal: all on "
+                        "it, the reasoning dimmed)")
 
 
 ClientCommand = Callable[[argparse.Namespace, Printer], Coroutine[Any, Any, int]]
@@ -289,6 +420,7 @@ CLIENT_COMMANDS: dict[str, tuple[ClientCommand, str]] = {
     "ask": (ask, "ask a question: create a generation and print its answer as it streams"),
     "tail": (tail, "follow a generation from the start, or from an event id, to its end; or "
                    "every turn of a conversation (--conversation)"),
+
 }
 
 

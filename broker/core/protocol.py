@@ -377,6 +377,7 @@ class Meta:
     source: str = SOURCE_WORKER  # who publishes its events: the built-in worker or a producer
     counts: dict[str, int] = field(default_factory=dict)  # events published, per content kind
     conversation: str | None = None  # the conversation it is a turn of, if any
+    metadata: str | None = None  # an external producer's create ``metadata`` (JSON object)
 
     @property
     def finished(self) -> bool:
@@ -427,6 +428,7 @@ def decode_meta(raw: dict[Any, Any]) -> Meta | None:
             source=opt("source") or SOURCE_WORKER,
             counts=_counts(opt),
             conversation=opt("conversation"),
+            metadata=opt("metadata"),
         )
     except (KeyError, ValueError) as e:
         raise ProtocolError("bad meta hash") from e
@@ -714,19 +716,24 @@ def decode_lease_check(reply: Any) -> LeaseCheck:
 
 # KEYS: ``generation_keys``. ARGV: gen_id, data (the end event), ts, maxlen, ttl_ms, channel,
 # publish_cmd, cancel_channel.
-# A queued generation ends here and now; a running one is flagged and its worker told.
+# A queued generation ends here and now, and so does an external producer's running one (no
+# worker to stop: the producer learns it from its next append's answer); a worker's running
+# one is flagged and its worker told.
 # Returns the status before the call ('' when gone).
 CANCEL_SCRIPT = (
     """
 local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local status = redis.call('HGET', meta, 'status')
 if not status then return '' end
-if status == 'running' then
+local external = redis.call('HGET', meta, 'source') == '"""
+    + SOURCE_EXTERNAL
+    + """'
+if status == 'running' and not external then
   redis.call('HSET', meta, 'cancel', '1')
   redis.call('PUBLISH', ARGV[8], ARGV[1])
   return status
 end
-if status ~= 'queued' then return status end
+if status ~= 'queued' and status ~= 'running' then return status end
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0') + 1
 local ts, maxlen, ttl, channel, publish_cmd = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 """
@@ -835,3 +842,209 @@ def parse_conversation_event_id(value: str) -> tuple[int, int]:
     if not _CONVERSATION_EVENT_ID_RE.fullmatch(value):
         raise ProtocolError(f"not a conversation event id: {value[:40]!r}")
     return int(value[:-_CONVERSATION_SEQ_WIDTH]), int(value[-_CONVERSATION_SEQ_WIDTH:])
+
+
+# -- external producers ----------------------------------------------------------------------
+# A generation whose events come from an application's own loop (``{"producer": "external"}``)
+# instead of the built-in worker. Its meta has ``source`` = ``SOURCE_EXTERNAL``, ``owner`` =
+# ``PRODUCER_OWNER``, ``producer`` = the creating API key's id (absent when keys are off: only
+# that key may append or finish), ``p_after`` (the ``after`` of the last batch applied: a
+# retry of that batch is a no-op) and, like a worker's, ``lease``/``lease_ttl`` on Redis's
+# clock: every append and heartbeat renews the lease by the generation's own ``lease_ttl``,
+# so edges with different settings agree. ``REAP_SCRIPT`` ends a lapsed one with
+# ``producer_lost``.
+#
+# Nobody may be watching such a generation and no job sits in the worker queue for it, so the
+# index ``PRODUCERS_KEY`` (a sorted set: generation id -> when to check its lease next, ms of
+# Redis's clock) tells every edge and worker which leases to look at: each takes the due ones
+# with ``PRODUCERS_DUE_SCRIPT`` (which pushes them a moment ahead, so that scanners do not
+# all check the same ones), checks each with ``REAP_SCRIPT``, then re-schedules a live one for
+# when its lease would run out (``PRODUCERS_SCHEDULE_SCRIPT``) or drops an ended one. The
+# index is only a schedule, never the truth (the meta's lease is): a lost update at worst
+# makes a check early or late by one round, and appends never touch it (it lives in its own
+# slot on a cluster).
+
+PRODUCER_OWNER = "producer"
+PRODUCERS_KEY = "{broker:producers}"
+
+
+class ExternalCreate(TypedDict):
+    """What an external producer's create stores besides the lease."""
+
+    model: str
+    producer: NotRequired[str]  # the creating API key's id (keys on)
+    metadata: NotRequired[str]  # the create's ``metadata`` object, JSON
+    conversation: NotRequired[str]  # the conversation it is a turn of
+
+
+def external_meta_fields(create: ExternalCreate) -> dict[str, str]:
+    fields = {"model": create["model"], "source": SOURCE_EXTERNAL, "owner": PRODUCER_OWNER,
+              "created": str(now_ms())}
+    if create.get("producer"):
+        fields["producer"] = create["producer"]
+    if create.get("metadata"):
+        fields["metadata"] = create["metadata"]
+    if create.get("conversation"):
+        fields["conversation"] = create["conversation"]
+    return fields
+
+
+# KEYS: meta. ARGV: lease_ttl_ms, ttl_ms, then field, value pairs (``external_meta_fields``).
+# A running external generation with a fresh lease (Redis's clock). Returns 1.
+PRODUCER_CREATE_SCRIPT = (
+    _REDIS_NOW_MS
+    + """
+local meta = KEYS[1]
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', meta, ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', meta, 'status', 'running', 'seq', '0', 'p_after', '-1')
+redis.call('HSET', meta, 'lease', now + tonumber(ARGV[1]), 'lease_ttl', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+# Sets the locals status, last (the meta's seq) and count (the producer's events: the
+# terminal event, once there is one, is not the producer's), or returns {refusal, 0}:
+# 'gone', 'forbidden' (another API key created it), 'not_external' (a worker runs it).
+# Expects the local meta; the caller's API key id in ARGV[1] ('' when keys are off).
+_PRODUCER_GATE = (
+    """
+local status = redis.call('HGET', meta, 'status')
+if not status then return {'gone', 0} end
+if (redis.call('HGET', meta, 'producer') or '') ~= ARGV[1] then return {'forbidden', 0} end
+if redis.call('HGET', meta, 'source') ~= '"""
+    + SOURCE_EXTERNAL
+    + """' then return {'not_external', 0} end
+local last = tonumber(redis.call('HGET', meta, 'seq') or '0')
+local count = last
+if status ~= 'running' then count = last - 1 end
+"""
+    + _REDIS_NOW_MS
+    + """
+local function renew()
+  local lease_ttl = tonumber(redis.call('HGET', meta, 'lease_ttl') or '0')
+  redis.call('HSET', meta, 'lease', now + lease_ttl)
+end
+"""
+)
+
+# The first ARGV of the events in PRODUCER_APPEND_SCRIPT's arguments.
+PRODUCER_FIRST_EVENT_ARG = 8
+
+# Appends an external producer's batch, all or nothing, and renews its lease.
+# KEYS: ``generation_keys``. ARGV: producer (API key id or ''), after (the producer's events
+# before this batch), ts (publish ms), maxlen, ttl_ms, channel, publish_cmd, then kind, data,
+# body per event (from ARGV[PRODUCER_FIRST_EVENT_ARG]; content kinds only: a terminal event
+# goes through PRODUCER_FINISH_SCRIPT).
+# Returns {outcome, count} (count: the producer's events now): 'ok' appended; 'duplicate' the
+# batch was the last one applied (a retry: nothing written); 'offset_mismatch' ``after`` is
+# not ``count`` (a gap or an overlap); 'cancelled', 'completed', 'failed' the generation ended;
+# or a refusal of ``_PRODUCER_GATE``. An error reply for a malformed batch (nothing written).
+PRODUCER_APPEND_SCRIPT = (
+    """
+local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local after, ts = tonumber(ARGV[2]), ARGV[3]
+local maxlen, ttl, channel, publish_cmd = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+"""
+    + f"local first_arg = {PRODUCER_FIRST_EVENT_ARG}\n"
+    + _CHECK_BATCH
+    + """
+if TERMINAL_KINDS[last_kind] then
+  return redis.error_reply('ERR bad batch: a terminal event goes through finish')
+end
+"""
+    + _PRODUCER_GATE
+    + """
+if status ~= 'running' then return {status, count} end
+if after ~= count then
+  if after + n == count and redis.call('HGET', meta, 'p_after') == ARGV[2] then
+    renew()
+    return {'duplicate', count}
+  end
+  return {'offset_mismatch', count}
+end
+local seq = last + 1
+"""
+    + _APPEND
+    + _APPEND_BATCH
+    + """
+redis.call('HSET', meta, 'p_after', ARGV[2])
+renew()
+return {'ok', count + n}
+"""
+)
+
+# KEYS: meta. ARGV: producer. Renews a running external generation's lease.
+# Returns {status, count} ('running' when renewed), or a refusal of ``_PRODUCER_GATE``.
+PRODUCER_HEARTBEAT_SCRIPT = (
+    "local meta = KEYS[1]\n"
+    + _PRODUCER_GATE
+    + """
+if status == 'running' then renew() end
+return {status, count}
+"""
+)
+
+# Ends an external generation with the producer's terminal event; idempotent.
+# KEYS: ``generation_keys``. ARGV: producer, ts, maxlen, ttl_ms, channel, publish_cmd, kind
+# ('end' or 'error'), data, final_status, finish_reason.
+# Returns {outcome, count}: 'ok' ended here; 'same' it had ended with this very event (a
+# retry); else the status it ended with otherwise ('cancelled', 'completed', 'failed'); or a
+# refusal of ``_PRODUCER_GATE``.
+PRODUCER_FINISH_SCRIPT = (
+    """
+local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local ts, maxlen, ttl, channel, publish_cmd = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local kind, data = ARGV[7], ARGV[8]
+"""
+    + _PRODUCER_GATE
+    + """
+if status ~= 'running' then
+  local entry = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)[1]
+  if entry and entry[2][2] == kind and entry[2][4] == data then return {'same', count} end
+  return {status, count}
+end
+"""
+    + _APPEND
+    + """
+append(last + 1, kind, data, '')
+appended(last + 1)
+redis.call('HSET', meta, 'status', ARGV[9], 'finish_reason', ARGV[10])
+return {'ok', count}
+"""
+)
+
+# KEYS: PRODUCERS_KEY. ARGV: gen_id, delay_ms. Check gen_id's lease ``delay_ms`` from now
+# (Redis's clock). Returns 1.
+PRODUCERS_SCHEDULE_SCRIPT = (
+    _REDIS_NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+)
+
+# KEYS: PRODUCERS_KEY. ARGV: limit, hold_ms. The generations whose check is due (at most
+# ``limit``), each pushed ``hold_ms`` ahead: the caller checks them now, others need not (if
+# the caller dies, they come due again then).
+PRODUCERS_DUE_SCRIPT = (
+    _REDIS_NOW_MS
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, gen_id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), gen_id)
+end
+return due
+"""
+)
+
+
+def decode_producer_reply(reply: Any) -> tuple[str, int]:
+    """A producer script's ``{outcome, count}``."""
+    try:
+        outcome, count = reply
+        return as_text(outcome), int(count)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"bad producer reply: {reply!r}") from e

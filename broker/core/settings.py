@@ -102,6 +102,10 @@ class Settings:
         "this many seconds late or its publishes take this long (measured; jobs stay queued "
         "for other workers; 0: no limit but BROKER_MAX_CONCURRENCY)", "worker dev",
     )
+    producer_lease: float = _setting(
+        30.0, "BROKER_PRODUCER_LEASE", "seconds an external producer's generation lives "
+        "without an append or a heartbeat (then it ends with producer_lost)", "edge dev",
+    )
     llm_idle_timeout: float = _setting(
         60.0, "BROKER_LLM_IDLE_TIMEOUT", "seconds without a token before the LLM call fails",
         "worker dev",
@@ -229,6 +233,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "flush_interval": (0.0, False),
     "first_text_wait": (0.0, True),
     "admit_max_lag": (0.0, True),
+    "producer_lease": (0.0, False),
 }
 
 

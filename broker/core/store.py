@@ -262,6 +262,9 @@ class Store:
         before = as_text(result)
         if before == "queued":
             await self._leave_queue_quota(gen_id)
+        if before in ("queued", "running"):
+            # Ended now (queued, or an external producer's running one), or soon (a worker's):
+            # either way its conversation's index may live from now on.
             await self._turn_ended(gen_id)
         return before
 

@@ -24,7 +24,7 @@ from broker.core.metrics import Metrics
 from broker.core.settings import Settings
 from broker.core.store import Store, connect
 from broker.core.tasks import cancel_and_wait
-from broker.edge import aisdk_routes, headers
+from broker.edge import aisdk_routes, headers, producers
 from broker.edge.auth import ApiKeys, ViewerTokens, parse_keys
 from broker.edge.cors import CorsPolicy
 from broker.edge.errors import ApiError, error_response
@@ -63,6 +63,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await hub.start()
         send_watch = asyncio.create_task(open_streams.watch_sends_forever(), name="send-watch")
+        sweep = asyncio.create_task(producers.sweep_forever(edge), name="producer-sweep")
         try:
             if extra_lifespan is None:
                 yield
@@ -70,14 +71,14 @@ def create_app(
                 async with extra_lifespan(app):
                     yield
         finally:
-            await cancel_and_wait(send_watch)
+            await cancel_and_wait(send_watch, sweep)
             await hub.stop()
             if redis is None:
                 await client.aclose()
 
     cors = CorsPolicy(settings.cors_origins)
     app = EdgeApp(
-        routes=[*routes, *aisdk_routes.routes],
+        routes=[*routes, *aisdk_routes.routes, *producers.routes],
         lifespan=lifespan,
         middleware=cors.middleware(),
         exception_handlers={

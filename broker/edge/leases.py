@@ -126,8 +126,8 @@ class LeaseWatch:
             self.metrics.redis_errors.labels("lease").inc()
             raise
         if check.reaped:
-            log.warning("generation %s: its worker stopped renewing its lease; ended it with "
-                        "worker_lost", gen_id)
+            log.warning("generation %s: its worker (or external producer) stopped renewing "
+                        "its lease; ended it with worker_lost (producer_lost)", gen_id)
             self.metrics.leases_reaped.inc()
             self.metrics.generations_finished.labels("failed").inc()
         return check

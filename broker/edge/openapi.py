@@ -11,7 +11,7 @@ from typing import Any
 
 from broker.core.protocol import CONTENT_KINDS, SDK_CALL_OPTIONS
 from broker.core.settings import Settings
-from broker.edge.validation import MAX_JSON_DEPTH, MAX_MODEL_CHARS
+from broker.edge.validation import MAX_APPEND_EVENTS, MAX_JSON_DEPTH, MAX_MODEL_CHARS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _GEN_ID = {
@@ -30,9 +30,12 @@ CONVERSATION_ID_SCHEMA = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$
 def _errors(*codes: int) -> dict[str, Any]:
     descriptions = {
         400: "malformed JSON or Last-Event-ID", 401: "no valid API key or viewer token",
-        403: "the viewer token is wrong, expired or for another generation",
+        403: "the viewer token is wrong, expired or for another generation (a producer "
+             "endpoint: another API key created it)",
         404: "no such generation", 405: "method not allowed", 408: "the body was too slow",
-        409: "the generation already ended", 410: "the history to resume from is gone",
+        409: "the generation already ended (a producer endpoint: offset_mismatch, cancelled, "
+             "already_finished, not_external; with 'count')",
+        410: "the history to resume from is gone",
         413: "the body is too large", 422: "the request has the wrong shape",
         429: "this API key has too many generations waiting",
         503: "Redis is unavailable, or this edge serves as many streams as it may",
@@ -78,6 +81,10 @@ def document(settings: Settings) -> dict[str, Any]:
             "created_ms": {"type": "integer"},
             "events_url": {"type": "string",
                            "description": "the stream, with a fresh viewer token if tokens are on"},
+            "producer": {"const": "external",
+                         "description": "only for an external producer's generation"},
+            "metadata": {"type": "object",
+                         "description": "an external producer's create metadata"},
         },
     }
     conversation = {
@@ -119,6 +126,72 @@ def document(settings: Settings) -> dict[str, Any]:
         "description": "an OpenAI chat-completions request; other fields pass through to the LLM "
                        f"(JSON nested at most {MAX_JSON_DEPTH} levels, finite numbers only)",
     }
+    external_create = {
+        "type": "object", "required": ["producer"],
+        "properties": {
+            "producer": {"const": "external"},
+            "model": {"type": "string", "pattern": "\\S", "maxLength": MAX_MODEL_CHARS},
+            "metadata": {"type": "object", "description": "kept, shown by GET"},
+            "messages": {"description": "ignored: the producer runs its own loop"},
+        },
+        "additionalProperties": False,
+        "description": "an external producer's generation: it appends the events itself",
+    }
+    text_event = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
+                  "properties": {"type": {"enum": ["text", "reasoning"]},
+                                 "text": {"type": "string", "minLength": 1}}}
+    tool_call_event = {
+        "type": "object", "required": ["type", "index", "id", "name", "arguments"],
+        "additionalProperties": False,
+        "properties": {"type": {"const": "tool_call"}, "index": {"type": "integer", "minimum": 0},
+                       "id": {"type": "string"}, "name": {"type": "string", "minLength": 1},
+                       "arguments": {"type": "string"}},
+    }
+    tool_result_event = {
+        "type": "object", "required": ["type", "id", "result"], "additionalProperties": False,
+        "properties": {"type": {"const": "tool_result"}, "id": {"type": "string"},
+                       "result": {}},
+    }
+    data_event = {
+        "type": "object", "required": ["type", "name", "value"], "additionalProperties": False,
+        "properties": {"type": {"const": "data"}, "name": {"type": "string", "minLength": 1},
+                       "value": {}},
+    }
+    append_body = {
+        "type": "object", "required": ["after", "events"], "additionalProperties": False,
+        "properties": {
+            "after": {"type": "integer", "minimum": 0,
+                      "description": "how many events you appended before this batch"},
+            "events": {"type": "array", "minItems": 1, "maxItems": MAX_APPEND_EVENTS,
+                       "items": {"anyOf": [text_event, tool_call_event, tool_result_event,
+                                           data_event]}},
+        },
+    }
+    finish_body = {"anyOf": [
+        {"type": "object", "additionalProperties": False,
+         "properties": {"finish_reason": {"type": "string", "pattern": "\\S", "maxLength": 128},
+                        "usage": {"type": ["object", "null"]}}},
+        {"type": "object", "required": ["error"], "additionalProperties": False,
+         "properties": {"error": {
+             "type": "object", "additionalProperties": False,
+             "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,63}$"},
+                            "message": {"type": "string"}}}}},
+    ]}
+    count = {"type": "object", "required": ["count"],
+             "properties": {"count": {"type": "integer", "minimum": 0}}}
+
+    def producer_endpoint(summary: str, body: dict[str, Any] | None, answer: dict[str, Any],
+                          *errors: int) -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "summary": summary, "security": [{"apiKey": []}], "parameters": [_GEN_ID],
+            "responses": {"200": {"description": "done", "content": {
+                "application/json": {"schema": answer}}}, **_errors(*errors)},
+        }
+        if body is not None:
+            operation["requestBody"] = {"required": True,
+                                        "content": {"application/json": {"schema": body}}}
+        return {"post": operation}
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -148,17 +221,22 @@ def document(settings: Settings) -> dict[str, Any]:
             "/v1/generations": {"post": {
                 "summary": "create a generation",
                 "security": [{"apiKey": []}],
-                "requestBody": {"required": True,
-                                "content": {"application/json": {"schema": create_body}}},
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"anyOf": [create_body, external_create]}}}},
                 "responses": {
-                    "201": {"description": "queued", "content": {"application/json": {
+                    "201": {"description": "queued (an external producer's: running)",
+                            "content": {"application/json": {
                         "schema": {"type": "object",
                                    "required": ["id", "events_url", "status"],
                                    "properties": {"id": {"type": "string"},
                                                   "events_url": {"type": "string"},
-                                                  "status": {"const": "queued"},
+                                                  "status": {"enum": ["queued", "running"]},
                                                   "conversation_id": {"type": "string"},
-                                                  "conversation_url": {"type": "string"}}}}}},
+                                                  "conversation_url": {"type": "string"},
+                                                  "append_url": {"type": "string"},
+                                                  "finish_url": {"type": "string"},
+                                                  "heartbeat_url": {"type": "string"},
+                                                  "lease_seconds": {"type": "number"}}}}}},
                     **_errors(400, 401, 408, 413, 422, 429, 503),
                 },
             }},
@@ -185,6 +263,17 @@ def document(settings: Settings) -> dict[str, Any]:
                     **_errors(401, 404, 409, 503),
                 },
             }},
+            "/v1/generations/{gen_id}/append": producer_endpoint(
+                "append events to an external producer's generation (idempotent by 'after')",
+                append_body, count, 400, 401, 403, 404, 408, 409, 413, 422, 503),
+            "/v1/generations/{gen_id}/finish": producer_endpoint(
+                "end an external producer's generation (idempotent)", finish_body,
+                {"type": "object", "required": ["id", "status", "finish_reason", "count"]},
+                400, 401, 403, 404, 408, 409, 413, 422, 503),
+            "/v1/generations/{gen_id}/heartbeat": producer_endpoint(
+                "renew an external producer's lease", None,
+                {"type": "object", "required": ["status", "count"]},
+                401, 403, 404, 409, 503),
             "/v1/generations/{gen_id}/events": {"get": {
                 "summary": "the stream (Server-Sent Events); resumes after Last-Event-ID",
                 "security": [{"viewerToken": []}],

@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from broker.core import logs, protocol
+from broker.core.external import ExternalStore
 from broker.core.metrics import Metrics
 from broker.core.protocol import Meta
 from broker.core.settings import Settings
@@ -42,6 +43,7 @@ from broker.edge.stream import EventStream, OpenStreams
 from broker.edge.validation import (
     parse_conversation_last_event_id,
     parse_create_body,
+    parse_external_create,
     parse_last_event_id,
     parse_stream_start,
     take_conversation_id,
@@ -88,6 +90,11 @@ class Edge:
             url += f"?{TOKEN_PARAM}={self.viewer_tokens.issue(conversation_scope(cid))}"
         return url
 
+    @functools.cached_property
+    def external(self) -> ExternalStore:
+        """External producers' generations (``broker.edge.producers``)."""
+        return ExternalStore(self.store)
+
     def authorize_producer(self, request: Request) -> str | None:
         """Refuse (401) a caller without a valid API key; the id of its key (None when keys
         are off)."""
@@ -131,6 +138,11 @@ async def create_generation(request: Request) -> Response:
     s = edge.settings
     producer = edge.authorize_producer(request)
     body = await read_body(request, s.max_body_bytes, s.request_timeout)
+    external = parse_external_create(body, s.model)
+    if external is not None:
+        from broker.edge.producers import create_external  # (it imports this module)
+
+        return await create_external(edge, producer, *external)
     chat_request = parse_create_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
@@ -206,7 +218,16 @@ async def get_generation(request: Request) -> Response:
         "created_ms": meta.created_ms,
         # A producer may hand a viewer the stream later, or again (a fresh token each time).
         "events_url": edge.events_url(gen_id),
+        **_external_fields(meta),
     })
+
+
+def _external_fields(meta: Meta) -> dict[str, object]:
+    """What an external producer's generation shows besides: who produces it, its metadata."""
+    if meta.source != protocol.SOURCE_EXTERNAL:
+        return {}
+    return {"producer": meta.source,
+            "metadata": json.loads(meta.metadata) if meta.metadata else {}}
 
 
 async def cancel_generation(request: Request) -> Response:

@@ -185,3 +185,169 @@ def parse_stream_start(value: str | None) -> str | None:
     if value not in STREAM_STARTS:
         raise ApiError(400, "invalid_request", "'from' must be 'all' or 'active'")
     return value
+
+
+# -- external producers (``{"producer": "external"}``) ---------------------------------------
+
+# Events one append may carry: a producer that batches more sends two appends. Bounds the
+# script's arguments (and the time Redis spends in one call) whatever the body size allows.
+MAX_APPEND_EVENTS = 1000
+PRODUCER_EXTERNAL = "external"
+_CREATE_FIELDS = frozenset({"producer", "model", "metadata", "messages"})
+# A producer's own error codes look like ours; absent, the error is ``producer_error``.
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+PRODUCER_ERROR = "producer_error"
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    value = load_json(body)
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_request", "request body must be a JSON object")
+    if _nests_deeper_than(value, MAX_JSON_DEPTH):
+        raise ApiError(400, "invalid_json",
+                       f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        raise ApiError(400, "invalid_json", "request body has an unpaired UTF-16 surrogate "
+                       f"escape at {e.start}") from e
+    return value
+
+
+def parse_external_create(
+    body: bytes, default_model: str
+) -> tuple[str, dict[str, Any], str | None] | None:
+    """``(model, metadata, conversation id)`` of an external producer's create; None for any
+    other create body (the worker's: ``parse_create_body`` checks it). ``messages`` may be
+    sent and is ignored: the producer runs its own loop."""
+    if b'"producer"' not in body:  # the worker's creates are parsed once, by parse_create_body
+        return None
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None  # parse_create_body says what is wrong with it
+    if not isinstance(value, dict) or "producer" not in value:
+        return None
+    request = _object(body)
+    if request["producer"] != PRODUCER_EXTERNAL:
+        raise ApiError(422, "invalid_request", "'producer' must be \"external\"")
+    conversation = take_conversation_id(request)
+    unknown = sorted(request.keys() - _CREATE_FIELDS)
+    if unknown:
+        raise ApiError(422, "invalid_request",
+                       f"unknown field(s) for an external producer: {', '.join(unknown)}")
+    model = request.get("model")
+    if model is None:
+        model = default_model
+    if not isinstance(model, str) or not _NOT_BLANK.search(model) or len(model) > MAX_MODEL_CHARS:
+        raise ApiError(422, "invalid_request",
+                       f"'model' must be a non-empty string of at most {MAX_MODEL_CHARS} "
+                       "characters")
+    metadata = request.get("metadata")
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise ApiError(422, "invalid_request", "'metadata' must be an object")
+    return model, metadata, conversation
+
+
+def _field(event: dict[str, Any], where: str, name: str, kind: type | tuple[type, ...],
+           non_empty: bool = False) -> Any:
+    if name not in event:
+        raise ApiError(422, "invalid_event", f"{where}.{name} is missing")
+    value = event[name]
+    if kind is not object and (not isinstance(value, kind) or isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        shown = {"str": "a string", "int": "an integer"}.get(names, names)
+        raise ApiError(422, "invalid_event", f"{where}.{name} must be {shown}")
+    if non_empty and not value:
+        raise ApiError(422, "invalid_event", f"{where}.{name} must not be empty")
+    return value
+
+
+# Each type's fields: (name, type, must be non-empty). ``object``: any JSON value.
+_EVENT_FIELDS: dict[str, tuple[tuple[str, type, bool], ...]] = {
+    "text": (("text", str, True),),
+    "reasoning": (("text", str, True),),
+    "tool_call": (("index", int, False), ("id", str, False), ("name", str, True),
+                  ("arguments", str, False)),
+    "tool_result": (("id", str, False), ("result", object, False)),
+    "data": (("name", str, True), ("value", object, False)),
+}
+
+
+def parse_event(event: Any, where: str) -> protocol.NewEvent:
+    """One event of an append, as the log will hold it."""
+    if not isinstance(event, dict):
+        raise ApiError(422, "invalid_event", f"{where} must be an object")
+    kind = event.get("type")
+    fields = _EVENT_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise ApiError(422, "invalid_event", f"{where}.type must be one of "
+                       f"{', '.join(_EVENT_FIELDS)}")
+    values = [_field(event, where, name, typ, non_empty) for name, typ, non_empty in fields]
+    unknown = sorted(event.keys() - {"type", *(name for name, _, _ in fields)})
+    if unknown:
+        raise ApiError(422, "invalid_event",
+                       f"{where} has unknown field(s) for {kind}: {', '.join(unknown)}")
+    if kind == "tool_call" and values[0] < 0:
+        raise ApiError(422, "invalid_event", f"{where}.index must be >= 0")
+    if kind == "text":
+        return protocol.new_message(values[0])
+    if kind == "reasoning":
+        return protocol.new_reasoning(values[0])
+    if kind == "tool_call":
+        return protocol.new_tool_call(*values)
+    if kind == "tool_result":
+        return protocol.new_tool_result(*values)
+    return protocol.new_data(*values)
+
+
+def parse_append_body(body: bytes) -> tuple[int, list[protocol.NewEvent]]:
+    """``(after, events)`` of an append; every event checked before any is applied."""
+    request = _object(body)
+    unknown = sorted(request.keys() - {"after", "events"})
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(unknown)}")
+    after = request.get("after")
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        raise ApiError(422, "invalid_request", "'after' must be an integer >= 0: how many "
+                       "events you appended before this batch")
+    events = request.get("events")
+    if not isinstance(events, list) or not events:
+        raise ApiError(422, "invalid_request", "'events' must be a non-empty list")
+    if len(events) > MAX_APPEND_EVENTS:
+        raise ApiError(413, "batch_too_large",
+                       f"at most {MAX_APPEND_EVENTS} events per append; send several")
+    return after, [parse_event(event, f"events[{i}]") for i, event in enumerate(events)]
+
+
+def parse_finish_body(body: bytes) -> protocol.NewEvent:
+    """The terminal event of ``{"finish_reason", "usage"}`` or ``{"error": {"code",
+    "message"}}`` (an empty body: ``finish_reason`` "stop", no usage)."""
+    request = _object(body) if body.strip() else {}
+    if "error" in request:
+        unknown = sorted(request.keys() - {"error"})
+        error = request["error"]
+        if unknown or not isinstance(error, dict) or not error.keys() <= {"code", "message"}:
+            raise ApiError(422, "invalid_request", "'error' must come alone, an object of "
+                           "'code' and 'message'")
+        code = error.get("code", PRODUCER_ERROR)
+        message = error.get("message", "")
+        if not isinstance(code, str) or not _ERROR_CODE.fullmatch(code):
+            raise ApiError(422, "invalid_request", "error.code must match "
+                           f"{_ERROR_CODE.pattern} (absent: {PRODUCER_ERROR})")
+        if not isinstance(message, str):
+            raise ApiError(422, "invalid_request", "error.message must be a string")
+        return protocol.new_error(code, message)
+    unknown = sorted(request.keys() - {"finish_reason", "usage"})
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown field(s): {', '.join(unknown)}")
+    reason = request.get("finish_reason", "stop")
+    if not isinstance(reason, str) or not _NOT_BLANK.search(reason) or len(reason) > 128:
+        raise ApiError(422, "invalid_request", "'finish_reason' must be a non-empty string "
+                       "of at most 128 characters")
+    usage = request.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        raise ApiError(422, "invalid_request", "'usage' must be an object or null")
+    return protocol.new_end(reason, usage)

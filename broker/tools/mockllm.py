@@ -155,9 +155,17 @@ WEATHER_CALL = ScriptedCall(
 def default_script(body: dict[str, Any]) -> Reply:
     """A realistic multi-sentence answer that quotes the question. With "think" in the
     question, reasoning comes first; with "weather", a short text and one tool call
-    (``get_weather``) instead of the answer, ending with ``finish_reason: "tool_calls"``."""
+    (``get_weather``) instead of the answer, ending with ``finish_reason: "tool_calls"``.
+    After a tool's result (the last message's role is ``tool``), a short answer quoting it."""
+    messages = body.get("messages") or []
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    if last.get("role") == "tool":
+        # A tool's result came back (an agent loop's second call): answer from it, so a loop
+        # that calls tools until the model stops asking for them ends.
+        answer = f"The tool answered {str(last.get('content', ''))[:200]}. That settles it."
+        return Reply(tokenize(answer), delay=1 / TOKENS_PER_SECOND)
     question = ""
-    for message in reversed(body.get("messages") or []):
+    for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             question = str(message.get("content", ""))[:200]
             break

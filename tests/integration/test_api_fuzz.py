@@ -47,6 +47,8 @@ def _explicit_examples(test: Callable[..., None]) -> Callable[..., None]:
 OPERATIONS = ["POST /v1/generations", "GET /v1/generations/{gen_id}",
               "POST /v1/generations/{gen_id}/cancel", "GET /v1/generations/{gen_id}/events",
               "GET /v1/conversations/{cid}", "GET /v1/conversations/{cid}/events",
+              "POST /v1/generations/{gen_id}/append", "POST /v1/generations/{gen_id}/finish",
+              "POST /v1/generations/{gen_id}/heartbeat",
               "GET /healthz", "GET /readyz", "GET /metrics",
               "POST /v1/ai-sdk/chat", "GET /v1/ai-sdk/chat/{chat_id}/stream"]
 # A valid chat turn opens a stream that never ends here (no worker runs it): the chat's POST

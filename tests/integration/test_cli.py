@@ -19,6 +19,7 @@ from broker.tools import cli
 from broker.tools.mockllm import tokenize
 from tests.conftest import Stack
 from tests.support.api import HARD_TEXTS, create, events_url, unique
+from tests.support.dropping_proxy import DroppingProxy
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import eventually, free_port
 from tests.support.sse import Received, read_events
@@ -137,9 +138,10 @@ async def test_ask_json_prints_one_object_per_event(stack: Stack, fake_llm: Fake
     assert done.code == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     *messages, end = lines
-    assert len(messages) >= 5 and all(set(m) == {"id", "text"} for m in messages)
+    assert len(messages) >= 5 and all(set(m) == {"id", "event", "text"} for m in messages)
+    assert {m["event"] for m in messages} == {"message"} and end["event"] == "end"
     assert "".join(m["text"] for m in messages) == STORY
-    ids = [protocol.parse_event_id(m["id"]) for m in messages]
+    ids = [protocol.parse_event_id(m["id"]) for m in [*messages, end]]
     assert ids == sorted(set(ids))
     assert end["finish_reason"] == "stop" and end["usage"]["completion_tokens"] > 0
     assert protocol.is_generation_id(done.stderr_lines[0])
@@ -324,80 +326,6 @@ async def test_tail_with_a_malformed_event_id_exits_2(
 
 
 # -- a dropped connection ---------------------------------------------------------------------
-
-
-class DroppingProxy:
-    """A TCP proxy to an edge that, once, cuts the connection right after the first message
-    event it carries; every other connection it forwards untouched."""
-
-    def __init__(self, target: str) -> None:
-        url = httpx.URL(target)
-        self.target = (url.host, url.port)
-        self.cut = asyncio.Event()
-        self.requests: list[bytearray] = []  # what each connection sent to the edge
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> DroppingProxy:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def resumed_with(self) -> list[bytes]:
-        """The ``Last-Event-ID`` values of the requests sent so far."""
-        values = []
-        for sent in self.requests:
-            for line in bytes(sent).split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"last-event-id":
-                    values.append(value.strip())
-        return values
-
-    async def close(self) -> None:
-        self.server.close()
-        for writer in self._writers:
-            writer.close()
-        await self.server.wait_closed()
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter):
-        edge_r, edge_w = await asyncio.open_connection(*self.target)
-        self._writers += [client_w, edge_w]
-        sent = bytearray()
-        self.requests.append(sent)
-
-        async def to_edge() -> None:
-            while data := await client_r.read(65536):
-                sent.extend(data)
-                edge_w.write(data)
-                await edge_w.drain()
-
-        async def to_client() -> None:
-            seen = bytearray()
-            while data := await edge_r.read(65536):
-                if not self.cut.is_set():
-                    seen.extend(data)
-                    start = seen.find(b"data: ")
-                    end = seen.find(b"\n\n", start) if start >= 0 else -1
-                    if end >= 0:  # forward up to the end of that event, then hang up
-                        client_w.write(data[: end + 2 - (len(seen) - len(data))])
-                        await client_w.drain()
-                        self.cut.set()
-                        return
-                client_w.write(data)
-                await client_w.drain()
-
-        tasks = [asyncio.create_task(to_edge()), asyncio.create_task(to_client())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for writer in (client_w, edge_w):
-                writer.close()
 
 
 async def test_ask_resumes_after_a_dropped_connection(stack: Stack, fake_llm: FakeLLM):

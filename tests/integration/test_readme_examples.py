@@ -20,6 +20,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from broker.tools.mockllm import WEATHER_CALL, Reply, default_script
 from tests.conftest import StartBroker
 from tests.support.devserver import DevServer
 from tests.support.fakellm import FakeLLM
@@ -32,6 +33,7 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 API_KEY = "readme-producer-key"
 ASKED = "Why is the sky blue?"
 HELLO = "Hello?"
+THOUGHT = "Think about the weather in Paris."
 # What the fake LLM answers behind the keyed edge (broker dev answers with its own mock).
 SKY = ("Light from the sun meets the air. Short blue waves scatter most! So the sky looks "
        "blue? Yes.\n\nAt sunset the light crosses more air. Then red remains.")
@@ -68,6 +70,7 @@ ASK = the_command(TERMINAL, f'broker ask "{ASKED}"')
 ASK_JSON = the_command(TERMINAL, "broker ask --json ")
 TAIL = the_command(TERMINAL, "broker tail <id>")
 TAIL_FROM = the_command(TERMINAL, "broker tail --from 0000000003 <id>")
+THINKING = the_command(TERMINAL, 'broker ask "Think about the weather')
 CREATE = the_command(API, "curl -s localhost:8000/v1/generations -H")
 STREAM = the_command(API, "curl -N 'localhost:8000/v1/generations/<id>/events?token=<token>'")
 RESUME = the_command(API, "curl -N -H 'Last-Event-ID: 0000000003' ")
@@ -76,7 +79,7 @@ CANCEL = the_command(API, "curl -s -XPOST localhost:8000/v1/generations/<id>/can
 
 
 def test_every_readme_example_is_run_here() -> None:
-    assert sorted(TERMINAL) == sorted([EXPORT, ASK, ASK_JSON, TAIL, TAIL_FROM])
+    assert sorted(TERMINAL) == sorted([EXPORT, ASK, ASK_JSON, TAIL, TAIL_FROM, THINKING])
     assert sorted(API) == sorted([CREATE, STREAM, RESUME, STATUS, CANCEL])
 
 
@@ -150,6 +153,10 @@ def keyed(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[Target]:
     """An edge with keys, a worker, a redis-server; "Hello?" waits (after its first token)
     until the test releases it, so the example's cancel finds it running."""
     fake_llm.script(ASKED, SKY)
+    # The typed-events example: what the dev mode's mock streams for it, reasoning first.
+    mock = default_script({"messages": [{"role": "user", "content": THOUGHT}]})
+    fake_llm.script(THOUGHT, deltas=mock.chunk_deltas(), finish_reason=mock.finish_reason,
+                    delay=0)
     fake_llm.script(HELLO, "Hello there. Nice to meet you! How can I help? Ask me anything. "
                     "I answer in sentences.", hold_at=1)
     redis = RedisServer().start()
@@ -245,6 +252,17 @@ async def test_the_terminal_examples_work_as_written(target: Target) -> None:
         assert (tailed_from.code, tailed_from.stdout) == (0, rest + "\n"), tailed_from.stderr
         assert rest and rest != status["text"]
 
+        # The reasoning and the tool call beside the answer: on stderr, the answer alone on
+        # stdout.
+        thought = await sh(target, f"{EXPORT}\n{THINKING}")
+        assert thought.code == 0, thought.stderr
+        thought_id, _, side = thought.stderr.split("\n", 2)
+        record = await status_of(http, target, thought_id)
+        assert thought.stdout == record["text"] + "\n" != "\n"
+        arguments = "".join(WEATHER_CALL.pieces)
+        assert side == (f"[reasoning] {record['reasoning']}\n"
+                        f"[tool_call {WEATHER_CALL.id}] get_weather({arguments})\n")
+
 
 async def test_tail_on_a_keyed_edge_needs_a_key_or_a_token(keyed: Target) -> None:
     asked = await sh(keyed, f"{EXPORT}\n{ASK}")
@@ -258,3 +276,90 @@ async def test_tail_on_a_keyed_edge_needs_a_key_or_a_token(keyed: Target) -> Non
         "set BROKER_API_KEY, or the viewer token with --token or BROKER_VIEWER_TOKEN)"]
     with_token = await sh(viewer, f"{EXPORT}\nbroker tail --token {token} <id>", id=gen_id)
     assert (with_token.code, with_token.stdout) == (0, asked.stdout)
+
+
+# -- "Bring your own loop": the agent-loop example, run as written -------------------------
+
+AGENT_LOOP = README.split("\n## Bring your own loop", 1)[1].split("\n## ", 1)[0] \
+    .split("```python\n", 1)[1].split("```", 1)[0]
+
+
+class MockLLM(FakeLLM):
+    """The fake LLM answering as ``broker mock-llm`` does (its default script): a tool call
+    when the question says "weather", then an answer once the tool's result comes back."""
+
+    def _script(self, body: dict[str, Any]) -> Reply:
+        return default_script(body)
+
+
+@pytest.fixture(scope="module")
+def mock_llm() -> Iterator[MockLLM]:
+    llm = MockLLM().start()
+    yield llm
+    llm.stop()
+
+
+@pytest.fixture
+def producer_target(request: pytest.FixtureRequest, start_broker: StartBroker
+                    ) -> Iterator[tuple[list[str], dict[str, str]]]:
+    """Where the example publishes: two edges with keys and viewer tokens (no worker: the
+    example is the producer), or ``broker dev`` (no keys)."""
+    if request.param == "dev":
+        server = DevServer().start()
+        yield [server.url, server.url], {}
+        server.stop()
+        return
+    redis = RedisServer().start()
+    edges = [start_broker("edge", redis.url, broker_api_keys=API_KEY,
+                          broker_viewer_token_keys="readme-viewer-key", broker_insecure="0")
+             for _ in range(2)]
+    yield [edge.url for edge in edges], {"BROKER_API_KEY": API_KEY}
+    redis.stop()
+
+
+@pytest.mark.parametrize("producer_target", ["keyed", "dev"], indirect=True)
+async def test_the_agent_loop_example_streams_one_generation_to_many_viewers(
+    producer_target: tuple[list[str], dict[str, str]], mock_llm: MockLLM, tmp_path: Path
+) -> None:
+    (edge_a, edge_b), key_env = producer_target
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT_LOOP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "OPENAI_"))}
+    env |= {"BROKER_URL": edge_a, **key_env, "OPENAI_BASE_URL": mock_llm.base_url,
+            "OPENAI_API_KEY": "test-key", "PYTHONPATH": str(Path(__file__).parents[2])}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert first, (await proc.stderr.read()).decode()
+    gen_id, events_url = first.decode().split()
+    assert events_url.startswith(f"/v1/generations/{gen_id}/events?token=")
+    async with httpx.AsyncClient(timeout=30) as http:
+        # Viewers on both edges while it runs; one drops after 2 events and resumes elsewhere.
+        watchers = [asyncio.ensure_future(read_events(http, base + events_url))
+                    for base in (edge_a, edge_b, edge_b)]
+        dropped = await read_events(http, edge_a + events_url, stop_after=2)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        full = await watchers[0]
+        resumed = await read_events(http, edge_b + events_url,
+                                    last_event_id=dropped.events[-1].id)
+        late = await read_events(http, edge_a + events_url)
+        for other in (*[await w for w in watchers[1:]], late):
+            assert [(e.id, e.event, e.data) for e in other.events] == [
+                (e.id, e.event, e.data) for e in full.events]
+        assert [(e.id, e.data) for e in dropped.events + resumed.events] == [
+            (e.id, e.data) for e in full.events]
+    kinds = [e.event for e in full.events]
+    first_call = kinds.index("tool_call")
+    assert set(kinds[:first_call]) == {"message"} and kinds[-1] == "end"
+    assert kinds[first_call:first_call + 2] == ["tool_call", "tool_result"]
+    call = json.loads(full.events[first_call].data)
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"] == "Paris"
+    result = json.loads(full.events[first_call + 1].data)
+    assert result == {"id": call["id"], "result": {"city": "Paris", "sky": "sunny",
+                                                   "celsius": 21}}
+    after = "".join(json.loads(e.data)["text"] for e in full.events[first_call + 2:-1])
+    assert "sunny" in after and after.endswith("That settles it.")
+    assert json.loads(full.events[-1].data)["finish_reason"] == "stop"

@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.routing import Mount, Route
 
 from broker.core.settings import Settings
-from broker.edge import aisdk_routes, openapi
+from broker.edge import aisdk_routes, openapi, producers
 from broker.edge.routes import routes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def documented_path(path: str) -> str:
 
 
 def test_every_route_is_documented() -> None:
-    for route in [*routes, *aisdk_routes.routes]:
+    for route in [*routes, *aisdk_routes.routes, *producers.routes]:
         if isinstance(route, Mount):
             assert f"`GET {route.path}/" in DOC, route.path
             continue

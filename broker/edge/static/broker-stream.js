@@ -3,7 +3,9 @@
  *
  * An ES module with no dependencies and no build step, served by every edge at
  * `/static/broker-stream.js`. It wraps `EventSource` with what the stream contract needs:
- * the answer's messages are assembled, `event: end` and `event: error` close the source and
+ * the answer's messages are assembled, the typed events beside them (reasoning, tool calls,
+ * tool results, application data) are handed to their own callbacks, `event: end` and
+ * `event: error` close the source and
  * settle `done`, a stream the server refuses (404, 410, ...) stops with a reason instead of
  * silently, and `reconnect()` resumes after the last id seen with nothing lost or repeated.
  * Leaving the page closes the connection; a page restored from the back/forward cache
@@ -25,7 +27,21 @@
  *   options.withCredentials  passed to EventSource: send cookies to another origin.
  *   options.onMessage({ id, text, data, raw }, handle)  each message of the answer; `data` is
  *                        the parsed JSON (null if unparseable; the id still counts).
- *   options.onEnd({ text, finishReason, usage, lastEventId }, handle)  the `end` event.
+ *   options.onReasoning({ id, text, data, raw }, handle)  each `event: reasoning`: the
+ *                        model's reasoning, sentence-sized like the answer (`text` joined
+ *                        equals the upstream's reasoning).
+ *   options.onToolCall({ id, data, raw }, handle)  each `event: tool_call`, one per complete
+ *                        call: `data` is { index, id, name, arguments } (`data.id` is the
+ *                        call's id, `id` the event's; `arguments` a string of JSON).
+ *   options.onToolResult({ id, data, raw }, handle)  each `event: tool_result`: `data` is
+ *                        { id, result } (`data.id` the call it answers; `result` any JSON).
+ *   options.onData({ id, data, raw }, handle)  each `event: data`: `data` is { name, value },
+ *                        application-defined (sources, progress; `refusal` from the worker).
+ *                        For all four, `data` is null if unparseable (the id still counts).
+ *                        A page that sets none of them sees what it saw before they existed:
+ *                        `text` and `onMessage` carry the answer alone.
+ *   options.onEnd({ text, reasoning, toolCalls, finishReason, usage, lastEventId }, handle)
+ *                        the `end` event.
  *   options.onError(error, handle)  a GenerationError: the stream's `event: error`
  *                        (`error.terminal === true`) or a stream the server stopped.
  *   options.onState(state, { reason, reconnects }, handle)  every state change, and every
@@ -33,8 +49,10 @@
  *                        'pageshow').
  *
  * The handle (all read-only but the methods):
- *   text, ids, lastEventId   the answer so far, every id received (terminal one included),
- *                            the resume point.
+ *   text, ids, lastEventId   the answer so far, every id received (typed events' and the
+ *                            terminal one's included), the resume point.
+ *   reasoning, toolCalls     the reasoning so far (joined), the complete tool calls so far
+ *                            (each `event: tool_call`'s data, in order).
  *   state                    'connecting' | 'live' | 'reconnecting' | 'ended' | 'error',
  *                            'closed' after close() before the end, 'paused' while the page
  *                            is hidden away (PAGE LIFECYCLE).
@@ -42,7 +60,8 @@
  *   reconnects               the browser's own reconnects, reconnect() calls and resumes
  *                            on pageshow.
  *   source                   the current EventSource (for inspection only).
- *   done                     Promise: resolves { text, finishReason, usage, lastEventId } on
+ *   done                     Promise: resolves { text, reasoning, toolCalls, finishReason,
+ *                            usage, lastEventId } on
  *                            `end`; rejects with a GenerationError (code, message, status,
  *                            terminal) otherwise. It settles once. A rejection nobody awaits
  *                            is not reported as unhandled: callbacks alone are enough.
@@ -162,9 +181,18 @@ export function followGeneration(eventsUrl, options = {}) {
     throw new TypeError('followGeneration: eventsUrl must be the events_url the server returned');
   }
   const { withCredentials = false, onMessage, onEnd, onError, onState } = options;
+  // Each typed event's SSE name, and the option that receives it.
+  const typedCallbacks = {
+    reasoning: options.onReasoning,
+    tool_call: options.onToolCall,
+    tool_result: options.onToolResult,
+    data: options.onData,
+  };
 
   const view = {
     text: '',
+    reasoning: '',
+    toolCalls: [],
     ids: [],
     lastEventId: options.lastEventId ? String(options.lastEventId) : '',
     state: 'connecting',
@@ -226,6 +254,20 @@ export function followGeneration(eventsUrl, options = {}) {
     callback(onMessage, { id: e.lastEventId, text, data, raw: e.data }, handle);
   }
 
+  /** `event: reasoning`, `tool_call`, `tool_result` or `data` (named `kind`). */
+  function onTypedEvent(kind, e) {
+    const data = parseJson(e.data);
+    noteId(e.lastEventId);
+    const event = { id: e.lastEventId, data, raw: e.data };
+    if (kind === 'reasoning') {
+      event.text = data && typeof data.text === 'string' ? data.text : '';
+      view.reasoning += event.text;
+    } else if (kind === 'tool_call' && data) {
+      view.toolCalls.push(data);
+    }
+    callback(typedCallbacks[kind], event, handle);
+  }
+
   function onEndEvent(e) {
     // Close first: the server closes the response next, and that must not look like a drop.
     source.close();
@@ -235,8 +277,8 @@ export function followGeneration(eventsUrl, options = {}) {
     view.finishReason = typeof data.finish_reason === 'string' ? data.finish_reason : 'unknown';
     view.usage = data.usage === undefined ? null : data.usage;
     const result = {
-      text: view.text, finishReason: view.finishReason, usage: view.usage,
-      lastEventId: view.lastEventId,
+      text: view.text, reasoning: view.reasoning, toolCalls: view.toolCalls.slice(),
+      finishReason: view.finishReason, usage: view.usage, lastEventId: view.lastEventId,
     };
     setState('ended', 'end');
     callback(onEnd, result, handle);
@@ -323,6 +365,13 @@ export function followGeneration(eventsUrl, options = {}) {
     es.onmessage = (e) => {
       if (current()) onMessageEvent(e);
     };
+    // Typed events carry an `event:` name: a page using `onmessage` alone never sees them.
+    // They are listened to whatever the options, since their ids are resume points too.
+    for (const kind of Object.keys(typedCallbacks)) {
+      es.addEventListener(kind, (e) => {
+        if (current()) onTypedEvent(kind, e);
+      });
+    }
     es.addEventListener('end', (e) => {
       if (current()) onEndEvent(e);
     });
@@ -397,6 +446,8 @@ export function followGeneration(eventsUrl, options = {}) {
   function snapshot() {
     return {
       text: view.text,
+      reasoning: view.reasoning,
+      toolCalls: view.toolCalls.map((call) => ({ ...call })),
       ids: view.ids.slice(),
       lastEventId: view.lastEventId,
       state: view.state,
@@ -409,6 +460,8 @@ export function followGeneration(eventsUrl, options = {}) {
 
   const handle = {
     get text() { return view.text; },
+    get reasoning() { return view.reasoning; },
+    get toolCalls() { return view.toolCalls.slice(); },
     get ids() { return view.ids.slice(); },
     get lastEventId() { return view.lastEventId; },
     get state() { return view.state; },

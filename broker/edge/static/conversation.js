@@ -3,6 +3,9 @@
  * follow it with the edge's helper module, each over one stream. This page only renders what
  * the helper reports. */
 import { followConversation } from '/static/broker-conversation.js';
+import {
+  buildTypedParts, showData, showReasoning, showToolCall, showToolResult,
+} from '/static/demo-typed.js';
 
 const DEVICES = ['Device A', 'Device B'];
 
@@ -17,7 +20,9 @@ window.conversationDemo = demo;
 const $ = (selector) => document.querySelector(selector);
 const history = [];    // the chat so far, sent with each new turn: [{role, content}, ...]
 const questions = new Map();  // generation id -> its question
-const devices = [];    // { index, follow, els, blocks: Map(generation id -> element) }
+// { index, follow, els, blocks: Map(generation id -> element), parts: Map(generation id ->
+// the turn's reasoning pane, tool chips and answer) }
+const devices = [];
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
@@ -59,7 +64,8 @@ function buildDevice(index) {
 }
 
 function openDevice(index, url) {
-  const device = { index, follow: null, els: buildDevice(index), blocks: new Map() };
+  const device = { index, follow: null, els: buildDevice(index), blocks: new Map(),
+                   parts: new Map() };
   devices.push(device);
   $('#devices').append(device.els.root);
   device.els.drop.addEventListener('click', () => {
@@ -70,10 +76,12 @@ function openDevice(index, url) {
     onTurn: (turn) => {
       const block = el('section', 'turn');
       block.dataset.generationId = turn.generationId;
+      const parts = buildTypedParts();  // the reasoning pane, the tool chips, the answer
       block.append(el('h3', null, 'Turn ' + turn.turn),
                    el('p', 'question', questions.get(turn.generationId) || ''),
-                   el('div', 'answer'));
+                   ...parts.nodes);
       device.blocks.set(turn.generationId, block);
+      device.parts.set(turn.generationId, parts);
       device.els.turns.append(block);
       sync(device);
     },
@@ -81,6 +89,15 @@ function openDevice(index, url) {
       const answer = device.blocks.get(turn.generationId).querySelector('.answer');
       answer.append(el('span', 'msg ' + (turn.events % 2 ? 'odd' : 'even'), text));
       sync(device);
+    },
+    // The typed events beside the answer, shown as on the demo page's viewers.
+    onEvent: (turn, name, data) => {
+      const parts = device.parts.get(turn.generationId);
+      const eventId = device.follow.lastEventId;
+      if (name === 'reasoning') showReasoning(parts, data.text);
+      else if (name === 'tool_call') showToolCall(parts, data, eventId);
+      else if (name === 'tool_result') showToolResult(parts, data, eventId);
+      else if (name === 'data') showData(parts, data, eventId);
     },
     onTurnEnd: (turn) => {
       const block = device.blocks.get(turn.generationId);

@@ -2,8 +2,13 @@
  * inline script). */
 /* The viewers follow the stream through the edge's own helper module, the same one any
  * page can import: it wraps EventSource, assembles the text, handles `end`, `event: error`,
- * refused streams (404, 410) and resumes. This page only renders what it reports. */
+ * refused streams (404, 410) and resumes. This page only renders what it reports: the
+ * answer, the model's reasoning in a pane that folds away, and each tool call, tool result
+ * and data event as a chip. */
 import { followGeneration } from '/static/broker-stream.js';
+import {
+  buildTypedParts, el, showData, showReasoning, showToolCall, showToolResult,
+} from '/static/demo-typed.js';
 
 /* Everything a test (or a curious person in the console) may want to read. Each viewer
  * object is plain data; the stream handle and DOM nodes live in a private record instead, so
@@ -49,14 +54,6 @@ function setNotice(text, bad) {
   el.classList.toggle('bad', Boolean(bad));
 }
 
-/** Build an element with a class and text; text always goes through textContent. */
-function el(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
 /* ---------- viewer panels ---------- */
 
 /** Build the DOM of one viewer panel and return the nodes the code updates. */
@@ -81,12 +78,11 @@ function buildPanel(index) {
   drop.title = 'Close this EventSource and open a new one that resumes after the last id seen';
   head.append(drop);
 
-  const answer = el('div', 'answer');
-  answer.setAttribute('aria-live', 'polite');
+  const parts = buildTypedParts();  // reasoning pane, tool chips, answer
   const log = el('ol', 'log');
 
-  root.append(head, answer, log);
-  return { root, state, messages, reconnects, lastId, drop, answer, log };
+  root.append(head, ...parts.nodes, log);
+  return { root, state, messages, reconnects, lastId, drop, parts, answer: parts.answer, log };
 }
 
 /** Create viewer number `index` and connect it from the beginning (late join). */
@@ -103,6 +99,10 @@ function addViewer() {
     finishReason: null,
     errorCode: null,
     terminal: null,   // 'end' | 'error' once the terminal event has been seen
+    reasoning: '',    // the reasoning received, joined
+    toolCalls: [],    // each tool_call event's data: { index, id, name, arguments }
+    toolResults: [],  // each tool_result event's data: { id, result }
+    data: [],         // each data event's data: { name, value }
   };
   const panel = { data, follow: null, els: buildPanel(index) };
   demo.viewers.push(data);
@@ -112,6 +112,10 @@ function addViewer() {
   $('#viewers').append(panel.els.root);
   panel.follow = followGeneration(demo.generation.events_url, {
     onMessage: (message) => onAnswerMessage(panel, message),
+    onReasoning: (event) => onReasoning(panel, event),
+    onToolCall: (event) => onToolCall(panel, event),
+    onToolResult: (event) => onToolResult(panel, event),
+    onData: (event) => onDataEvent(panel, event),
     onEnd: (result) => onEnd(panel, result),
     onError: (error) => onViewerError(panel, error),
     onState: (state, info) => onViewerState(panel, state, info),
@@ -192,6 +196,58 @@ function onAnswerMessage(panel, message) {
 
   updateCounters(panel);
   logLine(panel, message.id + ' message (' + message.text.length + ' chars)');
+}
+
+/* ---------- typed events: reasoning, tool calls, tool results, data ---------- */
+
+/** An event whose data could not be parsed: logged, not rendered; its id still counts. */
+function unparseable(panel, event, kind) {
+  if (event.data !== null) return false;
+  sync(panel);
+  updateCounters(panel);
+  logLine(panel, (event.id || '?') + ' ' + kind + ' with unparseable data: ' +
+    String(event.raw).slice(0, 80), true);
+  return true;
+}
+
+function onReasoning(panel, event) {
+  if (unparseable(panel, event, 'reasoning')) return;
+  const { data, els } = panel;
+  sync(panel);
+  generationRunning();
+  data.reasoning += event.text;
+  showReasoning(els.parts, event.text);
+  updateCounters(panel);
+  logLine(panel, event.id + ' reasoning (' + event.text.length + ' chars)');
+}
+
+function onToolCall(panel, event) {
+  if (unparseable(panel, event, 'tool_call')) return;
+  const call = event.data;
+  sync(panel);
+  generationRunning();
+  panel.data.toolCalls.push(call);
+  showToolCall(panel.els.parts, call, event.id);
+  updateCounters(panel);
+  logLine(panel, event.id + ' tool_call ' + call.name + ' (' + call.id + ')');
+}
+
+function onToolResult(panel, event) {
+  if (unparseable(panel, event, 'tool_result')) return;
+  sync(panel);
+  panel.data.toolResults.push(event.data);
+  showToolResult(panel.els.parts, event.data, event.id);
+  updateCounters(panel);
+  logLine(panel, event.id + ' tool_result for ' + event.data.id);
+}
+
+function onDataEvent(panel, event) {
+  if (unparseable(panel, event, 'data')) return;
+  sync(panel);
+  panel.data.data.push(event.data);
+  showData(panel.els.parts, event.data, event.id);
+  updateCounters(panel);
+  logLine(panel, event.id + ' data ' + event.data.name);
 }
 
 function onEnd(panel, result) {
