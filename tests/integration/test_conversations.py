@@ -397,3 +397,19 @@ async def test_two_terminals_follow_a_conversation_with_broker_tail(
     assert [line["generation_id"] for line in lines if "turn" in line] == gens
     assert [line["finish_reason"] for line in lines if "finish_reason" in line] == ["stop"] * 2
     assert "".join(line.get("text", "") for line in lines) == "".join(answers)
+
+
+async def test_a_last_event_id_of_turn_zero_is_refused_before_the_stream(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """Turns are numbered from 1: an id naming turn 0 is none the stream ever sent. It was
+    answered 200 and then cut (Redis refused the index read it made), so a client resuming
+    with it would reconnect for ever; it is a 400 like any other malformed id."""
+    cid = new_cid()
+    await turn(http, queue_only.a, cid, "queued")
+    url = f"{queue_only.a}/v1/conversations/{cid}/events"
+    for zero in ["0" * 18, "00000000" + "0000000007"]:
+        response = await http.get(url, headers={"last-event-id": zero})
+        assert_error_body(response, 400, "invalid_last_event_id")
+        response = await http.get(url, params={"last_event_id": zero})
+        assert_error_body(response, 400, "invalid_last_event_id")
