@@ -338,3 +338,45 @@ async def test_producers_take_turns_in_a_conversation_with_the_worker(
     assert "tool_result" in [e.event for e in device.of_turn(third.id)]
     listing = (await http.get(f"{stack.a}/v1/conversations/{cid}")).json()
     assert [t["generation_id"] for t in listing["turns"]] == [first.id, second["id"], third.id]
+
+
+class LosingTheFirstCreate(httpx.AsyncBaseTransport):
+    """The first create reaches the edge, which creates the generation, but its answer is
+    lost on the way back."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.lost = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if request.url.path == "/v1/generations" and not self.lost:
+            await response.aread()
+            await response.aclose()
+            self.lost += 1
+            raise httpx.ReadError("the answer was lost", request=request)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_create_whose_answer_is_lost_is_not_made_twice(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """A create is not idempotent: retried after its request went out, it made a second
+    generation, here a second turn of the conversation that nobody produced, which every
+    device waited on (the turn before the real one) until its lease lapsed as producer_lost.
+    The library raises instead; the caller decides."""
+    from tests.integration.test_conversations import new_cid
+
+    cid = new_cid()
+    transport = LosingTheFirstCreate()
+    async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+        gen = producer.over_http(queue_only.a, client=client, conversation_id=cid)
+        with pytest.raises(httpx.ReadError):
+            await gen.start()
+        await gen.aclose()
+    assert transport.lost == 1
+    listing = (await http.get(f"{queue_only.a}/v1/conversations/{cid}")).json()
+    assert len(listing["turns"]) == 1, listing
