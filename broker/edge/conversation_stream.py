@@ -168,8 +168,18 @@ class ConversationStream:
                 except HistoryLost as e:
                     data = _with_generation(
                         protocol.error_data("history_lost", str(e)), turn.gen_id)
-                    await self._send(send, sse.frame(data, event="error"))
-                    raise _StreamOver from e
+                    ended = await store.meta(turn.gen_id)
+                    if ended is None or not ended.finished:
+                        await self._send(send, sse.frame(data, event="error"))
+                        raise _StreamOver from e
+                    # An ended turn: the error is its terminal event, with the id of the
+                    # turn's own, so the device goes on past it (a resume at the same hole
+                    # would find it again, for ever) to the next turns.
+                    await self._send(send, sse.frame(
+                        data, id=protocol.conversation_event_id(turn.number, ended.seq),
+                        event="error"))
+                    self.seq = ended.seq
+                    return
                 if frames:
                     await self._send_frames(send, turn, frames)
                     if frames[-1].terminal:
