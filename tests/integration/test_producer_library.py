@@ -29,7 +29,7 @@ from tests.integration.test_typed_events import (
 )
 from tests.support.api import events_url, status, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
-from tests.support.procs import RedisServer
+from tests.support.procs import RedisServer, eventually
 from tests.support.sse import read_events
 
 # A short flush interval: text without a sentence end goes out this soon (the bound tested).
@@ -380,3 +380,35 @@ async def test_a_create_whose_answer_is_lost_is_not_made_twice(
     assert transport.lost == 1
     listing = (await http.get(f"{queue_only.a}/v1/conversations/{cid}")).json()
     assert len(listing["turns"]) == 1, listing
+
+
+async def test_a_timed_flush_that_fails_loses_no_text(http: httpx.AsyncClient) -> None:
+    """Text waiting for a sentence end goes out on the flusher's timer; when that append
+    fails (here Redis refuses writes: out of memory), the text is sent again with the same
+    ``after`` once Redis takes writes again. It used to be dropped: the answer had a hole and
+    every later call succeeded, so nobody knew."""
+    server = RedisServer().start()
+    client = server.client()
+    try:
+        settings = Settings(redis_url=server.url, flush_interval=FLUSH)
+        gen = producer.direct(settings=settings)
+        async with gen:
+            await gen.text("Held until a sentence ends. ")
+            await gen.flush()
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", "1")  # every write is refused from now on
+            await gen.text("no sentence end")  # the timer sends it, within FLUSH
+            await asyncio.sleep(3 * FLUSH)  # the timed flush has failed (more than once)
+            client.config_set("maxmemory", "0")
+
+            async def resent() -> bool:  # by the flusher alone: no call of ours meanwhile
+                return b"no sentence end" in (client.get(protocol.text_key(gen.id)) or b"")
+            await eventually(resent, 10 * FLUSH, "the failed batch sent again")
+            await gen.text(", then one. ")
+        kinds_and_data = [(f[b"k"], json.loads(f[b"d"])) for _, f in
+                          client.xrange(protocol.log_key(gen.id))]
+        assert "".join(d["text"] for k, d in kinds_and_data if k == b"message") == (
+            "Held until a sentence ends. no sentence end, then one. ")
+        assert kinds_and_data[-1][0] == b"end"
+    finally:
+        server.stop()
