@@ -216,7 +216,9 @@ def parse_external_create(
     """``(model, metadata, conversation id)`` of an external producer's create; None for any
     other create body (the worker's: ``parse_create_body`` checks it). ``messages`` may be
     sent and is ignored: the producer runs its own loop."""
-    if b'"producer"' not in body:  # the worker's creates are parsed once, by parse_create_body
+    if b'"producer"' not in body and b"\\u" not in body:
+        # The worker's creates are parsed once, by parse_create_body (unless a key may be
+        # spelled with escapes: "\u0070roducer" is "producer" too).
         return None
     try:
         value = json.loads(body)
