@@ -268,19 +268,21 @@ async def test_a_worker_alone_ends_a_lapsed_direct_producer_once(
 
 
 class LosingAnswers(httpx.AsyncBaseTransport):
-    """Every third append reaches the edge, which applies it, but its answer is lost on the
-    way back (as when a connection drops after the request went out)."""
+    """Every ``every``-th request to a path ending with ``path`` (at most ``most`` of them)
+    reaches the edge, which applies it, but its answer is lost on the way back (as when a
+    connection drops after the request went out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "/append", every: int = 3, most: int | None = None) -> None:
         self.inner = httpx.AsyncHTTPTransport()
-        self.appends = 0
+        self.path, self.every, self.most = path, every, most
+        self.appends = 0  # requests to the path
         self.lost = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
-        if request.url.path.endswith("/append"):
+        if request.url.path.endswith(self.path):
             self.appends += 1
-            if self.appends % 3 == 0:
+            if self.appends % self.every == 0 and (self.most is None or self.lost < self.most):
                 await response.aread()
                 await response.aclose()
                 self.lost += 1
@@ -340,27 +342,6 @@ async def test_producers_take_turns_in_a_conversation_with_the_worker(
     assert [t["generation_id"] for t in listing["turns"]] == [first.id, second["id"], third.id]
 
 
-class LosingTheFirstCreate(httpx.AsyncBaseTransport):
-    """The first create reaches the edge, which creates the generation, but its answer is
-    lost on the way back."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.AsyncHTTPTransport()
-        self.lost = 0
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        if request.url.path == "/v1/generations" and not self.lost:
-            await response.aread()
-            await response.aclose()
-            self.lost += 1
-            raise httpx.ReadError("the answer was lost", request=request)
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def test_a_create_whose_answer_is_lost_is_not_made_twice(
     queue_only: Stack, http: httpx.AsyncClient
 ) -> None:
@@ -371,7 +352,7 @@ async def test_a_create_whose_answer_is_lost_is_not_made_twice(
     from tests.integration.test_conversations import new_cid
 
     cid = new_cid()
-    transport = LosingTheFirstCreate()
+    transport = LosingAnswers("/v1/generations", every=1, most=1)  # the first create's
     async with httpx.AsyncClient(transport=transport, timeout=10) as client:
         gen = producer.over_http(queue_only.a, client=client, conversation_id=cid)
         with pytest.raises(httpx.ReadError):
