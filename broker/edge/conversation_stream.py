@@ -24,6 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from broker.core import protocol, sse
 from broker.core.protocol import Turn
+from broker.core.store import oldest_unended
 from broker.edge.connection import connection_of
 from broker.edge.conversations import ConversationTopic
 from broker.edge.hub import Hub
@@ -127,9 +128,9 @@ class ConversationStream:
         """``?from=active``: the oldest turn that has not ended; none: the next turn."""
         store = self.hub.store
         turns = await store.conversation_turns(self.cid)
-        for turn, status in zip(turns, await store.turn_statuses(turns), strict=True):
-            if status is not None and status not in protocol.TERMINAL_STATUSES:
-                return turn.number
+        active = oldest_unended(turns, await store.turn_statuses(turns))
+        if active is not None:
+            return active.number
         return turns[-1].number + 1 if turns else 1
 
     async def _follow(self, conversation: ConversationTopic, send: Send) -> None:
