@@ -21,7 +21,8 @@
  *
  * followConversation(url, options) -> handle
  *   url                  the conversation's events URL, verbatim (its token included).
- *   options.lastEventId  resume after this id on the first connection.
+ *   options.lastEventId  resume after this id on the first connection (an id inside a turn:
+ *                        that turn starts at the next event, onTurn with status 'running').
  *   options.withCredentials  passed to EventSource (the cookie `broker_conversation_token_<cid>`).
  *   options.onTurn(turn, handle), options.onText(turn, text, handle),
  *   options.onEvent(turn, name, data, handle)   every event of a turn (typed events too),
