@@ -322,10 +322,8 @@ class Store:
         """The generation of the oldest turn of ``cid`` that has not ended (queued or
         running), or None. (Turns may end out of order: two workers run them at once.)"""
         turns = await self.conversation_turns(cid)
-        for turn, status in zip(turns, await self.turn_statuses(turns), strict=True):
-            if status is not None and status not in protocol.TERMINAL_STATUSES:
-                return turn.gen_id
-        return None
+        active = oldest_unended(turns, await self.turn_statuses(turns))
+        return None if active is None else active.gen_id
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -527,3 +525,13 @@ def _fields(values: Mapping[str, str]) -> dict[FieldT, EncodableT]:
 def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
+
+def oldest_unended(
+    turns: Sequence[protocol.Turn], statuses: Sequence[str | None]
+) -> protocol.Turn | None:
+    """The first of ``turns`` whose status (``turn_statuses``) is queued or running: the
+    conversation's active turn; None when every turn ended or expired."""
+    for turn, status in zip(turns, statuses, strict=True):
+        if status is not None and status not in protocol.TERMINAL_STATUSES:
+            return turn
+    return None
