@@ -97,6 +97,11 @@ class Settings:
         5.0, "BROKER_LEASE_TTL", "seconds a worker's lease on a generation lasts unrenewed",
         "worker dev",
     )
+    admit_max_lag: float = _setting(
+        0.05, "BROKER_ADMIT_MAX_LAG", "a worker takes no new job while its event loop runs "
+        "this many seconds late or its publishes take this long (measured; jobs stay queued "
+        "for other workers; 0: no limit but BROKER_MAX_CONCURRENCY)", "worker dev",
+    )
     producer_lease: float = _setting(
         30.0, "BROKER_PRODUCER_LEASE", "seconds an external producer's generation lives "
         "without an append or a heartbeat (then it ends with producer_lost)", "edge dev",
@@ -232,6 +237,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "flush_interval": (0.0, False),
     "workers": (1.0, True),
     "first_text_wait": (0.0, True),
+    "admit_max_lag": (0.0, True),
     "producer_lease": (0.0, False),
 }
 

@@ -65,6 +65,7 @@ def run_dev(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     from broker.core.metrics import Metrics
     from broker.core.store import Store, connect
+    from worker.leases import blocking_client
     from worker.llm import LLM
     from worker.loop import Worker
     from worker.metrics_server import serve_metrics
@@ -76,7 +77,11 @@ def run_worker(settings: Settings) -> None:
     async def main() -> None:
         redis = connect(settings, "broker-worker-" + worker_name)
         llm = LLM(settings)
-        worker = Worker(Store(redis, settings), llm, settings, metrics, name=worker_name)
+        worker = Worker(
+            Store(redis, settings), llm, settings, metrics, name=worker_name,
+            # The lease renewals' own connection, used from their own thread (worker.leases).
+            lease_redis=lambda: blocking_client(settings, "broker-worker-leases-" + worker_name),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
