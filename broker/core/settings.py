@@ -209,6 +209,10 @@ class Settings:
     max_headers: int = _setting(
         100, "BROKER_MAX_HEADERS", "header lines of a request; more get 431", "edge dev",
     )
+    workers: int = _setting(
+        1, "BROKER_EDGE_WORKERS", "edge processes serving the one port (one per core); each "
+        "holds its own subscriptions", "edge",
+    )
 
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -231,6 +235,7 @@ class Settings:
 # allowed, whether that lowest value itself is allowed).
 _RANGES: dict[str, tuple[float, bool]] = {
     "flush_interval": (0.0, False),
+    "workers": (1.0, True),
     "first_text_wait": (0.0, True),
     "admit_max_lag": (0.0, True),
     "producer_lease": (0.0, False),

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -29,8 +30,14 @@ from broker.edge.uvicorn_extensions import ListenError, listen, serve
 
 def run_edge(settings: Settings) -> None:
     from broker.edge.app import create_app
+    from broker.tools.edgeprocesses import REUSE_PORT_ENV, EdgeProcesses
 
-    serve(create_app(settings), settings)
+    one_of_many = os.environ.pop(REUSE_PORT_ENV, None) is not None
+    if not one_of_many and settings.workers > 1:
+        raise SystemExit(EdgeProcesses(settings).run())
+    # One of the processes of ``--workers N`` listens beside the others (SO_REUSEPORT).
+    sock = listen(settings.host, settings.port, reuse_port=one_of_many)
+    serve(create_app(settings), settings, sock)
 
 
 # What `broker dev` needs on top of the edge and the worker: its in-memory store.
