@@ -12,6 +12,8 @@ one (client connections the run may sever). The LLM is ``tests.chaos.llm`` in it
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -30,6 +32,14 @@ from tests.support.procs import RedisServer, free_port, wait_until
 
 TOPOLOGIES = ("small", "scaled", "cluster")
 START_TIMEOUT = 30.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In the child before exec: a SIGTERM when the harness dies (killed by a test timeout,
+    say), so no edge, worker or LLM outlives its run on a shared machine."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def process_rss_kb(pid: int) -> int:
@@ -74,7 +84,8 @@ class Slot:
             out.write(f"--- start {self.starts} ---\n".encode())
             out.flush()
             self.proc = subprocess.Popen([sys.executable, "-m", "broker", self.command],
-                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+                                         env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=die_with_parent)
         self.starts += 1
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
@@ -167,7 +178,7 @@ class Topology:
         with (self.logs / "llm.log").open("ab") as out:
             self.llm = subprocess.Popen(
                 [sys.executable, "-m", "tests.chaos.llm", "--port", str(self.llm_port)],
-                stdout=out, stderr=subprocess.STDOUT)
+                stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{self.llm_port}/v1/models",
                                      timeout=1).status_code < 500, START_TIMEOUT, "the LLM")
         if self.kind == "cluster":
