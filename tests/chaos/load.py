@@ -207,7 +207,9 @@ class Load:
             try:
                 await source.start()
                 break
-            except (producer.ProducerError, httpx.HTTPError) as e:
+            except (producer.ProducerError, httpx.HTTPError, ValueError) as e:
+                # (ValueError: broker.producer reads a load balancer's own 503 page as JSON
+                # and fails with JSONDecodeError; reported in docs/failure-model.md)
                 gen.create_error = repr(e)
                 if time.monotonic() > deadline:
                     await source.aclose()
