@@ -33,9 +33,9 @@ def run_edge(settings: Settings) -> None:
     from broker.tools.edgeprocesses import REUSE_PORT_ENV, EdgeProcesses
 
     one_of_many = os.environ.pop(REUSE_PORT_ENV, None) is not None
-    if not one_of_many and settings.workers > 1:
+    if not one_of_many and settings.edge_workers > 1:
         raise SystemExit(EdgeProcesses(settings).run())
-    # One of the processes of ``--workers N`` listens beside the others (SO_REUSEPORT).
+    # One of the processes of ``--edge-workers N`` listens beside the others (SO_REUSEPORT).
     sock = listen(settings.host, settings.port, reuse_port=one_of_many)
     serve(create_app(settings), settings, sock)
 
