@@ -355,7 +355,8 @@ async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url
 
 async def _conversation_url(http: httpx.AsyncClient, cid: str, token: str | None) -> str:
     """As ``_events_url``, for a conversation (``GET /v1/conversations/{cid}``'s
-    ``events_url``; the plain URL for a conversation with no turn yet)."""
+    ``events_url``, which it answers for a conversation with no turn yet too; the plain URL
+    when it cannot answer, e.g. without a producer key)."""
     conversation = f"/v1/conversations/{quote(cid, safe='')}"
     if token:
         return f"{conversation}/events?token={quote(token, safe='')}"

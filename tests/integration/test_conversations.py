@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -250,7 +251,10 @@ async def test_bad_conversation_ids_and_unknown_conversations(
             "messages": [{"role": "user", "content": "hi"}], "conversation_id": bad})
         assert_error_body(response, 422, "invalid_conversation_id")
     unknown = new_cid()
-    assert_error_body(await http.get(f"{stack.a}/v1/conversations/{unknown}"), 404, "not_found")
+    # A conversation with no turn yet: no turns, and the stream's URL for its first devices.
+    empty = (await http.get(f"{stack.a}/v1/conversations/{unknown}")).json()
+    assert empty == {"id": unknown, "turns": [], "active": None,
+                     "events_url": f"/v1/conversations/{unknown}/events"}
     assert_error_body(await http.get(f"{stack.a}/v1/conversations/a%20b"), 404, "not_found")
     response = await http.get(f"{stack.a}/v1/conversations/{unknown}/events",
                               headers={"last-event-id": "nope"})
@@ -397,3 +401,60 @@ async def test_two_terminals_follow_a_conversation_with_broker_tail(
     assert [line["generation_id"] for line in lines if "turn" in line] == gens
     assert [line["finish_reason"] for line in lines if "finish_reason" in line] == ["stop"] * 2
     assert "".join(line.get("text", "") for line in lines) == "".join(answers)
+
+
+@pytest.fixture(scope="module")
+def tokens_only(start_broker: StartBroker) -> Any:
+    """One edge as ``broker dev`` runs its own: viewer tokens on, no API keys, no worker."""
+    redis = RedisServer().start()
+    edge = start_broker("edge", redis.url, broker_insecure="1",
+                        broker_viewer_token_keys="tokens-1")
+    yield redis, edge
+    redis.stop()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["tokens-no-keys", "keys-and-tokens"])
+async def test_broker_tail_follows_a_conversation_opened_before_its_first_turn(
+    keyed: bool, tokens_only: Any, secured: Any, http: httpx.AsyncClient
+) -> None:
+    """The README's three terminals: ``broker tail --conversation`` starts BEFORE the first
+    turn, on an edge with viewer tokens (as ``broker dev``), with or without API keys. The
+    edge hands a producer the conversation's token for a conversation with no turn yet
+    (``GET /v1/conversations/{cid}``), so the terminal follows it and prints the turn when it
+    comes."""
+    from tests.integration.test_cli import cli_env
+
+    redis, edge = tokens_only
+    if keyed:
+        edge = secured
+    auth = {"authorization": "Bearer key-1"} if keyed else {}
+    cid = new_cid()
+    status = await http.get(f"{edge.url}/v1/conversations/{cid}", headers=auth)
+    assert status.status_code == 200, status.text
+    assert status.json()["turns"] == [] and status.json()["active"] is None
+    assert "token=" in status.json()["events_url"]
+
+    env = cli_env(edge.url) | ({"BROKER_API_KEY": "key-1"} if keyed else {})
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "tail", "--json", "--conversation", cid, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert tail.stdout is not None and tail.stderr is not None
+    try:
+        if not keyed:  # (the keyed edge's Redis is its fixture's own)
+            async def following_now() -> bool:
+                channel = protocol.conversation_channel(cid)
+                return int(dict(redis.client().pubsub_numsub(channel))[channel.encode()]) == 1
+            await eventually(following_now, 15, "the terminal to subscribe")
+        created = await http.post(f"{edge.url}/v1/generations", headers=auth, json={
+            "messages": [{"role": "user", "content": "hi"}], "conversation_id": cid})
+        async with asyncio.timeout(15):
+            line = await tail.stdout.readline()
+        assert line, (await tail.stderr.read()).decode()
+        assert json.loads(line) == {"id": protocol.conversation_event_id(1, 0),
+                                    "event": "turn", "generation_id": created.json()["id"],
+                                    "turn": 1, "status": "queued"}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            tail.kill()
+        await tail.wait()
