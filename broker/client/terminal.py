@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
@@ -35,6 +36,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_BROKEN_PIPE = 141  # stdout closed by the reader (`broker ask ... | head`)
 AUTH_HINT = (" (pass --api-key or set BROKER_API_KEY, or the viewer token with --token or "
              "BROKER_VIEWER_TOKEN)")
+UNTRUSTED_HINT = (" (the edge's certificate is not trusted here: set SSL_CERT_FILE to it, or "
+                  "to its CA's, in PEM; `broker cluster --tls` prints its cert.pem)")
 
 CLIENT_EPILOG = """\
 exit status:
@@ -271,6 +274,17 @@ async def _follow(follower: Follower, printer: Printer) -> int:
     return EXIT_OK
 
 
+def _unreachable(base_url: str, e: BaseException) -> str:
+    """What failed reaching the edge; for a certificate it does not trust, what to do."""
+    message = f"{base_url}: {e or type(e).__name__}"
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return message + UNTRUSTED_HINT
+        cause = cause.__cause__ or cause.__context__
+    return message + (UNTRUSTED_HINT if "CERTIFICATE_VERIFY_FAILED" in str(e) else "")
+
+
 async def ask(args: argparse.Namespace, printer: Printer) -> int:
     base_url = _base_url(args)
     if base_url is None:
@@ -289,7 +303,7 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
             hint = " (pass --api-key or set BROKER_API_KEY)" if e.status == 401 else ""
             return _error(status, e.code, e.message + hint)
         except httpx.HTTPError as e:
-            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+            return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
         # First, so `broker tail` (the id) or curl and a browser (the URL) can pick it up.
         print(created.id, file=sys.stderr, flush=True)
         print(base_url.rstrip("/") + created.events_url, file=sys.stderr, flush=True)
@@ -311,7 +325,7 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
         except GenerationNotFound:
             return _error(EXIT_UNAVAILABLE, "not_found", "no such generation (unknown or expired)")
         except httpx.HTTPError as e:
-            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+            return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
         return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
 
 
@@ -349,7 +363,7 @@ async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url
             return _error(EXIT_REJECTED, e.code, e.message + hint)
         except (StreamError, httpx.HTTPError) as e:
             printer.stopped()
-            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+            return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
     return EXIT_OK
 
 

@@ -157,7 +157,8 @@ class LocalCluster:
                 if self.certificate is not None:
                     self._say(f"broker cluster: HTTPS with HTTP/2 on a self-signed certificate "
                               f"for localhost: {self.certificate} (browsers warn once; curl "
-                              f"--cacert {self.certificate})")
+                              f"--cacert {self.certificate}; broker ask/tail and Python: "
+                              f"SSL_CERT_FILE={self.certificate})")
                 self._say("broker cluster: pids " + " ".join(
                     f"{c.name}={c.pid}" for c in self.children) + "; Ctrl-C stops them all")
                 failed = self.wait()
