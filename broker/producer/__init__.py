@@ -23,7 +23,8 @@ built-in worker's (docs/api.md, "Producers")::
 * The lease is kept alive for you: a heartbeat goes out whenever nothing was appended for a
   third of it.
 * A cancel (``POST .../cancel``) is surfaced: ``cancelled`` (an ``asyncio.Event``) is set
-  and the next call raises ``Cancelled``; the ``async with`` form swallows it (the
+  and the next call that reaches the edge raises ``Cancelled`` (a buffered ``text()`` may
+  not; leaving the block does); the ``async with`` form swallows it (the
   generation already ended, ``finish_reason: "cancelled"``) and closes the LLM stream being
   piped.
 * Two transports: ``over_http`` (an edge's producer API; retried with the idempotent
@@ -300,7 +301,10 @@ class Producer:
                     await self.fail("producer_error",
                                     f"the producer's loop failed ({type(error).__name__})")
             elif error is None and not self.finished:
-                await self.finish()
+                # A cancel the loop never heard of (its last text was still buffered): the
+                # generation ended cancelled; the block ends quietly, as for one it heard of.
+                with contextlib.suppress(Cancelled):
+                    await self.finish()
             return False
         finally:
             await self.aclose()

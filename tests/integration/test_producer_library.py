@@ -204,6 +204,25 @@ async def test_a_cancel_reaches_the_producer_mid_loop(
     assert len(received.text.split()) < len(tokens)
 
 
+@pytest.mark.parametrize("transport", ["http", "direct"])
+async def test_a_cancel_the_loop_never_heard_of_ends_the_block_quietly(
+    stack: Stack, http: httpx.AsyncClient, transport: str
+) -> None:
+    """Cancelled while the loop's last text waits in the sentence buffer (nothing reached the
+    edge since): leaving the block finishes, hears the cancel, and ends quietly (README:
+    "the async with block then ends quietly"), with ``cancelled`` set."""
+    gen = make(stack, transport)
+    async with gen:
+        await gen.text("A first sentence. ")
+        await gen.flush()
+        assert (await http.post(f"{stack.b}/v1/generations/{gen.id}/cancel")).status_code == 202
+        await gen.text("Buffered, never sent")
+    assert gen.cancelled.is_set()
+    received = await read_events(http, events_url(stack.a, gen.id))
+    assert received.text == "A first sentence. "
+    assert received.terminal_data() == {"finish_reason": "cancelled", "usage": None}
+
+
 async def test_an_idle_producer_hears_of_a_cancel_through_its_heartbeat(
     short_lease_edge: Any, http: httpx.AsyncClient
 ) -> None:
