@@ -26,6 +26,7 @@ from broker.client import (
     StreamError,
     create,
 )
+from broker.core import protocol
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK = 0  # the generation ended with `event: end` (any finish_reason, cancelled too)
@@ -331,6 +332,10 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
 
 async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url: str) -> int:
     """Every turn of a conversation as it comes, until Ctrl-C (or ``--turns`` turns ended)."""
+    if not protocol.is_conversation_id(args.conversation):
+        # Said here: the edge would answer a stream refused for want of a token, or a 404.
+        return _error(EXIT_REJECTED, "invalid_conversation_id",
+                      "--conversation must be 1-128 characters of A-Z a-z 0-9 _ . : -")
     token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
     ended = 0
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:

@@ -458,3 +458,16 @@ async def test_broker_tail_follows_a_conversation_opened_before_its_first_turn(
         with contextlib.suppress(ProcessLookupError):
             tail.kill()
         await tail.wait()
+
+
+@pytest.mark.parametrize("cid", ["bad id", "", "x" * 129, "ü"])
+async def test_broker_tail_says_a_conversation_id_is_malformed(cid: str, tokens_only: Any) -> None:
+    """Not "this stream needs a viewer token" (the edge's answer to a stream it cannot give a
+    token for) nor a bare 404: the id is wrong, and the terminal says so (exit 2)."""
+    from tests.integration.test_cli import finish, start
+
+    _, edge = tokens_only
+    done = await finish(await start("tail", "--conversation", cid, url=edge.url))
+    assert done.code == 2, done.stderr
+    assert done.stderr == ("error: invalid_conversation_id: --conversation must be 1-128 "
+                           "characters of A-Z a-z 0-9 _ . : -\n")
