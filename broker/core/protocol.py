@@ -1048,3 +1048,9 @@ def decode_producer_reply(reply: Any) -> tuple[str, int]:
         return as_text(outcome), int(count)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad producer reply: {reply!r}") from e
+
+
+# Events one producer append may carry (the edge refuses more: ``413 batch_too_large``): a
+# producer with more sends several appends. Bounds the script's arguments (and the time Redis
+# spends in one call) whatever the body size allows.
+MAX_APPEND_EVENTS = 1000

@@ -20,6 +20,8 @@ built-in worker's (docs/api.md, "Producers")::
   before them.
 * ``pipe(stream)`` forwards an ``openai`` SDK chat-completion stream (content, reasoning,
   tool calls; ``broker.core.deltas``, as the worker reads one) and answers its ``Turn``.
+* Appends are cut to what an edge accepts (``protocol.MAX_APPEND_EVENTS`` events, about
+  ``APPEND_BATCH_BYTES`` each): one long ``text()`` may be many sentence-sized events.
 * The lease is kept alive for you: a heartbeat goes out whenever nothing was appended for a
   third of it.
 * A cancel (``POST .../cancel``) is surfaced: ``cancelled`` (an ``asyncio.Event``) is set
@@ -38,7 +40,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -352,12 +354,13 @@ class Producer:
             return
         async with self._lock:
             self._check_open()
-            try:
-                self.count = await self.transport.append(self.id, self.count, events)
-            except ProducerError as e:
-                self._refused(e)
-                raise
-            self._last_renewal = time.monotonic()
+            for batch in _append_batches(events):
+                try:
+                    self.count = await self.transport.append(self.id, self.count, batch)
+                except ProducerError as e:
+                    self._refused(e)
+                    raise
+                self._last_renewal = time.monotonic()
 
     def _refused(self, error: ProducerError) -> None:
         if isinstance(error, Cancelled):
@@ -447,6 +450,29 @@ async def _chunks(stream: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any]]:
                 raise
     async for chunk in stream:
         yield chunk_dict(chunk)
+
+
+# Bytes of event data one append carries at most (but one event, whatever its size): well
+# under an edge's default BROKER_MAX_BODY_BYTES (1 MiB) once escaped and wrapped.
+APPEND_BATCH_BYTES = 256 * 1024
+
+
+def _append_batches(events: list[NewEvent]) -> Iterator[list[NewEvent]]:
+    """``events`` in order, cut into appends an edge accepts: at most
+    ``protocol.MAX_APPEND_EVENTS`` events and about ``APPEND_BATCH_BYTES`` each (one long
+    ``text()`` is many sentence-sized events)."""
+    batch: list[NewEvent] = []
+    size = 0
+    for event in events:
+        event_size = len(event.data.encode())
+        if batch and (len(batch) == protocol.MAX_APPEND_EVENTS
+                      or size + event_size > APPEND_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(event)
+        size += event_size
+    if batch:
+        yield batch
 
 
 def over_http(base_url: str, api_key: str | None = None, *, model: str | None = None,

@@ -205,6 +205,25 @@ async def test_a_cancel_reaches_the_producer_mid_loop(
 
 
 @pytest.mark.parametrize("transport", ["http", "direct"])
+async def test_a_long_text_goes_out_in_appends_the_edge_accepts(
+    stack: Stack, http: httpx.AsyncClient, transport: str
+) -> None:
+    """One ``text()`` of 600,000 characters, mostly emoji (1,500 messages of 400: more events
+    than one append may carry, and 1,000 of them more bytes than a body may hold) is sent as
+    several appends, each within the limits: the viewers get it all, once, in order."""
+    clause = "🎉" * 120 + " a line\u2028separator, \"quotes\" and \\ too; "
+    sentence = clause * 10 + "end. "  # ~1,000 characters: messages of 400 (fewer than the log)
+    text = sentence * (600_000 // len(sentence))
+    async with make(stack, transport) as gen:
+        await gen.text(text)
+    received = await read_events(http, events_url(stack.a, gen.id))
+    assert received.status == 200
+    assert received.text == text
+    assert received.terminal_data() == {"finish_reason": "stop", "usage": None}
+    assert len(received.messages) > protocol.MAX_APPEND_EVENTS
+
+
+@pytest.mark.parametrize("transport", ["http", "direct"])
 async def test_a_cancel_the_loop_never_heard_of_ends_the_block_quietly(
     stack: Stack, http: httpx.AsyncClient, transport: str
 ) -> None:
