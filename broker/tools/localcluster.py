@@ -325,8 +325,10 @@ class LocalCluster:
     def ready_line(self) -> str:
         edges = " ".join(c.url for c in self.children if c.name.startswith("edge"))
         redis_url = next(c.url for c in self.children if c.name == "redis")
+        # The mock LLM too: your own loop (README, "Bring your own loop") can call it.
+        mock_url = next(c.url for c in self.children if c.name == "mock-llm")
         return (f"broker cluster: {self.url} (edges: {edges}, workers: {self.n_workers}, "
-                f"redis: {redis_url})")
+                f"redis: {redis_url}, mock LLM: {mock_url})")
 
     def _llm_env(self, mock_url: str) -> dict[str, str]:
         """Without an API key the workers use the mock LLM, as ``broker dev`` does."""

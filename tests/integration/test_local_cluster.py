@@ -48,7 +48,7 @@ VIEWERS_PER_GENERATION = 20
 
 READY_LINE = re.compile(
     r"^broker cluster: (?P<url>https?://\S+/) \(edges: (?P<edges>[^,]+), "
-    r"workers: (?P<workers>\d+), redis: (?P<redis>\S+)\)$")
+    r"workers: (?P<workers>\d+), redis: (?P<redis>\S+), mock LLM: (?P<mock>\S+/v1)\)$")
 PIDS_LINE = re.compile(r"^broker cluster: pids (?P<pids>.+); Ctrl-C stops them all$")
 LOGS_LINE = re.compile(r"logs in (?P<dir>\S+)$")
 CERTIFICATE_LINE = re.compile(
@@ -118,6 +118,7 @@ def running_cluster(*options: str) -> Iterator[Cluster]:
         log_dir = Path(logs["dir"])
         ready = READY_LINE.match(_next_line(lines, deadline, stderr))
         assert ready is not None
+        assert httpx.get(ready["mock"] + "/models", timeout=5).status_code == 200
         start_seconds = time.monotonic() - started
         line = _next_line(lines, deadline, stderr)
         certificate = None
