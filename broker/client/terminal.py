@@ -301,7 +301,9 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
             created = await create(http, messages, **fields)
         except RequestRejected as e:
             status = EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REJECTED
-            hint = " (pass --api-key or set BROKER_API_KEY)" if e.status == 401 else ""
+            hint = {401: " (pass --api-key or set BROKER_API_KEY)",
+                    404: f" (no broker API at {base_url}: --url / BROKER_URL is the edge's base "
+                         "URL, e.g. http://127.0.0.1:8000)"}.get(e.status, "")
             return _error(status, e.code, e.message + hint)
         except httpx.HTTPError as e:
             return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
