@@ -471,3 +471,26 @@ async def test_broker_tail_says_a_conversation_id_is_malformed(cid: str, tokens_
     assert done.code == 2, done.stderr
     assert done.stderr == ("error: invalid_conversation_id: --conversation must be 1-128 "
                            "characters of A-Z a-z 0-9 _ . : -\n")
+
+
+async def test_the_python_client_follows_the_conversation_its_create_names(
+    tokens_only: Any, http: httpx.AsyncClient
+) -> None:
+    """``create(..., conversation_id=cid)`` answers the ``conversation_url`` the edge gave
+    (with its viewer token), and a ``ConversationFollower`` on it gets the turn."""
+    from broker.client import ConversationFollower, create
+
+    _, edge = tokens_only
+    cid = new_cid()
+    async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
+        created = await create(client, [{"role": "user", "content": "hi"}],
+                               conversation_id=cid)
+        assert created.conversation_id == cid
+        assert created.conversation_url is not None
+        assert created.conversation_url.startswith(f"/v1/conversations/{cid}/events?token=")
+        follower = ConversationFollower(client, created.conversation_url)
+        async with asyncio.timeout(10), contextlib.aclosing(follower.__aiter__()) as events:
+            first = await anext(events)
+        plain = await create(client, [{"role": "user", "content": "hi"}])
+    assert (first.event, first.generation_id) == ("turn", created.id)
+    assert plain.conversation_id is None and plain.conversation_url is None
