@@ -310,6 +310,9 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
         # First, so `broker tail` (the id) or curl and a browser (the URL) can pick it up.
         print(created.id, file=sys.stderr, flush=True)
         print(base_url.rstrip("/") + created.events_url, file=sys.stderr, flush=True)
+        if created.conversation_url is not None:
+            # The conversation's stream, its token in it: for devices without a producer key.
+            print(base_url.rstrip("/") + created.conversation_url, file=sys.stderr, flush=True)
         return await _follow(Follower(http, created.events_url), printer)
 
 

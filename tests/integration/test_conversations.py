@@ -494,3 +494,35 @@ async def test_the_python_client_follows_the_conversation_its_create_names(
         plain = await create(client, [{"role": "user", "content": "hi"}])
     assert (first.event, first.generation_id) == ("turn", created.id)
     assert plain.conversation_id is None and plain.conversation_url is None
+
+
+async def test_broker_ask_prints_the_conversations_url_for_devices_without_a_key(
+    tokens_only: Any, http: httpx.AsyncClient
+) -> None:
+    """``broker ask --conversation``: stderr has the id, the events URL, then the
+    conversation's URL, whose token ``broker tail --conversation --token`` takes (README)."""
+    from tests.integration.test_cli import cli_env, start
+
+    _, edge = tokens_only
+    cid = new_cid()
+    asking = await start("ask", "--conversation", cid, "hi", url=edge.url)
+    assert asking.stderr is not None
+    async with asyncio.timeout(15):
+        lines = [(await asking.stderr.readline()).decode().strip() for _ in range(3)]
+    asking.kill()
+    await asking.wait()
+    assert lines[1].startswith(f"{edge.url}/v1/generations/{lines[0]}/events?token=")
+    assert lines[2].startswith(f"{edge.url}/v1/conversations/{cid}/events?token=")
+    token = httpx.URL(lines[2]).params["token"]
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "tail", "--json", "--conversation", cid,
+        "--token", token, env=cli_env(edge.url), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert tail.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            line = await tail.stdout.readline()
+        assert json.loads(line)["generation_id"] == lines[0]
+    finally:
+        tail.kill()
+        await tail.wait()
