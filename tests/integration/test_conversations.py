@@ -246,7 +246,9 @@ async def test_one_subscription_per_conversation_per_edge_with_many_devices(
 async def test_bad_conversation_ids_and_unknown_conversations(
     stack: Stack, http: httpx.AsyncClient
 ) -> None:
-    for bad in ["", "x" * 129, "a b", "{slot}", "ü", 42]:
+    # "." and "..": URL dot-segments every client removes ("/v1/conversations/../events"
+    # is fetched as "/v1/events"), so no device could follow them.
+    for bad in ["", "x" * 129, "a b", "{slot}", "ü", 42, ".", ".."]:
         response = await http.post(f"{stack.a}/v1/generations", json={
             "messages": [{"role": "user", "content": "hi"}], "conversation_id": bad})
         assert_error_body(response, 422, "invalid_conversation_id")
@@ -460,7 +462,7 @@ async def test_broker_tail_follows_a_conversation_opened_before_its_first_turn(
         await tail.wait()
 
 
-@pytest.mark.parametrize("cid", ["bad id", "", "x" * 129, "ü"])
+@pytest.mark.parametrize("cid", ["bad id", "", "x" * 129, "ü", ".."])
 async def test_broker_tail_says_a_conversation_id_is_malformed(cid: str, tokens_only: Any) -> None:
     """Not "this stream needs a viewer token" (the edge's answer to a stream it cannot give a
     token for) nor a bare 404: the id is wrong, and the terminal says so (exit 2)."""
