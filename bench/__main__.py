@@ -1,6 +1,6 @@
 """Run every benchmark scenario, one after the other, then summarise the targets.
 
-    .venv/bin/python -m bench                 # everything (~11 minutes on 2 cores)
+    .venv/bin/python -m bench                 # everything (~17 minutes on 2 cores)
     .venv/bin/python -m bench --only b1,b4    # some scenarios
     .venv/bin/python -m bench --quick         # small sizes: proves the harness, not the numbers
 
@@ -26,7 +26,8 @@ from bench.cell import RESULTS, markdown_table
 
 # name -> (full arguments, quick arguments)
 SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
-    "b1": (["--viewers", "1,100,1000,3000"], ["--viewers", "1,50", "--messages", "30"]),
+    "b1": (["--viewers", "1,100,1000,3000", "--edge-procs", "1,2"],
+           ["--viewers", "1,50", "--messages", "30"]),
     "b2": ([], ["--cells", "20x3,20x6", "--messages", "5"]),
     "b3": (["--viewers", "5000"], ["--viewers", "200"]),
     "b4": ([], ["--viewers", "100", "--log", "400", "--live", "10"]),
@@ -34,8 +35,13 @@ SCENARIOS: dict[str, tuple[list[str], list[str]]] = {
     "direct": ([], ["--generations", "4", "--tokens", "40"]),
     "b6": ([], ["--rates", "100", "--answers", "emoji,cjk", "--repeat", "1"]),
     "b8": ([], ["--messages", "1500", "--send-timeout", "2"]),
+    "b7": (["--edge-procs", "1,2"],
+           ["--g", "20", "--rounds", "2", "--messages", "10", "--impls", "broker",
+            "--edge-procs", "1,2"]),
     "producers": ([], ["--producers", "4", "--batches", "20", "--generations", "4",
                        "--tokens", "40"]),
+    "overload": ([], ["--g", "20", "--tokens", "30"]),
+    "create": ([], ["--generations", "20", "--warmup", "2"]),
 }
 
 
@@ -110,6 +116,8 @@ def b1_rows(results: Path) -> list[Row]:
         ratio = nchan_row["edge CPU / delivery"]
         rows.append(("B1 V=1000: within 3x of Nchan's CPU per delivery", f"{ratio:.2f}x",
                      verdict(ratio <= 3), f"p99 broker/nchan {nchan_row['latency p99']:.2f}"))
+    rows += scaling_rows("B1", [c for c in data["cells"] if c["impl"].startswith("broker")],
+                         "viewers", "V")
     naive = next((r for r in data.get("ratios", []) if r["viewers"] == 1000), None)
     if naive is not None:
         rows.append(("B1 V=1000: naive/broker (no target)",
@@ -117,6 +125,29 @@ def b1_rows(results: Path) -> list[Row]:
                      "", f"edge CPU/delivery {naive['edge CPU / delivery']}x, "
                          f"p99 {naive['latency p99']}x"))
     return rows
+
+
+SCALING_TARGET = 1.7  # deliveries per wall-second, 2 edge processes over 1, at saturation
+
+
+def scaling_rows(name: str, cells: list[dict[str, Any]], key: str, label: str) -> list[Row]:
+    """1 vs 2 edge processes at the largest load both ran: the target is about saturation, so
+    it is judged where one process could not carry the offered load (its deliveries/s below
+    the other's, or its edge cores near 1); elsewhere the figures are shown without a verdict."""
+    ones = {c[key]: c for c in cells if c.get("edge_processes", 1) == 1}
+    twos = {c[key]: c for c in cells if c.get("edge_processes", 1) == 2}
+    common = sorted(set(ones) & set(twos))
+    if not common:
+        return []
+    size = common[-1]
+    one, two = ones[size], twos[size]
+    ratio = two["deliveries_per_s"] / one["deliveries_per_s"]
+    saturated = ratio > 1.05
+    return [(f"{name} {label}={size}: 2 edge processes ≥ {SCALING_TARGET}x the deliveries per "
+             "wall-second of 1 at saturation",
+             f"{two['deliveries_per_s']:.0f} vs {one['deliveries_per_s']:.0f} ({ratio:.2f}x)",
+             verdict(ratio >= SCALING_TARGET) if saturated else "n/a (1 process kept up)",
+             f"p99 {two['latency_ms']['p99']:.1f} vs {one['latency_ms']['p99']:.1f} ms")]
 
 
 def b2_rows(results: Path) -> list[Row]:
@@ -167,8 +198,14 @@ def b5_rows(results: Path) -> list[Row]:
     measured = f"G = {largest}" if largest else "none"
     note = (f"{c['worker_cpu_us_per_token']:.0f} µs worker CPU per token, "
             f"{c['steady_tokens_per_s']:.0f} tokens/s" if c else "")
-    return [("B5: largest G before token→publish p99 > 50 ms (no target)", measured,
-             "" if c else "n/a", note)]
+    rows: list[Row] = [("B5: largest G before token→publish p99 > 50 ms (no target)",
+                        measured, "" if c else "n/a", note)]
+    at_50 = cell(data, g=50)
+    if at_50 is not None:
+        us = at_50["worker_cpu_us_per_token"]
+        rows.append(("B5: worker CPU ≤ 60 µs per token at G = 50", f"{us:.1f} µs",
+                     verdict(us <= 60), f"p99 {at_50['latency_ms']['p99']:.1f} ms"))
+    return rows
 
 
 def direct_rows(results: Path) -> list[Row]:
@@ -225,6 +262,65 @@ def b8_rows(results: Path) -> list[Row]:
              f"{c['fast_latency_ms']['p99']:.1f} ms, max {c['fast_latency_ms']['max']:.1f} ms")]
 
 
+def b7_rows(results: Path) -> list[Row]:
+    data = load(results, "b7")
+    cells = (data or {}).get("cells", [])
+    if not cells:
+        return [("B7", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    rows: list[Row] = []
+    for r in data.get("ratios_nchan", []):
+        g = r["generations"]
+        broker = cell(data, impl="broker", generations=g, edge_processes=1) or {}
+        peer = cell(data, impl="nchan", generations=g) or {}
+        rows.append((f"B7 G={g}: edge CPU per delivery ≤ Nchan's",
+                     f"{broker['edge_cpu_us_per_delivery']:.1f} µs vs "
+                     f"{peer['edge_cpu_us_per_delivery']:.1f} µs ({r['edge CPU / delivery']}x)",
+                     verdict(r["edge CPU / delivery"] <= 1),
+                     f"p99 {broker['latency_ms']['p99']:.1f} vs {peer['latency_ms']['p99']:.1f}"
+                     f" ms; RSS {broker['edge_rss_peak_mb']:.0f} vs "
+                     f"{peer['edge_rss_peak_mb']:.0f} MB; Redis CPU {r['Redis CPU']}x"))
+    rows += scaling_rows("B7", [c for c in cells if c["impl"] == "broker"], "generations", "G")
+    if not rows:
+        rows.append(("B7", f"{len(cells)} cells, no Nchan cell to compare with", "n/a", ""))
+    return rows
+
+
+def overload_rows(results: Path) -> list[Row]:
+    data = load(results, "overload")
+    cells = [c for c in (data or {}).get("cells", []) if c["worker"] == "this branch"]
+    if not cells:
+        return [("overload", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    rows: list[Row] = []
+    for c in cells:
+        ok = c["exact"] and c["worker_lost"] == 0 and c["completed"] == c["g"]
+        rows.append((
+            f"overload G={c['g']} on one worker: every generation completes, zero worker_lost",
+            f"{c['completed']}/{c['g']}, {c['worker_lost']} worker_lost", verdict(ok),
+            f"queue wait mean {c['queue_wait_s']['mean']} s; token→publish p99 "
+            f"{c['latency_ms']['p99']} ms"))
+    c200 = next((c for c in cells if c["g"] == 200), None)
+    if c200 is not None and c200["latency_ms"]["p99"] is not None:
+        p99 = c200["latency_ms"]["p99"]
+        rows.append(("one worker, G=200 realistic answers: token→publish p99 ≤ 100 ms",
+                     f"{p99:.1f} ms", verdict(p99 <= 100),
+                     f"p50 {c200['latency_ms']['p50']} ms, {c200['worker_cpu_us_per_token']} "
+                     "µs/token"))
+    return rows
+
+
+def create_rows(results: Path) -> list[Row]:
+    data = load(results, "create")
+    c = cell(data, cell="broker")
+    if c is None:
+        return [("create", "not run", "n/a", (data or {}).get("failure", "")[:80])]
+    sdk = next((x for x in data["cells"] if x["cell"].startswith("sdk")), None)
+    return [("create: ≤ 2 ms CPU per generation (edge + worker)",
+             f"{c['cpu_ms_per_generation']:.2f} ms", verdict(c["cpu_ms_per_generation"] <= 2),
+             f"edge {c['edge_cpu_ms_per_generation']:.2f}, worker "
+             f"{c['worker_cpu_ms_per_generation']:.2f} ms"
+             + (f"; the SDK alone {sdk['cpu_ms_per_generation']:.2f} ms" if sdk else ""))]
+
+
 def producers_rows(results: Path) -> list[Row]:
     data = load(results, "producers")
     if not data or "side_by_side" not in data:
@@ -247,7 +343,8 @@ def producers_rows(results: Path) -> list[Row]:
 
 SUMMARIES: dict[str, Callable[[Path], list[Row]]] = {
     "b1": b1_rows, "b2": b2_rows, "b3": b3_rows, "b4": b4_rows, "b5": b5_rows,
-    "direct": direct_rows, "b6": b6_rows, "b8": b8_rows, "producers": producers_rows,
+    "direct": direct_rows, "b6": b6_rows, "b7": b7_rows, "b8": b8_rows,
+    "producers": producers_rows, "overload": overload_rows, "create": create_rows,
 }
 
 

@@ -39,6 +39,7 @@ from bench.cell import (
     RssSampler,
     collect,
     columns_table,
+    edge_children,
     edge_viewers,
     figure,
     machine,
@@ -79,8 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-timeout", type=float, default=0.0,
                         help="seconds for the publishing window to complete, every viewer "
                              "included (0: 60 + 6 x messages/rate)")
+    parser.add_argument("--edge-procs", default="1",
+                        help="comma-separated process counts of the broker edge (broker edge "
+                             "--workers N): a broker cell for each; N > 1 shows as 'broker xN'")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
+    try:
+        args.procs_list = [int(p) for p in args.edge_procs.split(",") if p.strip()]
+    except ValueError:
+        parser.error("--edge-procs takes integers, e.g. 1,2")
+    if not args.procs_list or min(args.procs_list) < 1:
+        parser.error("--edge-procs needs counts >= 1")
     try:
         args.viewer_counts = [int(v) for v in args.viewers.split(",") if v.strip()]
     except ValueError:
@@ -96,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- one cell ------------------------------------------------------------------------------
 
 
-async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[str, Any]:
+async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
+                   procs: int = 1) -> dict[str, Any]:
     group = ProcessGroup()
     rss: RssSampler | None = None
     redis = None
@@ -105,9 +116,12 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         if impl == "nchan":  # edge.pid is its worker's; the master is measured apart
             edge, edge_url = await nchan.start_nchan(group, redis_url)
         else:
-            edge, edge_url = await start_edge(group, impl, redis_url)
+            extra_env = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
+            edge, edge_url = await start_edge(group, impl, redis_url, **extra_env)
         master_pid: int | None = getattr(edge, "master_pid", None)
-        rss = RssSampler(edge.pid)
+        # With --workers N the edge is its supervisor and N processes: measured together.
+        pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
+        rss = RssSampler(*pids)
         rss.start()
 
         publisher = await group.start(Proc("publisher", [
@@ -119,9 +133,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         (gen_id,) = await publisher.expect("ready", 30)
 
         # Connect phase: every viewer connected and subscribed before anything is published.
-        rss_idle_kb = status_kb(edge.pid, "VmRSS")
+        rss_idle_kb = sum(status_kb(p, "VmRSS") for p in pids)
         calls_0 = command_calls(await redis.info("commandstats"))
-        edge_cpu_0 = cpu_seconds(edge.pid)
+        edge_cpu_0 = sum(cpu_seconds(p) for p in pids)
         t_connect = time.monotonic()
         run_budget = args.run_timeout or 60 + 6 * args.messages / args.rate
         loadgens = await start_loadgens(group, [int(edge_url.rsplit(":", 1)[1])], viewers, [
@@ -136,7 +150,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         async with httpx.AsyncClient(base_url=edge_url, timeout=5) as http:
             deadline = time.monotonic() + 30
             count = nchan.subscribers if impl == "nchan" else edge_viewers
-            while (seen := await count(http)) != viewers:
+            # With N processes each counts its own viewers (a scrape reaches one of them):
+            # their headers, which come after the subscription, are the check then.
+            while procs == 1 and (seen := await count(http)) != viewers:
                 if time.monotonic() > deadline:
                     raise BenchError(f"{impl} edge reports {seen} viewers, expected {viewers}")
                 await asyncio.sleep(0.1)
@@ -144,7 +160,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
             await nchan.wait_subscribed(redis, gen_id)
         connect_s = time.monotonic() - t_connect
         # What the viewers cost the edge while connected and idle (B3 reads this).
-        rss_connected_kb = status_kb(edge.pid, "VmRSS")
+        rss_connected_kb = sum(status_kb(p, "VmRSS") for p in pids)
 
         clients = await redis.client_list()
         edge_conns = sum(1 for c in clients if c.get("name", "").startswith(EDGE_CLIENT_NAMES))
@@ -158,20 +174,20 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         # Publish window.
         calls_1 = command_calls(await redis.info("commandstats"))
         redis_cpu_1 = redis_cpu(await redis.info("cpu"))
-        edge_cpu_1 = cpu_seconds(edge.pid)
+        edge_cpu_1 = sum(cpu_seconds(p) for p in pids)
         master_cpu_1 = cpu_seconds(master_pid) if master_pid else 0.0
         lg_cpu_1 = sum(cpu_seconds(lg.pid) for lg in loadgens)
         await publisher.send("go")
         first_ns, published_ns = map(int, (await publisher.expect("published", run_budget))[:2])
         for lg in loadgens:
             await lg.expect("done", run_budget + 10)
-        edge_cpu_2 = cpu_seconds(edge.pid)
+        edge_cpu_2 = sum(cpu_seconds(p) for p in pids)
         master_cpu_2 = cpu_seconds(master_pid) if master_pid else 0.0
         lg_cpu_2 = sum(cpu_seconds(lg.pid) for lg in loadgens)
         redis_cpu_2 = redis_cpu(await redis.info("cpu"))
         calls_2 = command_calls(await redis.info("commandstats"))
         await rss.stop()
-        hwm_kb = status_kb(edge.pid, "VmHWM")
+        hwm_kb = sum(status_kb(p, "VmHWM") for p in pids)
         extra: dict[str, Any] = {}
         if master_pid:  # nginx: the edge columns are its worker's; its master's figures here
             extra = {
@@ -190,7 +206,8 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace) -> dict[st
         window_calls = calls_delta(calls_1, calls_2)
         connect_calls = calls_delta(calls_0, calls_1)
         return {
-            "impl": impl,
+            "impl": impl if procs == 1 else f"{impl} x{procs}",
+            "edge_processes": procs,
             "viewers": viewers,
             "loadgens": len(loadgens),
             "deliveries": deliveries,
@@ -315,14 +332,14 @@ def report(cells: list[dict[str, Any]], ratio_rows: list[dict[str, Any]],
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
     fig, ax = figure(figsize=(7, 4.5))
     colors = {"broker": "tab:blue", "naive": "tab:red", "nchan": "tab:green"}
-    for impl in IMPLS:
+    for impl in dict.fromkeys(c["impl"] for c in cells):
         mine = sorted((c for c in cells if c["impl"] == impl), key=lambda c: c["viewers"])
         if not mine:
             continue
         xs = [c["viewers"] for c in mine]
         for q, style in (("p50", "-o"), ("p99", "--s")):
             ys = [c["latency_ms"][q] for c in mine]
-            ax.plot(xs, ys, style, color=colors[impl], label=f"{impl} {q}")
+            ax.plot(xs, ys, style, color=colors.get(impl, "tab:purple"), label=f"{impl} {q}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("viewers on one edge (V)")
@@ -347,9 +364,12 @@ async def main_async(args: argparse.Namespace) -> int:
         if "nchan" in args.impl_list:
             nchan.find_installed()  # fail before any cell runs, saying how to install it
         for viewers in args.viewer_counts:
-            for impl in args.impl_list:
-                print(f"# running {impl} V={viewers} ...", file=sys.stderr, flush=True)
-                cell = await run_cell(impl, viewers, args)
+            runs = [(impl, p) for impl in args.impl_list
+                    for p in (args.procs_list if impl == "broker" else [1])]
+            for impl, procs in runs:
+                print(f"# running {impl} V={viewers} edge processes={procs} ...",
+                      file=sys.stderr, flush=True)
+                cell = await run_cell(impl, viewers, args, procs)
                 out["cells"].append(cell)
                 print(f"#   {cell['deliveries_per_s']:.0f} deliveries/s, "
                       f"p99 {cell['latency_ms']['p99']:.2f} ms", file=sys.stderr, flush=True)

@@ -43,6 +43,7 @@ from bench.cell import (
     save_figure,
 )
 from bench.procs import (
+    REPO,
     WORKER_CLIENT_PREFIX,
     BenchError,
     Proc,
@@ -89,8 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--roundtrip-g", type=int, default=4,
                         help="G of the calibration cell run first under Redis MONITOR, to "
                              "count the worker's round trips per message (0: skip it)")
+    parser.add_argument("--worker-repo", type=Path, default=REPO,
+                        help="the checkout whose worker runs (another one: a baseline, e.g. "
+                             "the main branch, to compare with in the same session)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
+    args.worker_repo = args.worker_repo.resolve()
     if args.g:
         try:
             args.g_list = [int(g) for g in args.g.split(",") if g.strip()]
@@ -274,7 +279,8 @@ async def run_cell(g: int, args: argparse.Namespace, monitor_commands: bool = Fa
         _, redis, redis_url = await start_redis(group)
         llm, llm_url = await start_fastllm(
             group, rate=args.rate, tokens=args.tokens, sentence_tokens=args.sentence_tokens)
-        worker = await start_worker(group, redis, redis_url, llm_url, concurrency=max(64, g))
+        worker = await start_worker(group, redis, redis_url, llm_url, concurrency=max(64, g),
+                                    repo=args.worker_repo)
         rss = RssSampler(worker.pid)
         rss.start()
         for script in SCRIPTS:  # no NOSCRIPT round trip in the window
@@ -352,9 +358,10 @@ async def run_cell(g: int, args: argparse.Namespace, monitor_commands: bool = Fa
         published = calls.get("publish", 0)  # one PUBLISH per script-published event
         if published != log_events:
             raise BenchError(f"G={g}: {published} PUBLISH calls for {log_events} logged events")
-        # EVALSHA calls are the publish script's, the claims (one per generation) and the
-        # heartbeats (each followed by one XCLAIM to touch the job).
-        publish_evalsha = calls.get("evalsha", 0) - g - calls.get("xclaim", 0)
+        # EVALSHA calls are the publish script's, the claims' and the lease renewals' (all
+        # the worker's leases in one pipeline per tick, one XCLAIM for all its jobs); the
+        # last two read Redis's clock once each (TIME), the publish script never does.
+        publish_evalsha = calls.get("evalsha", 0) - calls.get("time", 0)
         return {
             "g": g,
             "offered_tokens_per_s": round(args.rate * g, 1),
@@ -440,6 +447,7 @@ async def main_async(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "scenario": "B5 worker",
         "params": {"g": args.g_list, "sweep": args.sweep, "refine": args.refine,
+                   "worker_repo": str(args.worker_repo),
                    "target_ms": args.target_ms,
                    "rate": args.rate, "tokens": args.tokens,
                    "sentence_tokens": args.sentence_tokens},

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from bench.procs import BenchError, Proc, ProcessGroup, child_env
 from bench.support import (
     calls_delta,
+    child_pids,
     command_calls,
     cpu_seconds,
     percentile,
@@ -59,6 +60,26 @@ async def start_loadgens(
         ], env=child_env(), lines=True, log_dir=group.log_dir)))
         first += n
     return loadgens
+
+
+async def edge_children(pid: int, procs: int, redis: aioredis.Redis,
+                        within: float = 30) -> list[int]:
+    """The ``procs`` serving processes of a broker edge started with ``--workers procs`` (none
+    for one process: it serves itself), once each has started its app (its pub/sub connection,
+    named ``broker-edge-<pid>``, is subscribed) and so listens: viewers that connect before
+    the last one listens would all go to the others."""
+    if procs == 1:
+        return []
+    deadline = time.monotonic() + within
+    while True:
+        children = child_pids(pid)
+        started = {c.get("name", "") for c in await redis.client_list() if int(c.get("sub", 0))}
+        if len(children) == procs and all(f"broker-edge-{c}" in started for c in children):
+            return children
+        if time.monotonic() > deadline:
+            raise BenchError(f"the edge runs {len(children)} processes, expected {procs} "
+                             "with their apps started")
+        await asyncio.sleep(0.1)
 
 
 async def edge_viewers(http: httpx.AsyncClient) -> float:
@@ -164,10 +185,11 @@ def collect(group: ProcessGroup, loadgens: list[Proc], what: str, expected_deliv
 
 
 class RssSampler:
-    """The edge's peak resident memory, sampled every 50 ms while the cell runs."""
+    """The edge's peak resident memory, sampled every 50 ms while the cell runs; of several
+    processes (an edge's ``--workers``), their sum."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, *pids: int) -> None:
+        self.pids = pids
         self.peak_kb = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -177,7 +199,7 @@ class RssSampler:
     async def _sample(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+                self.peak_kb = max(self.peak_kb, self._rss_kb())
                 await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
@@ -186,7 +208,10 @@ class RssSampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(OSError):
-            self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
+            self.peak_kb = max(self.peak_kb, self._rss_kb())
+
+    def _rss_kb(self) -> int:
+        return sum(status_kb(pid, "VmRSS") for pid in self.pids)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

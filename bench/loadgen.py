@@ -309,8 +309,77 @@ async def open_viewers(args: argparse.Namespace, run: Run) -> list[Viewer]:
     return viewers
 
 
+def churn_plan(args: argparse.Namespace) -> list[tuple[float, int, str, int]]:
+    """``--churn`` (B7): (connect offset s, global viewer index, generation id, port) of this
+    process's viewers; viewer i of the shape's plan (``bench.churn.Shape.viewer_plan``) is
+    this process's when i mod ``--loadgens`` is ``--loadgen-index``."""
+    from bench.churn import Shape
+
+    shape = Shape.from_args(args)
+    with open(args.gen_ids_file, encoding="ascii") as f:
+        gen_ids = f.read().split()
+    ports = [int(p) for p in str(args.port).split(",")]
+    return [(at, i, gen_ids[k], ports[i % len(ports)])
+            for i, (at, k) in enumerate(shape.viewer_plan())
+            if i % args.loadgens == args.loadgen_index]
+
+
+async def run_churn(args: argparse.Namespace) -> Run:
+    """``--churn``: each viewer connects at its answer's time (from ``--start-at-ns``),
+    watches it to ``end`` and leaves; ``ready`` at once, ``done`` when every viewer is over."""
+    run = Run(args.messages, 0, args.seq_from_text)
+    plan = churn_plan(args)
+    run.viewers = len(plan)
+    loop = asyncio.get_running_loop()
+    viewers: list[Viewer] = []
+    print("ready", flush=True)
+    start = time.monotonic() + (args.start_at_ns - time.time_ns()) / 1e9
+    run.connect_start_ns = args.start_at_ns
+
+    async def connect(viewer: Viewer, port: int) -> None:
+        try:
+            async with asyncio.timeout(args.connect_timeout):
+                await loop.create_connection(lambda: viewer, args.host, port)
+                await viewer.headers
+        except Exception as e:  # any failure to connect is this viewer's error
+            if not viewer.over:
+                viewer._end(f"connect failed: {type(e).__name__}: {e}")
+
+    tasks = []
+    try:
+        for at, index, gen_id, port in plan:
+            delay = start + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = (
+                f"GET /v1/generations/{gen_id}/events HTTP/1.1\r\n"
+                f"Host: {args.host}:{port}\r\n"
+                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+            ).encode()
+            viewer = Viewer(run, index, request)
+            viewers.append(viewer)
+            tasks.append(asyncio.create_task(connect(viewer, port)))
+        try:
+            async with asyncio.timeout(args.run_timeout):
+                await run.all_done.wait()
+        except TimeoutError:
+            stuck = [v for v in viewers if not v.over]
+            for v in stuck[:MAX_ERRORS_KEPT]:
+                run.fail(v.index, f"timed out after id {v.next_seq - 1}")
+            run.error_count += max(0, len(stuck) - MAX_ERRORS_KEPT)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for v in viewers:
+            if v.transport is not None:
+                v.transport.close()
+    return run
+
+
 async def run_viewers(args: argparse.Namespace) -> Run:
     """Open every viewer, say ``ready``, then wait (bounded) until each has finished."""
+    if args.churn:
+        return await run_churn(args)
     run = Run(args.messages, args.caught_up_at, args.seq_from_text)
     viewers: list[Viewer] = []
     if args.start_at_ns:  # several load generators start their storm at the same instant
@@ -341,8 +410,8 @@ def write_results(args: argparse.Namespace, run: Run) -> None:
     with open(args.out + ".lat", "wb") as f:
         run.latencies_ms.tofile(f)
     summary = {
-        "viewers": args.viewers,
-        "finished_ok": args.viewers - run.error_count,
+        "viewers": run.viewers,
+        "finished_ok": run.viewers - run.error_count,
         "error_count": run.error_count,
         "errors": run.errors,
         "deliveries": len(run.latencies_ms),
@@ -370,7 +439,8 @@ def main() -> None:
                         help="whitespace-separated generation ids: viewer i watches "
                              "id number i // --viewers-per-gen")
     parser.add_argument("--viewers-per-gen", type=int, default=1 << 30)
-    parser.add_argument("--viewers", type=int, required=True)
+    parser.add_argument("--viewers", type=int, default=0,
+                        help="viewers of this process (all but --churn)")
     parser.add_argument("--first-index", type=int, default=0, help="number of the first viewer")
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--last-event-id", type=int, default=0,
@@ -389,7 +459,23 @@ def main() -> None:
     parser.add_argument("--seq-from-text", action="store_true",
                         help="check order on the s=<seq> in each text, not on the SSE id "
                              "(servers with ids of their own: the Nchan peer)")
+    parser.add_argument("--churn", action="store_true",
+                        help="B7: viewers connect, watch one answer and leave, on the schedule "
+                             "of bench.churn.Shape (its options, --gen-ids-file, --start-at-ns)")
+    parser.add_argument("--loadgens", type=int, default=1, help="--churn: load generators")
+    parser.add_argument("--loadgen-index", type=int, default=0,
+                        help="--churn: this one's number; it takes viewers i with "
+                             "i mod --loadgens equal to it")
+    parser.add_argument("--generations", type=int, default=0, help="--churn: see bench.churn")
+    parser.add_argument("--rounds", type=int, default=2, help="--churn: see bench.churn")
+    parser.add_argument("--rate", type=float, default=5.0, help="--churn: see bench.churn")
+    parser.add_argument("--lead", type=float, default=0.3, help="--churn: see bench.churn")
+    parser.add_argument("--max-viewers", type=int, default=2, help="--churn: see bench.churn")
     args = parser.parse_args()
+    if args.churn and not (args.gen_ids_file and args.generations and args.start_at_ns):
+        parser.error("--churn needs --gen-ids-file, --generations and --start-at-ns")
+    if not args.churn and args.viewers < 1:
+        parser.error("--viewers is required")
     runner = uvloop.run if uvloop is not None else asyncio.run
     try:
         run = runner(run_viewers(args))

@@ -55,6 +55,9 @@ events {{
 }}
 http {{
     access_log off;
+    # A publisher's keep-alive connection is never closed for its request count (nginx's
+    # default closes it after 1000 requests; B7 posts thousands a second on a few).
+    keepalive_requests 100000000;
     client_body_temp_path {prefix}/client_body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -79,7 +82,7 @@ http {{
             nchan_subscriber eventsource;
             nchan_channel_id $1;
             nchan_redis_pass bench_redis;
-            nchan_subscriber_first_message newest;
+            nchan_subscriber_first_message {first_message};
         }}
         location = {status_path} {{
             nchan_stub_status;
@@ -100,14 +103,15 @@ def find_installed() -> tuple[str, Path]:
     return binary, module
 
 
-def render_config(*, module: Path, prefix: Path, port: int, redis_url: str) -> str:
+def render_config(*, module: Path, prefix: Path, port: int, redis_url: str,
+                  first_message: str = "newest") -> str:
     # nginx switches its worker to ``nobody`` when the master is root, and nobody could not
     # use the temp prefix; when not root the directive is ignored (with a warning): leave it out.
     user = f"user {getpass.getuser()};\n" if os.geteuid() == 0 else ""
     return CONFIG_TEMPLATE.format(
         module=module, user=user, prefix=prefix, port=port, redis_url=redis_url,
         worker_connections=WORKER_CONNECTIONS, publish_path=PUBLISH_PATH,
-        status_path=STATUS_PATH,
+        status_path=STATUS_PATH, first_message=first_message,
     )
 
 
@@ -156,14 +160,19 @@ class NginxEdge(Proc):
                 os.kill(self.worker_pid, signal.SIGKILL)
 
 
-async def start_nchan(group: ProcessGroup, redis_url: str) -> tuple[NginxEdge, str]:
-    """Start nginx + nchan on a free port, storing in ``redis_url``; (edge, base URL)."""
+async def start_nchan(group: ProcessGroup, redis_url: str,
+                      first_message: str = "newest") -> tuple[NginxEdge, str]:
+    """Start nginx + nchan on a free port, storing in ``redis_url``; (edge, base URL).
+    ``first_message``: ``nchan_subscriber_first_message``; B7 takes ``oldest``, so a viewer
+    that connects after its answer's first message still gets the whole answer, as the
+    broker's log replay gives it."""
     binary, module = find_installed()
     prefix = group.log_dir / "nginx"
     prefix.mkdir()
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(render_config(module=module, prefix=prefix, port=port, redis_url=redis_url))
+    conf.write_text(render_config(module=module, prefix=prefix, port=port, redis_url=redis_url,
+                                  first_message=first_message))
     # -e: errors before the config is read go to the cell's log, not /var/log/nginx.
     edge = NginxEdge("nchan-edge", [
         binary, "-p", str(prefix), "-c", str(conf), "-e", "stderr", "-g", "daemon off;",

@@ -31,8 +31,9 @@ class Proc:
     """A child process; stdout is a pipe of protocol lines (or a log file), stderr a log file."""
 
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-                 lines: bool = False, log_dir: Path) -> None:
+                 lines: bool = False, log_dir: Path, cwd: Path = REPO) -> None:
         self.name = name
+        self.cwd = cwd
         self.argv = argv
         self.env = env
         self.lines = lines
@@ -42,7 +43,7 @@ class Proc:
     async def start(self) -> Proc:
         with self.log.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, cwd=REPO, env=self.env,
+                *self.argv, cwd=self.cwd, env=self.env,
                 stdin=asyncio.subprocess.PIPE if self.lines else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if self.lines else log,
                 stderr=log,
@@ -224,16 +225,19 @@ WORKER_CLIENT_PREFIX = "broker-worker-"
 
 async def start_worker(
     group: ProcessGroup, redis: aioredis.Redis, redis_url: str, llm_url: str, *,
-    concurrency: int, **extra: str,
+    concurrency: int, repo: Path = REPO, **extra: str,
 ) -> Proc:
-    """``python -m worker`` against ``llm_url``; ready once it blocks reading the job queue."""
-    env = child_env(
-        REDIS_URL=redis_url, OPENAI_BASE_URL=llm_url, OPENAI_API_KEY="bench",
-        BROKER_MODEL="fastllm", BROKER_MAX_CONCURRENCY=str(concurrency),
-        BROKER_WORKER_METRICS_PORT="0", BROKER_LOG_LEVEL="warning", **extra,
-    )
+    """``python -m worker`` against ``llm_url``; ready once it blocks reading the job queue.
+    ``repo``: the checkout whose worker runs (another one: a baseline, e.g. the main branch)."""
+    if repo != REPO:
+        extra = {"PYTHONPATH": str(repo), **extra}
+    env = child_env(**{
+        "REDIS_URL": redis_url, "OPENAI_BASE_URL": llm_url, "OPENAI_API_KEY": "bench",
+        "BROKER_MODEL": "fastllm", "BROKER_MAX_CONCURRENCY": str(concurrency),
+        "BROKER_WORKER_METRICS_PORT": "0", "BROKER_LOG_LEVEL": "warning", **extra,
+    })
     proc = await group.start(Proc("worker", [sys.executable, "-m", "worker"], env=env,
-                                  log_dir=group.log_dir))
+                                  log_dir=group.log_dir, cwd=repo))
 
     async def reading_jobs() -> bool:
         return any(c.get("name", "").startswith(WORKER_CLIENT_PREFIX)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -21,6 +22,7 @@ from broker.core.sentences import SentenceBuffer
 from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
+from worker.batch import PublishBatcher
 from worker.llm import LLM, Completion, LLMError
 
 log = logging.getLogger(__name__)
@@ -36,13 +38,21 @@ class Publisher:
     """Numbers the events of one generation and publishes them in order, retrying safely."""
 
     def __init__(
-        self, store: Store, gen_id: str, owner: str, metrics: Metrics, enqueued_ms: int
+        self, store: Store, gen_id: str, owner: str, metrics: Metrics, enqueued_ms: int,
+        on_published: Callable[[float], None] | None = None,
+        batcher: PublishBatcher | None = None,
     ) -> None:
+        """``on_published``: told how long each publish took, queueing for the lock and a
+        Redis connection included (the worker's admission watches it). ``batcher``: the
+        worker's, sending the publishes of all its generations ready together in one round
+        trip (``worker.batch``); without it each goes alone."""
         self.store = store
+        self.send = batcher.publish if batcher is not None else store.publish
         self.gen_id = gen_id
         self.owner = owner
         self.metrics = metrics
         self.enqueued_ms = enqueued_ms
+        self.on_published = on_published
         self.seq = 0
         self.lock = asyncio.Lock()  # one publish at a time, so seqs reach Redis in order
 
@@ -56,12 +66,15 @@ class Publisher:
         await asyncio.shield(asyncio.ensure_future(self._publish_next(events)))
 
     async def _publish_next(self, events: list[NewEvent]) -> None:
+        asked = time.monotonic()
         async with self.lock:
             first = self.seq == 0
             result = await self._with_retries(self.seq + 1, events)
             if result < 0:
                 raise Stop("generation gone" if result == -1 else "lease lost")
             self.seq += len(events)
+            if self.on_published is not None:
+                self.on_published(time.monotonic() - asked)
             self.metrics.events_published.inc(len(events))
             final_status = events[-1].final_status
             if final_status:
@@ -77,9 +90,7 @@ class Publisher:
         published_ms = protocol.now_ms()
         while True:
             try:
-                return await self.store.publish(
-                    self.gen_id, self.owner, seq, events, published_ms
-                )
+                return await self.send(self.gen_id, self.owner, seq, events, published_ms)
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self.metrics.redis_errors.labels("publish").inc()
                 if time.monotonic() + backoff.delay > deadline:
@@ -94,6 +105,8 @@ class GenerationRun:
         self, gen_id: str, request: dict[str, Any], *, job_entry: JobEntry, owner: str,
         store: Store,
         llm: LLM, settings: Settings, metrics: Metrics,
+        on_published: Callable[[float], None] | None = None,
+        batcher: PublishBatcher | None = None,
     ) -> None:
         self.gen_id = gen_id
         self.job_entry = job_entry
@@ -104,7 +117,8 @@ class GenerationRun:
         self.settings = settings
         self.metrics = metrics
         self.publisher = Publisher(
-            store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id)
+            store, gen_id, owner, metrics, protocol.entry_time_ms(job_entry.entry_id),
+            on_published, batcher,
         )
         # The answer's and the reasoning's sentence buffers (broker.core.deltas).
         self.channels = TextChannels(lambda: sentence_buffer(settings))
@@ -138,7 +152,6 @@ class GenerationRun:
         request = {"model": self.settings.model, **self.job_request}
         llm_task = asyncio.create_task(self.llm.stream(request, self._on_pieces))
         flusher = asyncio.create_task(self._flush_on_time())
-        heartbeat = asyncio.create_task(self._heartbeat())
         stops = [
             asyncio.create_task(self.cancel_requested.wait()),
             asyncio.create_task(self.shutdown_requested.wait()),
@@ -149,9 +162,8 @@ class GenerationRun:
             if not llm_task.done():
                 llm_task.cancel()  # closes the upstream response (``async with stream``)
             outcome = await _outcome(llm_task)
-            # Only the flusher stops before the rest of the text goes out: the heartbeat keeps
-            # the lease until the terminal event, and stopping it can take a moment (a cancel
-            # lost in a Redis call is repeated, see cancel_and_wait) no text should wait for.
+            # Only the flusher stops before the rest of the text goes out (the worker's lease
+            # keeper renews the lease until the run returns, after the terminal event).
             await cancel_and_wait(flusher)
             if self.lost.is_set():
                 log.warning("generation %s: lease lost; another party ended it", self.gen_id)
@@ -161,7 +173,7 @@ class GenerationRun:
             self.stopped = True
             log.warning("generation %s stopped: %s", self.gen_id, e)
         finally:
-            await cancel_and_wait(llm_task, flusher, heartbeat, *stops)
+            await cancel_and_wait(llm_task, flusher, *stops)
 
     def _note_speed(self) -> None:
         first = self._first_token_at
@@ -252,22 +264,14 @@ class GenerationRun:
                 self._note_wait(since)
                 await self.publisher.publish(events)
 
-    async def _heartbeat(self) -> None:
-        """Renew the lease, and keep the job from looking idle to other workers' reapers.
-        The renewal also brings back a cancel flag whose pub/sub notice was missed."""
-        period = self.settings.lease_ttl / 3
-        while True:
-            await asyncio.sleep(period)
-            try:
-                state = await self.store.heartbeat(self.gen_id, self.owner, self.settings.lease_ttl)
-                await self.store.touch_job(self.owner, self.job_entry)
-            except (RedisConnectionError, RedisTimeoutError, OSError):
-                self.metrics.redis_errors.labels("heartbeat").inc()
-                continue
-            if state == "cancel":
-                self.cancel_requested.set()
-            elif state == "lost":
-                self.lost.set()
+    def lease_state(self, state: str) -> None:
+        """What a renewal of this run's lease brought back (``worker.leases``): 'cancel' (a
+        cancel was requested; its pub/sub notice may have been missed) or 'lost' (no longer
+        ours)."""
+        if state == "cancel":
+            self.cancel_requested.set()
+        elif state == "lost":
+            self.lost.set()
 
 
 def sentence_buffer(settings: Settings) -> SentenceBuffer:

@@ -24,7 +24,10 @@ from broker.core.pubsub import subscribe_forever
 from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
+from worker.admission import Admission
+from worker.batch import PublishBatcher
 from worker.generation import GenerationRun
+from worker.leases import LeaseKeeper, SyncRedis
 from worker.llm import LLM
 
 log = logging.getLogger(__name__)
@@ -41,13 +44,19 @@ CLUSTER_IN_TRANSITION = (ClusterDownError, TryAgainError)
 class Worker:
     def __init__(
         self, store: Store, llm: LLM, settings: Settings, metrics: Metrics | None = None,
-        name: str | None = None,
+        name: str | None = None, lease_redis: Callable[[], SyncRedis] | None = None,
     ) -> None:
+        """``lease_redis``: makes a blocking Redis client of its own for the lease renewals'
+        thread (``worker.leases.blocking_client``); without it they run on this worker's
+        loop."""
         self.store = store
         self.llm = llm
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.name = name or settings.worker_name()
+        self.leases = LeaseKeeper(store, self.name, settings, self.metrics, lease_redis)
+        self.admission = Admission(settings, self.metrics)
+        self.batcher = PublishBatcher(store)
         self.running: dict[str, GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reserved = 0  # slots a shard reader is reading jobs for right now
@@ -75,13 +84,16 @@ class Worker:
         background = [
             asyncio.create_task(self._listen_for_cancels()),
             asyncio.create_task(self._reap_forever()),
+            asyncio.create_task(self.admission.measure_forever()),
             asyncio.create_task(self._sweep_producers_forever()),
         ]
+        self.leases.start()
         try:
             await self._take_jobs(burst)
         finally:
-            await self._drain()
+            await self._drain()  # the leases are renewed until every run has ended
             await cancel_and_wait(*background)
+            await self.leases.stop()
 
     async def _take_jobs(self, burst: bool) -> None:
         """One reader per job shard; they share this worker's capacity."""
@@ -94,12 +106,20 @@ class Worker:
         # every free slot while jobs wait on another.
         share = max(1, self.settings.max_concurrency // len(self.store.job_streams))
         while not self._stopping.is_set():
-            free = min(share, self.settings.max_concurrency - len(self._tasks) - self._reserved)
+            taken = len(self._tasks) + self._reserved
+            free = min(share, self.settings.max_concurrency - taken)
             if free <= 0:
                 if self._tasks:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                 else:
                     await asyncio.sleep(READ_BLOCK_MS / 1000)  # the others' reads hold it
+                continue
+            free = self.admission.allowance(free, taken)
+            if free <= 0:
+                # The loop runs late: the jobs wait in the queue (for any worker) until it
+                # keeps time again.
+                self.metrics.admission_waits.inc()
+                await self.admission.next_sample()
                 continue
             self._reserved += free  # so readers of other shards do not take the same slots
             try:
@@ -127,6 +147,8 @@ class Worker:
                 self._start(entry, job)
             if burst and not jobs and not self._tasks:
                 return
+            if jobs and self.admission.limited:
+                await self.admission.next_sample()  # what these cost, before more are read
 
     async def _outage(self, error: Exception, backoff: Backoff) -> None:
         """Reading jobs failed for a reason that passes (Redis down, a failover): wait, retry."""
@@ -143,8 +165,21 @@ class Worker:
     async def _run_job(self, entry: JobEntry, job: Job) -> None:
         gen_id = job["gen"]
         logs.generation.set(gen_id)  # this task's log records carry the generation id
+        # Registered before the claim, so a cancel notice (sent only for a running generation,
+        # so after the claim) finds it: no read of the cancel flag after the claim is needed.
+        registered = self._new_run(gen_id, entry, job)
+        self.running[gen_id] = registered
+        run: GenerationRun | None = None
         try:
             status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl)
+            if status == "ok":
+                # Renewed from now (no await since the claim) until the run has published its
+                # terminal event: the claim's lease lasts a whole BROKER_LEASE_TTL, the keeper
+                # renews it within a third of that.
+                run = registered
+                self.leases.hold(gen_id, entry, run.lease_state)
+                waited = max(0, protocol.now_ms() - protocol.entry_time_ms(entry.entry_id))
+                self.metrics.queue_wait.observe(waited / 1000)
             if job.get("producer"):
                 # Taken (or never to run): it no longer counts against its producer's quota.
                 # A failure here must not stop the run: a stale entry ages out of the quota.
@@ -152,8 +187,8 @@ class Worker:
                     await self.store.release_queue_slot(job["producer"], gen_id)
                 except (RedisError, OSError):
                     self.metrics.redis_errors.labels("quota").inc()
-            if status == "ok":
-                if not await self._run_generation(gen_id, entry, job):
+            if run is not None:
+                if not await self._run_generation(run):
                     # Its publish was refused: the generation is gone, or Redis's history went
                     # back behind this run (a lossy failover or restore) and the meta may still
                     # say running. Not acked: a reaper finds the job once the lease ran out and
@@ -167,23 +202,28 @@ class Worker:
         except Exception:
             # Not acked: the job stays pending, where a lease reaper can find it.
             log.exception("generation %s failed in the worker", gen_id)
+        finally:
+            if run is not None:
+                self.leases.release(gen_id)
+            if self.running.get(gen_id) is registered:
+                del self.running[gen_id]
 
-    async def _run_generation(self, gen_id: str, entry: JobEntry, job: Job) -> bool:
-        """Run it to its end; False if it stopped on a refused publish (``run.stopped``)."""
-        run = GenerationRun(
+    def _new_run(self, gen_id: str, entry: JobEntry, job: Job) -> GenerationRun:
+        return GenerationRun(
             gen_id, job["request"], job_entry=entry, owner=self.name, store=self.store,
             llm=self.llm, settings=self.settings, metrics=self.metrics,
+            on_published=self.admission.note_publish, batcher=self.batcher,
         )
-        self.running[gen_id] = run
+
+    async def _run_generation(self, run: GenerationRun) -> bool:
+        """Run it to its end; False if it stopped on a refused publish (``run.stopped``)."""
+        gen_id = run.gen_id
         self.metrics.generations_running.inc()
         try:
-            # A cancel that came between the claim and now was published to nobody; its flag
-            # is in the meta. Any later one reaches this run through the listener.
-            if await self.store.cancel_requested(gen_id):
-                run.cancel_requested.set()
             await run.run()
         finally:
-            del self.running[gen_id]
+            if self.running.get(gen_id) is run:
+                del self.running[gen_id]
             self.metrics.generations_running.dec()
         log.info(
             "generation %s done: %d tokens in, %d events out, longest buffer wait %.0f ms",
@@ -261,7 +301,9 @@ class Worker:
         gen_id = job["gen"]
         meta = await self.store.meta(gen_id)
         if meta is not None and meta.status == "queued":
-            if not self._stopping.is_set() and len(self._tasks) < self.settings.max_concurrency:
+            taken = len(self._tasks)
+            if (not self._stopping.is_set() and taken < self.settings.max_concurrency
+                    and self.admission.allowance(1, taken)):
                 log.info("taking over generation %s: its worker never started it", gen_id)
                 self._start(entry, job)
             return

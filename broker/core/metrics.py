@@ -118,6 +118,31 @@ class Metrics:
             "broker_oldest_pending_job_age_seconds",
             "age of the oldest job taken but not finished (0 when none)", registry=r,
         )
+        # -- the worker's load: admission, queueing and lease renewals
+        self.queue_wait = Histogram(
+            "broker_queue_wait_seconds",
+            "from the job's enqueueing to this worker's claim of it (worker)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=r,
+        )
+        self.loop_lag = Gauge(
+            "broker_worker_loop_lag_seconds",
+            "how late the worker's event loop ran a timer, on average over the last half second",
+            registry=r,
+        )
+        self.publish_time = Gauge(
+            "broker_worker_publish_seconds",
+            "how long the worker's publishes took, queueing for a Redis connection included, on "
+            "average over the last half second", registry=r,
+        )
+        self.admission_waits = Counter(
+            "broker_admission_waits", "times this worker left jobs queued because its event "
+            "loop ran late or its publishes were slow (BROKER_ADMIT_MAX_LAG)", registry=r,
+        )
+        self.lease_renewal_interval = Histogram(
+            "broker_lease_renewal_interval_seconds",
+            "time between two rounds of this worker's lease renewals (a lease must outlast it)",
+            buckets=(0.5, 1, 1.5, 1.75, 2, 2.5, 3, 4, 5, 10), registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -847,7 +847,10 @@ def parse_conversation_event_id(value: str) -> tuple[int, int]:
     """(turn, seq) of a conversation stream's SSE id; ``ProtocolError`` if not one of ours."""
     if not _CONVERSATION_EVENT_ID_RE.fullmatch(value):
         raise ProtocolError(f"not a conversation event id: {value[:40]!r}")
-    return int(value[:-_CONVERSATION_SEQ_WIDTH]), int(value[-_CONVERSATION_SEQ_WIDTH:])
+    turn = int(value[:-_CONVERSATION_SEQ_WIDTH])
+    if turn < 1:  # turns count from 1: no stream sent it (and the index has no turn 0)
+        raise ProtocolError(f"not a conversation event id (turn 0): {value[:40]!r}")
+    return turn, int(value[-_CONVERSATION_SEQ_WIDTH:])
 
 
 # -- external producers ----------------------------------------------------------------------

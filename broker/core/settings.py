@@ -97,6 +97,11 @@ class Settings:
         5.0, "BROKER_LEASE_TTL", "seconds a worker's lease on a generation lasts unrenewed",
         "worker dev",
     )
+    admit_max_lag: float = _setting(
+        0.05, "BROKER_ADMIT_MAX_LAG", "a worker takes no new job while its event loop runs "
+        "this many seconds late or its publishes take this long (measured; jobs stay queued "
+        "for other workers; 0: no limit but BROKER_MAX_CONCURRENCY)", "worker dev",
+    )
     producer_lease: float = _setting(
         30.0, "BROKER_PRODUCER_LEASE", "seconds an external producer's generation lives "
         "without an append or a heartbeat (then it ends with producer_lost)", "edge dev",
@@ -204,6 +209,10 @@ class Settings:
     max_headers: int = _setting(
         100, "BROKER_MAX_HEADERS", "header lines of a request; more get 431", "edge dev",
     )
+    workers: int = _setting(
+        1, "BROKER_EDGE_WORKERS", "edge processes serving the one port (one per core); each "
+        "holds its own subscriptions", "edge",
+    )
 
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -226,7 +235,9 @@ class Settings:
 # allowed, whether that lowest value itself is allowed).
 _RANGES: dict[str, tuple[float, bool]] = {
     "flush_interval": (0.0, False),
+    "workers": (1.0, True),
     "first_text_wait": (0.0, True),
+    "admit_max_lag": (0.0, True),
     "producer_lease": (0.0, False),
 }
 

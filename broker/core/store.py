@@ -17,6 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -25,7 +26,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT, FieldT, StreamIdT
 
 from broker.core import protocol
 from broker.core.protocol import Event, Job, JobEntry, Meta, NewEvent, as_text
@@ -178,8 +179,9 @@ class Store:
         self, gen_id: str, request: dict[str, Any], model: str, producer: str | None = None,
         conversation: str | None = None,
     ) -> int | None:
-        """Meta first, then the job, so a worker never sees a job without meta. The two live in
-        different slots on a cluster, so no transaction spans them: if the job cannot be queued,
+        """Meta first, then the job, so a worker never sees a job without meta. On one Redis,
+        with no conversation, both go in one transaction (one round trip). On a cluster they
+        live in different slots, so no transaction spans them: if the job cannot be queued,
         the meta is taken back (and expires anyway) and the caller gets the error.
 
         A turn of ``conversation`` is indexed between the two (``add_turn``), before any
@@ -189,8 +191,23 @@ class Store:
         if producer:
             job_fields["producer"] = producer
         job = protocol.encode_job(job_fields)
+        meta_fields = _fields(protocol.new_meta(model, producer, conversation))
+        if not self.cluster and not conversation:
+            # Meta and job in one MULTI: applied in order, one round trip (should the XADD
+            # fail, the meta is taken back as below).
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hset(meta, mapping=meta_fields)
+                    pipe.pexpire(meta, int(self.ttl_ms))
+                    pipe.xadd(self.job_stream_of(gen_id), _fields(job))
+                    await pipe.execute()
+            except BaseException:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.delete(meta)
+                raise
+            return None
         async with self.redis.pipeline(transaction=not self.cluster) as pipe:
-            pipe.hset(meta, mapping=_fields(protocol.new_meta(model, producer, conversation)))
+            pipe.hset(meta, mapping=meta_fields)
             pipe.pexpire(meta, int(self.ttl_ms))
             await pipe.execute()
         turn = None
@@ -305,10 +322,8 @@ class Store:
         """The generation of the oldest turn of ``cid`` that has not ended (queued or
         running), or None. (Turns may end out of order: two workers run them at once.)"""
         turns = await self.conversation_turns(cid)
-        for turn, status in zip(turns, await self.turn_statuses(turns), strict=True):
-            if status is not None and status not in protocol.TERMINAL_STATUSES:
-                return turn.gen_id
-        return None
+        active = oldest_unended(turns, await self.turn_statuses(turns))
+        return None if active is None else active.gen_id
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -318,14 +333,40 @@ class Store:
         keys = [protocol.meta_key(gen_id)]
         return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
 
-    async def cancel_requested(self, gen_id: str) -> bool:
-        return await self.redis.hget(protocol.meta_key(gen_id), "cancel") == b"1"
-
     async def heartbeat(self, gen_id: str, owner: str, lease_ttl: float) -> str:
         """Renew the lease for ``lease_ttl`` seconds (Redis's clock): 'run', 'cancel' (cancel
         was requested) or 'lost' (no longer ours)."""
         keys = [protocol.meta_key(gen_id)]
         return as_text(await self._heartbeat(keys=keys, args=[owner, _ms(lease_ttl)]))
+
+    async def renew_leases(
+        self, owner: str, leases: Sequence[tuple[str, JobEntry]], lease_ttl: float
+    ) -> list[str]:
+        """``heartbeat`` for each generation and ``touch_job`` for each job, in one round trip
+        on one Redis (a pipeline; every reply is checked); on a cluster, where each generation
+        lives on its own slot, as concurrent calls. One state per lease, in order."""
+        if not leases:
+            return []
+        ttl_ms = _ms(lease_ttl)
+        jobs: dict[str, list[StreamIdT]] = {}
+        for _gen_id, job in leases:
+            jobs.setdefault(job.stream, []).append(job.entry_id)
+        if self.cluster:
+            states = await asyncio.gather(
+                *(self.heartbeat(gen_id, owner, lease_ttl) for gen_id, _ in leases))
+            await asyncio.gather(*(self.redis.xclaim(
+                stream, protocol.WORKER_GROUP, owner, 0, ids, justid=True)
+                for stream, ids in jobs.items()))
+            return list(states)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gen_id, _ in leases:
+                await self._heartbeat(  # (redis-py types no pipeline here, but takes one)
+                    keys=[protocol.meta_key(gen_id)], args=[owner, ttl_ms],
+                    client=pipe)  # type: ignore[arg-type]
+            for stream, ids in jobs.items():
+                pipe.xclaim(stream, protocol.WORKER_GROUP, owner, 0, ids, justid=True)
+            replies = await pipe.execute()
+        return [as_text(reply) for reply in replies[: len(leases)]]
 
     async def publish(
         self, gen_id: str, owner: str, seq: int, events: Sequence[NewEvent],
@@ -344,6 +385,45 @@ class Store:
         if result == 1 and events[-1].terminal:
             await self._turn_ended(gen_id)
         return result
+
+    async def publish_many(self, batches: Sequence[PublishCall]) -> list[int | Exception]:
+        """``publish`` for several generations at once: one pipeline, one round trip on one
+        Redis (each script call still atomic by itself); concurrent calls on a cluster, where
+        the generations live on different slots. One result per call, in order: what
+        ``publish`` returns, or the exception it would raise (a lost connection fails them
+        all: each caller retries its own, the explicit seq making a repeat harmless)."""
+        if self.cluster or len(batches) == 1:
+            outcomes = await asyncio.gather(
+                *(self.publish(*call) for call in batches), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    raise outcome  # (a cancellation)
+            return [o for o in outcomes if isinstance(o, int | Exception)]
+        sha = self._publish.sha
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for gen_id, owner, seq, events, published_ms in batches:
+                args = protocol.publish_args(
+                    owner, seq, events, published_ms, maxlen=self.maxlen, ttl_ms=self.ttl_ms,
+                    channel=protocol.live_channel(gen_id), publish_cmd=self.publish_cmd,
+                )
+                keys = protocol.generation_keys(gen_id)
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+        results: list[int | Exception] = []
+        for call, reply in zip(batches, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                try:  # (Redis lost its scripts: the Script object loads it again)
+                    results.append(await self.publish(*call))
+                except (RedisError, OSError) as e:
+                    results.append(e)
+            elif isinstance(reply, Exception):
+                results.append(reply)
+            else:
+                result = int(reply)
+                if result == 1 and call[3][-1].terminal:
+                    await self._turn_ended(call[0])
+                results.append(result)
+        return results
 
     async def reap(self, gen_id: str, reaper: str, healthy_for: float) -> protocol.LeaseCheck:
         """End ``gen_id`` with ``worker_lost`` (``producer_lost`` for an external producer's)
@@ -432,6 +512,10 @@ class Store:
             await pipe.execute()
 
 
+# One ``Store.publish`` call's arguments: gen_id, owner, seq, events, published_ms.
+PublishCall = tuple[str, str, int, Sequence[NewEvent], int]
+
+
 def _fields(values: Mapping[str, str]) -> dict[FieldT, EncodableT]:
     """``values`` as redis-py types a hash's or a stream entry's fields (its ``Mapping`` is
     invariant in the key type, so a ``dict[str, str]`` does not pass as it is)."""
@@ -441,3 +525,13 @@ def _fields(values: Mapping[str, str]) -> dict[FieldT, EncodableT]:
 def _ms(seconds: float) -> int:
     return max(0, int(seconds * 1000))
 
+
+def oldest_unended(
+    turns: Sequence[protocol.Turn], statuses: Sequence[str | None]
+) -> protocol.Turn | None:
+    """The first of ``turns`` whose status (``turn_statuses``) is queued or running: the
+    conversation's active turn; None when every turn ended or expired."""
+    for turn, status in zip(turns, statuses, strict=True):
+        if status is not None and status not in protocol.TERMINAL_STATUSES:
+            return turn
+    return None

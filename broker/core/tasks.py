@@ -1,12 +1,14 @@
-"""Stopping asyncio tasks for sure, and sharing one call among the callers that wait for it."""
+"""Stopping asyncio tasks for sure, sharing one call among the callers that wait for it, and
+an ``asyncio.Event`` that costs nothing until awaited."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -77,3 +79,19 @@ class SharedCalls(Generic[K, V]):
         kept = [k for k, c in self._calls.items() if c.done()]
         for old in kept[: max(0, len(kept) - self._capacity)]:
             del self._calls[old]
+
+
+class LazyEvent(asyncio.Event):
+    """An ``asyncio.Event`` whose waiter deque is made when someone first waits: until then
+    ``set`` iterates an empty tuple. Making one is two attribute stores, not a deque (~600
+    bytes) and the loop mixin's setup: uvicorn makes two per streaming connection that almost
+    never get awaited, and a topic one per event, mostly set with nobody waiting."""
+
+    def __init__(self) -> None:  # (no super().__init__: it would make the deque)
+        self._waiters = ()  # type: ignore[assignment]
+        self._value = False
+
+    async def wait(self) -> Literal[True]:
+        if not self._value and not self._waiters:
+            self._waiters = collections.deque()
+        return await super().wait()

@@ -72,14 +72,18 @@ class _Served(Response):
         await self.stream.serve(scope, receive, send)
 
 
-def _stream(edge: Edge, gen_id: str, message_id: str,
-            tool_calls: frozenset[str] = frozenset()) -> Response:
+def _slot(edge: Edge) -> ViewerSlot:
     slot = edge.open_streams.take()
     if slot is None:
         raise ApiError(
             503, "too_many_viewers", "this edge serves as many streams as it may; retry shortly",
             headers={"retry-after": "5"},
         )
+    return slot
+
+
+def _stream(edge: Edge, slot: ViewerSlot, gen_id: str, message_id: str,
+            tool_calls: frozenset[str] = frozenset()) -> Response:
     s = edge.settings
     return _Served(UIMessageEventStream(
         edge.hub, gen_id, aisdk.UIMessageStream(message_id, tool_calls),
@@ -95,14 +99,21 @@ async def chat(request: Request) -> Response:
     turn = aisdk.parse_chat_body(
         body, s.model, max_messages=s.max_messages, max_content_chars=s.max_content_chars
     )
-    gen_id = await queue_generation(edge, producer, turn.request, turn.chat_id)
+    # The stream's place first: a turn is created only if its answer can be streamed (else
+    # the 503's retry would make it twice, and an answer nobody reads would run).
+    slot = _slot(edge)
+    try:
+        gen_id = await queue_generation(edge, producer, turn.request, turn.chat_id)
+    except BaseException:
+        slot.release()
+        raise
     # The answer's message: the generation's id, or the assistant message it continues (as
     # the SDK's own servers answer, ``getResponseUIMessageId``: the client then extends that
     # message instead of adding a copy of it). A resume says the generation's id either way:
     # a reloaded page's client rebuilds the turn as a message of its own.
     if turn.continues is None:
-        return _stream(edge, gen_id, gen_id)
-    return _stream(edge, gen_id, turn.continues, turn.continued_calls)
+        return _stream(edge, slot, gen_id, gen_id)
+    return _stream(edge, slot, gen_id, turn.continues, turn.continued_calls)
 
 
 async def resume(request: Request) -> Response:
@@ -130,7 +141,7 @@ async def resume(request: Request) -> Response:
     if request.method == "HEAD":  # the headers alone: a stream would run on with no reader
         return Response(headers={k.decode(): v.decode()
                                  for k, v in aisdk.UI_MESSAGE_STREAM_HEADERS})
-    return _stream(edge, gen_id, gen_id)
+    return _stream(edge, _slot(edge), gen_id, gen_id)
 
 
 routes: list[BaseRoute] = [

@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from broker.core.metrics import Metrics
 from broker.core.settings import Settings
@@ -116,23 +116,29 @@ class EdgeApp(Starlette):
             await super().__call__(scope, receive, _with_headers(send, page_headers))
             return
         cors = await self.cors.simple_headers(scope)
-        send = _with_headers(send, [*page_headers, *cors] if cors else page_headers)
-        # Served from here, in this frame: an open stream holds no frame more than it must.
+        extra = [*page_headers, *cors] if cors else page_headers
+        # Served from here, in this frame: an open stream holds no frame more than it must,
+        # nor a send wrapper (the stream adds ``extra`` to its own start).
         edge: Edge = self.state.edge
         try:
             answer = await open_stream(edge, Request(scope, receive), gen_id)
         except Exception as exc:
-            await _answer_error(edge, exc, scope, receive, send)
+            await _answer_error(edge, exc, scope, receive, _with_headers(send, extra))
             return
         if not isinstance(answer, EventStream):
-            await answer(scope, receive, send)  # 204: it ended at the cursor
+            await answer(scope, receive, _with_headers(send, extra))  # 204: ended at the cursor
             return
+        # Every request header the stream needs was read (token, Last-Event-ID, Origin): an
+        # open stream keeps none of them (a browser's are a kilobyte or more, held for hours).
+        request_headers = scope.get("headers")
+        if isinstance(request_headers, list):
+            request_headers.clear()
         try:
-            await answer.serve(scope, receive, send)
+            await answer.serve(scope, receive, send, extra)
         except Exception as exc:
             if answer.started:
                 raise  # uvicorn logs it and closes the connection
-            await _answer_error(edge, exc, scope, receive, send)
+            await _answer_error(edge, exc, scope, receive, _with_headers(send, extra))
 
 
 async def _answer_error(edge: Edge, exc: Exception, scope: Scope, receive: Receive,
@@ -161,17 +167,7 @@ def error_answer(edge: Edge, exc: Exception, method: str, path: str) -> tuple[Re
     return error_response(500, "internal_error", "internal error"), True
 
 
-def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """``send``, adding ``extra`` to the response's headers as it starts (once per response;
-    a stream's events are written past ``send`` altogether, see
-    ``broker.edge.uvicorn_extensions``)."""
-
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *extra]}
-        await send(message)
-
-    return send_with_headers
+_with_headers = headers.with_headers
 
 
 class InsecureConfig(SystemExit):

@@ -24,6 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from broker.core import protocol, sse
 from broker.core.protocol import Turn
+from broker.core.store import oldest_unended
 from broker.edge.connection import connection_of
 from broker.edge.conversations import ConversationTopic
 from broker.edge.hub import Hub
@@ -127,9 +128,9 @@ class ConversationStream:
         """``?from=active``: the oldest turn that has not ended; none: the next turn."""
         store = self.hub.store
         turns = await store.conversation_turns(self.cid)
-        for turn, status in zip(turns, await store.turn_statuses(turns), strict=True):
-            if status is not None and status not in protocol.TERMINAL_STATUSES:
-                return turn.number
+        active = oldest_unended(turns, await store.turn_statuses(turns))
+        if active is not None:
+            return active.number
         return turns[-1].number + 1 if turns else 1
 
     async def _follow(self, conversation: ConversationTopic, send: Send) -> None:
@@ -168,8 +169,18 @@ class ConversationStream:
                 except HistoryLost as e:
                     data = _with_generation(
                         protocol.error_data("history_lost", str(e)), turn.gen_id)
-                    await self._send(send, sse.frame(data, event="error"))
-                    raise _StreamOver from e
+                    ended = await store.meta(turn.gen_id)
+                    if ended is None or not ended.finished:
+                        await self._send(send, sse.frame(data, event="error"))
+                        raise _StreamOver from e
+                    # An ended turn: the error is its terminal event, with the id of the
+                    # turn's own, so the device goes on past it (a resume at the same hole
+                    # would find it again, for ever) to the next turns.
+                    await self._send(send, sse.frame(
+                        data, id=protocol.conversation_event_id(turn.number, ended.seq),
+                        event="error"))
+                    self.seq = ended.seq
+                    return
                 if frames:
                     await self._send_frames(send, turn, frames)
                     if frames[-1].terminal:

@@ -3,6 +3,8 @@ and the server's own answers in ``broker.edge.uvicorn_extensions``), never per w
 
 from __future__ import annotations
 
+from starlette.types import Message, Send
+
 # Every answer: a browser must not guess another content type than the one declared (a JSON
 # error echoing input must never be sniffed as HTML).
 NOSNIFF = (b"x-content-type-options", b"nosniff")
@@ -28,3 +30,16 @@ def for_path(path: str) -> list[tuple[bytes, bytes]]:
     if path == "/" or path.startswith("/static/"):
         return PAGE_HEADERS
     return API_HEADERS
+
+
+def with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send``, adding ``extra`` to the response's headers as it starts (once per response;
+    a stream's events are written past ``send`` altogether, see
+    ``broker.edge.uvicorn_extensions``)."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return send_with_headers

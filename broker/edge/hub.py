@@ -123,9 +123,14 @@ class Hub:
 
     # -- topics ----------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def watch(self, gen_id: str) -> AsyncIterator[Topic]:
-        """The topic of ``gen_id``, subscribed; released (and unsubscribed if last) on exit."""
+    def watch(self, gen_id: str) -> Watch:
+        """The topic of ``gen_id``, subscribed; released (and unsubscribed if last) on exit
+        (``async with hub.watch(gen_id) as topic``)."""
+        return Watch(self, gen_id)
+
+    def join(self, gen_id: str) -> Topic:
+        """``watch``'s entry: count a viewer in (the topic made if it is the first). Every
+        ``join`` is followed by one ``leave``; ``subscribed`` waits for the subscription."""
         topic = self.topics.get(gen_id)
         if topic is None:
             topic = Topic(gen_id, self.window, last_change=time.monotonic(), metrics=self.metrics)
@@ -133,23 +138,26 @@ class Hub:
             self.metrics.subscriptions.inc()
             self.leases.watch(topic)
         topic.viewers += 1
-        try:
-            if not topic.subscribed.is_set():
-                if topic.viewers == 1:
-                    await self.subscriptions.subscribe(protocol.live_channel(gen_id))
-                try:
-                    async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
-                        await topic.subscribed.wait()
-                except TimeoutError as e:
-                    raise RedisConnectionError("the subscription was not confirmed") from e
-            yield topic
-        finally:
-            topic.viewers -= 1
-            if topic.viewers == 0 and self.topics.get(gen_id) is topic:
-                del self.topics[gen_id]
-                self.metrics.subscriptions.dec()
-                self.leases.forget(topic)
-                await self.subscriptions.unsubscribe(protocol.live_channel(gen_id))
+        return topic
+
+    async def subscribed(self, topic: Topic) -> None:
+        """Subscribe (if this is the topic's first viewer) and wait for the confirmation."""
+        if not topic.subscribed.is_set():
+            if topic.viewers == 1:
+                await self.subscriptions.subscribe(protocol.live_channel(topic.gen_id))
+            try:
+                async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
+                    await topic.subscribed.wait()
+            except TimeoutError as e:
+                raise RedisConnectionError("the subscription was not confirmed") from e
+
+    async def leave(self, topic: Topic) -> None:
+        topic.viewers -= 1
+        if topic.viewers == 0 and self.topics.get(topic.gen_id) is topic:
+            del self.topics[topic.gen_id]
+            self.metrics.subscriptions.dec()
+            self.leases.forget(topic)
+            await self.subscriptions.unsubscribe(protocol.live_channel(topic.gen_id))
 
     # -- conversations ---------------------------------------------------------------------
 
@@ -243,3 +251,30 @@ class Hub:
         elif meta.seq < delivered:
             topic.diverged()  # Redis forgot events this edge has already delivered
         topic.resync()
+
+
+class Watch:
+    """``Hub.watch``'s context: three slots, where a generator-based context manager would
+    keep a suspended generator frame per open stream for hours."""
+
+    __slots__ = ("gen_id", "hub", "topic")
+
+    def __init__(self, hub: Hub, gen_id: str) -> None:
+        self.hub = hub
+        self.gen_id = gen_id
+        self.topic: Topic | None = None
+
+    async def __aenter__(self) -> Topic:
+        topic = self.topic = self.hub.join(self.gen_id)
+        try:
+            await self.hub.subscribed(topic)
+        except BaseException:
+            self.topic = None
+            await self.hub.leave(topic)
+            raise
+        return topic
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        topic, self.topic = self.topic, None
+        if topic is not None:
+            await self.hub.leave(topic)

@@ -25,7 +25,7 @@ from broker.core.external import ExternalStore
 from broker.core.metrics import Metrics
 from broker.core.protocol import Meta
 from broker.core.settings import Settings
-from broker.core.store import Store
+from broker.core.store import Store, oldest_unended
 from broker.core.tasks import SharedCalls
 from broker.edge import openapi
 from broker.edge.auth import (
@@ -325,14 +325,13 @@ async def get_conversation(request: Request) -> Response:
     # the first turn (`broker tail --conversation` does), and need its token to.
     turns = await edge.store.conversation_turns(cid)
     statuses = await edge.store.turn_statuses(turns)
-    active = next((turn.gen_id for turn, status in zip(turns, statuses, strict=True)
-                   if status is not None and status not in protocol.TERMINAL_STATUSES), None)
+    active = oldest_unended(turns, statuses)
     return JSONResponse({
         "id": cid,
         "turns": [{"generation_id": turn.gen_id, "turn": turn.number,
                    "status": status or "expired"}
                   for turn, status in zip(turns, statuses, strict=True)],
-        "active": active,
+        "active": None if active is None else active.gen_id,
         "events_url": edge.conversation_url(cid),
     })
 

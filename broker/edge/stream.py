@@ -15,6 +15,7 @@ from broker.core.metrics import Metrics
 from broker.core.protocol import error_data, now_ms
 from broker.edge.connection import DirectWriter, connection_of
 from broker.edge.errors import error_response
+from broker.edge.headers import with_headers
 from broker.edge.hub import Hub
 from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
@@ -137,8 +138,11 @@ class EventStream:
         self._writer: DirectWriter | None = None  # for the fan-out's writes, once started
         self.started = False  # the response began (or its error answer did)
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The response; exceptions before it started (``started``) still need an answer."""
+    async def serve(self, scope: Scope, receive: Receive, send: Send,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """The response, with ``headers`` beside its own; exceptions before it started
+        (``started``) still need an answer."""
+        extra = headers or []
         relay = asyncio.current_task()
         assert relay is not None
         self._relay_task = relay
@@ -162,11 +166,12 @@ class EventStream:
                     # Before any byte is sent: a non-200 answer, so EventSource stops here
                     # instead of reconnecting into the same hole forever.
                     self.started = True
-                    await error_response(410, "history_lost", str(e))(scope, receive, send)
+                    await error_response(410, "history_lost", str(e))(
+                        scope, receive, with_headers(send, extra))
                     return
                 self.started = True
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": self.headers})
+                            "headers": [*self.headers, *extra]})
                 if connection is not None and self.direct_writes:
                     self._writer = connection.direct_writer(scope)
                 await self._send(send, self.opening())
@@ -225,7 +230,11 @@ class EventStream:
                 if self.hub.closing:
                     return  # (a stream that started after close_streams woke the others)
                 if self._writer is not None and not changed.is_set():
-                    await topic.park(self)  # the fan-out writes to us meanwhile
+                    woken = topic.parked(self)  # the fan-out writes to us meanwhile
+                    try:
+                        await woken
+                    finally:
+                        topic.unpark(self, woken)
                     if self.position == topic.terminal_seq:
                         return  # the fan-out wrote the terminal event
                 else:

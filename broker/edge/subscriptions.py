@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
@@ -26,7 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from broker.core.backoff import Backoff
 from broker.core.cluster import Master, SlotMap
 from broker.core.metrics import Metrics
-from broker.core.pubsub import subscribe_forever
+from broker.core.pubsub import Push, PushConnection, subscribe_forever
 from broker.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class PubSubConnection:
         # SUBSCRIBE commands sent per channel and not yet confirmed: a confirmation nobody
         # waits for is a resubscription after a reconnect (see ``_dispatch``).
         self._unconfirmed: dict[str, int] = {}
-        self._pubsub: PubSub | None = None
+        self._pubsub: PushConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._probe_seen_at: float | None = None
         self._unseen_since: float | None = None  # first probe published after the last seen
@@ -110,7 +109,7 @@ class PubSubConnection:
             return  # between connections: the reader subscribes every channel when it reconnects
         self._unconfirmed[channel] = self._unconfirmed.get(channel, 0) + 1
         try:
-            await self._subscribe(pubsub, channel)
+            self._subscribe(pubsub, channel)
         except (RedisError, OSError):
             # The reader reconnects and subscribes it then (and may have cleared the count).
             self._unconfirmed[channel] = max(0, self._unconfirmed.get(channel, 0) - 1)
@@ -120,21 +119,19 @@ class PubSubConnection:
         if self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
                 # A failed unsubscribe is harmless: stray messages for unknown topics are ignored.
-                if self.sharded:
-                    await self._pubsub.sunsubscribe(channel)
-                else:
-                    await self._pubsub.unsubscribe(channel)
+                self._pubsub.send(b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE", channel)
 
-    async def _subscribe(self, pubsub: PubSub, *channels: str) -> None:
+    def _subscribe(self, pubsub: PushConnection, *channels: str) -> None:
+        """Written at once; Redis confirms each channel with a push (see ``_dispatch``)."""
         if not self.sharded:
-            await pubsub.subscribe(*channels)
+            pubsub.send(b"SUBSCRIBE", *channels)
             return
         # One SSUBSCRIBE may only name channels of one slot (else CROSSSLOT).
         by_slot: dict[int, list[str]] = {}
         for channel in channels:
             by_slot.setdefault(key_slot(channel.encode()), []).append(channel)
         for same_slot in by_slot.values():
-            await pubsub.ssubscribe(*same_slot)
+            pubsub.send(b"SSUBSCRIBE", *same_slot)
 
     async def publish_probe(self, now: float) -> None:
         try:
@@ -163,28 +160,24 @@ class PubSubConnection:
         and subscribes every channel again; their confirmations then tell the listener to
         catch up (see ``_dispatch``)."""
         await subscribe_forever(
-            self.client.pubsub, self._session, self._connection_failed,
+            lambda: PushConnection(self.client), self._session, self._connection_failed,
             stopped=lambda: self.retired,
             after_failure=self._follow_failover if self.sharded else None,
         )
 
-    async def _session(self, pubsub: PubSub, connected: Callable[[], None]) -> None:
+    async def _session(self, pubsub: PushConnection, connected: Callable[[], None]) -> None:
         try:
+            await pubsub.connect()
             self._unconfirmed.clear()
-            # Channels added while subscribing were not in the list: take them too, and
-            # publish the connection (for direct subscribes) with no await in between.
-            done: set[str] = set()
-            todo = {self.probe_channel, *self.channels}
-            while todo:
-                await self._subscribe(pubsub, *todo)
-                done |= todo
-                todo = self.channels - done
+            # Every channel at once, and the connection published (for direct subscribes) in
+            # the same step: none added meanwhile can be missed.
+            self._subscribe(pubsub, self.probe_channel, *self.channels)
             self._pubsub = pubsub
             connected()
+            dispatch = self._dispatch
             while True:
-                message = await pubsub.get_message(timeout=None)
-                if message is not None:
-                    self._dispatch(message)
+                for push in await pubsub.read():
+                    dispatch(push)
         finally:
             self._pubsub = None
 
@@ -201,27 +194,26 @@ class PubSubConnection:
         with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self.owner.rebalance()
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        channel = message["channel"]
-        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+    def _dispatch(self, push: Push) -> None:
+        kind, raw_channel, data = push
+        channel = raw_channel.decode()
         if channel == self.probe_channel:
-            if kind in ("message", "smessage"):
+            if kind in (b"message", b"smessage"):
                 self._probe_seen_at = time.monotonic()
                 self._unseen_since = None
                 if self._healthy_since is None:
                     self._healthy_since = self._probe_seen_at
             return
-        if kind in ("message", "smessage"):
-            self.owner.listener.on_message(channel, message["data"])
-        elif kind in ("subscribe", "ssubscribe"):
+        if kind == b"message" or kind == b"smessage":
+            self.owner.listener.on_message(channel, data)
+        elif kind in (b"subscribe", b"ssubscribe"):
             waiting = self._unconfirmed.get(channel, 0)
             if waiting > 1:
                 self._unconfirmed[channel] = waiting - 1
                 return
             self._unconfirmed.pop(channel, None)
             self.owner.listener.on_confirmed(channel)
-        elif kind == "sunsubscribe" and channel in self.channels:
+        elif kind == b"sunsubscribe" and channel in self.channels:
             # Unasked: the master no longer serves this channel's slot (it moved, or the node
             # became a replica). Find the new owner and subscribe there.
             self.owner.channel_dropped(channel)

@@ -23,7 +23,7 @@ from broker.core import sse
 from broker.core.metrics import Metrics
 from broker.core.protocol import Event, now_ms
 from broker.core.store import Store
-from broker.core.tasks import SharedCalls
+from broker.core.tasks import LazyEvent, SharedCalls
 
 LOG_READ_CHUNK = 200
 # Full chunks a topic keeps after reading them (log content never changes): in a resume storm
@@ -89,7 +89,7 @@ class Topic:
     # Viewers parked at the head, each with the future that wakes it (see ``park``).
     live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
     _fan_out_soon: asyncio.Handle | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(default_factory=LazyEvent)
     # Log reads by chunk start: in flight, or done and full (then kept, see KEPT_CHUNKS; a
     # short chunk grows as the generation goes on).
     _chunks: SharedCalls[int, list[Frame]] = field(
@@ -132,13 +132,22 @@ class Topic:
         (``viewer.push``) and returns here only when the viewer has something else to do: a
         frame it could not take at once, the terminal event, any other change (a gap, a
         resync, a log read), or a keepalive tick. So a fan-out wakes no task per viewer."""
-        woken = asyncio.get_running_loop().create_future()
-        self.live[viewer] = woken
+        woken = self.parked(viewer)
         try:
             await woken
         finally:
-            if self.live.get(viewer) is woken:
-                del self.live[viewer]
+            self.unpark(viewer, woken)
+
+    def parked(self, viewer: LiveViewer) -> asyncio.Future[None]:
+        """``park`` without its coroutine (an open stream then holds one frame less): the
+        future to await; call ``unpark`` with it after, however the wait ended."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.live[viewer] = woken
+        return woken
+
+    def unpark(self, viewer: LiveViewer, woken: asyncio.Future[None]) -> None:
+        if self.live.get(viewer) is woken:
+            del self.live[viewer]
 
     def _fan_out(self) -> None:
         """Write what each parked viewer lacks, framed once per position (all parked viewers
@@ -277,7 +286,7 @@ class Topic:
     def wake(self) -> None:
         """Wake the viewers without a change (they check their keepalive and deadline); the
         topic still counts as quiet for the audit."""
-        changed, self._changed = self._changed, asyncio.Event()
+        changed, self._changed = self._changed, LazyEvent()
         changed.set()
         self._wake_live()
 
@@ -285,7 +294,7 @@ class Topic:
         """Wake the viewers waiting for a change; ``live=False``: not the parked ones (the
         fan-out wrote the change to them)."""
         self.last_change = time.monotonic()
-        changed, self._changed = self._changed, asyncio.Event()
+        changed, self._changed = self._changed, LazyEvent()
         changed.set()
         if live:
             self._wake_live()

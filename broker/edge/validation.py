@@ -78,23 +78,12 @@ def parse_create_body(
 
 
 def check_create_request(
-    request: Any, default_model: str, *, max_messages: int = 256,
+    value: Any, default_model: str, *, max_messages: int = 256,
     max_content_chars: int = 200_000,
 ) -> dict[str, Any]:
     """``parse_create_body`` once the body is JSON: what the AI SDK's chat endpoint checks
     the request it converts with too."""
-    if not isinstance(request, dict):
-        raise ApiError(422, "invalid_request", "request body must be a JSON object")
-    if _nests_deeper_than(request, MAX_JSON_DEPTH):
-        raise ApiError(400, "invalid_json",
-                       f"request body nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text (the job,
-        # the LLM request) can carry: refuse it here rather than fail later (the fuzz found it).
-        json.dumps(request, ensure_ascii=False).encode()
-    except UnicodeEncodeError as e:
-        raise ApiError(400, "invalid_json", "request body has an unpaired UTF-16 surrogate "
-                       f"escape at {e.start}") from e
+    request = _json_object(value)
     _check_messages(request.get("messages"), max_messages, max_content_chars)
     model = request.get("model", default_model)
     if model is None:
@@ -198,13 +187,20 @@ PRODUCER_ERROR = "producer_error"
 
 
 def _object(body: bytes) -> dict[str, Any]:
-    value = load_json(body)
+    return _json_object(load_json(body))
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    """A request body's JSON value if it is an object that is not too deep and holds no
+    unpaired surrogate (every body that must be an object is checked by this)."""
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_request", "request body must be a JSON object")
     if _nests_deeper_than(value, MAX_JSON_DEPTH):
         raise ApiError(400, "invalid_json",
                        f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"), which no UTF-8 text (the job,
+        # the LLM request) can carry: refuse it here rather than fail later (the fuzz found it).
         json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError as e:
         raise ApiError(400, "invalid_json", "request body has an unpaired UTF-16 surrogate "
@@ -218,7 +214,9 @@ def parse_external_create(
     """``(model, metadata, conversation id)`` of an external producer's create; None for any
     other create body (the worker's: ``parse_create_body`` checks it). ``messages`` may be
     sent and is ignored: the producer runs its own loop."""
-    if b'"producer"' not in body:  # the worker's creates are parsed once, by parse_create_body
+    if b'"producer"' not in body and b"\\u" not in body:
+        # The worker's creates are parsed once, by parse_create_body (unless a key may be
+        # spelled with escapes: "\u0070roducer" is "producer" too).
         return None
     try:
         value = json.loads(body)

@@ -137,6 +137,10 @@ class Producer:
         self._lock = asyncio.Lock()  # one append at a time: ``after`` counts them in order
         self._last_renewal = 0.0
         self._pending = asyncio.Event()  # text waits in a sentence buffer
+        # Batches whose append failed (no answer, or Redis refused), in order: each is sent
+        # again as it was, with the same ``after``, before anything else (a retry of one that
+        # had landed is a no-op; a batch with more in it would be an overlap).
+        self._unsent: list[list[NewEvent]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._tool_calls = 0  # default ``index`` of the next tool_call()
 
@@ -350,16 +354,22 @@ class Producer:
         self._tasks = []
 
     async def _send(self, events: list[NewEvent]) -> None:
-        if not events:
+        if not events and not self._unsent:
             return
         async with self._lock:
             self._check_open()
-            for batch in _append_batches(events):
+            # Cut to what an edge accepts (one long text() is many events).
+            self._unsent.extend(_append_batches(events))
+            while self._unsent:
+                batch = self._unsent[0]
                 try:
                     self.count = await self.transport.append(self.id, self.count, batch)
                 except ProducerError as e:
+                    self._unsent.clear()
                     self._refused(e)
                     raise
+                # (any other failure leaves the batch, and those after it, to the next send)
+                self._unsent.pop(0)
                 self._last_renewal = time.monotonic()
 
     def _refused(self, error: ProducerError) -> None:
@@ -374,15 +384,15 @@ class Producer:
         worker's flusher: the first text soon, none later than the flush interval)."""
         while True:
             deadline = self._channels.deadline()
-            if deadline is None:
+            if deadline is None and not self._unsent:
                 self._pending.clear()
                 await self._pending.wait()
                 continue
-            delay = deadline - time.monotonic()
-            if delay > 0:
+            delay = 0.0 if deadline is None else deadline - time.monotonic()
+            if delay > 0 and not self._unsent:
                 await asyncio.sleep(delay)
                 continue
-            try:
+            try:  # (a batch that failed before goes first: it was due already)
                 await self._send(self._channels.flush_due(time.monotonic()))
             except ProducerError:
                 return  # recorded: the producer's next call raises it

@@ -86,7 +86,8 @@ def _raise_for(code: str, message: str, count: int | None) -> None:
 class HttpTransport:
     """An edge's producer API (docs/api.md, "Producers"), with ``httpx``. Connection failures,
     timeouts and 5xx answers are retried with backoff for ``RETRY_DEADLINE`` seconds, with the
-    same ``after`` (a retried append that had landed is a no-op)."""
+    same ``after`` (a retried append that had landed is a no-op). A create is retried only
+    through connection failures: it is not idempotent."""
 
     def __init__(self, base_url: str, api_key: str | None = None, *,
                  client: httpx.AsyncClient | None = None, timeout: float = 10.0) -> None:
@@ -96,7 +97,10 @@ class HttpTransport:
         self.base_url = base_url.rstrip("/")
         self.headers = headers
 
-    async def _post(self, path: str, body: Any) -> dict[str, Any]:
+    async def _post(self, path: str, body: Any, *, idempotent: bool = True) -> dict[str, Any]:
+        """``idempotent=False`` (a create): retried only when the request never went out (a
+        retry after it did may make a second generation, a second turn of a conversation that
+        nobody produces)."""
         deadline = time.monotonic() + RETRY_DEADLINE
         backoff = Backoff(first=0.05, cap=1.0)
         content = None if body is None else json.dumps(body, ensure_ascii=False,
@@ -106,12 +110,15 @@ class HttpTransport:
             try:
                 response = await self.http.post(self.base_url + path, content=content,
                                                 headers=headers)
-            except httpx.TransportError:
-                if time.monotonic() + backoff.delay > deadline:
+            except httpx.TransportError as e:
+                unsent = isinstance(e, httpx.ConnectError | httpx.ConnectTimeout
+                                    | httpx.PoolTimeout)
+                if (not idempotent and not unsent) or time.monotonic() + backoff.delay > deadline:
                     raise
                 await backoff.sleep()
                 continue
-            if response.status_code >= 500 and time.monotonic() + backoff.delay < deadline:
+            if (response.status_code >= 500 and idempotent
+                    and time.monotonic() + backoff.delay < deadline):
                 await backoff.sleep()
                 continue
             answer: dict[str, Any] = response.json() if response.content else {}
@@ -130,7 +137,7 @@ class HttpTransport:
             body["metadata"] = metadata
         if conversation:
             body["conversation_id"] = conversation
-        answer = await self._post("/v1/generations", body)
+        answer = await self._post("/v1/generations", body, idempotent=False)
         return Created(answer["id"], answer["events_url"], float(answer["lease_seconds"]),
                        answer.get("conversation_url"))
 

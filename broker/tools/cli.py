@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -29,8 +30,14 @@ from broker.edge.uvicorn_extensions import ListenError, listen, serve
 
 def run_edge(settings: Settings) -> None:
     from broker.edge.app import create_app
+    from broker.tools.edgeprocesses import REUSE_PORT_ENV, EdgeProcesses
 
-    serve(create_app(settings), settings)
+    one_of_many = os.environ.pop(REUSE_PORT_ENV, None) is not None
+    if not one_of_many and settings.workers > 1:
+        raise SystemExit(EdgeProcesses(settings).run())
+    # One of the processes of ``--workers N`` listens beside the others (SO_REUSEPORT).
+    sock = listen(settings.host, settings.port, reuse_port=one_of_many)
+    serve(create_app(settings), settings, sock)
 
 
 # What `broker dev` needs on top of the edge and the worker: its in-memory store.
@@ -58,6 +65,7 @@ def run_dev(settings: Settings) -> None:
 def run_worker(settings: Settings) -> None:
     from broker.core.metrics import Metrics
     from broker.core.store import Store, connect
+    from worker.leases import blocking_client
     from worker.llm import LLM
     from worker.loop import Worker
     from worker.metrics_server import serve_metrics
@@ -69,7 +77,11 @@ def run_worker(settings: Settings) -> None:
     async def main() -> None:
         redis = connect(settings, "broker-worker-" + worker_name)
         llm = LLM(settings)
-        worker = Worker(Store(redis, settings), llm, settings, metrics, name=worker_name)
+        worker = Worker(
+            Store(redis, settings), llm, settings, metrics, name=worker_name,
+            # The lease renewals' own connection, used from their own thread (worker.leases).
+            lease_redis=lambda: blocking_client(settings, "broker-worker-leases-" + worker_name),
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)

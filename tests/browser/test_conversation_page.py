@@ -6,6 +6,7 @@ show is checked against the server's own record of each turn."""
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,3 +91,34 @@ async def test_two_devices_follow_two_turns_and_a_dropped_one_resumes(
     rendered = page.locator(".device").nth(1).locator(f'.turn[data-generation-id="{second}"]')
     assert await rendered.locator(".answer").text_content() == b["turns"][1]["text"]
     assert await rendered.get_attribute("data-state") == "ended"
+
+
+@pytest.mark.browser
+async def test_a_device_resumed_mid_turn_from_a_stored_id_gets_the_rest_of_that_turn(
+    page: Page, api: httpx.AsyncClient
+) -> None:
+    """``followConversation(url, {lastEventId})`` resumes after an id a page kept (a reload);
+    when that id is inside a turn, the turn's ``turn`` event came before it, and the helper
+    dropped the rest of the turn's events (its end too) for want of it."""
+    created = (await api.post("/v1/generations", json={
+        "producer": "external", "conversation_id": f"resume-{uuid.uuid4().hex}"})).json()
+    texts = ["One. ", "Two. ", "Three. "]
+    for i, text in enumerate(texts):
+        response = await api.post(created["append_url"],
+                                  json={"after": i, "events": [{"type": "text", "text": text}]})
+        assert response.status_code == 200, response.text
+    assert (await api.post(created["finish_url"], json={})).status_code == 200
+    await page.goto("/")
+    # The turn's end, or what the helper has after a bound (the events are all in Redis).
+    device: dict[str, Any] = await page.evaluate(
+        """async ([url, after, bound]) => {
+            const { followConversation } = await import('/static/broker-conversation.js');
+            return await new Promise((resolve) => {
+                const done = () => { follow.close(); resolve(follow.snapshot()); };
+                const follow = followConversation(url, { lastEventId: after, onTurnEnd: done });
+                setTimeout(done, bound);
+            });
+        }""", [created["conversation_url"], "000000010000000001", 5000])
+    assert [(t["generationId"], t["turn"], t["text"], t["finishReason"], t["ended"])
+            for t in device["turns"]] == [(created["id"], 1, "Two. Three. ", "stop", True)]
+    assert device["ids"] == ["000000010000000002", "000000010000000003", "000000010000000004"]

@@ -310,3 +310,25 @@ async def test_auth_validation_and_no_active_turn(chat_stack: Stack, fake_llm: F
         by_cookie = await page.get(f"{api(chat_stack.b)}/{cid}/stream",
                                    headers={"cookie": f"broker_conversation_token_{cid}={token}"})
         assert by_cookie.status_code in (200, 204)
+
+
+async def test_a_chat_refused_for_lack_of_streams_creates_no_turn(
+    start_broker: StartBroker
+) -> None:
+    """An edge serving as many streams as it may answers the chat's POST 503: then no turn
+    may have been created (it was, before the edge looked for a free stream: an answer nobody
+    would read ran, and the client's retry made the same turn twice)."""
+    redis = RedisServer().start()
+    try:
+        edge = start_broker("edge", redis.url, broker_max_viewers="1")
+        cid = chat_id()
+        user = {"role": "user", "parts": [{"type": "text", "text": "hi"}]}
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with http.stream("GET", f"{edge.url}/v1/conversations/other/events") as held:
+                assert held.status_code == 200  # the edge's one stream
+                response = await http.post(api(edge.url), json={"id": cid, "messages": [user]})
+                assert_error_body(response, 503, "too_many_viewers")
+            listing = await http.get(f"{edge.url}/v1/conversations/{cid}")
+            assert_error_body(listing, 404, "not_found")  # no turn
+    finally:
+        redis.stop()

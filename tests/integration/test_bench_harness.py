@@ -21,12 +21,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_quick_benchmarks_pass_their_own_checks(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "b2,b4,b5,direct,b6,b8,producers",
+        [sys.executable, "-m", "bench", "--quick", "--only",
+         "b2,b4,b5,direct,b6,b7,b8,producers,overload,create",
          "--results", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=280, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("b2", "b4", "b5", "direct", "b6", "b8", "producers"):
+    for name in ("b2", "b4", "b5", "direct", "b6", "b7", "b8", "producers", "overload", "create"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert "failure" not in data, (name, data["failure"])
     assert (tmp_path / "b4_storm.png").stat().st_size > 0
@@ -34,7 +35,13 @@ def test_quick_benchmarks_pass_their_own_checks(tmp_path: Path) -> None:
     assert "B2: worker publish = 1 round trip" in summary
     assert "B6: no text waits beyond the bound" in summary
     assert "producers: Python direct producer vs the worker" in summary
+    assert "overload G=20 on one worker: every generation completes" in summary
+    assert "create: ≤ 2 ms CPU per generation" in summary
     assert (tmp_path / "b6_quality.png").stat().st_size > 0
+    # B7: viewers came and went through HAProxy, every answer exactly once to its end.
+    b7 = json.loads((tmp_path / "b7.json").read_text())["cells"]
+    assert [c["deliveries"] for c in b7] == [20 * 2 * 3 // 2 * 10] * len(b7)
+    assert (tmp_path / "b7_cost.png").stat().st_size > 0
 
     for scenario in ("b1", "b3"):
         done = subprocess.run(

@@ -528,3 +528,69 @@ async def test_broker_ask_prints_the_conversations_url_for_devices_without_a_key
     finally:
         tail.kill()
         await tail.wait()
+
+
+async def test_a_last_event_id_of_turn_zero_is_refused_before_the_stream(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """Turns are numbered from 1: an id naming turn 0 is none the stream ever sent. It was
+    answered 200 and then cut (Redis refused the index read it made), so a client resuming
+    with it would reconnect for ever; it is a 400 like any other malformed id."""
+    cid = new_cid()
+    await turn(http, queue_only.a, cid, "queued")
+    url = f"{queue_only.a}/v1/conversations/{cid}/events"
+    for zero in ["0" * 18, "00000000" + "0000000007"]:
+        response = await http.get(url, headers={"last-event-id": zero})
+        assert_error_body(response, 400, "invalid_last_event_id")
+        response = await http.get(url, params={"last_event_id": zero})
+        assert_error_body(response, 400, "invalid_last_event_id")
+
+
+@pytest.fixture(scope="module")
+def short_logs(start_broker: StartBroker) -> Any:
+    """One edge whose generations' logs keep their last 3 events (no worker: producers)."""
+    redis = RedisServer().start()
+    edge = start_broker("edge", redis.url, broker_max_log_length="3")
+    yield edge
+    redis.stop()
+
+
+async def produced_turn(http: httpx.AsyncClient, base: str, cid: str, texts: list[str]) -> str:
+    """A turn of ``cid`` by an external producer: ``texts``, one append each, then its end."""
+    created = await http.post(f"{base}/v1/generations",
+                              json={"producer": "external", "conversation_id": cid})
+    assert created.status_code == 201, created.text
+    gen = created.json()
+    for i, text in enumerate(texts):
+        response = await http.post(base + gen["append_url"],
+                                   json={"after": i, "events": [{"type": "text", "text": text}]})
+        assert response.status_code == 200, response.text
+    response = await http.post(base + gen["finish_url"], json={"finish_reason": "stop"})
+    assert response.status_code == 200, response.text
+    return str(gen["id"])
+
+
+async def test_a_turn_whose_history_was_trimmed_does_not_stop_the_next_turns(
+    short_logs: Any, http: httpx.AsyncClient
+) -> None:
+    """A device resuming inside an ended turn whose events were trimmed from its log gets
+    that turn's ``history_lost`` error as its terminal event, with an id past the turn, then
+    the next turns. It used to get the error without an id and the end of the response, and
+    resumed into the same hole for ever: no later turn ever reached it."""
+    base, cid = short_logs.url, new_cid()
+    first = await produced_turn(http, base, cid, [f"Sentence {i}. " for i in range(6)])
+    second = await produced_turn(http, base, cid, ["The next turn."])
+    url = f"{base}/v1/conversations/{cid}/events"
+    resume_at = protocol.conversation_event_id(1, 1)  # after turn 1's first event: trimmed
+    async with following(http, url, last_event_id=resume_at) as device:
+        await device.until(lambda d: d.turns_ended() == 2, "both turns' terminal events")
+    lost, *rest = device.events
+    assert (lost.event, json.loads(lost.data)["generation_id"]) == ("error", first)
+    assert json.loads(lost.data)["code"] == "history_lost"
+    assert lost.id == protocol.conversation_event_id(1, 7)  # the turn's end: resumes after it
+    assert [e.event for e in rest] == ["turn", "message", "end"]
+    assert device.text_of(second) == "The next turn."
+    # Resumed after the error, the device goes on from the next turn.
+    async with following(http, url, last_event_id=lost.id) as again:
+        await again.until(lambda d: d.turns_ended() == 1, "the next turn")
+    assert [e.event for e in again.events] == ["turn", "message", "end"]

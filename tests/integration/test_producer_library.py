@@ -29,7 +29,7 @@ from tests.integration.test_typed_events import (
 )
 from tests.support.api import events_url, status, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
-from tests.support.procs import RedisServer
+from tests.support.procs import RedisServer, eventually
 from tests.support.sse import read_events
 
 # A short flush interval: text without a sentence end goes out this soon (the bound tested).
@@ -306,19 +306,21 @@ async def test_a_worker_alone_ends_a_lapsed_direct_producer_once(
 
 
 class LosingAnswers(httpx.AsyncBaseTransport):
-    """Every third append reaches the edge, which applies it, but its answer is lost on the
-    way back (as when a connection drops after the request went out)."""
+    """Every ``every``-th request to a path ending with ``path`` (at most ``most`` of them)
+    reaches the edge, which applies it, but its answer is lost on the way back (as when a
+    connection drops after the request went out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str = "/append", every: int = 3, most: int | None = None) -> None:
         self.inner = httpx.AsyncHTTPTransport()
-        self.appends = 0
+        self.path, self.every, self.most = path, every, most
+        self.appends = 0  # requests to the path
         self.lost = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self.inner.handle_async_request(request)
-        if request.url.path.endswith("/append"):
+        if request.url.path.endswith(self.path):
             self.appends += 1
-            if self.appends % 3 == 0:
+            if self.appends % self.every == 0 and (self.most is None or self.lost < self.most):
                 await response.aread()
                 await response.aclose()
                 self.lost += 1
@@ -376,3 +378,56 @@ async def test_producers_take_turns_in_a_conversation_with_the_worker(
     assert "tool_result" in [e.event for e in device.of_turn(third.id)]
     listing = (await http.get(f"{stack.a}/v1/conversations/{cid}")).json()
     assert [t["generation_id"] for t in listing["turns"]] == [first.id, second["id"], third.id]
+
+
+async def test_a_create_whose_answer_is_lost_is_not_made_twice(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """A create is not idempotent: retried after its request went out, it made a second
+    generation, here a second turn of the conversation that nobody produced, which every
+    device waited on (the turn before the real one) until its lease lapsed as producer_lost.
+    The library raises instead; the caller decides."""
+    from tests.integration.test_conversations import new_cid
+
+    cid = new_cid()
+    transport = LosingAnswers("/v1/generations", every=1, most=1)  # the first create's
+    async with httpx.AsyncClient(transport=transport, timeout=10) as client:
+        gen = producer.over_http(queue_only.a, client=client, conversation_id=cid)
+        with pytest.raises(httpx.ReadError):
+            await gen.start()
+        await gen.aclose()
+    assert transport.lost == 1
+    listing = (await http.get(f"{queue_only.a}/v1/conversations/{cid}")).json()
+    assert len(listing["turns"]) == 1, listing
+
+
+async def test_a_timed_flush_that_fails_loses_no_text(http: httpx.AsyncClient) -> None:
+    """Text waiting for a sentence end goes out on the flusher's timer; when that append
+    fails (here Redis refuses writes: out of memory), the text is sent again with the same
+    ``after`` once Redis takes writes again. It used to be dropped: the answer had a hole and
+    every later call succeeded, so nobody knew."""
+    server = RedisServer().start()
+    client = server.client()
+    try:
+        settings = Settings(redis_url=server.url, flush_interval=FLUSH)
+        gen = producer.direct(settings=settings)
+        async with gen:
+            await gen.text("Held until a sentence ends. ")
+            await gen.flush()
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", "1")  # every write is refused from now on
+            await gen.text("no sentence end")  # the timer sends it, within FLUSH
+            await asyncio.sleep(3 * FLUSH)  # the timed flush has failed (more than once)
+            client.config_set("maxmemory", "0")
+
+            async def resent() -> bool:  # by the flusher alone: no call of ours meanwhile
+                return b"no sentence end" in (client.get(protocol.text_key(gen.id)) or b"")
+            await eventually(resent, 10 * FLUSH, "the failed batch sent again")
+            await gen.text(", then one. ")
+        kinds_and_data = [(f[b"k"], json.loads(f[b"d"])) for _, f in
+                          client.xrange(protocol.log_key(gen.id))]
+        assert "".join(d["text"] for k, d in kinds_and_data if k == b"message") == (
+            "Held until a sentence ends. no sentence end, then one. ")
+        assert kinds_and_data[-1][0] == b"end"
+    finally:
+        server.stop()

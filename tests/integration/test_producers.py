@@ -394,3 +394,18 @@ async def test_many_silent_producers_are_all_lost_within_a_lease_and_a_few_sweep
             await store.redis.aclose(close_connection_pool=True)
         else:
             await store.redis.aclose()
+
+
+async def test_an_escaped_producer_field_still_makes_an_external_generation(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """JSON may spell a key with escapes (``"\\u0070roducer"`` is ``"producer"``): the same
+    body must make the same generation. The edge looked for the key's bytes before parsing,
+    so this body became a worker's generation, the ``producer`` field sent on to the LLM."""
+    body = (b'{"\\u0070roducer": "external", '
+            b'"messages": [{"role": "user", "content": "hi"}]}')
+    response = await http.post(f"{queue_only.a}/v1/generations", content=body,
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert created["status"] == "running" and "append_url" in created, created

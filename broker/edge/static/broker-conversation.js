@@ -21,7 +21,8 @@
  *
  * followConversation(url, options) -> handle
  *   url                  the conversation's events URL, verbatim (its token included).
- *   options.lastEventId  resume after this id on the first connection.
+ *   options.lastEventId  resume after this id on the first connection (an id inside a turn:
+ *                        that turn starts at the next event, onTurn with status 'running').
  *   options.withCredentials  passed to EventSource (the cookie `broker_conversation_token_<cid>`).
  *   options.onTurn(turn, handle), options.onText(turn, text, handle),
  *   options.onEvent(turn, name, data, handle)   every event of a turn (typed events too),
@@ -64,8 +65,9 @@ export function followConversation(url, options = {}) {
     call(options.onState, state);
   }
 
-  /** The event's data, and its turn (null if the data or the turn is unknown). */
-  function read(e) {
+  /** The event's data, and its turn (null if the data or the turn is unknown; a turn's own
+   * event, `isTurn`, never makes one here). */
+  function read(e, isTurn = false) {
     let data = null;
     try {
       data = JSON.parse(e.data);
@@ -76,19 +78,31 @@ export function followConversation(url, options = {}) {
       handle.lastEventId = e.lastEventId;
       handle.ids.push(e.lastEventId);
     }
-    return [data, byGeneration.get(data.generation_id) || null];
+    let turn = byGeneration.get(data.generation_id) || null;
+    if (!turn && !isTurn && data.generation_id && e.lastEventId) {
+      // Resumed inside a turn (options.lastEventId kept by the page): its `turn` event came
+      // before that id. The turn starts here, its number from the id (the turn's digits
+      // before the event's ten).
+      turn = addTurn(data.generation_id, parseInt(e.lastEventId.slice(0, -10), 10), 'running');
+    }
+    return [data, turn];
   }
 
-  function onTurn(e) {
-    const [data] = read(e);
-    if (!data) return;
+  function addTurn(generationId, number, status) {
     const turn = {
-      generationId: data.generation_id, turn: data.turn, status: data.status, text: '',
-      reasoning: '', events: 0, finishReason: null, error: null, ended: false,
+      generationId, turn: number, status, text: '', reasoning: '', events: 0,
+      finishReason: null, error: null, ended: false,
     };
     handle.turns.push(turn);
     byGeneration.set(turn.generationId, turn);
     call(options.onTurn, turn);
+    return turn;
+  }
+
+  function onTurn(e) {
+    const [data] = read(e, true);
+    if (!data || byGeneration.has(data.generation_id)) return;
+    addTurn(data.generation_id, data.turn, data.status);
   }
 
   function onEvent(name, e) {
