@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from broker.core.backoff import Backoff
+
+log = logging.getLogger(__name__)
 
 
 class Closable(Protocol):
@@ -79,22 +83,26 @@ class PushConnection:
         self._connection = pool.connection_class(**pool.connection_kwargs)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._open = False
         self._buffer = bytearray()
         self._pending: list[bytes] = []  # commands to write at the end of this loop turn
+        self._writes: set[asyncio.Task[None]] = set()  # (the slower path's writes)
 
     async def connect(self) -> None:
         connection = self._connection
         await connection.connect()  # type: ignore[no-untyped-call]  # unannotated in redis-py 8.1
         # The handshake's replies were read to their end: nothing else is in flight yet.
-        self._reader = connection._reader
-        self._writer = connection._writer
+        # The streams are redis-py internals: if they are not what they were (redis-py
+        # changed), the same pushes are read through its public calls, more slowly.
+        self._reader, self._writer = streams_of(connection)
+        self._open = True
 
     def send(self, command: bytes, *channels: str) -> None:
         """Write ``command channel...`` (no reply awaited: the confirmations are pushes).
         Commands sent in one turn of the event loop go out in one write: viewers come and go
         in bursts, and a write is a system call."""
         writer = self._writer
-        if writer is None or writer.is_closing():
+        if not self._open or (writer is not None and writer.is_closing()):
             raise RedisConnectionError("the pub/sub connection is not open")
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -102,17 +110,27 @@ class PushConnection:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
+        if not self._open or not pending:
+            return  # (closed meanwhile: the reader reconnects and subscribes every channel)
+        data = b"".join(pending)
         writer = self._writer
-        if writer is not None and not writer.is_closing():
-            # (Closed meanwhile: the reader reconnects and subscribes every channel again.)
-            writer.write(b"".join(pending))
+        if writer is None:
+            # The public call writes at once too (its awaits come after the write), so the
+            # writes keep their order; a failure shows to the reader as a lost connection.
+            write = asyncio.ensure_future(self._connection.send_packed_command(data, False))
+            self._writes.add(write)
+            write.add_done_callback(_written_by(self._writes))
+        elif not writer.is_closing():
+            writer.write(data)
 
     async def read(self) -> list[Push]:
         """The pushes that arrived: waits for at least one read, returns every complete push
         in the bytes so far (possibly none)."""
+        if not self._open:
+            raise RedisConnectionError("the pub/sub connection is not open")
         reader = self._reader
         if reader is None:
-            raise RedisConnectionError("the pub/sub connection is not open")
+            return [_push_of(await self._connection.read_response(push_request=True))]
         data = await reader.read(READ_SIZE)
         if not data:
             raise RedisConnectionError("Redis closed the pub/sub connection")
@@ -123,8 +141,47 @@ class PushConnection:
         return pushes
 
     async def aclose(self) -> None:
+        self._open = False
         self._reader = self._writer = None
         await self._connection.disconnect()
+
+
+_warned_redis_changed = False
+
+
+def streams_of(
+    connection: Any,
+) -> tuple[asyncio.StreamReader | None, asyncio.StreamWriter | None]:
+    """The asyncio streams of a connected redis-py connection (its private ``_reader`` and
+    ``_writer``), or (None, None) if they are not there: ``PushConnection`` then goes the
+    slower way through the connection's public calls, and says so once."""
+    global _warned_redis_changed
+    reader = getattr(connection, "_reader", None)
+    writer = getattr(connection, "_writer", None)
+    if isinstance(reader, asyncio.StreamReader) and isinstance(writer, asyncio.StreamWriter):
+        return reader, writer
+    if not _warned_redis_changed:
+        _warned_redis_changed = True
+        log.warning("redis-py %s keeps its connection streams elsewhere; pub/sub messages are "
+                    "read through its public calls (slower)", getattr(redis, "__version__", "?"))
+    return None, None
+
+
+def _push_of(reply: Any) -> Push:
+    """A reply read by redis-py as a push (``[kind, channel, data or count]``)."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    if not isinstance(reply, list) or len(reply) < 3 or not isinstance(reply[0], bytes):
+        raise RedisConnectionError(f"not a pub/sub push: {reply!r:.80}")
+    return reply[0].lower(), reply[1], reply[2]
+
+
+def _written_by(writes: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(write: asyncio.Task[None]) -> None:
+        writes.discard(write)
+        if not write.cancelled():
+            write.exception()  # retrieved: the reader sees the connection fail
+    return done
 
 
 def encode_command(command: bytes, args: tuple[str, ...]) -> bytes:
