@@ -105,12 +105,10 @@ def run_mock_llm(settings: Settings) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def run_cluster(settings: Settings, edges: int = 3, cluster_workers: int = 2,
-                tls: bool = False) -> None:
+def run_cluster(settings: Settings, edges: int = 3, workers: int = 2, tls: bool = False) -> None:
     from broker.tools.localcluster import LocalCluster
 
-    raise SystemExit(LocalCluster(settings, edges=edges, workers=cluster_workers,
-                                  tls=tls).run())
+    raise SystemExit(LocalCluster(settings, edges=edges, workers=workers, tls=tls).run())
 
 
 def _at_least_one(raw: str) -> int:
@@ -127,9 +125,8 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     """Options of ``broker cluster`` alone (flags only, not settings: no env var)."""
     parser.add_argument("--edges", type=_at_least_one, default=3,
                         help="broker edges to start behind HAProxy [default 3]")
-    # Not dest "workers": that is a setting's name (BROKER_EDGE_WORKERS, an edge's processes),
-    # and setting names are not passed on as options (the count was silently dropped).
-    parser.add_argument("--workers", dest="cluster_workers", type=_at_least_one, default=2,
+    # (Not a setting's name: setting names are not passed on as options.)
+    parser.add_argument("--workers", type=_at_least_one, default=2,
                         help="broker workers to start [default 2]")
     parser.add_argument("--tls", action="store_true",
                         help="serve HTTPS with HTTP/2 (browsers then open any number of streams "
