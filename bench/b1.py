@@ -82,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "included (0: 60 + 6 x messages/rate)")
     parser.add_argument("--edge-procs", default="1",
                         help="comma-separated process counts of the broker edge (broker edge "
-                             "--workers N): a broker cell for each; N > 1 shows as 'broker xN'")
+                             "--edge-workers N): a broker cell for each; N > 1 shows as "
+                             "'broker xN'")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
     try:
@@ -119,7 +120,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
             extra_env = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
             edge, edge_url = await start_edge(group, impl, redis_url, **extra_env)
         master_pid: int | None = getattr(edge, "master_pid", None)
-        # With --workers N the edge is its supervisor and N processes: measured together.
+        # With --edge-workers N the edge is its supervisor and N processes: measured together.
         pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
         rss = RssSampler(*pids)
         rss.start()

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--impls", default=",".join(IMPLS), help="broker and/or nchan")
     parser.add_argument("--edge-procs", default="1",
                         help="comma-separated broker edge process counts (broker edge "
-                             "--workers N); each runs a broker cell")
+                             "--edge-workers N); each runs a broker cell")
     parser.add_argument("--rounds", type=int, default=2, help="answers per slot, in turn")
     parser.add_argument("--messages", type=int, default=30, help="messages per answer")
     parser.add_argument("--rate", type=float, default=5.0, help="messages/s per answer")
@@ -133,7 +133,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             extra = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
             edge, edge_url = await start_edge(group, impl, redis_url, **extra)
             lb, lb_url = await start_haproxy(group, edge_url, "/readyz")
-        # nginx's worker; the broker edge and, with --workers N, its N serving processes (the
+        # nginx's worker; the broker edge and, with --edge-workers N, its N serving processes (the
         # supervisor costs ~nothing, it is counted too).
         pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
         for pid in pids:

@@ -64,7 +64,7 @@ async def start_loadgens(
 
 async def edge_children(pid: int, procs: int, redis: aioredis.Redis,
                         within: float = 30) -> list[int]:
-    """The ``procs`` serving processes of a broker edge started with ``--workers procs`` (none
+    """The ``procs`` serving processes of a broker edge started with ``--edge-workers procs`` (none
     for one process: it serves itself), once each has started its app (its pub/sub connection,
     named ``broker-edge-<pid>``, is subscribed) and so listens: viewers that connect before
     the last one listens would all go to the others."""
@@ -186,7 +186,7 @@ def collect(group: ProcessGroup, loadgens: list[Proc], what: str, expected_deliv
 
 class RssSampler:
     """The edge's peak resident memory, sampled every 50 ms while the cell runs; of several
-    processes (an edge's ``--workers``), their sum."""
+    processes (an edge's ``--edge-workers``), their sum."""
 
     def __init__(self, *pids: int) -> None:
         self.pids = pids

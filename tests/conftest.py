@@ -36,6 +36,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own: no other test's worker takes its jobs (the session's
+    ``redis_server`` has the contract stack's worker on it, whatever ran before)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
 StartBroker = Callable[..., BrokerProcess]
 
 

@@ -106,6 +106,10 @@ class _Unavailable(Exception):
 class Created:
     id: str
     events_url: str
+    # With ``conversation_id``: the conversation, and its stream's URL (its devices follow it
+    # with a ``ConversationFollower``; viewer token included where tokens are on).
+    conversation_id: str | None = None
+    conversation_url: str | None = None
 
 
 class RequestRejected(StreamError):
@@ -127,7 +131,8 @@ async def create(
     if response.status_code != 201:
         raise _rejected(response.status_code, response.text)
     body = response.json()
-    return Created(body["id"], body["events_url"])
+    return Created(body["id"], body["events_url"], body.get("conversation_id"),
+                   body.get("conversation_url"))
 
 
 def _rejected(status: int, body: str) -> RequestRejected:

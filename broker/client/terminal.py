@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
@@ -25,6 +26,7 @@ from broker.client import (
     StreamError,
     create,
 )
+from broker.core import protocol
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_OK = 0  # the generation ended with `event: end` (any finish_reason, cancelled too)
@@ -35,6 +37,8 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_BROKEN_PIPE = 141  # stdout closed by the reader (`broker ask ... | head`)
 AUTH_HINT = (" (pass --api-key or set BROKER_API_KEY, or the viewer token with --token or "
              "BROKER_VIEWER_TOKEN)")
+UNTRUSTED_HINT = (" (the edge's certificate is not trusted here: set SSL_CERT_FILE to it, or "
+                  "to its CA's, in PEM; `broker cluster --tls` prints its cert.pem)")
 
 CLIENT_EPILOG = """\
 exit status:
@@ -271,6 +275,17 @@ async def _follow(follower: Follower, printer: Printer) -> int:
     return EXIT_OK
 
 
+def _unreachable(base_url: str, e: BaseException) -> str:
+    """What failed reaching the edge; for a certificate it does not trust, what to do."""
+    message = f"{base_url}: {e or type(e).__name__}"
+    cause: BaseException | None = e
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return message + UNTRUSTED_HINT
+        cause = cause.__cause__ or cause.__context__
+    return message + (UNTRUSTED_HINT if "CERTIFICATE_VERIFY_FAILED" in str(e) else "")
+
+
 async def ask(args: argparse.Namespace, printer: Printer) -> int:
     base_url = _base_url(args)
     if base_url is None:
@@ -286,13 +301,18 @@ async def ask(args: argparse.Namespace, printer: Printer) -> int:
             created = await create(http, messages, **fields)
         except RequestRejected as e:
             status = EXIT_UNAVAILABLE if e.status >= 500 else EXIT_REJECTED
-            hint = " (pass --api-key or set BROKER_API_KEY)" if e.status == 401 else ""
+            hint = {401: " (pass --api-key or set BROKER_API_KEY)",
+                    404: f" (no broker API at {base_url}: --url / BROKER_URL is the edge's base "
+                         "URL, e.g. http://127.0.0.1:8000)"}.get(e.status, "")
             return _error(status, e.code, e.message + hint)
         except httpx.HTTPError as e:
-            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+            return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
         # First, so `broker tail` (the id) or curl and a browser (the URL) can pick it up.
         print(created.id, file=sys.stderr, flush=True)
         print(base_url.rstrip("/") + created.events_url, file=sys.stderr, flush=True)
+        if created.conversation_url is not None:
+            # The conversation's stream, its token in it: for devices without a producer key.
+            print(base_url.rstrip("/") + created.conversation_url, file=sys.stderr, flush=True)
         return await _follow(Follower(http, created.events_url), printer)
 
 
@@ -311,12 +331,16 @@ async def tail(args: argparse.Namespace, printer: Printer) -> int:
         except GenerationNotFound:
             return _error(EXIT_UNAVAILABLE, "not_found", "no such generation (unknown or expired)")
         except httpx.HTTPError as e:
-            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+            return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
         return await _follow(Follower(http, events_url, last_event_id=args.from_id), printer)
 
 
 async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url: str) -> int:
     """Every turn of a conversation as it comes, until Ctrl-C (or ``--turns`` turns ended)."""
+    if not protocol.is_conversation_id(args.conversation):
+        # Said here: the edge would answer a stream refused for want of a token, or a 404.
+        return _error(EXIT_REJECTED, "invalid_conversation_id",
+                      "--conversation must be 1-128 characters of A-Z a-z 0-9 _ . : -")
     token = args.token or os.environ.get("BROKER_VIEWER_TOKEN")
     ended = 0
     async with _client(base_url, args.api_key or os.environ.get("BROKER_API_KEY")) as http:
@@ -349,13 +373,14 @@ async def tail_conversation(args: argparse.Namespace, printer: Printer, base_url
             return _error(EXIT_REJECTED, e.code, e.message + hint)
         except (StreamError, httpx.HTTPError) as e:
             printer.stopped()
-            return _error(EXIT_UNAVAILABLE, "unavailable", f"{base_url}: {e or type(e).__name__}")
+            return _error(EXIT_UNAVAILABLE, "unavailable", _unreachable(base_url, e))
     return EXIT_OK
 
 
 async def _conversation_url(http: httpx.AsyncClient, cid: str, token: str | None) -> str:
     """As ``_events_url``, for a conversation (``GET /v1/conversations/{cid}``'s
-    ``events_url``; the plain URL for a conversation with no turn yet)."""
+    ``events_url``, which it answers for a conversation with no turn yet too; the plain URL
+    when it cannot answer, e.g. without a producer key)."""
     conversation = f"/v1/conversations/{quote(cid, safe='')}"
     if token:
         return f"{conversation}/events?token={quote(token, safe='')}"

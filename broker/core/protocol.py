@@ -768,8 +768,14 @@ return status
 _CONVERSATION_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
+# URL dot-segments: every client removes them from a path ("/v1/conversations/../events" is
+# fetched as "/v1/events"), so a conversation so named could never be followed.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
 def is_conversation_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_CONVERSATION_ID_RE.fullmatch(value))
+    return (isinstance(value, str) and bool(_CONVERSATION_ID_RE.fullmatch(value))
+            and value not in _DOT_SEGMENTS)
 
 
 def _conversation_tag(cid: str) -> str:
@@ -1059,3 +1065,9 @@ def decode_producer_reply(reply: Any) -> tuple[str, int]:
         return as_text(outcome), int(count)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad producer reply: {reply!r}") from e
+
+
+# Events one producer append may carry (the edge refuses more: ``413 batch_too_large``): a
+# producer with more sends several appends. Bounds the script's arguments (and the time Redis
+# spends in one call) whatever the body size allows.
+MAX_APPEND_EVENTS = 1000

@@ -162,8 +162,13 @@ def streams_of(
         return reader, writer
     if not _warned_redis_changed:
         _warned_redis_changed = True
-        log.warning("redis-py %s keeps its connection streams elsewhere; pub/sub messages are "
-                    "read through its public calls (slower)", getattr(redis, "__version__", "?"))
+        # Expected of `broker dev`'s in-memory store (fakeredis has no socket); elsewhere it
+        # means redis-py changed: worth a warning, the edge keeps working.
+        in_memory = type(connection).__module__.startswith("fakeredis")
+        log.log(logging.DEBUG if in_memory else logging.WARNING,
+                "%s has no socket streams; pub/sub messages are read through redis-py's public "
+                "calls (slower)", "the in-memory store" if in_memory
+                else f"redis-py {getattr(redis, '__version__', '?')}")
     return None, None
 
 

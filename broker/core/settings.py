@@ -210,7 +210,7 @@ class Settings:
     max_headers: int = _setting(
         100, "BROKER_MAX_HEADERS", "header lines of a request; more get 431", "edge dev",
     )
-    workers: int = _setting(
+    edge_workers: int = _setting(
         1, "BROKER_EDGE_WORKERS", "edge processes serving the one port (one per core); each "
         "holds its own subscriptions", "edge",
     )

@@ -321,9 +321,9 @@ async def get_conversation(request: Request) -> Response:
     edge = _edge(request)
     edge.authorize_producer(request)
     cid = _conversation_id(request)
+    # A conversation with no turn yet answers too: its devices may open the stream before
+    # the first turn (`broker tail --conversation` does), and need its token to.
     turns = await edge.store.conversation_turns(cid)
-    if not turns:
-        raise ApiError(404, "not_found", "no such conversation")
     statuses = await edge.store.turn_statuses(turns)
     active = oldest_unended(turns, statuses)
     return JSONResponse({

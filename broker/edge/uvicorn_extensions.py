@@ -369,7 +369,7 @@ def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A socket bound to ``host:port`` for uvicorn to serve on. Bound before the app starts, so
     a port in use is one clear line (``ListenError``) rather than a worker started in vain and
     uvicorn's log of the bind failure. ``reuse_port``: with ``SO_REUSEPORT``, so the processes
-    of ``broker edge --workers N`` each listen on the port and the kernel spreads the
+    of ``broker edge --edge-workers N`` each listen on the port and the kernel spreads the
     connections among them."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(

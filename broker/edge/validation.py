@@ -178,9 +178,7 @@ def parse_stream_start(value: str | None) -> str | None:
 
 # -- external producers (``{"producer": "external"}``) ---------------------------------------
 
-# Events one append may carry: a producer that batches more sends two appends. Bounds the
-# script's arguments (and the time Redis spends in one call) whatever the body size allows.
-MAX_APPEND_EVENTS = 1000
+MAX_APPEND_EVENTS = protocol.MAX_APPEND_EVENTS  # (the producer library cuts its appends to it)
 PRODUCER_EXTERNAL = "external"
 _CREATE_FIELDS = frozenset({"producer", "model", "metadata", "messages"})
 # A producer's own error codes look like ours; absent, the error is ``producer_error``.

@@ -20,10 +20,13 @@ built-in worker's (docs/api.md, "Producers")::
   before them.
 * ``pipe(stream)`` forwards an ``openai`` SDK chat-completion stream (content, reasoning,
   tool calls; ``broker.core.deltas``, as the worker reads one) and answers its ``Turn``.
+* Appends are cut to what an edge accepts (``protocol.MAX_APPEND_EVENTS`` events, about
+  ``APPEND_BATCH_BYTES`` each): one long ``text()`` may be many sentence-sized events.
 * The lease is kept alive for you: a heartbeat goes out whenever nothing was appended for a
   third of it.
 * A cancel (``POST .../cancel``) is surfaced: ``cancelled`` (an ``asyncio.Event``) is set
-  and the next call raises ``Cancelled``; the ``async with`` form swallows it (the
+  and the next call that reaches the edge raises ``Cancelled`` (a buffered ``text()`` may
+  not; leaving the block does); the ``async with`` form swallows it (the
   generation already ended, ``finish_reason: "cancelled"``) and closes the LLM stream being
   piped.
 * Two transports: ``over_http`` (an edge's producer API; retried with the idempotent
@@ -37,7 +40,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -304,7 +307,10 @@ class Producer:
                     await self.fail("producer_error",
                                     f"the producer's loop failed ({type(error).__name__})")
             elif error is None and not self.finished:
-                await self.finish()
+                # A cancel the loop never heard of (its last text was still buffered): the
+                # generation ended cancelled; the block ends quietly, as for one it heard of.
+                with contextlib.suppress(Cancelled):
+                    await self.finish()
             return False
         finally:
             await self.aclose()
@@ -352,8 +358,8 @@ class Producer:
             return
         async with self._lock:
             self._check_open()
-            if events:
-                self._unsent.append(events)
+            # Cut to what an edge accepts (one long text() is many events).
+            self._unsent.extend(_append_batches(events))
             while self._unsent:
                 batch = self._unsent[0]
                 try:
@@ -454,6 +460,29 @@ async def _chunks(stream: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any]]:
                 raise
     async for chunk in stream:
         yield chunk_dict(chunk)
+
+
+# Bytes of event data one append carries at most (but one event, whatever its size): well
+# under an edge's default BROKER_MAX_BODY_BYTES (1 MiB) once escaped and wrapped.
+APPEND_BATCH_BYTES = 256 * 1024
+
+
+def _append_batches(events: list[NewEvent]) -> Iterator[list[NewEvent]]:
+    """``events`` in order, cut into appends an edge accepts: at most
+    ``protocol.MAX_APPEND_EVENTS`` events and about ``APPEND_BATCH_BYTES`` each (one long
+    ``text()`` is many sentence-sized events)."""
+    batch: list[NewEvent] = []
+    size = 0
+    for event in events:
+        event_size = len(event.data.encode())
+        if batch and (len(batch) == protocol.MAX_APPEND_EVENTS
+                      or size + event_size > APPEND_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(event)
+        size += event_size
+    if batch:
+        yield batch
 
 
 def over_http(base_url: str, api_key: str | None = None, *, model: str | None = None,

@@ -33,9 +33,9 @@ def run_edge(settings: Settings) -> None:
     from broker.tools.edgeprocesses import REUSE_PORT_ENV, EdgeProcesses
 
     one_of_many = os.environ.pop(REUSE_PORT_ENV, None) is not None
-    if not one_of_many and settings.workers > 1:
+    if not one_of_many and settings.edge_workers > 1:
         raise SystemExit(EdgeProcesses(settings).run())
-    # One of the processes of ``--workers N`` listens beside the others (SO_REUSEPORT).
+    # One of the processes of ``--edge-workers N`` listens beside the others (SO_REUSEPORT).
     sock = listen(settings.host, settings.port, reuse_port=one_of_many)
     serve(create_app(settings), settings, sock)
 
@@ -125,6 +125,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     """Options of ``broker cluster`` alone (flags only, not settings: no env var)."""
     parser.add_argument("--edges", type=_at_least_one, default=3,
                         help="broker edges to start behind HAProxy [default 3]")
+    # (Not a setting's name: setting names are not passed on as options.)
     parser.add_argument("--workers", type=_at_least_one, default=2,
                         help="broker workers to start [default 2]")
     parser.add_argument("--tls", action="store_true",

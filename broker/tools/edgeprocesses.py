@@ -1,4 +1,4 @@
-"""``broker edge --workers N``: N edge processes serving one port, so one host uses all its
+"""``broker edge --edge-workers N``: N edge processes serving one port, so one host uses all its
 cores.
 
 An edge is one Python process: one event loop, at most one core. This supervisor binds the
@@ -83,9 +83,9 @@ class EdgeProcesses:
         port = sock.getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        self.procs = [self._start(port) for _ in range(settings.workers)]
-        self.started = [time.monotonic()] * settings.workers
-        log.warning("edge: %d processes on %s:%d (pids %s)", settings.workers, settings.host,
+        self.procs = [self._start(port) for _ in range(settings.edge_workers)]
+        self.started = [time.monotonic()] * settings.edge_workers
+        log.warning("edge: %d processes on %s:%d (pids %s)", settings.edge_workers, settings.host,
                     port, " ".join(str(p.pid) for p in self.procs))
         status = 0
         try:

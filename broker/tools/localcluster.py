@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -74,7 +75,30 @@ class Child:
         return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_CHOSEN_PORT = 10000  # below it: well-known and registered services
+
+
 def free_port() -> int:
+    """A port free now, chosen BELOW the kernel's ephemeral range where there is room: a port
+    from that range (what binding port 0 gives) may be taken, between this check and the
+    child's own bind, as the local end of any outgoing connection on the host (the cluster's
+    own edges connecting to Redis as they start: a child then exits "address already in
+    use"). Elsewhere than Linux, a port the kernel picks."""
+    try:
+        ephemeral_low = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 0
+    if ephemeral_low - LOWEST_CHOSEN_PORT >= 1000:
+        chooser = random.SystemRandom()
+        for _ in range(200):
+            port = chooser.randrange(LOWEST_CHOSEN_PORT, ephemeral_low)
+            with socket.socket() as s:
+                try:
+                    s.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
@@ -133,7 +157,8 @@ class LocalCluster:
                 if self.certificate is not None:
                     self._say(f"broker cluster: HTTPS with HTTP/2 on a self-signed certificate "
                               f"for localhost: {self.certificate} (browsers warn once; curl "
-                              f"--cacert {self.certificate})")
+                              f"--cacert {self.certificate}; broker ask/tail and Python: "
+                              f"SSL_CERT_FILE={self.certificate})")
                 self._say("broker cluster: pids " + " ".join(
                     f"{c.name}={c.pid}" for c in self.children) + "; Ctrl-C stops them all")
                 failed = self.wait()
@@ -300,8 +325,10 @@ class LocalCluster:
     def ready_line(self) -> str:
         edges = " ".join(c.url for c in self.children if c.name.startswith("edge"))
         redis_url = next(c.url for c in self.children if c.name == "redis")
+        # The mock LLM too: your own loop (README, "Bring your own loop") can call it.
+        mock_url = next(c.url for c in self.children if c.name == "mock-llm")
         return (f"broker cluster: {self.url} (edges: {edges}, workers: {self.n_workers}, "
-                f"redis: {redis_url})")
+                f"redis: {redis_url}, mock LLM: {mock_url})")
 
     def _llm_env(self, mock_url: str) -> dict[str, str]:
         """Without an API key the workers use the mock LLM, as ``broker dev`` does."""

@@ -6,7 +6,9 @@ once ``docker compose up --scale edge=3 --scale worker=2`` is healthy.
         --cafile cert.pem      # only the HTTPS listener of docker-compose.tls.yml
 
 Functional checks (create, stream the exact text, resume on another edge with
-``Last-Event-ID``, status, cancel), then faults with exact-text checks: an edge SIGKILLed
+``Last-Event-ID``, status, cancel; the static files byte for byte; v2: one conversation
+stream held open over a worker's turn and an external producer's turn, its appends retried on
+another edge, resumed on another edge), then faults with exact-text checks: an edge SIGKILLed
 under nine viewers (``--edge-kills`` times, alternately a crash that Docker's restart policy
 restarts and an edge left down), the worker running an answer SIGKILLed, and Redis SIGKILLed
 (AOF; Docker restarts it). Every request goes through HAProxy; ``docker`` is used only to
@@ -35,8 +37,10 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +247,34 @@ async def read_stream(
     return served_by, messages, terminal
 
 
+async def read_conversation(
+    http: httpx.AsyncClient, url: str, terminals: int, *, last_event_id: str | None = None,
+    connected: asyncio.Event | None = None,
+) -> tuple[str, list[tuple[str, str, dict[str, Any]]]]:
+    """A conversation's stream (it stays open between turns), read until ``terminals`` turn
+    ends (``end``/``error``): (served by, [(id, event, data)]). ``connected`` is set once the
+    edge answered 200."""
+    headers = {"accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["last-event-id"] = last_event_id
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    async with aconnect_sse(http, "GET", url, headers=headers) as source:
+        check(source.response.status_code == 200,
+              f"GET {url} answered {source.response.status_code}")
+        served_by = source.response.headers.get(SERVED_BY, "?")
+        if connected is not None:
+            connected.set()
+        async for event in source.aiter_sse():
+            if event.data == "":
+                continue  # `retry:` alone, or a keepalive
+            events.append((event.id, event.event, json.loads(event.data)))
+            if event.event in ("end", "error"):
+                terminals -= 1
+                if terminals == 0:
+                    break
+    return served_by, events
+
+
 async def status(http: httpx.AsyncClient, gen_id: str) -> dict[str, Any]:
     response = await http.get(f"/v1/generations/{gen_id}")
     check(response.status_code == 200, f"status of {gen_id}: {response.status_code}")
@@ -332,6 +364,128 @@ class Smoke:
         body = await wait_status(self.http, created2.id, {"cancelled"})
         check(body["text"] == viewer.text, "status text != what the viewer saw")
         self.say(f"cancelled after {len(viewer.ids)} messages: end cancelled, status cancelled")
+
+    async def static_files(self) -> None:
+        """The image ships the edge's static files (package data): each one, through the load
+        balancer, byte for byte as in the source tree."""
+        folder = resources.files("broker.edge").joinpath("static")
+        names = sorted(f.name for f in folder.iterdir() if f.is_file())
+        check("index.html" in names, f"no index.html among {names}")
+        for path, name in [("/", "index.html"), *((f"/static/{n}", n) for n in names)]:
+            response = await self.http.get(path)
+            check(response.status_code == 200, f"GET {path}: {response.status_code}")
+            check(response.content == folder.joinpath(name).read_bytes(),
+                  f"GET {path} differs from broker/edge/static/{name}")
+        self.say(f"static: / and {len(names)} files under /static/, each byte for byte")
+
+    async def conversation_with_producer(self) -> None:
+        """v2 through the load balancer: one conversation stream, held open, sees a worker's
+        turn (the exact text) then an external producer's turn (its appends, one retried on
+        another edge, exactly once); it resumes on another edge with ``Last-Event-ID``."""
+        cid = f"compose-smoke-{uuid.uuid4().hex[:12]}"
+        url = f"/v1/conversations/{cid}/events"
+        connected = asyncio.Event()
+        live = asyncio.create_task(read_conversation(self.http, url, 2, connected=connected))
+        try:
+            await asyncio.wait_for(connected.wait(), ANSWER_BOUND)
+            messages = prompt("conversation")
+            response = await self.http.post("/v1/generations",
+                                            json={"messages": messages, "conversation_id": cid})
+            check(response.status_code == 201, f"turn 1: {response.status_code} {response.text}")
+            worker_turn = response.json()
+            check(worker_turn.get("conversation_url") == url, f"turn 1: {worker_turn}")
+            await wait_status(self.http, worker_turn["id"], {"completed"})
+
+            response = await self.http.post("/v1/generations",
+                                            json={"producer": "external", "conversation_id": cid})
+            check(response.status_code == 201, f"turn 2: {response.status_code} {response.text}")
+            produced = response.json()
+            batch = [
+                {"type": "reasoning", "text": "Looking it up. "},
+                {"type": "text", "text": "Produced outside the broker. "},
+                {"type": "tool_call", "index": 0, "id": "call_1", "name": "search",
+                 "arguments": '{"q": "sse"}'},
+                {"type": "tool_result", "id": "call_1", "result": {"hits": 2}},
+                {"type": "data", "name": "sources", "value": ["a", "b"]},
+            ]
+            first_edge, retried_on = "", ""
+            for _ in range(6):  # the same batch again until another edge takes it: a no-op
+                response = await self.http.post(produced["append_url"],
+                                                json={"after": 0, "events": batch})
+                check(response.status_code == 200 and response.json() == {"count": len(batch)},
+                      f"append: {response.status_code} {response.text}")
+                edge = response.headers.get(SERVED_BY, "?")
+                first_edge = first_edge or edge
+                if edge != first_edge:
+                    retried_on = edge
+                    break
+            check(retried_on, f"every append was served by {first_edge}")
+            response = await self.http.post(produced["append_url"], json={
+                "after": 1, "events": [{"type": "text", "text": "overlap"}]})
+            check(response.status_code == 409
+                  and response.json()["error"]["code"] == "offset_mismatch"
+                  and response.json()["count"] == len(batch),
+                  f"overlapping append: {response.status_code} {response.text}")
+            tail = {"type": "text", "text": "Done."}
+            response = await self.http.post(produced["append_url"],
+                                            json={"after": len(batch), "events": [tail]})
+            check(response.status_code == 200, f"append 2: {response.status_code}")
+            response = await self.http.post(produced["heartbeat_url"])
+            check(response.status_code in (200, 204), f"heartbeat: {response.status_code}")
+            for _ in range(2):  # finishing again is idempotent
+                response = await self.http.post(produced["finish_url"],
+                                                json={"finish_reason": "stop"})
+                check(response.status_code == 200, f"finish: {response.status_code} "
+                      f"{response.text}")
+            live_edge, events = await asyncio.wait_for(live, ANSWER_BOUND)
+        finally:
+            live.cancel()
+            await asyncio.gather(live, return_exceptions=True)
+
+        turn_ids = [data["generation_id"] for _, name, data in events if name == "turn"]
+        check(turn_ids == [worker_turn["id"], produced["id"]], f"turns {turn_ids}")
+        check(len({i for i, _, _ in events}) == len(events), "an id was seen twice")
+        first = [(n, d) for _, n, d in events if d["generation_id"] == worker_turn["id"]]
+        text = "".join(d["text"] for n, d in first if n == "message")
+        check(text == expected_text(messages), f"turn 1 text differs: {text!r}")
+        check(first[-1][0] == "end" and first[-1][1]["finish_reason"] == "stop",
+              f"turn 1 ended {first[-1]}")
+        second = [(n, {k: v for k, v in d.items() if k != "generation_id"})
+                  for _, n, d in events if d["generation_id"] == produced["id"]]
+        wire = {"text": "message"}
+        appended = [(wire.get(e["type"], e["type"]), {k: v for k, v in e.items() if k != "type"})
+                    for e in [*batch, tail]]
+        check([e for e in second if e[0] != "turn"][:-1] == appended,
+              f"turn 2 differs from the appends:\n  {second}\n  {appended}")
+        check(second[-1] == ("end", {"finish_reason": "stop", "usage": None}),
+              f"turn 2 ended {second[-1]}")
+        self.say(f"conversation {cid} live on {live_edge}: worker turn exact, producer turn "
+                 f"exactly its {len(appended)} appended events (the batch retried on "
+                 f"{retried_on}, a no-op; an overlap 409 offset_mismatch)")
+
+        cut = events[2][0]  # turn 1's second event
+        for _ in range(6):
+            edge, resumed = await read_conversation(self.http, url, 2, last_event_id=cut)
+            if edge != live_edge:
+                break
+        check(edge != live_edge, f"every conversation resume was served by {live_edge}")
+        # A `turn` event says the status when this device reached the turn (docs/api.md):
+        # "running" live, "completed" on a replay; everything else is the same on the wire.
+        def replayable(events: list[tuple[str, str, dict[str, Any]]]) -> list[Any]:
+            return [(i, n, {k: v for k, v in d.items() if not (n == "turn" and k == "status")})
+                    for i, n, d in events]
+
+        check(replayable(resumed) == replayable(events[3:]),
+              f"resume from {cut} on {edge}: {resumed} != {events[3:]}")
+        body = (await self.http.get(f"/v1/conversations/{cid}")).json()
+        check([t["status"] for t in body["turns"]] == ["completed", "completed"]
+              and body["active"] is None, f"conversation: {body}")
+        body = await status(self.http, produced["id"])
+        check(body["status"] == "completed" and body["producer"] == "external"
+              and body["text"] == batch[1]["text"] + tail["text"]
+              and body["reasoning"] == batch[0]["text"], f"producer's generation: {body}")
+        self.say(f"conversation resumed after id {cut} on {edge}: exactly the {len(resumed)} "
+                 f"later events; both turns completed")
 
     async def https(self, https_url: str, cafile: Path) -> None:
         """The HTTPS listener of docker-compose.tls.yml (deploy/haproxy-tls.cfg), trusted
@@ -528,13 +682,17 @@ class Smoke:
 
     async def run(self, edge_kills: int) -> None:
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-            ("functional", self.functional)]
+            ("functional", self.functional), ("static files", self.static_files)]
         for i in range(edge_kills):
             for_good = bool(i % 2)  # alternately: a crash Docker restarts, an edge left down
             steps.append((f"edge killed ({i + 1} of {edge_kills}"
                           f"{', left down' if for_good else ''})",
                           functools.partial(self.edge_killed, i, for_good=for_good)))
-        steps += [("worker killed", self.worker_killed), ("redis restarted", self.redis_restarted)]
+        steps += [("worker killed", self.worker_killed), ("redis restarted", self.redis_restarted),
+                  # Last: the edge kills count every viewer on the edges, and an edge holds a
+                  # conversation stream its client closed until a keepalive write fails
+                  # behind HAProxy (~2 keepalive intervals; ~4 through docker-proxy).
+                  ("conversation with a producer (v2)", self.conversation_with_producer)]
         try:
             for name, step in steps:
                 self.say(f"--- {name}")

@@ -288,6 +288,7 @@ async def test_auth_validation_and_no_active_turn(chat_stack: Stack, fake_llm: F
         assert_error_body(await http.post(api(chat_stack.a), content=b"{"), 400, "invalid_json")
         for bad, code in [
             (ui_body("bad id!", "hi"), "invalid_conversation_id"),
+            (ui_body("..", "hi"), "invalid_conversation_id"),  # its resume URL would be lost
             (ui_body(cid, "hi", trigger="resume-stream"), "invalid_request"),
             ({"id": cid, "messages": [{"role": "robot", "parts": []}]}, "invalid_request"),
             ({"id": cid, "messages": []}, "invalid_request"),

@@ -188,6 +188,15 @@ async def test_ask_rejected_by_the_edge_exits_2(stack: Stack):
     assert done.stderr_lines == ["error: invalid_request: 'model' must be a non-empty string"]
 
 
+async def test_ask_at_a_url_that_is_not_the_edges_base_says_so(stack: Stack):
+    """``--url http://edge/v1`` (a path the API is not under): not a bare "Not Found"."""
+    done = await broker("ask", "a question", url=stack.a + "/v1")
+    assert done.code == 2
+    assert done.stderr_lines == [
+        f"error: not_found: Not Found (no broker API at {stack.a}/v1: --url / BROKER_URL is "
+        "the edge's base URL, e.g. http://127.0.0.1:8000)"]
+
+
 async def test_usage_errors_exit_2():
     for args in (["ask"], ["tail"], ["ask", "--url", "not a url", "q"], ["ask", "--bogus", "q"]):
         done = await broker(*args)

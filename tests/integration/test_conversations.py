@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -245,12 +246,17 @@ async def test_one_subscription_per_conversation_per_edge_with_many_devices(
 async def test_bad_conversation_ids_and_unknown_conversations(
     stack: Stack, http: httpx.AsyncClient
 ) -> None:
-    for bad in ["", "x" * 129, "a b", "{slot}", "ü", 42]:
+    # "." and "..": URL dot-segments every client removes ("/v1/conversations/../events"
+    # is fetched as "/v1/events"), so no device could follow them.
+    for bad in ["", "x" * 129, "a b", "{slot}", "ü", 42, ".", ".."]:
         response = await http.post(f"{stack.a}/v1/generations", json={
             "messages": [{"role": "user", "content": "hi"}], "conversation_id": bad})
         assert_error_body(response, 422, "invalid_conversation_id")
     unknown = new_cid()
-    assert_error_body(await http.get(f"{stack.a}/v1/conversations/{unknown}"), 404, "not_found")
+    # A conversation with no turn yet: no turns, and the stream's URL for its first devices.
+    empty = (await http.get(f"{stack.a}/v1/conversations/{unknown}")).json()
+    assert empty == {"id": unknown, "turns": [], "active": None,
+                     "events_url": f"/v1/conversations/{unknown}/events"}
     assert_error_body(await http.get(f"{stack.a}/v1/conversations/a%20b"), 404, "not_found")
     response = await http.get(f"{stack.a}/v1/conversations/{unknown}/events",
                               headers={"last-event-id": "nope"})
@@ -397,6 +403,131 @@ async def test_two_terminals_follow_a_conversation_with_broker_tail(
     assert [line["generation_id"] for line in lines if "turn" in line] == gens
     assert [line["finish_reason"] for line in lines if "finish_reason" in line] == ["stop"] * 2
     assert "".join(line.get("text", "") for line in lines) == "".join(answers)
+
+
+@pytest.fixture(scope="module")
+def tokens_only(start_broker: StartBroker) -> Any:
+    """One edge as ``broker dev`` runs its own: viewer tokens on, no API keys, no worker."""
+    redis = RedisServer().start()
+    edge = start_broker("edge", redis.url, broker_insecure="1",
+                        broker_viewer_token_keys="tokens-1")
+    yield redis, edge
+    redis.stop()
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["tokens-no-keys", "keys-and-tokens"])
+async def test_broker_tail_follows_a_conversation_opened_before_its_first_turn(
+    keyed: bool, tokens_only: Any, secured: Any, http: httpx.AsyncClient
+) -> None:
+    """The README's three terminals: ``broker tail --conversation`` starts BEFORE the first
+    turn, on an edge with viewer tokens (as ``broker dev``), with or without API keys. The
+    edge hands a producer the conversation's token for a conversation with no turn yet
+    (``GET /v1/conversations/{cid}``), so the terminal follows it and prints the turn when it
+    comes."""
+    from tests.integration.test_cli import cli_env
+
+    redis, edge = tokens_only
+    if keyed:
+        edge = secured
+    auth = {"authorization": "Bearer key-1"} if keyed else {}
+    cid = new_cid()
+    status = await http.get(f"{edge.url}/v1/conversations/{cid}", headers=auth)
+    assert status.status_code == 200, status.text
+    assert status.json()["turns"] == [] and status.json()["active"] is None
+    assert "token=" in status.json()["events_url"]
+
+    env = cli_env(edge.url) | ({"BROKER_API_KEY": "key-1"} if keyed else {})
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "tail", "--json", "--conversation", cid, env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    assert tail.stdout is not None and tail.stderr is not None
+    try:
+        if not keyed:  # (the keyed edge's Redis is its fixture's own)
+            async def following_now() -> bool:
+                channel = protocol.conversation_channel(cid)
+                return int(dict(redis.client().pubsub_numsub(channel))[channel.encode()]) == 1
+            await eventually(following_now, 15, "the terminal to subscribe")
+        created = await http.post(f"{edge.url}/v1/generations", headers=auth, json={
+            "messages": [{"role": "user", "content": "hi"}], "conversation_id": cid})
+        async with asyncio.timeout(15):
+            line = await tail.stdout.readline()
+        assert line, (await tail.stderr.read()).decode()
+        assert json.loads(line) == {"id": protocol.conversation_event_id(1, 0),
+                                    "event": "turn", "generation_id": created.json()["id"],
+                                    "turn": 1, "status": "queued"}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            tail.kill()
+        await tail.wait()
+
+
+@pytest.mark.parametrize("cid", ["bad id", "", "x" * 129, "ü", ".."])
+async def test_broker_tail_says_a_conversation_id_is_malformed(cid: str, tokens_only: Any) -> None:
+    """Not "this stream needs a viewer token" (the edge's answer to a stream it cannot give a
+    token for) nor a bare 404: the id is wrong, and the terminal says so (exit 2)."""
+    from tests.integration.test_cli import finish, start
+
+    _, edge = tokens_only
+    done = await finish(await start("tail", "--conversation", cid, url=edge.url))
+    assert done.code == 2, done.stderr
+    assert done.stderr == ("error: invalid_conversation_id: --conversation must be 1-128 "
+                           "characters of A-Z a-z 0-9 _ . : -\n")
+
+
+async def test_the_python_client_follows_the_conversation_its_create_names(
+    tokens_only: Any, http: httpx.AsyncClient
+) -> None:
+    """``create(..., conversation_id=cid)`` answers the ``conversation_url`` the edge gave
+    (with its viewer token), and a ``ConversationFollower`` on it gets the turn."""
+    from broker.client import ConversationFollower, create
+
+    _, edge = tokens_only
+    cid = new_cid()
+    async with httpx.AsyncClient(base_url=edge.url, timeout=10) as client:
+        created = await create(client, [{"role": "user", "content": "hi"}],
+                               conversation_id=cid)
+        assert created.conversation_id == cid
+        assert created.conversation_url is not None
+        assert created.conversation_url.startswith(f"/v1/conversations/{cid}/events?token=")
+        follower = ConversationFollower(client, created.conversation_url)
+        async with asyncio.timeout(10), contextlib.aclosing(follower.__aiter__()) as events:
+            first = await anext(events)
+        plain = await create(client, [{"role": "user", "content": "hi"}])
+    assert (first.event, first.generation_id) == ("turn", created.id)
+    assert plain.conversation_id is None and plain.conversation_url is None
+
+
+async def test_broker_ask_prints_the_conversations_url_for_devices_without_a_key(
+    tokens_only: Any, http: httpx.AsyncClient
+) -> None:
+    """``broker ask --conversation``: stderr has the id, the events URL, then the
+    conversation's URL, whose token ``broker tail --conversation --token`` takes (README)."""
+    from tests.integration.test_cli import cli_env, start
+
+    _, edge = tokens_only
+    cid = new_cid()
+    asking = await start("ask", "--conversation", cid, "hi", url=edge.url)
+    assert asking.stderr is not None
+    async with asyncio.timeout(15):
+        lines = [(await asking.stderr.readline()).decode().strip() for _ in range(3)]
+    asking.kill()
+    await asking.wait()
+    assert lines[1].startswith(f"{edge.url}/v1/generations/{lines[0]}/events?token=")
+    assert lines[2].startswith(f"{edge.url}/v1/conversations/{cid}/events?token=")
+    token = httpx.URL(lines[2]).params["token"]
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker", "tail", "--json", "--conversation", cid,
+        "--token", token, env=cli_env(edge.url), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert tail.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            line = await tail.stdout.readline()
+        assert json.loads(line)["generation_id"] == lines[0]
+    finally:
+        tail.kill()
+        await tail.wait()
 
 
 async def test_a_last_event_id_of_turn_zero_is_refused_before_the_stream(

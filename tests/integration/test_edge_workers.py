@@ -1,4 +1,4 @@
-"""``broker edge --workers 2``: two processes serve one port, both serve streams, each with
+"""``broker edge --edge-workers 2``: two processes serve one port, both serve streams, each with
 its own subscriptions; a SIGTERM to the supervisor ends them all, a process that crashes is
 started again, and a port in use stops it with one line."""
 
@@ -59,19 +59,19 @@ async def serving_processes(redis_url: str) -> dict[int, int]:
 
 @pytest.mark.timeout(60)
 async def test_two_processes_share_the_port_and_both_serve_streams(
-    redis_server: RedisServer, start_broker: StartBroker,
+    own_redis: RedisServer, start_broker: StartBroker,
 ) -> None:
-    edge = start_broker("edge", redis_server.url, broker_edge_workers="2")
+    edge = start_broker("edge", own_redis.url, broker_edge_workers="2")
     processes = wait_until(lambda: len(child_pids(edge.proc.pid)) == 2 and child_pids(
         edge.proc.pid), 15, "two edge processes")
     # Each process has started its app (its pub/sub connection is there) and so listens on
     # the port: connections made before the second one listens would all go to the first.
     async def both_started() -> bool:
-        return processes <= await started_processes(redis_server.url)
+        return processes <= await started_processes(own_redis.url)
 
     await eventually(both_started, 20, "both edge processes to start their app")
-    redis = connect(Settings(redis_url=redis_server.url), "test-producer")
-    store = Store(redis, Settings(redis_url=redis_server.url))
+    redis = connect(Settings(redis_url=own_redis.url), "test-producer")
+    store = Store(redis, Settings(redis_url=own_redis.url))
     streams: list[tuple[str, httpx.Response]] = []
     try:
         async with AsyncExitStack() as stack:
@@ -88,7 +88,7 @@ async def test_two_processes_share_the_port_and_both_serve_streams(
                     http.stream("GET", f"/v1/generations/{gen_id}/events"))
                 assert response.status_code == 200
                 streams.append((gen_id, response))
-                serving = await serving_processes(redis_server.url)
+                serving = await serving_processes(own_redis.url)
             assert set(serving) == processes, (serving, processes, len(streams))
             assert sum(serving.values()) == len(streams)  # one subscription per generation
 
@@ -119,17 +119,17 @@ async def test_two_processes_share_the_port_and_both_serve_streams(
 
 
 def test_a_port_in_use_is_one_line_and_starts_nothing(
-    redis_server: RedisServer, start_broker: StartBroker,
+    own_redis: RedisServer, start_broker: StartBroker,
 ) -> None:
     port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
         done = subprocess.run(
-            [sys.executable, "-m", "broker", "edge", "--workers", "2", "--port", str(port),
+            [sys.executable, "-m", "broker", "edge", "--edge-workers", "2", "--port", str(port),
              "--insecure"],
             env={**{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
-                 "REDIS_URL": redis_server.url},
+                 "REDIS_URL": own_redis.url},
             capture_output=True, text=True, timeout=30, check=False,
         )
     assert done.returncode != 0
@@ -139,9 +139,9 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(
 
 @pytest.mark.timeout(60)
 def test_a_process_that_dies_is_started_again(
-    redis_server: RedisServer, start_broker: StartBroker,
+    own_redis: RedisServer, start_broker: StartBroker,
 ) -> None:
-    edge = start_broker("edge", redis_server.url, broker_edge_workers="2")
+    edge = start_broker("edge", own_redis.url, broker_edge_workers="2")
     first = wait_until(lambda: len(child_pids(edge.proc.pid)) == 2 and child_pids(
         edge.proc.pid), 15, "two edge processes")
     # Past its startup: a death then is a crash to recover from, not a setting that cannot work.

@@ -34,6 +34,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from broker.client import Created, Follower, Message, create
+from tests.integration.test_cli import Done, cli_env, finish
 from tests.support.haproxy import SERVED_BY
 from tests.support.procs import free_port
 from tests.support.sse import Received, read_events
@@ -47,12 +48,13 @@ VIEWERS_PER_GENERATION = 20
 
 READY_LINE = re.compile(
     r"^broker cluster: (?P<url>https?://\S+/) \(edges: (?P<edges>[^,]+), "
-    r"workers: (?P<workers>\d+), redis: (?P<redis>\S+)\)$")
+    r"workers: (?P<workers>\d+), redis: (?P<redis>\S+), mock LLM: (?P<mock>\S+/v1)\)$")
 PIDS_LINE = re.compile(r"^broker cluster: pids (?P<pids>.+); Ctrl-C stops them all$")
 LOGS_LINE = re.compile(r"logs in (?P<dir>\S+)$")
 CERTIFICATE_LINE = re.compile(
     r"^broker cluster: HTTPS with HTTP/2 on a self-signed certificate for localhost: "
-    r"(?P<cert>\S+) \(browsers warn once; curl --cacert (?P=cert)\)$")
+    r"(?P<cert>\S+) \(browsers warn once; curl --cacert (?P=cert); broker ask/tail and "
+    r"Python: SSL_CERT_FILE=(?P=cert)\)$")
 
 
 @dataclass
@@ -116,6 +118,7 @@ def running_cluster(*options: str) -> Iterator[Cluster]:
         log_dir = Path(logs["dir"])
         ready = READY_LINE.match(_next_line(lines, deadline, stderr))
         assert ready is not None
+        assert httpx.get(ready["mock"] + "/models", timeout=5).status_code == 200
         start_seconds = time.monotonic() - started
         line = _next_line(lines, deadline, stderr)
         certificate = None
@@ -340,6 +343,19 @@ async def test_tls_serves_https_with_http2_on_the_certificate_it_names() -> None
             status = (await http.get(f"/v1/generations/{gen.id}")).json()
         assert follower.result is not None and follower.result.finish_reason == "stop"
         assert status["status"] == "completed" and text == status["text"] != ""
+        # The terminal commands: refused with what to do, then trusting the certificate.
+        async def ask(**env: str) -> Done:
+            return await finish(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "broker", "ask", "--url", cluster.url, "Over TLS?",
+                env=cli_env() | env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE))
+        untrusted = await ask()
+        assert untrusted.code == 3, untrusted.stderr
+        assert untrusted.stderr.strip().endswith(
+            "(the edge's certificate is not trusted here: set SSL_CERT_FILE to it, or to its "
+            "CA's, in PEM; `broker cluster --tls` prints its cert.pem)"), untrusted.stderr
+        trusted = await ask(SSL_CERT_FILE=str(cluster.certificate))
+        assert trusted.code == 0 and trusted.stdout.strip(), trusted.stderr
         async with httpx.AsyncClient(timeout=5) as plain:
             with pytest.raises(httpx.HTTPError):
                 await plain.get(f"http://127.0.0.1:{cluster.port}/readyz")

@@ -204,6 +204,44 @@ async def test_a_cancel_reaches_the_producer_mid_loop(
     assert len(received.text.split()) < len(tokens)
 
 
+@pytest.mark.parametrize("transport", ["http", "direct"])
+async def test_a_long_text_goes_out_in_appends_the_edge_accepts(
+    stack: Stack, http: httpx.AsyncClient, transport: str
+) -> None:
+    """One ``text()`` of 600,000 characters, mostly emoji (1,500 messages of 400: more events
+    than one append may carry, and 1,000 of them more bytes than a body may hold) is sent as
+    several appends, each within the limits: the viewers get it all, once, in order."""
+    clause = "🎉" * 120 + " a line\u2028separator, \"quotes\" and \\ too; "
+    sentence = clause * 10 + "end. "  # ~1,000 characters: messages of 400 (fewer than the log)
+    text = sentence * (600_000 // len(sentence))
+    async with make(stack, transport) as gen:
+        await gen.text(text)
+    received = await read_events(http, events_url(stack.a, gen.id))
+    assert received.status == 200
+    assert received.text == text
+    assert received.terminal_data() == {"finish_reason": "stop", "usage": None}
+    assert len(received.messages) > protocol.MAX_APPEND_EVENTS
+
+
+@pytest.mark.parametrize("transport", ["http", "direct"])
+async def test_a_cancel_the_loop_never_heard_of_ends_the_block_quietly(
+    stack: Stack, http: httpx.AsyncClient, transport: str
+) -> None:
+    """Cancelled while the loop's last text waits in the sentence buffer (nothing reached the
+    edge since): leaving the block finishes, hears the cancel, and ends quietly (README:
+    "the async with block then ends quietly"), with ``cancelled`` set."""
+    gen = make(stack, transport)
+    async with gen:
+        await gen.text("A first sentence. ")
+        await gen.flush()
+        assert (await http.post(f"{stack.b}/v1/generations/{gen.id}/cancel")).status_code == 202
+        await gen.text("Buffered, never sent")
+    assert gen.cancelled.is_set()
+    received = await read_events(http, events_url(stack.a, gen.id))
+    assert received.text == "A first sentence. "
+    assert received.terminal_data() == {"finish_reason": "cancelled", "usage": None}
+
+
 async def test_an_idle_producer_hears_of_a_cancel_through_its_heartbeat(
     short_lease_edge: Any, http: httpx.AsyncClient
 ) -> None:

@@ -5,7 +5,7 @@ refused one refuses only itself), and each generation's log is what its calls wr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,13 +14,6 @@ from broker.core.settings import Settings
 from broker.core.store import Store, connect
 from tests.support.procs import RedisServer
 from worker.batch import PublishBatcher
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -34,14 +33,6 @@ TOKEN_GAP = 0.75 * DEFAULTS.flush_interval / SENTENCE_TOKENS
 # this reader).
 FIRST_TEXT_WITHIN = DEFAULTS.first_text_wait + (
     DEFAULTS.flush_interval - DEFAULTS.first_text_wait) / 2
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own: only its default worker takes the job."""
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 async def test_first_words_at_once_then_whole_sentences_at_a_slow_rate(

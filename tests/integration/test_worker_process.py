@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -25,14 +24,6 @@ METRICS_AT = re.compile(r"worker metrics on http://127\.0\.0\.1:(\d+)/metrics")
 # How many generations a round may create while waiting for every worker to take one: jobs
 # go to the worker blocked longest in XREADGROUP, so each worker gets one within a few.
 CREATES_PER_WORKER = 10
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own: no other test's worker takes its jobs."""
-    server = RedisServer().start()
-    yield server
-    server.stop()
 
 
 def start_default_worker(redis: RedisServer, llm: FakeLLM) -> BrokerProcess:
