@@ -171,7 +171,8 @@ class Worker:
         self.running[gen_id] = registered
         run: GenerationRun | None = None
         try:
-            status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl)
+            status = await self.store.claim(gen_id, self.name, self.settings.lease_ttl,
+                                            job=f"{entry.stream} {entry.entry_id}")
             if status == "ok":
                 # Renewed from now (no await since the claim) until the run has published its
                 # terminal event: the claim's lease lasts a whole BROKER_LEASE_TTL, the keeper

@@ -612,19 +612,27 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-# KEYS: meta. ARGV: owner, lease_ttl_ms.
+# KEYS: meta. ARGV: owner, lease_ttl_ms, job (the job entry it was read from).
 # Returns 'ok' (now running under owner, its lease running out lease_ttl_ms from now by Redis's
-# clock) or the status that prevents it ('' when gone).
+# clock) or the status that prevents it ('' when gone). The same owner claiming from the same
+# job again gets 'ok' again: a claim whose reply was lost is retried by the client, and the
+# retry must not read as "someone runs it" (the job would be acked and the generation left
+# running until reaped as worker_lost, under a live worker).
 CLAIM_SCRIPT = (
     """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return '' end
+if status == 'running' and ARGV[3] ~= ''
+   and redis.call('HGET', KEYS[1], 'owner') == ARGV[1]
+   and redis.call('HGET', KEYS[1], 'job') == ARGV[3] then
+  return 'ok'
+end
 if status ~= 'queued' then return status end
 """
     + _REDIS_NOW_MS
     + """
 redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1],
-           'lease', now + tonumber(ARGV[2]), 'lease_ttl', ARGV[2])
+           'lease', now + tonumber(ARGV[2]), 'lease_ttl', ARGV[2], 'job', ARGV[3])
 return 'ok'
 """
 )

@@ -29,7 +29,8 @@ WORKER_METRICS_PORTS = range(9100, 9200)
 class Settings:
     redis_url: str = _setting(
         "redis://localhost:6379/0", "REDIS_URL",
-        "Redis to use; `redis+cluster://host:port` for a Redis Cluster", "edge worker"
+        "Redis to use; `redis+cluster://host:port[,host:port...]` for a Redis Cluster "
+        "(several seeds: any one up is enough to start)", "edge worker"
     )
     host: str = _setting(
         "127.0.0.1", "BROKER_HOST",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
@@ -36,7 +37,8 @@ POOL_WAIT_TIMEOUT = 5.0
 IGNORED_BLOCK_PAUSE = 0.05
 CLUSTER_SCHEME = "redis+cluster://"
 
-# One Redis, or a Redis Cluster (``REDIS_URL=redis+cluster://host:port``, any node as the seed).
+# One Redis, or a Redis Cluster (``REDIS_URL=redis+cluster://host:port[,host:port...]``: any
+# node seeds the slot map; several seeds, so a process starts while one of them is down).
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 
 
@@ -62,9 +64,10 @@ def connect(settings: Settings, client_name: str) -> RedisClient:
         # The cluster client keeps a pool per node and follows MOVED/ASK and failovers itself.
         # Headroom over the in-flight bound: pipelines and the worker's subscription take
         # connections of their own.
-        url = settings.redis_url.replace("+cluster", "", 1)
+        url, more_seeds = cluster_seeds(settings.redis_url)
         return WaitingRedisCluster.from_url(
-            url, max_connections=settings.redis_pool_size + 4,
+            url, startup_nodes=[ClusterNode(host, port) for host, port in more_seeds],
+            max_connections=settings.redis_pool_size + 4,
             max_in_flight=settings.redis_pool_size,
             # Follow each MOVED by patching that slot: the periodic full re-initialization
             # closes every connection of the client, blocking reads of other tasks included.
@@ -79,6 +82,29 @@ def connect(settings: Settings, client_name: str) -> RedisClient:
         **options,
     )
     return aioredis.Redis(connection_pool=pool)
+
+
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """A cluster ``REDIS_URL`` (``redis+cluster://[user:password@]host:port[,host:port...]
+    [/db][?options]``) as redis-py takes it: the URL of the first seed (``redis://`` or
+    ``rediss://``, credentials and options kept), and the other seeds as (host, port). The
+    client tries the seeds in turn until one answers the slot map, so one seed being down
+    does not stop a process from starting."""
+    scheme, _, rest = url.partition("://")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hosts = netloc.rpartition("@")
+    seeds = [seed for seed in hosts.split(",") if seed]
+    if not seeds:
+        raise ValueError(f"no host in REDIS_URL {url!r}")
+    others = []
+    for seed in seeds[1:]:
+        host, _, port = seed.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"a cluster seed is host:port, not {seed!r}")
+        others.append((host.strip("[]"), int(port)))
+    first = f"{scheme.replace('+cluster', '', 1)}://{userinfo}{at}{seeds[0]}{tail}"
+    return first, others
 
 
 class WaitingRedisCluster(aioredis.RedisCluster):
@@ -327,11 +353,13 @@ class Store:
 
     # -- worker side -----------------------------------------------------------------------
 
-    async def claim(self, gen_id: str, owner: str, lease_ttl: float) -> str:
+    async def claim(self, gen_id: str, owner: str, lease_ttl: float, job: str = "") -> str:
         """'ok' when this owner now runs the generation, its lease running out ``lease_ttl``
-        seconds from now by Redis's clock; else the status that prevents it."""
+        seconds from now by Redis's clock; else the status that prevents it. ``job`` names the
+        job entry it was read from: the same claim repeated (a retry after a lost reply) is
+        'ok' again."""
         keys = [protocol.meta_key(gen_id)]
-        return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl)]))
+        return as_text(await self._claim(keys=keys, args=[owner, _ms(lease_ttl), job]))
 
     async def heartbeat(self, gen_id: str, owner: str, lease_ttl: float) -> str:
         """Renew the lease for ``lease_ttl`` seconds (Redis's clock): 'run', 'cancel' (cancel

@@ -71,8 +71,12 @@ class PubSubConnection:
         self.retired = False  # no longer a master: its channels went elsewhere
 
     def ready(self) -> bool:
+        """A probe came back within a probe timeout, and nothing failed since: a connection
+        or probe that fails (a master killed, Redis restarted) makes the edge unready at once,
+        not a probe timeout later (which outlasts a cluster's failover)."""
         seen = self._probe_seen_at
-        return seen is not None and time.monotonic() - seen <= self.owner.probe_timeout
+        return (seen is not None and self._healthy_since is not None
+                and time.monotonic() - seen <= self.owner.probe_timeout)
 
     def healthy_for(self, now: float) -> float:
         """Seconds this connection has delivered its probes without a failure (0 while
@@ -120,6 +124,14 @@ class PubSubConnection:
             with contextlib.suppress(RedisError, OSError):
                 # A failed unsubscribe is harmless: stray messages for unknown topics are ignored.
                 self._pubsub.send(b"SUNSUBSCRIBE" if self.sharded else b"UNSUBSCRIBE", channel)
+
+    def forget(self, channel: str) -> None:
+        """Stop routing ``channel`` here without telling Redis: its slot moved away, and the
+        master already unsubscribed us (an unasked ``sunsubscribe``) or is gone. Telling it
+        again would be answered ``MOVED``, which fails the whole connection, and every other
+        channel on it would be subscribed again and resynced from the log."""
+        self.channels.discard(channel)
+        self._unconfirmed.pop(channel, None)
 
     def _subscribe(self, pubsub: PushConnection, *channels: str) -> None:
         """Written at once; Redis confirms each channel with a push (see ``_dispatch``)."""
@@ -234,7 +246,8 @@ class Subscriptions:
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._rebalancing = asyncio.Lock()
-        self._dropped: set[str] = set()  # channels a master unsubscribed us from (slot moved)
+        # Channels a master unsubscribed us from (slot moved), and since when (monotonic).
+        self._dropped: dict[str, float] = {}
         self._rebalance_again = False
         self._id = uuid.uuid4().hex
         self.slot_map = SlotMap(redis) if isinstance(redis, aioredis.RedisCluster) else None
@@ -337,7 +350,7 @@ class Subscriptions:
     # -- following the cluster -------------------------------------------------------------
 
     def channel_dropped(self, channel: str) -> None:
-        self._dropped.add(channel)
+        self._dropped.setdefault(channel, time.monotonic())
         self._in_background(self._rebalance_until_done())
 
     async def _rebalance_until_done(self) -> None:
@@ -383,17 +396,30 @@ class Subscriptions:
         for name, master in serving.items():
             if name not in self.connections:
                 self._add_master_connection(cluster, master)
-        dropped, self._dropped = self._dropped, set()
+        dropped, self._dropped = self._dropped, {}
+        behind = False
         for channel, connection in list(self._connection_of.items()):
             if self._connection_of.get(channel) is not connection:
                 continue  # its last listener left (or it moved) during an await of this loop
             target = self._route(channel)
+            if (channel in dropped and target is connection and not connection.retired
+                    and time.monotonic() - dropped[channel] < self.probe_timeout):
+                # The master dropped it, yet the map we read still names that master: the
+                # node we asked has not heard of the move yet (a resharding tells the nodes
+                # one by one). Subscribing there again would be answered MOVED; read the map
+                # again shortly (for a probe timeout at most, then trust it).
+                self._dropped[channel] = dropped[channel]
+                behind = True
+                continue
             if target is not connection or connection.retired or channel in dropped:
                 # Moved, or dropped by the server even if the map still names the same node:
                 # subscribe it (again) where it belongs; the confirmation resyncs its listener.
+                # Not unsubscribed where it was (see ``forget``).
                 self._connection_of[channel] = target
-                await connection.unsubscribe(channel)
+                connection.forget(channel)
                 await target.subscribe(channel)
+        if behind:
+            raise RedisConnectionError("the slot map is behind a slot move; reading it again")
 
     # -- probes ----------------------------------------------------------------------------
 

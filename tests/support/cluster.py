@@ -89,7 +89,9 @@ class RedisClusterServers:
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
-        for node in [dst, src, *(n.client() for n in self.live_nodes())]:
+        # Masters only: a replica refuses SETSLOT (it follows its master).
+        masters = [n.client() for n in self.live_nodes() if self.role(n) == "master"]
+        for node in [dst, src, *masters]:
             node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
     def replica_of(self, master: RedisServer) -> RedisServer:

@@ -14,6 +14,7 @@ from .procs import free_port, wait_until
 class _Link:
     subscriber: bool = False  # the client sent a (S)SUBSCRIBE on it
     frozen: bool = False  # server -> client bytes are swallowed: up, but delivering nothing
+    losing: bytes | None = None  # the next reply is lost (see ``lose_reply_to``): its marker
 
 
 class TcpProxy:
@@ -27,6 +28,9 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._lose_reply_to: bytes | None = None
+        self._lose_times = 0
+        self.replies_lost = 0
 
     def start(self) -> TcpProxy:
         self._thread.start()
@@ -56,6 +60,14 @@ class TcpProxy:
             link.frozen = True
         return len(frozen)
 
+    def lose_reply_to(self, marker: bytes, times: int = 1) -> None:
+        """``times`` times: the next command carrying ``marker`` reaches the server, and its
+        reply is lost with the connection (cut before a byte of it reaches the client), as when
+        a network fails between a command and its answer. A ``-NOSCRIPT`` reply passes: the
+        command did not run."""
+        self._lose_reply_to = marker
+        self._lose_times = times
+
     async def _serve(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
 
@@ -81,11 +93,22 @@ class TcpProxy:
             while data := await reader.read(65536):
                 if b"SUBSCRIBE" in data.upper():
                     link.subscriber = True
+                if self._lose_reply_to is not None and self._lose_reply_to in data:
+                    link.losing, self._lose_reply_to = self._lose_reply_to, None
                 up_writer.write(data)
                 await up_writer.drain()
 
         async def server_to_client() -> None:
             while data := await up_reader.read(65536):
+                if link.losing is not None and data.startswith(b"-NOSCRIPT"):
+                    # Not run: the client loads the script and sends it again, armed again.
+                    link.losing, self._lose_reply_to = None, link.losing
+                elif link.losing is not None:
+                    self.replies_lost += 1
+                    self._lose_times -= 1
+                    if self._lose_times > 0:
+                        self._lose_reply_to = link.losing  # armed for the client's next try
+                    return  # the pumps stop, both connections close: the reply is lost
                 if not link.frozen:
                     writer.write(data)
                     await writer.drain()

@@ -1,0 +1,68 @@
+"""A slot move costs only the channels of that slot (issue 18, found by hand): the edge follows
+the moved channel to its new master without failing its pub/sub connection to the old one, so
+the other channels there are neither resubscribed nor resynced from the log."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from redis.crc import key_slot
+
+from broker.core import protocol
+from tests.faults.helpers import assert_exact_once, until_messages, watch
+from tests.support.api import create, events_url, metric, unique
+from tests.support.cluster import RedisClusterServers
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
+from tests.support.procs import eventually
+from tests.support.sse import Received
+
+ANSWER = "".join(f"Sentence {i} of a held answer. " for i in range(12)) + TRICKY_TEXT
+HELD = 6  # generations made to find two whose channels share a master (any two of 6 of 3)
+
+
+async def test_a_slot_move_resubscribes_only_the_moved_channel(deploy, fake_llm: FakeLLM):
+    d = deploy(edges=1, workers=1, cluster=(3, 0), broker_job_shards=3)
+    cluster: RedisClusterServers = d.redis
+    edge = d.edges[0]
+    prompts = [fake_llm.script(unique(f"held{i}"), ANSWER, delay=0.002, hold_at=4)
+               for i in range(HELD)]
+    async with httpx.AsyncClient(timeout=60) as http:
+        ids = [await create(http, edge.url, p) for p in prompts]
+        progress: list[Received] = []
+        viewers = [watch(http, events_url(edge.url, gen_id), progress) for gen_id in ids]
+        await until_messages(progress, HELD, 1)  # each subscribed, streaming, then held
+
+        by_master: dict[int, list[str]] = {}
+        for gen_id in ids:
+            by_master.setdefault(cluster.node_of(protocol.live_channel(gen_id)).port,
+                                 []).append(gen_id)
+        moved, stays = next(
+            (same[0], other) for same in by_master.values() for other in same[1:]
+            if key_slot(protocol.live_channel(same[0]).encode())
+            != key_slot(protocol.live_channel(other).encode()))
+        source = cluster.node_of(protocol.live_channel(moved))
+        target = next(n for n in cluster.live_nodes() if n is not source)
+
+        async def edge_metric(name: str) -> float:
+            return metric((await http.get(edge.url + "/metrics")).text, name)
+
+        reconnects = await edge_metric("broker_pubsub_reconnects_total")
+        resubscribes = await edge_metric("broker_pubsub_resubscribes_total")
+        await asyncio.to_thread(cluster.move_slot_of, protocol.meta_key(moved), target)
+
+        async def followed() -> bool:
+            return await edge_metric("broker_pubsub_resubscribes_total") > resubscribes
+
+        await eventually(followed, 15, "the edge to follow the moved channel")
+        for prompt in prompts:
+            fake_llm.reply_for(prompt).release.set()
+        results = await asyncio.wait_for(asyncio.gather(*viewers), 60)
+        # Only the moved channel was subscribed again; the connection to its old master, which
+        # still serves the channel that stayed, never failed.
+        assert await edge_metric("broker_pubsub_resubscribes_total") == resubscribes + 1
+        assert await edge_metric("broker_pubsub_reconnects_total") == reconnects
+    for got in results:
+        assert_exact_once(got, ANSWER)
+    assert cluster.node_of(protocol.live_channel(moved)) is target
+    assert cluster.node_of(protocol.live_channel(stays)) is source
