@@ -83,6 +83,18 @@ def _raise_for(code: str, message: str, count: int | None) -> None:
 
 # -- over HTTP ------------------------------------------------------------------------------
 
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object; None when it has none (an empty 204, or what something
+    between us and the edge answered itself: a load balancer's HTML error page)."""
+    if not response.content:
+        return {} if response.is_success else None
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    return answer if isinstance(answer, dict) else None
+
+
 class HttpTransport:
     """An edge's producer API (docs/api.md, "Producers"), with ``httpx``. Connection failures,
     timeouts and 5xx answers are retried with backoff for ``RETRY_DEADLINE`` seconds, with the
@@ -117,16 +129,22 @@ class HttpTransport:
                     raise
                 await backoff.sleep()
                 continue
-            if (response.status_code >= 500 and idempotent
+            answer = _json_object(response)
+            # A 503 that is not the edge's JSON answer is a load balancer's own (no edge ready
+            # to take it): the request reached no edge, so even a create may go again.
+            unsent = response.status_code == 503 and answer is None
+            if (response.status_code >= 500 and (idempotent or unsent)
                     and time.monotonic() + backoff.delay < deadline):
                 await backoff.sleep()
                 continue
-            answer: dict[str, Any] = response.json() if response.content else {}
-            if response.is_success:
+            if response.is_success and answer is not None:
                 return answer
-            error = answer.get("error") or {}
+            error = (answer or {}).get("error") or {}
+            if not isinstance(error, dict):
+                error = {}
             _raise_for(str(error.get("code", f"http_{response.status_code}")),
-                       str(error.get("message", response.text[:200])), answer.get("count"))
+                       str(error.get("message", response.text[:200])),
+                       (answer or {}).get("count"))
 
     async def create(self, model: str | None, metadata: dict[str, Any] | None,
                      conversation: str | None = None) -> Created:

@@ -11,11 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from openai import AsyncOpenAI
 
 from broker import producer
 from broker.core import protocol
 from broker.core.settings import Settings
+from broker.producer.transports import RETRY_DEADLINE
 from tests.conftest import Stack, StartBroker
 from tests.integration.test_typed_events import (
     ANSWER_1,
@@ -29,7 +31,8 @@ from tests.integration.test_typed_events import (
 )
 from tests.support.api import events_url, status, unique
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
-from tests.support.procs import RedisServer, eventually
+from tests.support.haproxy import HAProxy
+from tests.support.procs import BrokerProcess, RedisServer, eventually, free_port
 from tests.support.sse import read_events
 
 # A short flush interval: text without a sentence end goes out this soon (the bound tested).
@@ -431,3 +434,41 @@ async def test_a_timed_flush_that_fails_loses_no_text(http: httpx.AsyncClient) -
         assert kinds_and_data[-1][0] == b"end"
     finally:
         server.stop()
+
+
+async def test_a_create_meeting_the_load_balancers_own_503_goes_again_and_lands_once(
+    own_redis: RedisServer,
+) -> None:
+    """HAProxy answers 503 with its own HTML page while no edge is ready (here: its one edge
+    restarting): that request reached no edge, so even a create (not idempotent) goes again,
+    and lands once the edge is back. The page is no JSON: the library reads it as the load
+    balancer's, never as a JSONDecodeError."""
+    port = free_port()
+    edge = BrokerProcess("edge", {"REDIS_URL": own_redis.url}, port).wait_ready()
+    lb = HAProxy([edge.url]).start()
+    try:
+        edge.stop()
+        async with httpx.AsyncClient(timeout=10) as http:
+            async def lb_says_503() -> httpx.Response | None:
+                page = await http.post(lb.url + "/v1/generations", json={"producer": "external"})
+                return page if page.status_code == 503 else None
+
+            page = await eventually(lb_says_503, 10, "HAProxy to see its edge gone")
+            assert not page.headers.get("content-type", "").startswith("application/json")
+            gen = producer.over_http(lb.url, client=http)
+            start = asyncio.create_task(gen.start())
+            await asyncio.sleep(0.2)  # (its first tries meet the page)
+            assert not start.done()
+            edge = BrokerProcess("edge", {"REDIS_URL": own_redis.url}, port).wait_ready()
+            await asyncio.wait_for(start, RETRY_DEADLINE)
+            await gen.text("Landed once.")
+            await gen.finish()
+        redis = aioredis.Redis.from_url(own_redis.url)
+        try:
+            metas = [k async for k in redis.scan_iter(match="{gen:*}:meta")]
+            assert len(metas) == 1, metas  # one generation, however many tries met the page
+        finally:
+            await redis.aclose()
+    finally:
+        edge.stop()
+        lb.stop()
