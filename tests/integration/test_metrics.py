@@ -79,8 +79,15 @@ async def test_edge_and_worker_metrics_answer_operators_questions(
     async def worker_caught_up() -> dict | None:
         worker = await scrape(http, worker_url)
         seen.append({k: v for k, v in worker.items() if k[0] == "broker_llm_errors_total"})
-        return worker if grew("broker_llm_errors_total", worker_before, worker,
-                              code="llm_stream_broken") == 1 else None
+        # The worker counts an event after Redis answered its publish, so a viewer may have
+        # read it a moment before: wait for the counts of what the viewers saw.
+        caught_up = (
+            grew("broker_llm_errors_total", worker_before, worker, code="llm_stream_broken") == 1
+            and grew("broker_time_to_first_message_seconds_count", worker_before, worker) >= 2
+            and grew("broker_generations_finished_total", worker_before, worker,
+                     status="cancelled") == 1
+        )
+        return worker if caught_up else None
 
     try:
         worker = await eventually(worker_caught_up, 10, "the worker's metrics")
