@@ -35,13 +35,13 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from broker.core.sse import SSEEventDecoder
+from broker.core.sse import ServerSentEvent, SSEEventDecoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +145,15 @@ def _rejected(status: int, body: str) -> RequestRejected:
     return RequestRejected(status, code, message)
 
 
-class Follower:
-    """Follows one generation's events to its terminal event, across reconnects."""
+T = TypeVar("T")
+
+
+class _Resuming:
+    """What both followers share: EventSource's reconnection. A dropped connection, a 5xx or
+    an answer that is no event stream is retried after ``retry:`` (the server's, doubling with
+    each failure in a row, jittered) with ``Last-Event-ID``; ``StreamError`` when there has
+    been no progress (what counts as progress: the subclass says, by ``_progressed``) for
+    ``give_up_after`` seconds."""
 
     def __init__(
         self, http: httpx.AsyncClient, events_url: str, *, last_event_id: str | None = None,
@@ -158,6 +165,65 @@ class Follower:
         self.give_up_after = give_up_after
         self.retry_ms = 1000
         self.reconnects = 0
+        self._progress_at = time.monotonic()
+        self._failures = 0  # reconnects in a row without progress: the delay doubles with each
+
+    def _progressed(self) -> None:
+        self._progress_at = time.monotonic()
+        self._failures = 1
+
+    async def _reconnecting(
+        self, connect_once: Callable[[], AsyncIterator[T]], ended: Callable[[], bool],
+    ) -> AsyncGenerator[T, None]:
+        self._progress_at = time.monotonic()
+        self._failures = 0
+        while True:
+            if self._failures:
+                self.reconnects += 1
+                if time.monotonic() - self._progress_at > self.give_up_after:
+                    raise StreamError(f"no progress for {self.give_up_after}s; giving up")
+                delay = min(self.retry_ms / 1000 * 2 ** (self._failures - 1),
+                            MAX_RECONNECT_DELAY)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: no herds
+            self._failures += 1
+            try:
+                async for item in connect_once():
+                    yield item
+            except (httpx.TransportError, _Unavailable):
+                continue  # dropped: reconnect with Last-Event-ID, as EventSource does
+            if ended():
+                return
+
+    def _stream(self) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
+        headers = {"accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["last-event-id"] = self.last_event_id
+        return self.http.stream("GET", self.events_url, headers=headers)
+
+    async def _sse_events(
+        self, response: httpx.Response
+    ) -> AsyncIterator[tuple[ServerSentEvent, Any]]:
+        """The stream's events with their data parsed; ``retry:`` and ids taken as they come."""
+        decoder = SSEEventDecoder()
+        async for piece in response.aiter_bytes():
+            events = decoder.feed(piece)
+            if decoder.retry is not None:
+                self.retry_ms = decoder.retry
+            for event in events:
+                if event.id:
+                    self.last_event_id = event.id
+                yield event, json.loads(event.data)
+
+
+class Follower(_Resuming):
+    """Follows one generation's events to its terminal event, across reconnects."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, events_url: str, *, last_event_id: str | None = None,
+        give_up_after: float = 30.0,
+    ) -> None:
+        super().__init__(http, events_url, last_event_id=last_event_id,
+                         give_up_after=give_up_after)
         self.result: Result | None = None
 
     def __aiter__(self) -> AsyncGenerator[Message, None]:
@@ -169,73 +235,33 @@ class Follower:
         """Every event before the terminal one, typed, in the stream's order. The terminal
         event ends the iteration as for messages: ``end`` sets ``result``, ``error`` raises
         ``GenerationFailed``. Iterate a follower once, either way."""
-        return self._follow()
+        return self._reconnecting(self._connect_once, lambda: self.result is not None)
 
     async def _messages(self) -> AsyncGenerator[Message, None]:
-        async with contextlib.aclosing(self._follow()) as events:
+        async with contextlib.aclosing(self.events()) as events:
             async for event in events:
                 if event.kind == "message":
                     yield Message(event.id, event.text)
 
-    async def _follow(self) -> AsyncGenerator[Event, None]:
-        progress_at = time.monotonic()
-        failures = 0  # reconnects in a row without an event: the delay doubles with each
-        while True:
-            if failures:
-                self.reconnects += 1
-                if time.monotonic() - progress_at > self.give_up_after:
-                    raise StreamError(f"no progress for {self.give_up_after}s; giving up")
-                delay = min(self.retry_ms / 1000 * 2 ** (failures - 1), MAX_RECONNECT_DELAY)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # jitter: no herds
-            failures += 1
-            try:
-                async for event in self._connect_once():
-                    progress_at = time.monotonic()
-                    failures = 1
-                    yield event
-            except (httpx.TransportError, _Unavailable):
-                continue  # dropped: reconnect with Last-Event-ID, as EventSource does
-            if self.result is not None:
-                return
-
     async def _connect_once(self) -> AsyncIterator[Event]:
-        headers = {"accept": "text/event-stream"}
-        if self.last_event_id is not None:
-            headers["last-event-id"] = self.last_event_id
-        async with self.http.stream("GET", self.events_url, headers=headers) as response:
-            status = response.status_code
-            if status == 204:
+        async with self._stream() as response:
+            if response.status_code == 204:
                 self.result = self.result or Result("unknown", None)
                 return
-            if status == 404:
+            if response.status_code == 404:
                 raise GenerationNotFound(self.events_url)
-            if status != 200:
-                body = (await response.aread()).decode(errors="replace")
-                if status >= 500:
-                    raise _Unavailable(f"HTTP {status}: {body[:200]}")
-                raise _rejected(status, body)
-            content_type = response.headers.get("content-type", "")
-            if not content_type.startswith("text/event-stream"):
-                raise _Unavailable(f"HTTP 200 with {content_type or 'no content type'}, not "
-                                   "an event stream")
-            decoder = SSEEventDecoder()
-            async for piece in response.aiter_bytes():
-                events = decoder.feed(piece)
-                if decoder.retry is not None:
-                    self.retry_ms = decoder.retry
-                for event in events:
-                    if event.id:
-                        self.last_event_id = event.id
-                    data = json.loads(event.data)
-                    if event.event == "end":
-                        self.result = Result(data.get("finish_reason", "unknown"),
-                                             data.get("usage"))
-                        return
-                    elif event.event == "error":
-                        raise GenerationFailed(data.get("code", "unknown"),
-                                               data.get("message", ""))
-                    else:
-                        yield Event(event.event, event.id, data)
+            await _check_stream(response)
+            async for event, data in self._sse_events(response):
+                self._progressed()  # (an event: the delay starts over)
+                if event.event == "end":
+                    self.result = Result(data.get("finish_reason", "unknown"),
+                                         data.get("usage"))
+                    return
+                elif event.event == "error":
+                    raise GenerationFailed(data.get("code", "unknown"),
+                                           data.get("message", ""))
+                else:
+                    yield Event(event.event, event.id, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,63 +280,23 @@ class ConversationEvent:
         return self.event in ("end", "error")
 
 
-class ConversationFollower:
+class ConversationFollower(_Resuming):
     """Follows a conversation's stream (``GET /v1/conversations/{cid}/events``): every turn,
     for as long as it is iterated (a conversation has no end). Reconnects after a dropped
     connection with ``Last-Event-ID``, as ``Follower`` does, and raises ``StreamError`` only
     when no connection could be made for ``give_up_after`` seconds (a quiet conversation is
     not a failure: the edge sends keepalives)."""
 
-    def __init__(
-        self, http: httpx.AsyncClient, events_url: str, *, last_event_id: str | None = None,
-        give_up_after: float = 30.0,
-    ) -> None:
-        self.http = http
-        self.events_url = events_url
-        self.last_event_id = last_event_id
-        self.give_up_after = give_up_after
-        self.retry_ms = 1000
-        self.reconnects = 0
-
     def __aiter__(self) -> AsyncGenerator[ConversationEvent, None]:
-        return self._follow()
+        return self._reconnecting(self._connect_once, lambda: False)
 
-    async def _follow(self) -> AsyncGenerator[ConversationEvent, None]:
-        connected_at = time.monotonic()
-        failures = 0
-        while True:
-            if failures:
-                self.reconnects += 1
-                if time.monotonic() - connected_at > self.give_up_after:
-                    raise StreamError(f"no connection for {self.give_up_after}s; giving up")
-                delay = min(self.retry_ms / 1000 * 2 ** (failures - 1), MAX_RECONNECT_DELAY)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            failures += 1
-            try:
-                async with self.http.stream("GET", self.events_url,
-                                            headers=self._headers()) as response:
-                    await _check_stream(response)
-                    connected_at = time.monotonic()
-                    failures = 1
-                    decoder = SSEEventDecoder()
-                    async for piece in response.aiter_bytes():
-                        events = decoder.feed(piece)
-                        if decoder.retry is not None:
-                            self.retry_ms = decoder.retry
-                        for event in events:
-                            data = json.loads(event.data)
-                            if event.id:
-                                self.last_event_id = event.id
-                            yield ConversationEvent(event.id, event.event,
-                                                    str(data.pop("generation_id", "")), data)
-            except (httpx.TransportError, _Unavailable):
-                continue  # dropped (or the edge ended the response): resume after the last id
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"accept": "text/event-stream"}
-        if self.last_event_id is not None:
-            headers["last-event-id"] = self.last_event_id
-        return headers
+    async def _connect_once(self) -> AsyncIterator[ConversationEvent]:
+        async with self._stream() as response:
+            await _check_stream(response)
+            self._progressed()  # (a connection: the delay starts over)
+            async for event, data in self._sse_events(response):
+                yield ConversationEvent(event.id, event.event,
+                                        str(data.pop("generation_id", "")), data)
 
 
 async def _check_stream(response: httpx.Response) -> None:
