@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -26,14 +27,19 @@ ANSWER = f"First sentence. {TRICKY_TEXT} Second sentence, the last one."
 
 
 @pytest.fixture(scope="module")
-def chat_stack(redis_server: RedisServer, fake_llm: FakeLLM, start_broker: StartBroker) -> Stack:
+def chat_stack(fake_llm: FakeLLM, start_broker: StartBroker) -> Iterator[Stack]:
     """Two edges with API keys and viewer tokens on (keepalives every 0.2 s: a held turn sends
-    some), and a worker."""
+    some), and a worker, on a Redis of their own (a worker on the session's Redis would take
+    other tests' jobs)."""
+    redis = RedisServer().start()
     keyed = {"broker_api_keys": KEY, "broker_viewer_token_keys": "ai-sdk-token-key-0123456789",
              "broker_insecure": "0", "broker_keepalive_interval": "0.2"}
-    edges = [start_broker("edge", redis_server.url, **keyed) for _ in range(2)]
-    worker = start_broker("worker", redis_server.url, fake_llm, broker_max_concurrency="20")
-    return Stack(redis_server, edges, worker)
+    edges = [start_broker("edge", redis.url, **keyed) for _ in range(2)]
+    worker = start_broker("worker", redis.url, fake_llm, broker_max_concurrency="20")
+    yield Stack(redis, edges, worker)
+    for process in (*edges, worker):
+        process.stop()
+    redis.stop()
 
 
 def chat_id() -> str:
