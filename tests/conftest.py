@@ -9,6 +9,8 @@ import httpx
 import pytest
 from hypothesis import settings
 
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
 from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, free_port
@@ -43,6 +45,16 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def own_store(own_redis: RedisServer) -> AsyncIterator[Store]:
+    """A ``Store`` on the test's own redis-server."""
+    settings = Settings(redis_url=own_redis.url)
+    client = connect(settings, "test-own-store")
+    yield Store(client, settings)
+    await client.aclose()
+    await client.connection_pool.disconnect()  # (given to the client: not closed with it)
 
 
 StartBroker = Callable[..., BrokerProcess]

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 READ_BLOCK_MS = 500
 REAP_INTERVAL = 1.0
+# A job-group consumer idle for this many leases, holding no job, belonged to a worker that is
+# gone (its jobs were reclaimed after one lease): the reaper deletes it.
+CONSUMER_GONE_AFTER_LEASES = 3
 # How long generations cut short by a stop get to publish their worker_shutdown event.
 SHUTDOWN_PUBLISH_TIMEOUT = 10.0
 # What a Redis Cluster answers while a failover (CLUSTERDOWN) or a slot migration (TRYAGAIN)
@@ -94,6 +97,17 @@ class Worker:
             await self._drain()  # the leases are renewed until every run has ended
             await cancel_and_wait(*background)
             await self.leases.stop()
+            await self._leave_job_groups()
+
+    async def _leave_job_groups(self) -> None:
+        """Delete this worker's consumer from every shard's group (unless it still holds a job:
+        a run whose end could not be published leaves its job for a reaper), so a restarted
+        worker, which has a new name, does not leave one behind."""
+        for stream in self.store.job_streams:
+            try:
+                await self.store.forget_consumers(stream, 0, self.name)
+            except (RedisError, OSError) as e:  # Redis down: a live worker's reaper does it later
+                log.info("could not remove this worker from the job group of %s: %s", stream, e)
 
     async def _take_jobs(self, burst: bool) -> None:
         """One reader per job shard; they share this worker's capacity."""
@@ -254,9 +268,11 @@ class Worker:
 
     async def _reap_forever(self) -> None:
         """Find jobs whose worker stopped touching them: run the ones that never started, end
-        the ones that did with ``worker_lost``. Every worker runs this; Redis arbitrates."""
+        the ones that did with ``worker_lost``; once a lease, delete the job groups' consumers
+        of workers that are gone. Every worker runs this; Redis arbitrates."""
         cursors = dict.fromkeys(self.store.job_streams, "0-0")
         lease_ms = int(self.settings.lease_ttl * 1000)
+        consumers_checked = time.monotonic()
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             if time.monotonic() - self._healthy_since < self.settings.lease_ttl:
@@ -271,6 +287,12 @@ class Worker:
                     )
                     for entry, job in jobs:
                         await self._reclaimed(entry, job)
+                if time.monotonic() - consumers_checked >= self.settings.lease_ttl:
+                    consumers_checked = time.monotonic()
+                    for stream in self.store.job_streams:
+                        await self.store.forget_consumers(
+                            stream, CONSUMER_GONE_AFTER_LEASES * lease_ms
+                        )
             except (RedisError, OSError) as e:
                 self._healthy_since = time.monotonic()
                 self.metrics.redis_errors.labels("reaper").inc()

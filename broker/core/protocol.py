@@ -597,6 +597,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
+# KEYS: a jobs stream. ARGV: the workers' group, idle_ms, name ('' for any consumer).
+# Deletes the group's consumers that hold no job and were idle idle_ms or more: those of
+# workers that are gone (every worker reads every shard twice a second while it has room, so a
+# live one with room is never idle that long; one without room holds jobs). One script, so
+# no read can hand such a consumer a job between the look and the delete (DELCONSUMER drops
+# the consumer's pending jobs with it). Without it every worker that ever ran would stay in
+# every shard's group. Returns how many were deleted; 0 if the stream or group is gone.
+FORGET_CONSUMERS_SCRIPT = """
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+if not ok then return 0 end
+local deleted = 0
+for _, consumer in ipairs(consumers) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2])
+     and (ARGV[3] == '' or info['name'] == ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
 # -- leases --------------------------------------------------------------------------------
 # A running generation's meta holds ``owner``, ``lease`` (when the lease runs out, in ms of
 # Redis's own clock) and ``lease_ttl`` (ms: how long the owner's renewals last). Redis alone

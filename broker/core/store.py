@@ -184,6 +184,7 @@ class Store:
         self._reap = redis.register_script(protocol.REAP_SCRIPT)
         self._queue_quota = redis.register_script(protocol.QUEUE_QUOTA_SCRIPT)
         self._add_turn = redis.register_script(protocol.ADD_TURN_SCRIPT)
+        self._forget_consumers = redis.register_script(protocol.FORGET_CONSUMERS_SCRIPT)
 
     # -- generations -----------------------------------------------------------------------
 
@@ -518,6 +519,14 @@ class Store:
         jobs = [(JobEntry(stream, as_text(eid)), protocol.decode_job(fields))
                 for eid, fields in entries if fields]
         return (as_text(reply[0]) if reply else "0-0"), jobs
+
+    async def forget_consumers(self, stream: str, idle_ms: int, name: str = "") -> int:
+        """Delete the job group's consumers holding no job and idle ``idle_ms`` or more (only
+        ``name``, if given): gone workers' entries. How many were deleted."""
+        deleted: Any = await self._forget_consumers(
+            keys=[stream], args=[protocol.WORKER_GROUP, idle_ms, name]
+        )
+        return int(deleted or 0)
 
     async def queue_stats(self) -> tuple[int, float]:
         """(jobs not yet taken by any worker, age in seconds of the oldest taken-unfinished)."""

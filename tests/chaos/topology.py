@@ -5,7 +5,7 @@
 - ``cluster``: a three-master Redis Cluster with a replica each, three edges behind HAProxy, two
   workers.
 
-On one Redis every broker process reaches it through a ``NetProxy`` (the Redis link the run may
+On one Redis every broker process reaches it through a ``TcpProxy`` (the Redis link the run may
 slow down or sever); viewers always reach the entry point (the edge, or HAProxy) through another
 one (client connections the run may sever). The LLM is ``tests.chaos.llm`` in its own process.
 """
@@ -25,10 +25,10 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from tests.chaos.netproxy import NetProxy
 from tests.support.cluster import RedisClusterServers
 from tests.support.haproxy import HAProxy
 from tests.support.procs import RedisServer, free_port, wait_until
+from tests.support.tcpproxy import TcpProxy
 
 TOPOLOGIES = ("small", "scaled", "cluster")
 START_TIMEOUT = 30.0
@@ -144,8 +144,8 @@ class Topology:
         self.settings = settings
         self.redis: RedisServer | None = None
         self.cluster: RedisClusterServers | None = None
-        self.redis_link: NetProxy | None = None  # broker processes -> Redis (one Redis only)
-        self.viewer_link: NetProxy | None = None  # viewers -> the entry point
+        self.redis_link: TcpProxy | None = None  # broker processes -> Redis (one Redis only)
+        self.viewer_link: TcpProxy | None = None  # viewers -> the entry point
         self.haproxy: HAProxy | None = None
         self.llm: subprocess.Popen[bytes] | None = None
         self.llm_port = free_port()
@@ -185,7 +185,7 @@ class Topology:
             self.cluster = RedisClusterServers(masters=3, replicas=1).start()
         else:
             self.redis = RedisServer("--appendonly", "yes", "--appendfsync", "always").start()
-            self.redis_link = NetProxy(self.redis.port).start()
+            self.redis_link = TcpProxy(self.redis.port).start()
         env = {"REDIS_URL": self.redis_url(),
                "OPENAI_BASE_URL": f"http://127.0.0.1:{self.llm_port}/v1",
                "OPENAI_API_KEY": "chaos-key", "BROKER_INSECURE": "1", **self.settings}
@@ -205,7 +205,7 @@ class Topology:
             self.haproxy = HAProxy([edge.url for edge in self.edges]).start()
             entry_port = self.haproxy.port
         assert entry_port is not None
-        self.viewer_link = NetProxy(entry_port).start()
+        self.viewer_link = TcpProxy(entry_port).start()
         return self
 
     def admin(self) -> Any:
@@ -224,13 +224,19 @@ class Topology:
     def redis_memory(self) -> dict[str, int]:
         """used_memory (and its data part, without the replication backlog, client buffers and
         other overhead that failovers and reconnects change) summed over the live masters (or
-        the one Redis), and their key count."""
+        the one Redis), and their key count.
+
+        The statistics are reset first: Redis 7 keeps a latency histogram per command type a
+        node has run (``latency-tracking``, ~25 kB each), counted in ``used_memory_dataset``.
+        A node that ran more kinds of commands since the baseline (a replica promoted by a
+        failover, a slot moved in) would otherwise look as if it kept data."""
         used = dataset = scripts = keys = 0
         for node in self.redis_nodes():
             try:
                 client: redis.Redis = node.client()
                 if self.cluster is not None and self.cluster.role(node) != "master":
                     continue
+                client.config_resetstat()
                 memory = client.info("memory")
                 used += int(memory["used_memory"])
                 dataset += int(memory["used_memory_dataset"])

@@ -124,6 +124,7 @@ async def test_pubsub_overflow_drops_the_subscriber_and_the_log_fills_the_gap(
             assert_exact_once(got, expected)
         metrics = (await http.get(edge.url + "/metrics")).text
         assert metric(metrics, "broker_pubsub_resubscribes_total") >= 1
+        assert metric(metrics, "broker_pubsub_reconnects_total") >= 1  # the drop is counted
         now = subscriber_of(d, edge)
         assert now is not None and now["id"] != original["id"]
     record_property("seconds_to_terminal", round(elapsed, 2))

@@ -117,7 +117,10 @@ async def test_sigterm_drains_then_ends_the_rest(
 
         stopped_at = time.monotonic()
         worker.signal(signal.SIGTERM)
-        later_id = await create(http, base, unique("after-stop"))  # must not start here
+        # Created once the worker has taken the signal (a job its read returned before that
+        # is its to run): it must not start here.
+        await asyncio.to_thread(worker.wait_for_log, "stopping: taking no more jobs")
+        later_id = await create(http, base, unique("after-stop"))
 
         short_got, long_got = await asyncio.wait_for(asyncio.gather(short_view, long_view), 15)
         elapsed = time.monotonic() - stopped_at

@@ -5,24 +5,10 @@ refused one refuses only itself), and each generation's log is what its calls wr
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from broker.core import protocol
-from broker.core.settings import Settings
-from broker.core.store import Store, connect
-from tests.support.procs import RedisServer
+from broker.core.store import Store
 from worker.batch import PublishBatcher
-
-
-@pytest.fixture
-async def store(own_redis: RedisServer) -> AsyncIterator[Store]:
-    settings = Settings(redis_url=own_redis.url)
-    redis = connect(settings, "test-batch")
-    yield Store(redis, settings)
-    await redis.aclose()
-    await redis.connection_pool.disconnect()
 
 
 async def running(store: Store, owner: str) -> str:
@@ -33,10 +19,10 @@ async def running(store: Store, owner: str) -> str:
 
 
 async def test_publishes_ready_together_go_in_one_pipeline_each_with_its_result(
-    store: Store,
+    own_store: Store,
 ) -> None:
-    gens = [await running(store, "w1") for _ in range(3)]
-    batcher = PublishBatcher(store)
+    gens = [await running(own_store, "w1") for _ in range(3)]
+    batcher = PublishBatcher(own_store)
     now = protocol.now_ms()
     results = await asyncio.gather(
         batcher.publish(gens[0], "w1", 1, [protocol.new_message("one. ")], now),
@@ -46,16 +32,16 @@ async def test_publishes_ready_together_go_in_one_pipeline_each_with_its_result(
     )
     assert results == [1, 1, -2, 1]  # published, published, not ours, published
     assert batcher.batches == 1
-    texts = [(await store.snapshot(g)) for g in gens]
+    texts = [(await own_store.snapshot(g)) for g in gens]
     assert [s.text if s else None for s in texts] == ["one. ", "two. ", ""]
     assert [s.meta.status if s else None for s in texts] == ["completed", "running", "running"]
     # A repeat (a retry after a lost reply) is harmless, alone or batched.
     assert await batcher.publish(gens[1], "w1", 1, [protocol.new_message("two. ")], now) == 0
 
 
-async def test_a_lone_publish_goes_as_before(store: Store) -> None:
-    gen_id = await running(store, "w1")
-    batcher = PublishBatcher(store)
+async def test_a_lone_publish_goes_as_before(own_store: Store) -> None:
+    gen_id = await running(own_store, "w1")
+    batcher = PublishBatcher(own_store)
     assert await batcher.publish(gen_id, "w1", 1, [protocol.new_message("a. ")],
                                  protocol.now_ms()) == 1
     assert batcher.batches == 0

@@ -1,4 +1,7 @@
-"""A TCP proxy of the test's own, to break connections in ways a real network does."""
+"""A TCP proxy of the tests' own, to break connections in ways a real network does: a reply lost
+on the way, a subscriber connection that stops delivering, latency on every byte, every
+connection severed at once. It runs on a thread and an event loop of its own, so the test's
+(or the chaos run's) own load never delays its traffic."""
 
 from __future__ import annotations
 
@@ -20,14 +23,18 @@ class _Link:
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to ``target_port`` from a thread of its own."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, port: int | None = None) -> None:
         self.target_port = target_port
-        self.port = free_port()
-        self.links: list[_Link] = []
+        self.port = port or free_port()
+        self.links: list[_Link] = []  # the connections open now
+        self.delay = 0.0  # seconds added before each piece is forwarded, both ways
+        self.severed = 0  # connections cut by ``sever``
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._writers: set[asyncio.StreamWriter] = set()  # both ends of every open connection
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name=f"tcpproxy-{self.port}")
         self._lose_reply_to: bytes | None = None
         self._lose_times = 0
         self.replies_lost = 0
@@ -52,6 +59,19 @@ class TcpProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+    def sever(self) -> int:
+        """Cut every connection open now, both ends at once (aborted, as by a reset); new ones
+        work. Returns how many were cut."""
+        async def cut() -> int:
+            writers = list(self._writers)
+            for writer in writers:
+                writer.transport.abort()
+            return len(writers) // 2
+
+        count = asyncio.run_coroutine_threadsafe(cut(), self._loop).result(5)
+        self.severed += count
+        return count
 
     def freeze_subscribers(self) -> int:
         """Silently stop delivering to every pub/sub connection open now; new ones work."""
@@ -81,13 +101,14 @@ class TcpProxy:
             self._handlers.discard(task)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = _Link()
-        self.links.append(link)
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             writer.close()
             return
+        link = _Link()
+        self.links.append(link)
+        self._writers |= {writer, up_writer}
 
         async def client_to_server() -> None:
             while data := await reader.read(65536):
@@ -95,6 +116,8 @@ class TcpProxy:
                     link.subscriber = True
                 if self._lose_reply_to is not None and self._lose_reply_to in data:
                     link.losing, self._lose_reply_to = self._lose_reply_to, None
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 up_writer.write(data)
                 await up_writer.drain()
 
@@ -109,6 +132,8 @@ class TcpProxy:
                     if self._lose_times > 0:
                         self._lose_reply_to = link.losing  # armed for the client's next try
                     return  # the pumps stop, both connections close: the reply is lost
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 if not link.frozen:
                     writer.write(data)
                     await writer.drain()
@@ -120,7 +145,9 @@ class TcpProxy:
             for pump in pumps:
                 pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=True)
+            self.links.remove(link)
             for w in (writer, up_writer):
+                self._writers.discard(w)
                 w.close()
                 with contextlib.suppress(OSError):
                     await w.wait_closed()
