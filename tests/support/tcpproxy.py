@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .procs import free_port, wait_until
 
 
-@dataclass
+@dataclass(eq=False)  # each link is itself: removed from ``links`` by identity
 class _Link:
     subscriber: bool = False  # the client sent a (S)SUBSCRIBE on it
     frozen: bool = False  # server -> client bytes are swallowed: up, but delivering nothing
