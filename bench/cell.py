@@ -228,15 +228,24 @@ def columns_table(columns: list[Column], cells: list[dict[str, Any]]) -> str:
     return markdown_table([h for h, _ in columns], [[f(c) for _, f in columns] for c in cells])
 
 
-def machine() -> dict[str, Any]:
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
     with open("/proc/loadavg", encoding="ascii") as f:
-        load = f.read().split()[:3]
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "loadavg_at_start": [float(x) for x in load],
+        "loadavg_at_start": loadavg(),
     }
+
+
+def per_process(values: list[float] | list[int] | None, fmt: str = "{:.2f}") -> str:
+    """A per-process figure of the edge's serving processes, "a / b"; "-" when not taken."""
+    return " / ".join(fmt.format(v) for v in values) if values else "-"
 
 
 def figure(*args: Any, **kwargs: Any) -> Any:

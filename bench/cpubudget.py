@@ -161,3 +161,12 @@ class CpuBudget:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def require(cores: float, prog: str) -> None:
+    """Before any cell runs: exit with one line (no traceback) if budgets of ``cores`` cannot
+    be set up here."""
+    try:
+        CpuBudget(cores)
+    except (BudgetUnavailable, ValueError) as e:
+        raise SystemExit(f"{prog}: --edge-core {cores:g}: {e}") from None
