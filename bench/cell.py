@@ -27,6 +27,7 @@ from bench.support import (
     child_pids,
     command_calls,
     cpu_seconds,
+    established_by_pid,
     percentile,
     redis_cpu,
     status_kb,
@@ -212,6 +213,42 @@ class RssSampler:
 
     def _rss_kb(self) -> int:
         return sum(status_kb(pid, "VmRSS") for pid in self.pids)
+
+
+class ConnectionSampler:
+    """How the viewers' connections spread over an edge's serving processes while the cell
+    runs (SO_REUSEPORT: the kernel picks the process per connection): each process's
+    established connections to the edge's port, summed over samples once a second."""
+
+    def __init__(self, pids: list[int], port: int, every: float = 1.0) -> None:
+        self.pids = pids
+        self.port = port
+        self.every = every
+        self.totals = dict.fromkeys(pids, 0)
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                for pid, held in established_by_pid(self.pids, self.port).items():
+                    self.totals[pid] += held
+                self.samples += 1
+                await asyncio.sleep(self.every)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def mean(self) -> list[float]:
+        """Each process's mean number of connections, in ``pids`` order."""
+        return [round(self.totals[p] / max(1, self.samples), 1) for p in self.pids]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
