@@ -112,7 +112,7 @@ class Costs:
 
     @classmethod
     async def take(cls, redis: aioredis.Redis, procs: dict[str, list[Proc]]) -> Costs:
-        cpu = {name: sum(cpu_seconds(p.pid) for p in ps) for name, ps in procs.items()}
+        cpu = {name: sum(_cpu_of(name, p) for p in ps) for name, ps in procs.items()}
         return cls(cpu, redis_cpu(await redis.info("cpu")),
                    command_calls(await redis.info("commandstats")))
 
@@ -122,6 +122,15 @@ class Costs:
             round(self.redis_cpu - earlier.redis_cpu, 3),
             calls_delta(earlier.calls, self.calls),
         )
+
+
+def _cpu_of(name: str, proc: Proc) -> float:
+    try:
+        return cpu_seconds(proc.pid)
+    except FileNotFoundError:
+        # A process of the cell died: the cell fails saying which, not with a traceback (an
+        # edge process the supervisor starts again would be a new one, unmeasured).
+        raise BenchError(f"{name} (pid {proc.pid}) exited during the cell") from None
 
 
 @dataclass

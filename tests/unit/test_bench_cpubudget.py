@@ -77,3 +77,12 @@ def test_no_hierarchy_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(BudgetUnavailable) as raised:
         CpuBudget(0.25)
     assert "\n" not in str(raised.value) and "no CPU budget" in str(raised.value)
+
+
+def test_the_option_fails_before_any_cell_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpubudget, "_mounts", lambda: [])
+    with pytest.raises(SystemExit) as raised:
+        cpubudget.require(0.25, "python -m bench.b1")
+    message = str(raised.value.code)
+    assert message.startswith("python -m bench.b1: --edge-core 0.25: no CPU budget")
+    assert "\n" not in message
