@@ -147,7 +147,9 @@ def scaling_rows(name: str, cells: list[dict[str, Any]], key: str, label: str) -
              "wall-second of 1 at saturation",
              f"{two['deliveries_per_s']:.0f} vs {one['deliveries_per_s']:.0f} ({ratio:.2f}x)",
              verdict(ratio >= SCALING_TARGET) if saturated else "n/a (1 process kept up)",
-             f"p99 {two['latency_ms']['p99']:.1f} vs {one['latency_ms']['p99']:.1f} ms")]
+             f"p99 {two['latency_ms']['p99']:.1f} vs {one['latency_ms']['p99']:.1f} ms"
+             + (f", {budget:g} core per process (--edge-core)"
+                if (budget := one.get("edge_core_budget")) else ""))]
 
 
 def b2_rows(results: Path) -> list[Row]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-from bench import nchan
+from bench import cpubudget, nchan
 from bench.cell import (
     RESULTS,
     VIEWERS_PER_LOADGEN,
@@ -42,8 +42,10 @@ from bench.cell import (
     edge_children,
     edge_viewers,
     figure,
+    loadavg,
     machine,
     markdown_table,
+    per_process,
     save_figure,
     start_loadgens,
 )
@@ -52,6 +54,7 @@ from bench.support import (
     calls_delta,
     command_calls,
     cpu_seconds,
+    established_by_pid,
     redis_cpu,
     status_kb,
 )
@@ -84,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated process counts of the broker edge (broker edge "
                              "--edge-workers N): a broker cell for each; N > 1 shows as "
                              "'broker xN'")
+    parser.add_argument("--edge-core", type=float, default=0.0,
+                        help="CPU budget of each broker edge serving process, in cores (0.25: "
+                             "a quarter of one core; 0: none): each in a cgroup of its own "
+                             "(bench/cpubudget.py; needs root), standing for one core of an "
+                             "edge host")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
     try:
@@ -92,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--edge-procs takes integers, e.g. 1,2")
     if not args.procs_list or min(args.procs_list) < 1:
         parser.error("--edge-procs needs counts >= 1")
+    if args.edge_core < 0:
+        parser.error("--edge-core is a share of a core, > 0 (0: no budget)")
     try:
         args.viewer_counts = [int(v) for v in args.viewers.split(",") if v.strip()]
     except ValueError:
@@ -112,6 +122,7 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
     group = ProcessGroup()
     rss: RssSampler | None = None
     redis = None
+    budget = None
     try:
         _, redis, redis_url = await start_redis(group)
         if impl == "nchan":  # edge.pid is its worker's; the master is measured apart
@@ -121,7 +132,14 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
             edge, edge_url = await start_edge(group, impl, redis_url, **extra_env)
         master_pid: int | None = getattr(edge, "master_pid", None)
         # With --edge-workers N the edge is its supervisor and N processes: measured together.
-        pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
+        children = await edge_children(edge.pid, procs, redis)
+        pids = [edge.pid, *children]
+        # The processes that serve viewers: the N children, or the one edge process itself.
+        serving = children or [edge.pid]
+        cgroups = []
+        if args.edge_core and impl == "broker":  # the supervisor only waits: no budget
+            budget = cpubudget.CpuBudget(args.edge_core)
+            cgroups = [budget.place(p) for p in serving]
         rss = RssSampler(*pids)
         rss.start()
 
@@ -162,6 +180,8 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
         connect_s = time.monotonic() - t_connect
         # What the viewers cost the edge while connected and idle (B3 reads this).
         rss_connected_kb = sum(status_kb(p, "VmRSS") for p in pids)
+        edge_port = int(edge_url.rsplit(":", 1)[1])
+        connections = established_by_pid(serving, edge_port) if impl == "broker" else {}
 
         clients = await redis.client_list()
         edge_conns = sum(1 for c in clients if c.get("name", "").startswith(EDGE_CLIENT_NAMES))
@@ -178,6 +198,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
         edge_cpu_1 = sum(cpu_seconds(p) for p in pids)
         master_cpu_1 = cpu_seconds(master_pid) if master_pid else 0.0
         lg_cpu_1 = sum(cpu_seconds(lg.pid) for lg in loadgens)
+        serving_cpu_1 = [cpu_seconds(p) for p in serving]
+        throttled_1 = [g.throttled_s() for g in cgroups]
+        load_1 = loadavg()
         await publisher.send("go")
         first_ns, published_ns = map(int, (await publisher.expect("published", run_budget))[:2])
         for lg in loadgens:
@@ -185,6 +208,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
         edge_cpu_2 = sum(cpu_seconds(p) for p in pids)
         master_cpu_2 = cpu_seconds(master_pid) if master_pid else 0.0
         lg_cpu_2 = sum(cpu_seconds(lg.pid) for lg in loadgens)
+        serving_cpu = [cpu_seconds(p) - c for p, c in zip(serving, serving_cpu_1, strict=True)]
+        throttled = [g.throttled_s() - t for g, t in zip(cgroups, throttled_1, strict=True)]
+        load_2 = loadavg()
         redis_cpu_2 = redis_cpu(await redis.info("cpu"))
         calls_2 = command_calls(await redis.info("commandstats"))
         await rss.stop()
@@ -235,12 +261,26 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
             "edge_rss_before_connect_mb": round(rss_idle_kb / 1024, 1),
             "edge_rss_connected_mb": round(rss_connected_kb / 1024, 1),
             "edge_rss_kb_per_idle_viewer": round((rss_connected_kb - rss_idle_kb) / viewers, 2),
+            "edge_core_budget": args.edge_core if cgroups else None,
+            # Each serving process: its CPU over the window (at its budget when the budget is
+            # what limits it), the time its cgroup spent throttled, the viewers it holds.
+            "edge_process_cpu_s": [round(c, 3) for c in serving_cpu],
+            "edge_process_cores": [round(c / window_s, 3) for c in serving_cpu],
+            "edge_process_throttled_s": [round(t, 3) for t in throttled],
+            "edge_process_connections": [connections.get(p, 0) for p in serving]
+            if connections else [],
+            "loadgen_cores": round((lg_cpu_2 - lg_cpu_1) / window_s, 3),
+            "loadavg_window": [load_1[0], load_2[0]],
             **extra,
         }
     finally:
         if rss is not None:
             await rss.stop()
-        await group.close(redis)
+        try:
+            await group.close(redis)
+        finally:
+            if budget is not None:
+                budget.close()
 
 
 # -- report --------------------------------------------------------------------------------
@@ -261,6 +301,11 @@ COLUMNS = [
     ("edge→Redis conns", lambda c: str(c["edge_redis_connections"])),
     ("channel subs", lambda c: str(c["channel_subscribers"])),
     ("loadgen CPU s", lambda c: f"{c['loadgen_cpu_s']:.2f}"),
+    ("core budget", lambda c: f"{c['edge_core_budget']:g}" if c.get("edge_core_budget")
+     else "-"),
+    ("cores per edge proc", lambda c: per_process(c.get("edge_process_cores"))),
+    ("viewers per edge proc", lambda c: per_process(c.get("edge_process_connections"), "{}")),
+    ("load avg", lambda c: per_process(c.get("loadavg_window"), "{:.1f}")),
 ]
 
 RATIOS = [
@@ -356,7 +401,8 @@ async def main_async(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {
         "scenario": "B1 fan-out",
         "params": {"viewers": args.viewer_counts, "impls": args.impl_list,
-                   "messages": args.messages, "rate": args.rate, "size": args.size},
+                   "messages": args.messages, "rate": args.rate, "size": args.size,
+                   "edge_core": args.edge_core},
         "machine": machine(),
         "cells": [],
     }
@@ -374,7 +420,7 @@ async def main_async(args: argparse.Namespace) -> int:
                 out["cells"].append(cell)
                 print(f"#   {cell['deliveries_per_s']:.0f} deliveries/s, "
                       f"p99 {cell['latency_ms']['p99']:.2f} ms", file=sys.stderr, flush=True)
-    except BenchError as e:
+    except (BenchError, cpubudget.BudgetUnavailable) as e:
         out["failure"] = str(e)
         print(f"\nB1 FAILED: {e}", file=sys.stderr)
         status = 1
@@ -391,7 +437,10 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    raise SystemExit(asyncio.run(main_async(parse_args(argv))))
+    args = parse_args(argv)
+    if args.edge_core:
+        cpubudget.require(args.edge_core, "python -m bench.b1")
+    raise SystemExit(asyncio.run(main_async(args)))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.impl_list = [i.strip() for i in args.impls.split(",") if i.strip()]
     # The cell's other knobs: one message, then end.
     args.messages, args.rate, args.size, args.loadgens, args.run_timeout = 1, 1.0, 100, 0, 0.0
+    args.edge_core = 0.0  # idle viewers: no CPU budget
     return args
 
 

@@ -30,18 +30,21 @@ from typing import Any
 
 import httpx
 
-from bench import nchan
+from bench import cpubudget, nchan
 from bench.cell import (
     RESULTS,
     VIEWERS_PER_LOADGEN,
+    ConnectionSampler,
     Costs,
     RssSampler,
     collect,
     columns_table,
     edge_children,
     figure,
+    loadavg,
     machine,
     markdown_table,
+    per_process,
     save_figure,
 )
 from bench.churn import Shape
@@ -63,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edge-procs", default="1",
                         help="comma-separated broker edge process counts (broker edge "
                              "--edge-workers N); each runs a broker cell")
+    parser.add_argument("--edge-core", type=float, default=0.0,
+                        help="CPU budget of each broker edge serving process, in cores (0.25: "
+                             "a quarter of one core; 0: none): each in a cgroup of its own "
+                             "(bench/cpubudget.py; needs root), standing for one core of an "
+                             "edge host")
     parser.add_argument("--rounds", type=int, default=2, help="answers per slot, in turn")
     parser.add_argument("--messages", type=int, default=30, help="messages per answer")
     parser.add_argument("--rate", type=float, default=5.0, help="messages/s per answer")
@@ -83,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.impl_list = [i.strip() for i in args.impls.split(",") if i.strip()]
     if not args.impl_list or set(args.impl_list) - set(IMPLS):
         parser.error(f"--impls takes a subset of {','.join(IMPLS)}")
+    if args.edge_core < 0:
+        parser.error("--edge-core is a share of a core, > 0 (0: no budget)")
     return args
 
 
@@ -123,6 +133,8 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
     shape = Shape(g, args.rounds, args.messages, args.rate, args.lead, args.max_viewers)
     group = ProcessGroup()
     samplers: list[RssSampler] = []
+    conns: ConnectionSampler | None = None
+    budget = None
     redis = None
     try:
         _, redis, redis_url = await start_redis(group)
@@ -135,7 +147,14 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             lb, lb_url = await start_haproxy(group, edge_url, "/readyz")
         # nginx's worker; the broker edge and, with --edge-workers N, its N serving processes (the
         # supervisor costs ~nothing, it is counted too).
-        pids = [edge.pid, *(await edge_children(edge.pid, procs, redis))]
+        children = await edge_children(edge.pid, procs, redis)
+        pids = [edge.pid, *children]
+        # The processes that serve viewers: the N children, or the one edge process itself.
+        serving = children or [edge.pid]
+        cgroups = []
+        if args.edge_core and impl == "broker":  # the supervisor only waits: no budget
+            budget = cpubudget.CpuBudget(args.edge_core)
+            cgroups = [budget.place(p) for p in serving]
         for pid in pids:
             samplers.append(RssSampler(pid))
             samplers[-1].start()
@@ -168,7 +187,14 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
         procs_of: dict[str, list[Proc]] = {
             "edge": [Measured("edge", p, group.log_dir) for p in pids],
             "lb": [lb], "publisher": [publisher], "loadgens": loadgens,
+            **{f"serving{i}": [Measured(f"serving{i}", p, group.log_dir)]
+               for i, p in enumerate(serving)},
         }
+        if impl == "broker":
+            conns = ConnectionSampler(serving, int(edge_url.rsplit(":", 1)[1]))
+            conns.start()
+        throttled_0 = [g.throttled_s() for g in cgroups]
+        load_0 = loadavg()
         before = await Costs.take(redis, procs_of)
         late = (time.time_ns() - start_ns) / 1e9
         if late > 0:
@@ -178,8 +204,12 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
         for lg in loadgens:
             await lg.expect("done", 30)
         costs = (await Costs.take(redis, procs_of)).since(before)
+        throttled = [g.throttled_s() - t for g, t in zip(cgroups, throttled_0, strict=True)]
+        load_1 = loadavg()
         for s in samplers:
             await s.stop()
+        if conns is not None:
+            await conns.stop()
 
         what = f"{impl} G={g} procs={procs}"
         tail = "".join(p.tail() for p in group.procs
@@ -188,6 +218,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
         window_s = (verdict.max_of("last_recv_ns") - start_ns) / 1e9
         deliveries = verdict.deliveries
         edge_cpu = costs.cpu["edge"]
+        serving_cpu = [costs.cpu[f"serving{i}"] for i in range(len(serving))]
         return {
             "impl": impl,
             "generations": g,
@@ -213,11 +244,26 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             "publisher_max_lag_ms": float(lag_ms),
             "loadgen_cpu_s": costs.cpu["loadgens"],
             "loadgens": count,
+            "loadgen_cores": round(costs.cpu["loadgens"] / window_s, 3),
+            "edge_core_budget": args.edge_core if cgroups else None,
+            # Each serving process: its CPU over the window (at its budget when the budget is
+            # what limits it), the time its cgroup spent throttled, its mean connections.
+            "edge_process_cpu_s": serving_cpu,
+            "edge_process_cores": [round(c / window_s, 3) for c in serving_cpu],
+            "edge_process_throttled_s": [round(t, 3) for t in throttled],
+            "edge_process_connections": conns.mean() if conns is not None else [],
+            "loadavg_window": [load_0[0], load_1[0]],
         }
     finally:
         for s in samplers:
             await s.stop()
-        await group.close(redis)
+        if conns is not None:
+            await conns.stop()
+        try:
+            await group.close(redis)
+        finally:
+            if budget is not None:
+                budget.close()
 
 
 def label(c: dict[str, Any]) -> str:
@@ -241,6 +287,12 @@ COLUMNS = [
     ("publisher CPU s / lag ms", lambda c: f"{c['publisher_cpu_s']:.1f} / "
                                            f"{c['publisher_max_lag_ms']:.0f}"),
     ("loadgen CPU s", lambda c: f"{c['loadgen_cpu_s']:.1f}"),
+    ("core budget", lambda c: f"{c['edge_core_budget']:g}" if c.get("edge_core_budget")
+     else "-"),
+    ("cores per edge proc", lambda c: per_process(c.get("edge_process_cores"))),
+    ("conns per edge proc (mean)", lambda c: per_process(c.get("edge_process_connections"),
+                                                         "{:.0f}")),
+    ("load avg", lambda c: per_process(c.get("loadavg_window"), "{:.1f}")),
 ]
 
 
@@ -289,7 +341,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "scenario": "B7 realistic traffic shape",
         "params": {"g": args.g_list, "impls": args.impl_list, "edge_procs": args.procs_list,
                    "rounds": args.rounds, "messages": args.messages, "rate": args.rate,
-                   "lead": args.lead, "max_viewers": args.max_viewers, "size": args.size},
+                   "lead": args.lead, "max_viewers": args.max_viewers, "size": args.size,
+                   "edge_core": args.edge_core},
         "machine": machine(),
         "cells": [],
     }
@@ -309,7 +362,7 @@ async def main_async(args: argparse.Namespace) -> int:
                       f"{cell['latency_ms']['p99']:.2f} ms, edge "
                       f"{cell['edge_cpu_us_per_delivery']:.1f} µs/delivery",
                       file=sys.stderr, flush=True)
-    except BenchError as e:
+    except (BenchError, cpubudget.BudgetUnavailable) as e:
         out["failure"] = str(e)
         print(f"\nB7 FAILED: {e}", file=sys.stderr)
         status = 1
@@ -330,7 +383,10 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    raise SystemExit(asyncio.run(main_async(parse_args(argv))))
+    args = parse_args(argv)
+    if args.edge_core:
+        cpubudget.require(args.edge_core, "python -m bench.b7")
+    raise SystemExit(asyncio.run(main_async(args)))
 
 
 if __name__ == "__main__":

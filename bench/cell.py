@@ -27,6 +27,7 @@ from bench.support import (
     child_pids,
     command_calls,
     cpu_seconds,
+    established_by_pid,
     percentile,
     redis_cpu,
     status_kb,
@@ -111,7 +112,7 @@ class Costs:
 
     @classmethod
     async def take(cls, redis: aioredis.Redis, procs: dict[str, list[Proc]]) -> Costs:
-        cpu = {name: sum(cpu_seconds(p.pid) for p in ps) for name, ps in procs.items()}
+        cpu = {name: sum(_cpu_of(name, p) for p in ps) for name, ps in procs.items()}
         return cls(cpu, redis_cpu(await redis.info("cpu")),
                    command_calls(await redis.info("commandstats")))
 
@@ -121,6 +122,15 @@ class Costs:
             round(self.redis_cpu - earlier.redis_cpu, 3),
             calls_delta(earlier.calls, self.calls),
         )
+
+
+def _cpu_of(name: str, proc: Proc) -> float:
+    try:
+        return cpu_seconds(proc.pid)
+    except FileNotFoundError:
+        # A process of the cell died: the cell fails saying which, not with a traceback (an
+        # edge process the supervisor starts again would be a new one, unmeasured).
+        raise BenchError(f"{name} (pid {proc.pid}) exited during the cell") from None
 
 
 @dataclass
@@ -214,6 +224,42 @@ class RssSampler:
         return sum(status_kb(pid, "VmRSS") for pid in self.pids)
 
 
+class ConnectionSampler:
+    """How the viewers' connections spread over an edge's serving processes while the cell
+    runs (SO_REUSEPORT: the kernel picks the process per connection): each process's
+    established connections to the edge's port, summed over samples once a second."""
+
+    def __init__(self, pids: list[int], port: int, every: float = 1.0) -> None:
+        self.pids = pids
+        self.port = port
+        self.every = every
+        self.totals = dict.fromkeys(pids, 0)
+        self.samples = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                for pid, held in established_by_pid(self.pids, self.port).items():
+                    self.totals[pid] += held
+                self.samples += 1
+                await asyncio.sleep(self.every)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def mean(self) -> list[float]:
+        """Each process's mean number of connections, in ``pids`` order."""
+        return [round(self.totals[p] / max(1, self.samples), 1) for p in self.pids]
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -228,15 +274,24 @@ def columns_table(columns: list[Column], cells: list[dict[str, Any]]) -> str:
     return markdown_table([h for h, _ in columns], [[f(c) for _, f in columns] for c in cells])
 
 
-def machine() -> dict[str, Any]:
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
     with open("/proc/loadavg", encoding="ascii") as f:
-        load = f.read().split()[:3]
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def machine() -> dict[str, Any]:
     return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "loadavg_at_start": [float(x) for x in load],
+        "loadavg_at_start": loadavg(),
     }
+
+
+def per_process(values: list[float] | list[int] | None, fmt: str = "{:.2f}") -> str:
+    """A per-process figure of the edge's serving processes, "a / b"; "-" when not taken."""
+    return " / ".join(fmt.format(v) for v in values) if values else "-"
 
 
 def figure(*args: Any, **kwargs: Any) -> Any:

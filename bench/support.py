@@ -78,3 +78,33 @@ def child_pids(pid: int) -> list[int]:
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # field 4: the parent
             children.append(int(entry))
     return children
+
+
+def established_by_pid(pids: Sequence[int], port: int) -> dict[int, int]:
+    """Established TCP connections to local ``port`` each process holds (its fds matched with
+    ``/proc/net/tcp{,6}`` by socket inode): how SO_REUSEPORT spread the viewers over the
+    processes of one port."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f)  # the header
+                for line in f:
+                    fields = line.split()
+                    # local_address is HEX_IP:HEX_PORT; state 01 is ESTABLISHED.
+                    if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except FileNotFoundError:
+            continue  # no IPv6
+    counts = {}
+    for pid in pids:
+        held = 0
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                held += 1
+        counts[pid] = held
+    return counts

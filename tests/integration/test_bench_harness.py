@@ -54,3 +54,27 @@ def test_quick_benchmarks_pass_their_own_checks(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         cells = json.loads((tmp_path / f"{scenario}.json").read_text())["cells"]
         assert {c["impl"] for c in cells} == {"broker", "naive"}
+
+
+def test_b1_with_a_cpu_budget_per_edge_process(tmp_path: Path) -> None:
+    from bench.cpubudget import BudgetUnavailable, CpuBudget
+
+    try:
+        root = CpuBudget(0.2).root
+    except BudgetUnavailable as e:
+        pytest.skip(str(e))
+    before = set(root.glob("bench-cpubudget-*"))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.b1", "--impls", "broker", "--viewers", "20",
+         "--messages", "10", "--edge-procs", "1,2", "--edge-core", "0.2",
+         "--results", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cells = json.loads((tmp_path / "b1.json").read_text())["cells"]
+    assert [c["edge_processes"] for c in cells] == [1, 2]
+    for c in cells:
+        assert c["edge_core_budget"] == 0.2
+        assert len(c["edge_process_cores"]) == c["edge_processes"]
+        assert sum(c["edge_process_connections"]) == 20  # every viewer on a serving process
+    assert set(root.glob("bench-cpubudget-*")) == before  # the cgroups are gone
