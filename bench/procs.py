@@ -161,22 +161,26 @@ async def start_redis(group: ProcessGroup) -> tuple[Proc, aioredis.Redis, str]:
 
 
 async def start_edge(
-    group: ProcessGroup, impl: str, redis_url: str, **settings: str
+    group: ProcessGroup, impl: str, redis_url: str, *, repo: Path = REPO, **settings: str
 ) -> tuple[Proc, str]:
     """The edge under test on a free port, ready; ``settings`` are the broker edge's
-    environment variables (``BROKER_SEND_TIMEOUT="6"``)."""
+    environment variables (``BROKER_SEND_TIMEOUT="6"``). ``repo``: the checkout whose broker
+    edge runs (another one: a baseline, e.g. the main branch), with that checkout's own
+    ``.venv`` when it has one (its dependencies as it locks them)."""
     port = free_port()
     if impl == "broker":
-        argv = [sys.executable, "-m", "broker", "edge"]
+        argv = [python_of(repo), "-m", "broker", "edge"]
         env = child_env(REDIS_URL=redis_url, BROKER_PORT=str(port), BROKER_HOST="127.0.0.1",
-                        BROKER_LOG_LEVEL="warning", BROKER_INSECURE="1", **settings)
+                        BROKER_LOG_LEVEL="warning", BROKER_INSECURE="1",
+                        **({"PYTHONPATH": str(repo)} if repo != REPO else {}), **settings)
         ready_path = "/readyz"  # the hub's subscription delivers its probes
     else:
         argv = [sys.executable, "-m", "bench.naive_edge", "--redis-url", redis_url,
                 "--port", str(port), "--log-level", "warning"]
         env = child_env()
         ready_path = "/healthz"
-    proc = await group.start(Proc(f"{impl}-edge", argv, env=env, log_dir=group.log_dir))
+    proc = await group.start(Proc(f"{impl}-edge", argv, env=env, log_dir=group.log_dir,
+                                  cwd=repo))
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=url, timeout=2) as http:
         async def ready() -> bool:
@@ -184,6 +188,12 @@ async def start_edge(
 
         await poll(ready, 30, f"{impl} edge", proc)
     return proc, url
+
+
+def python_of(repo: Path) -> str:
+    """The interpreter to run ``repo``'s code with: its own ``.venv``'s, else ours."""
+    own = repo / ".venv" / "bin" / "python"
+    return str(own) if repo != REPO and own.exists() else sys.executable
 
 
 async def poll(check: object, within: float, what: str, proc: Proc | None = None) -> None:
