@@ -111,7 +111,7 @@ class Metrics:
         )
         self.lease_checks = Counter(
             "broker_lease_checks", "lease checks of the generations this edge serves (each one "
-            "REAP_SCRIPT call)", registry=r,
+            "REAP_SCRIPT call, or a stream request's meta read: STREAM_META_SCRIPT)", registry=r,
         )
         self.leases_reaped = Counter(
             "broker_leases_reaped", "generations this edge ended with worker_lost: their lease "

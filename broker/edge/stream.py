@@ -17,6 +17,7 @@ from broker.edge.connection import DirectWriter, connection_of
 from broker.edge.errors import error_response
 from broker.edge.headers import with_headers
 from broker.edge.hub import Hub
+from broker.edge.leases import FirstCheck
 from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,19 @@ class EventStream:
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
         "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
-        "cursor", "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
-        "send_timeout", "slot", "started",
+        "cursor", "deadline", "gen_id", "hub", "keepalive", "lease_check", "metrics", "position",
+        "retry_ms", "send_timeout", "slot", "started",
     )
 
     def __init__(
         self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
         send_timeout: float, max_seconds: float = float("inf"), slot: ViewerSlot | None = None,
+        lease_check: FirstCheck | None = None,
     ) -> None:
         self.hub = hub
         self.slot = slot  # given back when the response ends
+        # The lease check the request's meta read made: the topic's lease watch starts from it.
+        self.lease_check = lease_check
         self.metrics: Metrics = hub.metrics
         self.gen_id = gen_id
         self.cursor = cursor
@@ -156,7 +160,8 @@ class EventStream:
         if self.slot is not None:
             self.slot.watch(self)
         try:
-            async with self.hub.watch(self.gen_id) as topic:
+            lease_check, self.lease_check = self.lease_check, None
+            async with self.hub.watch(self.gen_id, lease_check) as topic:
                 changed = topic.next_change()
                 try:
                     frames, check_log = await self._next_frames(

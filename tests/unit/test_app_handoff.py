@@ -82,7 +82,7 @@ def watching(*, fail: Exception | None = None, chain: list[str] | None = None) -
     """A hub.watch that records who runs it, then fails or yields a topic with nothing."""
 
     @contextlib.asynccontextmanager
-    async def watch(gen_id: str) -> AsyncIterator[Topic]:
+    async def watch(gen_id: str, lease_check: object = None) -> AsyncIterator[Topic]:
         if chain is not None:
             chain.extend(callers())
         if fail is not None:
@@ -143,7 +143,7 @@ async def test_an_unexpected_error_before_the_stream_started_answers_500_and_goe
 
 async def test_an_error_after_the_stream_started_goes_on_up_without_a_second_answer() -> None:
     @contextlib.asynccontextmanager
-    async def watch(gen_id: str) -> AsyncIterator[Topic]:
+    async def watch(gen_id: str, lease_check: object = None) -> AsyncIterator[Topic]:
         topic = Topic(gen_id, 8)
         topic.offer(Frame(1, b"event: end\ndata: {}\n\n", True, 0))
         yield topic
