@@ -130,8 +130,9 @@ class Topic:
     async def park(self, viewer: LiveViewer) -> None:
         """Wait at the head, live: ``offer`` writes each next frame to ``viewer`` itself
         (``viewer.push``) and returns here only when the viewer has something else to do: a
-        frame it could not take at once, the terminal event, any other change (a gap, a
-        resync, a log read), or a keepalive tick. So a fan-out wakes no task per viewer."""
+        frame it could not take at once, the terminal event (not written: the viewer writes
+        it with the end of its response), any other change (a gap, a resync, a log read), or
+        a keepalive tick. So a fan-out wakes no task per viewer."""
         woken = self.parked(viewer)
         try:
             await woken
@@ -168,9 +169,12 @@ class Topic:
             write = writes[position]
             if write is not None and not write[0]:
                 continue  # nothing new for it (it parked after the last offer)
-            pushed = False
-            if write is not None:
+            # Frames that end the stream are left to the viewer's own task: it writes them
+            # with the response's end, one write (one system call) where a push and the
+            # end would take two.
+            if write is not None and not write[0][-1].terminal:
                 frames, chunk = write
+                pushed = False
                 try:
                     pushed = viewer.push(position, frames[-1].seq, chunk, now)
                 except Exception:
@@ -179,9 +183,8 @@ class Topic:
                     log.exception("direct write to a viewer of %s failed", self.gen_id)
                 if pushed:
                     delivered += len(frames)
-                    if not frames[-1].terminal:
-                        continue
-            # It could not take the frames (it goes the slow way), or its stream is over.
+                    continue
+            # It could not take the frames (it goes the slow way), or they end its stream.
             del self.live[viewer]
             woken.set_result(None)
         if delivered and self.metrics is not None:

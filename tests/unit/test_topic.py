@@ -326,9 +326,27 @@ async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() ->
     sample = metrics.registry.get_sample_value
     assert sample("broker_events_delivered_total") == 4  # 2 viewers x 2 frames
     assert sample("broker_delivery_latency_seconds_count") == 2  # one per fan-out
-    topic.offer(frame(5, terminal=True))  # the end: written, then woken to finish
+    # The end is not written: each viewer is woken to write it with its response's end (one
+    # write, where a push and the end would be two).
+    topic.offer(frame(5, terminal=True))
     await asyncio.wait_for(asyncio.gather(*parks), 1)
-    assert a.position == b.position == 5 and not topic.live
+    assert a.chunks == b.chunks == [sse.http_chunk(b"frame 3"), sse.http_chunk(b"frame 4")]
+    assert a.position == b.position == 4 and not topic.live
+    assert sample("broker_events_delivered_total") == 4
+
+
+async def test_frames_that_end_the_stream_wake_the_viewer_unwritten() -> None:
+    """Frames offered together with the terminal event: none is pushed, the viewer's own
+    task writes them all with the end of its response."""
+    topic = Topic("gen", 8, metrics=Metrics())
+    topic.offer(frame(1))
+    viewer = Viewer(1)
+    park = await parked(topic, viewer)
+    for f in frames(2, 3, terminal_last=True):
+        topic.offer(f)
+    await asyncio.wait_for(park, 1)
+    assert viewer.chunks == [] and viewer.position == 1 and not topic.live
+    assert [f.seq for f in topic.frames_after(1) or []] == [2, 3]
 
 
 async def test_frames_offered_together_go_out_in_one_write() -> None:
