@@ -14,8 +14,8 @@ runs from the shape's start to the last viewer's ``end``.
     .venv/bin/python -m bench.b7                      # G=100 and 1000, broker and nchan
     .venv/bin/python -m bench.b7 --baseline-repo /work/main  # and the main branch's edge
 
-With ``--baseline-repo``, each broker cell runs again on that checkout's edge (its own
-``.venv`` if it has one), in the same run: before and after side by side with Nchan.
+With ``--baseline-repo``, each broker cell runs again on that checkout's edge (on this
+interpreter and its dependencies), in the same run: before and after side by side with Nchan.
 
 Prints markdown tables, writes ``bench/results/b7.json`` and ``bench/results/b7_cost.png``.
 Exits 1 if any viewer lost, repeated or reordered an event, or failed to connect.
