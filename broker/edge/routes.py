@@ -65,23 +65,28 @@ class Edge:
     api_keys: ApiKeys
     viewer_tokens: ViewerTokens
     open_streams: OpenStreams  # BROKER_MAX_VIEWERS, the send watch
-    _meta_reads: SharedCalls[str, tuple[Meta | None, FirstCheck]] = field(
+    _meta_reads: SharedCalls[str, tuple[Meta | None, FirstCheck | None]] = field(
         default_factory=SharedCalls)
 
-    async def stream_meta(self, gen_id: str, cursor: int) -> tuple[Meta | None, FirstCheck]:
+    async def stream_meta(
+        self, gen_id: str, cursor: int
+    ) -> tuple[Meta | None, FirstCheck | None]:
         """The generation's meta for a stream request, and the check of its lease made in the
         same call (``Store.stream_meta``: the topic's lease watch starts from it rather than
-        checking again). Requests that arrive together (a resume storm, a crowd joining)
-        share one read; an answer that would refuse the request (no such id, a cursor past
-        its end) may predate this request's arrival, so it is read again for this request
-        alone."""
+        checking again); no check (None) when this edge watches its lease already. Requests
+        that arrive together (a resume storm, a crowd joining) share one read; an answer that
+        would refuse the request (no such id, a cursor past its end) may predate this
+        request's arrival, so it is read again for this request alone."""
         (meta, check), shared = await self._meta_reads.get(
             gen_id, lambda: self._read_stream_meta(gen_id))
         if shared and (meta is None or cursor > meta.seq):
             meta = await self.store.meta(gen_id)
         return meta, check
 
-    async def _read_stream_meta(self, gen_id: str) -> tuple[Meta | None, FirstCheck]:
+    async def _read_stream_meta(self, gen_id: str) -> tuple[Meta | None, FirstCheck | None]:
+        if gen_id in self.hub.topics:
+            # A viewer here watches it: its lease watch runs, the plain read costs Redis less.
+            return await self.store.meta(gen_id), None
         leases = self.hub.leases
         meta, check = await self.store.stream_meta(gen_id, leases.name,
                                                    self.hub.healthy_for(gen_id))

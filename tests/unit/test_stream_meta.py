@@ -43,7 +43,7 @@ def edge_on(store: Any) -> tuple[Edge, list[LeaseCheck]]:
     """An edge on ``store``, and the lease checks its stream meta reads counted."""
     counted: list[LeaseCheck] = []
     leases = SimpleNamespace(name="edge", checked=lambda gen_id, check: counted.append(check))
-    hub = SimpleNamespace(leases=leases, healthy_for=lambda gen_id: 10.0)
+    hub = SimpleNamespace(leases=leases, healthy_for=lambda gen_id: 10.0, topics={})
     return Edge(None, store, hub, None, None, None, None), counted  # type: ignore[arg-type]
 
 
@@ -93,3 +93,13 @@ async def test_a_failed_read_fails_its_waiters_and_is_forgotten() -> None:
     await asyncio.sleep(0)
     assert len(edge._meta_reads) == 0
     assert counted == []
+
+
+async def test_a_generation_whose_lease_this_edge_watches_is_read_without_a_lease_check() -> None:
+    store = SlowStore([meta(7)])
+    edge, counted = edge_on(store)
+    edge.hub.topics["g"] = object()  # a viewer here watches it already
+    store.release.set()
+    found, check = await edge.stream_meta("g", 0)
+    assert found == meta(7) and check is None
+    assert counted == [] and store.reads == 1
