@@ -335,18 +335,21 @@ async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() ->
     assert sample("broker_events_delivered_total") == 4
 
 
-async def test_frames_that_end_the_stream_wake_the_viewer_unwritten() -> None:
-    """Frames offered together with the terminal event: none is pushed, the viewer's own
-    task writes them all with the end of its response."""
-    topic = Topic("gen", 8, metrics=Metrics())
+async def test_frames_offered_with_the_terminal_event_are_written_and_the_end_left() -> None:
+    """Frames offered together with the terminal event: they are pushed, the terminal event
+    is left to the viewer's own task (it writes it with the end of its response)."""
+    metrics = Metrics()
+    topic = Topic("gen", 8, metrics=metrics)
     topic.offer(frame(1))
     viewer = Viewer(1)
     park = await parked(topic, viewer)
-    for f in frames(2, 3, terminal_last=True):
+    for f in frames(2, 4, terminal_last=True):
         topic.offer(f)
     await asyncio.wait_for(park, 1)
-    assert viewer.chunks == [] and viewer.position == 1 and not topic.live
-    assert [f.seq for f in topic.frames_after(1) or []] == [2, 3]
+    assert viewer.chunks == [sse.http_chunk(b"frame 2frame 3")]
+    assert viewer.position == 3 and not topic.live
+    assert [f.seq for f in topic.frames_after(3) or []] == [4]
+    assert metrics.registry.get_sample_value("broker_direct_writes_total") == 2
 
 
 async def test_frames_offered_together_go_out_in_one_write() -> None:
