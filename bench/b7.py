@@ -12,6 +12,10 @@ HAProxy when its answer starts, checks exactly-once, in-order delivery of the an
 runs from the shape's start to the last viewer's ``end``.
 
     .venv/bin/python -m bench.b7                      # G=100 and 1000, broker and nchan
+    .venv/bin/python -m bench.b7 --baseline-repo /work/main  # and the main branch's edge
+
+With ``--baseline-repo``, each broker cell runs again on that checkout's edge (on this
+interpreter and its dependencies), in the same run: before and after side by side with Nchan.
 
 Prints markdown tables, writes ``bench/results/b7.json`` and ``bench/results/b7_cost.png``.
 Exits 1 if any viewer lost, repeated or reordered an event, or failed to connect.
@@ -48,7 +52,16 @@ from bench.cell import (
     save_figure,
 )
 from bench.churn import Shape
-from bench.procs import BenchError, Proc, ProcessGroup, child_env, poll, start_edge, start_redis
+from bench.procs import (
+    REPO,
+    BenchError,
+    Proc,
+    ProcessGroup,
+    child_env,
+    poll,
+    start_edge,
+    start_redis,
+)
 from bench.support import free_port
 from broker.tools.loadbalancer import haproxy_config
 
@@ -79,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-viewers", type=int, default=2,
                         help="answer k has 1 + k mod this many viewers")
     parser.add_argument("--size", type=int, default=100, help="characters per message")
+    parser.add_argument("--baseline-repo", type=Path, default=None,
+                        help="also run each broker cell on this checkout's edge (e.g. the main "
+                             "branch), in the same run")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     try:
@@ -129,7 +145,8 @@ class Measured(Proc):
         return self._pid
 
 
-async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> dict[str, Any]:
+async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace,
+                   repo: Path = REPO) -> dict[str, Any]:
     shape = Shape(g, args.rounds, args.messages, args.rate, args.lead, args.max_viewers)
     group = ProcessGroup()
     samplers: list[RssSampler] = []
@@ -143,7 +160,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
             lb, lb_url = await start_haproxy(group, edge_url, nchan.STATUS_PATH)
         else:
             extra = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
-            edge, edge_url = await start_edge(group, impl, redis_url, **extra)
+            edge, edge_url = await start_edge(group, impl, redis_url, repo=repo, **extra)
             lb, lb_url = await start_haproxy(group, edge_url, "/readyz")
         # nginx's worker; the broker edge and, with --edge-workers N, its N serving processes (the
         # supervisor costs ~nothing, it is counted too).
@@ -211,7 +228,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
         if conns is not None:
             await conns.stop()
 
-        what = f"{impl} G={g} procs={procs}"
+        what = f"{label_of(impl, procs, repo)} G={g}"
         tail = "".join(p.tail() for p in group.procs
                        if p.name in ("broker-edge", "nchan-edge", "haproxy"))
         verdict = collect(group, loadgens, what, shape.deliveries, tail)
@@ -221,6 +238,7 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
         serving_cpu = [costs.cpu[f"serving{i}"] for i in range(len(serving))]
         return {
             "impl": impl,
+            "repo": None if repo == REPO else str(repo),
             "generations": g,
             "edge_processes": procs,
             "answers": shape.answers,
@@ -267,8 +285,15 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace) -> d
 
 
 def label(c: dict[str, Any]) -> str:
-    procs = c.get("edge_processes", 1)
-    return c["impl"] + (f" x{procs}" if c["impl"] == "broker" and procs > 1 else "")
+    repo = c.get("repo")
+    return label_of(c["impl"], c.get("edge_processes", 1), REPO if repo is None else Path(repo))
+
+
+def label_of(impl: str, procs: int, repo: Path) -> str:
+    """``broker``, ``broker x2`` (edge processes), ``broker @ /work/main`` (a baseline)."""
+    if impl != "broker":
+        return impl
+    return "broker" + (f" x{procs}" if procs > 1 else "") + ("" if repo == REPO else f" @ {repo}")
 
 
 COLUMNS = [
@@ -297,7 +322,8 @@ COLUMNS = [
 
 
 def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """broker (one process) / nchan per G: above 1, the broker costs more."""
+    """broker (one process; this branch's, and the baseline's) / nchan per G: above 1, the
+    broker costs more."""
     rows = []
     for c in cells:
         if c["impl"] != "broker" or c["edge_processes"] != 1:
@@ -308,6 +334,7 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         rows.append({
             "generations": c["generations"],
+            "edge": label(c),
             "edge CPU / delivery": round(c["edge_cpu_us_per_delivery"]
                                          / peer["edge_cpu_us_per_delivery"], 2),
             "latency p50": round(c["latency_ms"]["p50"] / peer["latency_ms"]["p50"], 2),
@@ -319,11 +346,37 @@ def ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def baseline_ratios(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This branch's broker / the baseline's, per G and edge process count (same run)."""
+    rows = []
+    for c in cells:
+        if c["impl"] != "broker" or c.get("repo") is not None:
+            continue
+        base = next((b for b in cells if b["impl"] == "broker" and b.get("repo") is not None
+                     and b["generations"] == c["generations"]
+                     and b["edge_processes"] == c["edge_processes"]), None)
+        if base is None:
+            continue
+        rows.append({
+            "generations": c["generations"],
+            "edge processes": c["edge_processes"],
+            "edge CPU / delivery": round(c["edge_cpu_us_per_delivery"]
+                                         / base["edge_cpu_us_per_delivery"], 2),
+            "latency p50": round(c["latency_ms"]["p50"] / base["latency_ms"]["p50"], 2),
+            "latency p99": round(c["latency_ms"]["p99"] / base["latency_ms"]["p99"], 2),
+            "edge RSS peak": round(c["edge_rss_peak_mb"] / base["edge_rss_peak_mb"], 2),
+            "Redis CPU": round(c["redis_cpu_s"] / base["redis_cpu_s"], 2)
+            if base["redis_cpu_s"] else None,
+        })
+    return rows
+
+
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
     fig, (left, right) = figure(1, 2, figsize=(10, 4))
     labels = [f"{label(c)}\nG={c['generations']}" for c in cells]
     xs = range(len(cells))
-    colors = ["tab:green" if c["impl"] == "nchan" else "tab:blue" for c in cells]
+    colors = ["tab:green" if c["impl"] == "nchan" else "tab:gray" if c.get("repo")
+              else "tab:blue" for c in cells]
     left.bar(xs, [c["edge_cpu_us_per_delivery"] for c in cells], color=colors)
     left.set_ylabel("edge CPU µs per delivery (setup + teardown included)")
     right.bar(xs, [c["latency_ms"]["p99"] for c in cells], color=colors)
@@ -342,7 +395,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "params": {"g": args.g_list, "impls": args.impl_list, "edge_procs": args.procs_list,
                    "rounds": args.rounds, "messages": args.messages, "rate": args.rate,
                    "lead": args.lead, "max_viewers": args.max_viewers, "size": args.size,
-                   "edge_core": args.edge_core},
+                   "edge_core": args.edge_core,
+                   "baseline_repo": str(args.baseline_repo) if args.baseline_repo else None},
         "machine": machine(),
         "cells": [],
     }
@@ -350,13 +404,15 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         if "nchan" in args.impl_list:
             nchan.find_installed()  # fail before any cell runs, saying how to install it
+        repos = [REPO] + ([args.baseline_repo.resolve()] if args.baseline_repo else [])
         for g in args.g_list:
-            runs = [("broker", p) for p in args.procs_list if "broker" in args.impl_list]
-            runs += [("nchan", 1)] if "nchan" in args.impl_list else []
-            for impl, procs in runs:
-                print(f"# running {impl} G={g} edge processes={procs} ...", file=sys.stderr,
+            runs = [("broker", p, repo) for p in args.procs_list for repo in repos
+                    if "broker" in args.impl_list]
+            runs += [("nchan", 1, REPO)] if "nchan" in args.impl_list else []
+            for impl, procs, repo in runs:
+                print(f"# running {label_of(impl, procs, repo)} G={g} ...", file=sys.stderr,
                       flush=True)
-                cell = await run_cell(impl, g, procs, args)
+                cell = await run_cell(impl, g, procs, args, repo)
                 out["cells"].append(cell)
                 print(f"#   {cell['deliveries_per_s']:.0f} deliveries/s, p99 "
                       f"{cell['latency_ms']['p99']:.2f} ms, edge "
@@ -367,6 +423,7 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"\nB7 FAILED: {e}", file=sys.stderr)
         status = 1
     out["ratios_nchan"] = ratios(out["cells"])
+    out["ratios_baseline"] = baseline_ratios(out["cells"])
     json_path = args.results / "b7.json"
     json_path.write_text(json.dumps(out, indent=2) + "\n")
     if out["cells"]:
@@ -378,6 +435,11 @@ async def main_async(args: argparse.Namespace) -> int:
             print("\nbroker / nchan (above 1: the broker costs more)\n")
             print(markdown_table(["G", *keys], [[str(r["generations"]), *(str(r[k]) for k in keys)]
                                                 for r in out["ratios_nchan"]]))
+        if out["ratios_baseline"]:
+            keys = [k for k in out["ratios_baseline"][0] if k != "generations"]
+            print(f"\nthis branch / {args.baseline_repo} (below 1: this branch costs less)\n")
+            print(markdown_table(["G", *keys], [[str(r["generations"]), *(str(r[k]) for k in keys)]
+                                                for r in out["ratios_baseline"]]))
         print(f"\nresults: {json_path}, {png_path}")
     return status
 

@@ -690,7 +690,7 @@ return 'run'
 #   {'running', wait_ms, ttl}    the lease holds (or the caller must stay healthy longer):
 #                                nothing can be reaped for wait_ms
 #   {status, 0, 0}               'queued' (no lease yet) or an ended status; '' when gone
-REAP_SCRIPT = (
+_REAP = (
     """
 local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local status = redis.call('HGET', meta, 'status')
@@ -720,6 +720,23 @@ redis.call('HSET', meta, 'status', 'failed', 'finish_reason', 'error', 'owner', 
 return {'reaped', 0, lease_ttl}
 """
 )
+REAP_SCRIPT = _REAP
+
+# KEYS and ARGV: REAP_SCRIPT's. A stream request's meta read, which is also the first check of
+# the generation's lease (``REAP_SCRIPT``, reaping included): one round trip where the edge
+# made two, the meta read and its lease watch's first check. Returns REAP_SCRIPT's reply with
+# the meta hash after the check (``HGETALL``: a flat list, empty when the generation is gone)
+# as a fourth element.
+STREAM_META_SCRIPT = (
+    "local function check_lease()\n"
+    + _REAP
+    + """
+end
+local check = check_lease()
+check[4] = redis.call('HGETALL', KEYS[1])
+return check
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -743,6 +760,17 @@ def decode_lease_check(reply: Any) -> LeaseCheck:
         return LeaseCheck(as_text(outcome), int(wait_ms) / 1000, int(lease_ttl_ms) / 1000)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad lease check reply: {reply!r}") from e
+
+
+def decode_stream_meta(reply: Any) -> tuple[Meta | None, LeaseCheck]:
+    """``STREAM_META_SCRIPT``'s reply: the meta (None when the generation is unknown or
+    expired) and the lease check made with it."""
+    try:
+        outcome, wait_ms, lease_ttl_ms, fields = reply
+        raw = dict(zip(fields[::2], fields[1::2], strict=True))
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"bad stream meta reply: {reply!r}") from e
+    return decode_meta(raw), decode_lease_check([outcome, wait_ms, lease_ttl_ms])
 
 
 # KEYS: ``generation_keys``. ARGV: gen_id, data (the end event), ts, maxlen, ttl_ms, channel,

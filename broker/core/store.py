@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ class Store:
         self._heartbeat = redis.register_script(protocol.HEARTBEAT_SCRIPT)
         self._cancel = redis.register_script(protocol.CANCEL_SCRIPT)
         self._reap = redis.register_script(protocol.REAP_SCRIPT)
+        self._stream_meta = redis.register_script(protocol.STREAM_META_SCRIPT)
         self._queue_quota = redis.register_script(protocol.QUEUE_QUOTA_SCRIPT)
         self._add_turn = redis.register_script(protocol.ADD_TURN_SCRIPT)
         self._forget_consumers = redis.register_script(protocol.FORGET_CONSUMERS_SCRIPT)
@@ -458,21 +460,29 @@ class Store:
         """End ``gen_id`` with ``worker_lost`` (``producer_lost`` for an external producer's)
         if its lease ran out (see REAP_SCRIPT); ``healthy_for``: seconds the caller has seen
         Redis answer without failing."""
-        worker_lost = protocol.error_data(
-            "worker_lost", "the worker running this generation stopped responding"
-        )
-        producer_lost = protocol.error_data(
-            "producer_lost", "the producer of this generation stopped appending or heartbeating"
-        )
-        reply = await self._reap(
-            keys=protocol.generation_keys(gen_id),
-            args=[reaper, _ms(healthy_for), worker_lost, producer_lost, self.maxlen,
-                  self.ttl_ms, protocol.live_channel(gen_id), self.publish_cmd],
-        )
+        reply = await self._reap(keys=protocol.generation_keys(gen_id),
+                                 args=self._reap_args(gen_id, reaper, healthy_for))
         check = protocol.decode_lease_check(reply)
         if check.reaped:
             await self._turn_ended(gen_id)
         return check
+
+    async def stream_meta(
+        self, gen_id: str, reaper: str, healthy_for: float
+    ) -> tuple[Meta | None, protocol.LeaseCheck]:
+        """``meta`` and ``reap`` in one round trip (STREAM_META_SCRIPT): the lease checked
+        (and reaped if it ran out), then the meta as that left it."""
+        reply = await self._stream_meta(keys=protocol.generation_keys(gen_id),
+                                        args=self._reap_args(gen_id, reaper, healthy_for))
+        meta, check = protocol.decode_stream_meta(reply)
+        if check.reaped:
+            await self._turn_ended(gen_id)
+        return meta, check
+
+    def _reap_args(self, gen_id: str, reaper: str, healthy_for: float) -> list[str | int]:
+        """REAP_SCRIPT's (and STREAM_META_SCRIPT's) ARGV."""
+        return [reaper, _ms(healthy_for), *_lost_events(), self.maxlen, self.ttl_ms,
+                protocol.live_channel(gen_id), self.publish_cmd]
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -547,6 +557,19 @@ class Store:
             pipe.xack(job.stream, protocol.WORKER_GROUP, job.entry_id)
             pipe.xdel(job.stream, job.entry_id)
             await pipe.execute()
+
+
+@functools.cache
+def _lost_events() -> tuple[str, str]:
+    """The error events a reap may publish (REAP_SCRIPT picks one by the generation's
+    source): ``worker_lost`` and ``producer_lost``'s data, encoded once."""
+    worker_lost = protocol.error_data(
+        "worker_lost", "the worker running this generation stopped responding"
+    )
+    producer_lost = protocol.error_data(
+        "producer_lost", "the producer of this generation stopped appending or heartbeating"
+    )
+    return worker_lost, producer_lost
 
 
 # One ``Store.publish`` call's arguments: gen_id, owner, seq, events, published_ms.

@@ -25,7 +25,7 @@ from broker.core.metrics import Metrics
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
 from broker.edge.conversations import ConversationTopic
-from broker.edge.leases import LeaseWatch
+from broker.edge.leases import FirstCheck, LeaseWatch
 from broker.edge.subscriptions import Subscriptions
 from broker.edge.topic import Topic, to_frame
 
@@ -123,12 +123,13 @@ class Hub:
 
     # -- topics ----------------------------------------------------------------------------
 
-    def watch(self, gen_id: str) -> Watch:
+    def watch(self, gen_id: str, lease_check: FirstCheck | None = None) -> Watch:
         """The topic of ``gen_id``, subscribed; released (and unsubscribed if last) on exit
-        (``async with hub.watch(gen_id) as topic``)."""
-        return Watch(self, gen_id)
+        (``async with hub.watch(gen_id) as topic``). ``lease_check``: the generation's lease
+        was just checked (see ``LeaseWatch.watch``)."""
+        return Watch(self, gen_id, lease_check)
 
-    def join(self, gen_id: str) -> Topic:
+    def join(self, gen_id: str, lease_check: FirstCheck | None = None) -> Topic:
         """``watch``'s entry: count a viewer in (the topic made if it is the first). Every
         ``join`` is followed by one ``leave``; ``subscribed`` waits for the subscription."""
         topic = self.topics.get(gen_id)
@@ -136,7 +137,7 @@ class Hub:
             topic = Topic(gen_id, self.window, last_change=time.monotonic(), metrics=self.metrics)
             self.topics[gen_id] = topic
             self.metrics.subscriptions.inc()
-            self.leases.watch(topic)
+            self.leases.watch(topic, lease_check)
         topic.viewers += 1
         return topic
 
@@ -254,18 +255,20 @@ class Hub:
 
 
 class Watch:
-    """``Hub.watch``'s context: three slots, where a generator-based context manager would
+    """``Hub.watch``'s context: four slots, where a generator-based context manager would
     keep a suspended generator frame per open stream for hours."""
 
-    __slots__ = ("gen_id", "hub", "topic")
+    __slots__ = ("gen_id", "hub", "lease_check", "topic")
 
-    def __init__(self, hub: Hub, gen_id: str) -> None:
+    def __init__(self, hub: Hub, gen_id: str, lease_check: FirstCheck | None = None) -> None:
         self.hub = hub
         self.gen_id = gen_id
+        self.lease_check = lease_check
         self.topic: Topic | None = None
 
     async def __aenter__(self) -> Topic:
-        topic = self.topic = self.hub.join(self.gen_id)
+        lease_check, self.lease_check = self.lease_check, None
+        topic = self.topic = self.hub.join(self.gen_id, lease_check)
         try:
             await self.hub.subscribed(topic)
         except BaseException:

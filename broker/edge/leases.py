@@ -75,6 +75,15 @@ class Schedule:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class FirstCheck:
+    """A lease check made before its topic was watched, and when its answer came (monotonic
+    seconds)."""
+
+    check: LeaseCheck
+    at: float
+
+
 @dataclass(slots=True)
 class _Watched:
     topic: Topic
@@ -101,11 +110,18 @@ class LeaseWatch:
         self._due: dict[str, Topic] = {}
         self._wakeup = asyncio.Event()
 
-    def watch(self, topic: Topic) -> None:
+    def watch(self, topic: Topic, first: FirstCheck | None = None) -> None:
         """Start checking ``topic``'s lease: at once (a viewer may arrive after the worker died),
-        then as its answers say."""
-        self._watched[topic.gen_id] = _Watched(topic, Schedule())
-        self._arm(topic.gen_id, 0.0)
+        then as its answers say. ``first``: a check made just before (with the stream
+        request's meta read, ``Store.stream_meta``; counted by ``checked``) and when its answer
+        came (monotonic): the schedule follows it instead of checking again at once."""
+        watched = self._watched[topic.gen_id] = _Watched(topic, Schedule())
+        if first is None:
+            self._arm(topic.gen_id, 0.0)
+        elif watched.schedule.follow(first.check, first.at, self.interval):
+            self._arm(topic.gen_id, watched.schedule.at)
+        else:
+            self._drop(topic.gen_id)  # it ended (or was just reaped): nothing left to check
 
     def forget(self, topic: Topic) -> None:
         watched = self._watched.get(topic.gen_id)
@@ -119,18 +135,24 @@ class LeaseWatch:
 
     async def check(self, gen_id: str) -> LeaseCheck:
         """One check of ``gen_id``'s lease, reaping it if it ran out."""
-        self.metrics.lease_checks.inc()
         try:
             check = await self.store.reap(gen_id, self.name, self.healthy_for(gen_id))
         except (RedisError, OSError):
+            self.metrics.lease_checks.inc()
             self.metrics.redis_errors.labels("lease").inc()
             raise
+        self.checked(gen_id, check)
+        return check
+
+    def checked(self, gen_id: str, check: LeaseCheck) -> None:
+        """Count a check of ``gen_id``'s lease (here, or with a stream's meta read), and say
+        so if it reaped the generation."""
+        self.metrics.lease_checks.inc()
         if check.reaped:
             log.warning("generation %s: its worker (or external producer) stopped renewing "
                         "its lease; ended it with worker_lost (producer_lost)", gen_id)
             self.metrics.leases_reaped.inc()
             self.metrics.generations_finished.labels("failed").inc()
-        return check
 
     async def run(self) -> None:
         """Check the topics that fall due, a bounded number at a time."""

@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -39,6 +40,7 @@ from broker.edge.auth import (
 from broker.edge.conversation_stream import ConversationStream
 from broker.edge.errors import ApiError, error_response
 from broker.edge.hub import Hub
+from broker.edge.leases import FirstCheck
 from broker.edge.stream import EventStream, OpenStreams
 from broker.edge.validation import (
     parse_conversation_last_event_id,
@@ -63,17 +65,33 @@ class Edge:
     api_keys: ApiKeys
     viewer_tokens: ViewerTokens
     open_streams: OpenStreams  # BROKER_MAX_VIEWERS, the send watch
-    _meta_reads: SharedCalls[str, Meta | None] = field(default_factory=SharedCalls)
+    _meta_reads: SharedCalls[str, tuple[Meta | None, FirstCheck | None]] = field(
+        default_factory=SharedCalls)
 
-    async def stream_meta(self, gen_id: str, cursor: int) -> Meta | None:
-        """The generation's meta for a stream request. Requests that arrive together (a
-        resume storm, a crowd joining) share one read; an answer that would refuse the
-        request (no such id, a cursor past its end) may predate this request's arrival, so
-        it is read again for this request alone."""
-        meta, shared = await self._meta_reads.get(gen_id, lambda: self.store.meta(gen_id))
+    async def stream_meta(
+        self, gen_id: str, cursor: int
+    ) -> tuple[Meta | None, FirstCheck | None]:
+        """The generation's meta for a stream request, and the check of its lease made in the
+        same call (``Store.stream_meta``: the topic's lease watch starts from it rather than
+        checking again); no check (None) when this edge watches its lease already. Requests
+        that arrive together (a resume storm, a crowd joining) share one read; an answer that
+        would refuse the request (no such id, a cursor past its end) may predate this
+        request's arrival, so it is read again for this request alone."""
+        (meta, check), shared = await self._meta_reads.get(
+            gen_id, lambda: self._read_stream_meta(gen_id))
         if shared and (meta is None or cursor > meta.seq):
             meta = await self.store.meta(gen_id)
-        return meta
+        return meta, check
+
+    async def _read_stream_meta(self, gen_id: str) -> tuple[Meta | None, FirstCheck | None]:
+        if gen_id in self.hub.topics:
+            # A viewer here watches it: its lease watch runs, the plain read costs Redis less.
+            return await self.store.meta(gen_id), None
+        leases = self.hub.leases
+        meta, check = await self.store.stream_meta(gen_id, leases.name,
+                                                   self.hub.healthy_for(gen_id))
+        leases.checked(gen_id, check)
+        return meta, FirstCheck(check, time.monotonic())
 
     def events_url(self, gen_id: str) -> str:
         """The stream's URL as a browser will open it: with a viewer token when tokens are on."""
@@ -283,7 +301,7 @@ async def open_stream(edge: Edge, request: Request, gen_id: str) -> EventStream 
         cursor = parse_last_event_id(
             request.headers.get("last-event-id"), request.query_params.get("last_event_id")
         )
-        meta = await edge.stream_meta(gen_id, cursor)
+        meta, lease_check = await edge.stream_meta(gen_id, cursor)
         if meta is None:
             raise ApiError(404, "not_found", "no such generation")
         if cursor > meta.seq:
@@ -296,7 +314,7 @@ async def open_stream(edge: Edge, request: Request, gen_id: str) -> EventStream 
         stream = EventStream(
             edge.hub, gen_id, cursor,
             retry_ms=s.retry_ms, keepalive=s.keepalive_interval, send_timeout=s.send_timeout,
-            max_seconds=s.max_stream_seconds, slot=slot,
+            max_seconds=s.max_stream_seconds, slot=slot, lease_check=lease_check,
         )
         return stream
     finally:

@@ -17,6 +17,7 @@ from broker.edge.connection import DirectWriter, connection_of
 from broker.edge.errors import error_response
 from broker.edge.headers import with_headers
 from broker.edge.hub import Hub
+from broker.edge.leases import FirstCheck
 from broker.edge.topic import MAX_WRITE_BYTES, Frame, HistoryLost, Topic
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,19 @@ class EventStream:
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
         "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
-        "cursor", "deadline", "gen_id", "hub", "keepalive", "metrics", "position", "retry_ms",
-        "send_timeout", "slot", "started",
+        "cursor", "deadline", "gen_id", "hub", "keepalive", "lease_check", "metrics", "position",
+        "retry_ms", "send_timeout", "slot", "started",
     )
 
     def __init__(
         self, hub: Hub, gen_id: str, cursor: int, *, retry_ms: int, keepalive: float,
         send_timeout: float, max_seconds: float = float("inf"), slot: ViewerSlot | None = None,
+        lease_check: FirstCheck | None = None,
     ) -> None:
         self.hub = hub
         self.slot = slot  # given back when the response ends
+        # The lease check the request's meta read made: the topic's lease watch starts from it.
+        self.lease_check = lease_check
         self.metrics: Metrics = hub.metrics
         self.gen_id = gen_id
         self.cursor = cursor
@@ -156,7 +160,8 @@ class EventStream:
         if self.slot is not None:
             self.slot.watch(self)
         try:
-            async with self.hub.watch(self.gen_id) as topic:
+            lease_check, self.lease_check = self.lease_check, None
+            async with self.hub.watch(self.gen_id, lease_check) as topic:
                 changed = topic.next_change()
                 try:
                     frames, check_log = await self._next_frames(
@@ -175,10 +180,11 @@ class EventStream:
                 if connection is not None and self.direct_writes:
                     self._writer = connection.direct_writer(scope)
                 await self._send(send, self.opening())
-                await self._relay(topic, send, frames, check_log, changed)
-            # Watched like any write: after a direct write filled the socket's buffer, this
-            # one may wait for a client that no longer reads.
-            await self._send(send, b"", more_body=False)
+                ended = await self._relay(topic, send, frames, check_log, changed)
+            if not ended:
+                # Watched like any write: after a direct write filled the socket's buffer, this
+                # one may wait for a client that no longer reads.
+                await self._send(send, b"", more_body=False)
         except asyncio.CancelledError:
             if not (self._client_gone or self._too_slow):
                 raise
@@ -202,8 +208,10 @@ class EventStream:
     async def _relay(
         self, topic: Topic, send: Send, frames: list[Frame], check_log: bool,
         changed: asyncio.Event,
-    ) -> None:
+    ) -> bool:
         """Send what is after the cursor, wait for more, repeat until the terminal event.
+        True if the response ended with it (the terminal event and the end of the body go
+        in one write); False when the stream stops otherwise and the response must still end.
 
         ``check_log``: the log may hold events after the ones in hand that will not come live
         (a full chunk was read, or live messages may have been missed): look there once the
@@ -213,7 +221,9 @@ class EventStream:
         while True:
             if frames:
                 for batch in _batches(frames):
-                    await self._send(send, self.encode(batch))
+                    # Only the last batch can end with the terminal event (the last frame).
+                    ends = batch[-1].terminal
+                    await self._send(send, self.encode(batch), more_body=not ends)
                     self.metrics.events_delivered.inc(len(batch))
                     self.position = batch[-1].seq
                 if caught_up:
@@ -221,29 +231,29 @@ class EventStream:
                         max(0.0, now_ms() - frames[-1].published_ms) / 1000
                     )
                 if frames[-1].terminal:
-                    return
+                    return True
                 caught_up = False
             else:
                 caught_up = True
                 # No timer per wait: the hub wakes quiet topics a few times per keepalive
                 # interval, and whoever has written nothing for that long sends a comment.
                 if self.hub.closing:
-                    return  # (a stream that started after close_streams woke the others)
+                    return False  # (a stream that started after close_streams woke the others)
                 if self._writer is not None and not changed.is_set():
-                    woken = topic.parked(self)  # the fan-out writes to us meanwhile
+                    # The fan-out writes to us meanwhile, all but the terminal event (it
+                    # wakes us for that one).
+                    woken = topic.parked(self)
                     try:
                         await woken
                     finally:
                         topic.unpark(self, woken)
-                    if self.position == topic.terminal_seq:
-                        return  # the fan-out wrote the terminal event
                 else:
                     await changed.wait()
                 now = time.monotonic()
                 if now < self.deadline and now - self._last_write >= self.keepalive:
                     await self._send(send, sse.comment("keepalive"))
             if self.hub.closing or time.monotonic() >= self.deadline:
-                return
+                return False
             changed = topic.next_change()  # taken before looking, so no change slips between
             check_log = check_log or topic.resyncs != resyncs  # a resync may have missed some
             resyncs = topic.resyncs
@@ -251,7 +261,7 @@ class EventStream:
                 frames, check_log = await self._next_frames(topic, self.position, check_log)
             except HistoryLost as e:
                 await self._send(send, self.lost(str(e)))
-                return
+                return False
 
     def opening(self) -> bytes:
         """What the response starts with: the reconnection time EventSource should use."""

@@ -130,8 +130,9 @@ class Topic:
     async def park(self, viewer: LiveViewer) -> None:
         """Wait at the head, live: ``offer`` writes each next frame to ``viewer`` itself
         (``viewer.push``) and returns here only when the viewer has something else to do: a
-        frame it could not take at once, the terminal event, any other change (a gap, a
-        resync, a log read), or a keepalive tick. So a fan-out wakes no task per viewer."""
+        frame it could not take at once, the terminal event (not written: the viewer writes
+        it with the end of its response), any other change (a gap, a resync, a log read), or
+        a keepalive tick. So a fan-out wakes no task per viewer."""
         woken = self.parked(viewer)
         try:
             await woken
@@ -156,7 +157,7 @@ class Topic:
         if not self.live:
             return
         now = time.monotonic()
-        writes: dict[int, tuple[list[Frame], bytes] | None] = {}  # by position
+        writes: dict[int, _Write | None] = {}  # by position
         delivered = 0
         # A copy: nothing a write triggers may change the set under the loop.
         for viewer, woken in list(self.live.items()):
@@ -166,22 +167,25 @@ class Topic:
             if position not in writes:
                 writes[position] = self._write_after(position)
             write = writes[position]
-            if write is not None and not write[0]:
+            if write is not None and not write.frames and not write.ends:
                 continue  # nothing new for it (it parked after the last offer)
-            pushed = False
             if write is not None:
-                frames, chunk = write
-                try:
-                    pushed = viewer.push(position, frames[-1].seq, chunk, now)
-                except Exception:
-                    # One viewer's failure must not stop the fan-out (nor the pub/sub reader
-                    # that runs it): it goes the slow way, where its own task meets the error.
-                    log.exception("direct write to a viewer of %s failed", self.gen_id)
-                if pushed:
-                    delivered += len(frames)
-                    if not frames[-1].terminal:
-                        continue
-            # It could not take the frames (it goes the slow way), or its stream is over.
+                pushed = not write.frames  # (nothing to write before the end)
+                if write.frames:
+                    try:
+                        pushed = viewer.push(position, write.frames[-1].seq, write.chunk, now)
+                    except Exception:
+                        # One viewer's failure must not stop the fan-out (nor the pub/sub
+                        # reader that runs it): it goes the slow way, where its own task meets
+                        # the error.
+                        log.exception("direct write to a viewer of %s failed", self.gen_id)
+                    if pushed:
+                        delivered += len(write.frames)
+                if pushed and not write.ends:
+                    continue
+            # It could not take the frames (it goes the slow way), or its stream ends: its own
+            # task writes the terminal event with the response's end, in one write (one system
+            # call) where a push and the end would take two.
             del self.live[viewer]
             woken.set_result(None)
         if delivered and self.metrics is not None:
@@ -191,16 +195,23 @@ class Topic:
             newest = self.window[-1].published_ms
             self.metrics.delivery_latency.observe(max(0.0, now_ms() - newest) / 1000)
 
-    def _write_after(self, position: int) -> tuple[list[Frame], bytes] | None:
-        """The window's frames after ``position`` and their chunk; None when the window does
-        not reach back to it or they are too many for one write."""
+    def _write_after(self, position: int) -> _Write | None:
+        """What the fan-out writes to a viewer at ``position``: the window's frames after it
+        but a terminal event (left to the viewer, see ``_fan_out``), their chunk, and whether
+        the terminal event follows them; None when the window does not reach back to
+        ``position`` or the frames are too many for one write."""
         frames = self.frames_after(position)
+        if frames is None:
+            return None
+        ends = bool(frames) and frames[-1].terminal
+        if ends:
+            frames = frames[:-1]
         if not frames:
-            return None if frames is None else ([], b"")
+            return _Write(frames, b"", ends)
         data = frames[0].data if len(frames) == 1 else b"".join(f.data for f in frames)
         if len(data) > MAX_WRITE_BYTES:
             return None
-        return frames, sse.http_chunk(data)
+        return _Write(frames, sse.http_chunk(data), ends)
 
     def absorb(self, frames: list[Frame]) -> None:
         """Merge contiguous frames read from the log, so later viewers are served from memory."""
@@ -304,6 +315,16 @@ class Topic:
         for woken in live.values():
             if not woken.done():
                 woken.set_result(None)
+
+
+@dataclass(slots=True)
+class _Write:
+    """One fan-out write: ``frames`` framed as ``chunk``; ``ends``: the terminal event follows
+    them (not in the chunk)."""
+
+    frames: list[Frame]
+    chunk: bytes
+    ends: bool
 
 
 def _is_full(chunk: list[Frame]) -> bool:

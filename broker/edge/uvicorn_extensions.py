@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import socket
@@ -393,10 +394,30 @@ def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+# Allocations (net of deallocations) between two collections of the youngest generation:
+# CPython's default is 700.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def collect_less() -> None:
+    """Make the cyclic garbage collector cheaper for a serving edge. Measured in B7 (perf,
+    G=1000): 5 % of the edge's CPU was ``gc_collect_main`` and its visits, though little of
+    what a stream allocates is cyclic garbage (refcounting frees it). So: the youngest
+    generation is collected after ``GC_YOUNG_THRESHOLD`` allocations instead of 700 (most
+    per-event objects are gone by then, so fewer are traversed and promoted), and what exists
+    once the app is made (modules, classes, functions, settings: the bulk of the heap) is
+    frozen out of every later collection, instead of being traversed by each full one."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def serve(app: Starlette, settings: Settings, sock: socket.socket | None = None) -> None:
     """Serve the edge's ``app`` on ``sock`` (default: ``listen`` on the settings' host and
     port; ``ListenError`` if that fails)."""
     sock = sock or listen(settings.host, settings.port)
+    collect_less()
     protocol = type("EdgeHttpProtocol", (HeaderTimeoutProtocol,), {
         "header_timeout": settings.request_timeout, "max_header_bytes": settings.max_header_bytes,
         "max_headers": settings.max_headers,

@@ -81,6 +81,19 @@ async def test_claim_and_heartbeat_write_redis_time_plus_the_ttl(store: Store) -
     assert check.outcome == "running" and 6.0 < check.wait <= 7.0 and check.lease_ttl == 7.0
 
 
+async def test_the_stream_meta_read_checks_the_lease_and_answers_the_meta(store: Store) -> None:
+    """STREAM_META_SCRIPT on redis-server and on a cluster: REAP_SCRIPT's answer, and the meta
+    as ``Store.meta`` reads it (the reply nests the hash's flat list)."""
+    gen_id = await running(store, 5.0)
+    meta, check = await store.stream_meta(gen_id, "edge", HEALTHY)
+    assert meta == await store.meta(gen_id)
+    assert meta is not None and meta.status == "running" and meta.seq == 0
+    assert check.outcome == "running" and 4.0 < check.wait <= 5.0 and check.lease_ttl == 5.0
+    unknown = protocol.new_generation_id()
+    assert await store.stream_meta(unknown, "edge", HEALTHY) == (
+        None, protocol.LeaseCheck("", 0.0, 0.0))
+
+
 async def test_many_reapers_racing_for_an_expired_lease_end_it_once(store: Store) -> None:
     gen_id = await running(store, 0.001)
     lease = int(await store.redis.hget(protocol.meta_key(gen_id), "lease"))

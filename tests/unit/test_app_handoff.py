@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from broker.core import protocol
 from broker.core.settings import Settings
 from broker.edge.app import EdgeApp, create_app
-from broker.edge.topic import Frame, Topic
+from broker.edge.topic import Frame, Topic, to_frame
 
 
 class Boom(Exception):
@@ -78,17 +78,21 @@ def callers() -> list[str]:
     return names
 
 
-def watching(*, fail: Exception | None = None, chain: list[str] | None = None) -> Any:
-    """A hub.watch that records who runs it, then fails or yields a topic with nothing."""
+def watching(*, fail: Exception | None = None, chain: list[str] | None = None,
+             events: tuple[protocol.Event, ...] = ()) -> Any:
+    """A hub.watch that records who runs it, then fails or yields a topic holding ``events``
+    (nothing by default)."""
 
     @contextlib.asynccontextmanager
-    async def watch(gen_id: str) -> AsyncIterator[Topic]:
+    async def watch(gen_id: str, lease_check: object = None) -> AsyncIterator[Topic]:
         if chain is not None:
             chain.extend(callers())
         if fail is not None:
             raise fail
         topic = Topic(gen_id, 8)
         topic.read_to = 0  # an empty, read log: nothing to send until something is offered
+        for event in events:
+            topic.offer(to_frame(event))
         yield topic
 
     return watch
@@ -122,6 +126,18 @@ async def test_with_cors_the_stream_answers_with_the_cors_and_security_headers()
     assert answer[b"x-content-type-options"] == b"nosniff"
 
 
+async def test_the_terminal_event_goes_out_with_the_end_of_the_response_in_one_send() -> None:
+    events = (protocol.Event(1, "message", '{"text":"Hi."}', 0),
+              protocol.Event(2, "end", '{"finish_reason":"stop"}', 0))
+    sent, raised = await call(edge_app(watching(events=events)))
+    assert raised is None
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    opening, last = sent[1:]  # the retry field; then the events and the end, in one
+    assert opening["more_body"] is True and opening["body"].startswith(b"retry:")
+    assert last == {"type": "http.response.body", "more_body": False,
+                    "body": b"".join(to_frame(e).data for e in events)}
+
+
 async def test_a_redis_error_before_the_stream_started_answers_503_json() -> None:
     app = edge_app(watching(fail=RedisConnectionError("the subscription was not confirmed")))
     sent, raised = await call(app)
@@ -143,7 +159,7 @@ async def test_an_unexpected_error_before_the_stream_started_answers_500_and_goe
 
 async def test_an_error_after_the_stream_started_goes_on_up_without_a_second_answer() -> None:
     @contextlib.asynccontextmanager
-    async def watch(gen_id: str) -> AsyncIterator[Topic]:
+    async def watch(gen_id: str, lease_check: object = None) -> AsyncIterator[Topic]:
         topic = Topic(gen_id, 8)
         topic.offer(Frame(1, b"event: end\ndata: {}\n\n", True, 0))
         yield topic

@@ -50,7 +50,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from prometheus_client.metrics import MetricWrapperBase
 
-from broker.core.metrics import Metrics
+from broker.core.metrics import LatencyTally, Metrics, Tally
 from broker.core.settings import WORKER_METRICS_PORTS, Settings
 from broker.tools import loadbalancer
 from broker.tools.cli import ROLES, build_parser
@@ -991,6 +991,10 @@ def test_dashboard_metrics_are_exported_by_the_code_with_their_labels():
         if isinstance(metric, MetricWrapperBase):
             for suffix in suffixes[metric._type]:
                 exported[metric._name + suffix] = tuple(metric._labelnames)
+        elif isinstance(metric, Tally | LatencyTally):  # the per-delivery ones: no labels
+            for family in metric.describe():
+                for suffix in suffixes[family.type]:
+                    exported[family.name + suffix] = ()
     missing = DASHBOARD_METRICS - set(exported)
     assert not missing, f"broker.core.metrics.Metrics exports no {sorted(missing)}"
     for name in DASHBOARD_METRICS:

@@ -17,7 +17,7 @@ from broker.core.metrics import Metrics
 from broker.core.protocol import Event, LeaseCheck, Meta
 from broker.core.settings import Settings
 from broker.core.store import Store
-from broker.edge.leases import QUEUED_RECHECK_INTERVALS, LeaseWatch, Schedule
+from broker.edge.leases import QUEUED_RECHECK_INTERVALS, FirstCheck, LeaseWatch, Schedule
 from broker.edge.topic import Frame, Topic
 from tests.support.procs import eventually
 from worker.llm import LLM
@@ -152,6 +152,57 @@ async def test_queued_ended_and_unknown_generations_have_no_lease_to_reap() -> N
     assert [e.kind for e in await log(store, queued)] == ["end"]
 
 
+# -- the stream request's meta read, with the lease's first check (STREAM_META_SCRIPT) ----------
+
+
+async def test_the_stream_meta_read_checks_a_holding_lease_and_answers_the_meta() -> None:
+    store = new_store()
+    gen_id = await running(store, 5.0)
+    assert await store.publish(gen_id, "w1", 1, [protocol.new_message("Hello.")]) == 1
+    found, check = await store.stream_meta(gen_id, "edge", HEALTHY)
+    assert found == await store.meta(gen_id)  # the same Meta as the plain read
+    assert found is not None and found.status == "running" and found.seq == 1
+    assert found.counts == {"message": 1}
+    assert check == LeaseCheck("running", check.wait, 5.0) and 4.5 < check.wait <= 5.0
+    assert [e.kind for e in await log(store, gen_id)] == ["message"]
+
+
+async def test_the_stream_meta_read_reaps_an_expired_lease_and_answers_the_meta_after() -> None:
+    store = new_store()
+    gen_id = await running(store, 5.0)
+    await expire_lease(store, gen_id)
+    found, check = await store.stream_meta(gen_id, "edge", healthy_for=1.5)
+    assert check == LeaseCheck("running", 3.5, 5.0)  # not healthy for a lease yet
+    assert found is not None and found.status == "running"
+    found, check = await store.stream_meta(gen_id, "edge", HEALTHY)
+    assert check == LeaseCheck("reaped", 0.0, 5.0)
+    assert found is not None and found.status == "failed" and found.seq == 1
+    events = await log(store, gen_id)
+    assert [(e.seq, e.kind) for e in events] == [(1, "error")]
+    assert json.loads(events[0].data)["code"] == "worker_lost"
+
+
+async def test_the_stream_meta_read_of_queued_ended_and_unknown_generations() -> None:
+    store = new_store()
+    queued = protocol.new_generation_id()
+    await store.create(queued, {"messages": []}, "m")
+    found, check = await store.stream_meta(queued, "edge", HEALTHY)
+    assert check == LeaseCheck("queued", 0.0, 0.0)
+    assert found is not None and found.status == "queued" and found.seq == 0
+    await store.cancel(queued)
+    found, check = await store.stream_meta(queued, "edge", HEALTHY)
+    assert check == LeaseCheck("cancelled", 0.0, 0.0)
+    assert found is not None and found.finished and found.seq == 1
+    unknown = protocol.new_generation_id()
+    assert await store.stream_meta(unknown, "edge", HEALTHY) == (None, LeaseCheck("", 0.0, 0.0))
+
+
+def test_a_malformed_stream_meta_reply_is_a_protocol_error() -> None:
+    for reply in ([b"running", 0, 0], [b"running", 0, 0, [b"status"]], None):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_stream_meta(reply)
+
+
 def test_a_malformed_lease_check_reply_is_a_protocol_error() -> None:
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_lease_check([b"running"])
@@ -248,6 +299,42 @@ async def test_the_watch_checks_at_once_then_when_the_lease_runs_out_and_reaps()
     assert [e.kind for e in await log(store, gen_id)] == ["error"]
     assert sample(metrics, "broker_leases_reaped_total") == 1
     assert sample(metrics, "broker_lease_checks_total") == 2
+
+
+async def test_a_watch_that_starts_from_a_stream_meta_check_does_not_check_again_at_once(
+) -> None:
+    store, metrics = CountingStore(), Metrics()
+    lease_ttl = 1.0
+    gen_id = await running(store, lease_ttl)
+    watch = lease_watch(store, metrics)
+    _, first = await store.stream_meta(gen_id, "edge", HEALTHY)
+    watch.checked(gen_id, first)
+    runner = asyncio.create_task(watch.run())
+    try:
+        watch.watch(Topic(gen_id, 16), FirstCheck(first, time.monotonic()))
+        await asyncio.sleep(0.2)
+        assert store.checks == []  # the stream's read was the first check
+        await until_ended(store, gen_id, within=lease_ttl + 1)
+    finally:
+        runner.cancel()
+    assert [c.outcome for _, c in store.checks if c] == ["reaped"]  # when the lease ran out
+    assert sample(metrics, "broker_lease_checks_total") == 2  # the stream's, the watch's
+    assert sample(metrics, "broker_leases_reaped_total") == 1
+
+
+@pytest.mark.parametrize("outcome", ["reaped", "completed", "failed", ""])
+async def test_a_watch_that_starts_from_a_check_of_an_ended_generation_checks_nothing(
+    outcome: str,
+) -> None:
+    store = CountingStore()
+    watch = lease_watch(store)
+    runner = asyncio.create_task(watch.run())
+    try:
+        watch.watch(Topic("gen", 16), FirstCheck(LeaseCheck(outcome, 0.0, 0.0), time.monotonic()))
+        await asyncio.sleep(0.1)
+    finally:
+        runner.cancel()
+    assert store.checks == [] and watch._watched == {}
 
 
 async def test_a_topic_with_live_events_is_not_checked_until_it_goes_quiet() -> None:

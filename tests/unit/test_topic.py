@@ -326,9 +326,30 @@ async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() ->
     sample = metrics.registry.get_sample_value
     assert sample("broker_events_delivered_total") == 4  # 2 viewers x 2 frames
     assert sample("broker_delivery_latency_seconds_count") == 2  # one per fan-out
-    topic.offer(frame(5, terminal=True))  # the end: written, then woken to finish
+    # The end is not written: each viewer is woken to write it with its response's end (one
+    # write, where a push and the end would be two).
+    topic.offer(frame(5, terminal=True))
     await asyncio.wait_for(asyncio.gather(*parks), 1)
-    assert a.position == b.position == 5 and not topic.live
+    assert a.chunks == b.chunks == [sse.http_chunk(b"frame 3"), sse.http_chunk(b"frame 4")]
+    assert a.position == b.position == 4 and not topic.live
+    assert sample("broker_events_delivered_total") == 4
+
+
+async def test_frames_offered_with_the_terminal_event_are_written_and_the_end_left() -> None:
+    """Frames offered together with the terminal event: they are pushed, the terminal event
+    is left to the viewer's own task (it writes it with the end of its response)."""
+    metrics = Metrics()
+    topic = Topic("gen", 8, metrics=metrics)
+    topic.offer(frame(1))
+    viewer = Viewer(1)
+    park = await parked(topic, viewer)
+    for f in frames(2, 4, terminal_last=True):
+        topic.offer(f)
+    await asyncio.wait_for(park, 1)
+    assert viewer.chunks == [sse.http_chunk(b"frame 2frame 3")]
+    assert viewer.position == 3 and not topic.live
+    assert [f.seq for f in topic.frames_after(3) or []] == [4]
+    assert metrics.registry.get_sample_value("broker_direct_writes_total") == 2
 
 
 async def test_frames_offered_together_go_out_in_one_write() -> None:
