@@ -7,6 +7,7 @@ keep-alive) and never reuses a connection left mid-response."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -234,3 +235,54 @@ def test_an_unknown_transport_layout_keeps_the_stock_pool(
     assert isinstance(transport, Elsewhere)
     assert isinstance(transport.pool_elsewhere, httpcore2.AsyncConnectionPool)
     assert "keeps the stock pool" in caplog.text
+
+
+async def test_the_workers_request_is_the_sdks(fake_llm: FakeLLM) -> None:
+    """What the worker sends, read off the wire by a bare HTTP server: the SDK's path, auth,
+    headers and JSON body, and its retry of a 5xx (a second connection, the same request)."""
+    heads: list[bytes] = []
+    bodies: list[dict[str, object]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        bodies.append(json.loads(await reader.readexactly(length)))
+        heads.append(head)
+        if len(heads) == 1:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                         b"connection: close\r\n\r\n")
+        else:
+            chunk = {"choices": [{"index": 0, "delta": {"content": "Hi."}}]}
+            body = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    llm = LLM(Settings(openai_base_url=f"http://127.0.0.1:{port}/v1", openai_api_key="sk-t",
+                       llm_max_retries=1))
+    texts: list[str] = []
+
+    async def collect(pieces: list[Piece]) -> None:
+        texts.extend(p.text for p in pieces if isinstance(p, Text))
+
+    try:
+        request = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+        await llm.stream(request, collect)
+    finally:
+        await llm.aclose()
+        server.close()
+    assert texts == ["Hi."] and len(heads) == 2
+    for head, body in zip(heads, bodies, strict=True):
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
+        headers = {k.lower(): v.strip()
+                   for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        assert headers["authorization"] == "Bearer sk-t"
+        assert headers["content-type"] == "application/json"
+        assert headers["x-stainless-lang"] == "python"
+        assert body == {**request, "stream": True, "stream_options": {"include_usage": True}}
+    assert "x-stainless-retry-count: 1" in heads[1].decode().lower()
