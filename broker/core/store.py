@@ -425,7 +425,12 @@ class Store:
         the generations live on different slots. One result per call, in order: what
         ``publish`` returns, or the exception it would raise (a lost connection fails them
         all: each caller retries its own, the explicit seq making a repeat harmless)."""
-        if self.cluster or len(batches) == 1:
+        if len(batches) == 1:
+            try:  # (alone: no task of its own, as gather would make)
+                return [await self.publish(*batches[0])]
+            except Exception as e:
+                return [e]
+        if self.cluster:
             outcomes = await asyncio.gather(
                 *(self.publish(*call) for call in batches), return_exceptions=True)
             for outcome in outcomes:
