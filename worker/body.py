@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import h11
@@ -81,10 +81,7 @@ class _SocketSource:
     """Bytes from anyio's plain TCP stream on asyncio, taken from its protocol's queue. Its
     ``receive`` resumes the transport's reading before each read and pauses it after (two
     ``epoll_ctl`` calls per token under uvloop); the body is read with reading resumed
-    throughout, and paused again after, as anyio leaves it between its reads.
-
-    The transport is asyncio's or uvloop's (the worker's loop): uvloop's transports have the
-    same methods but are not ``asyncio.Transport`` subclasses, so they are told by those."""
+    throughout, and paused again after, as anyio leaves it between its reads."""
 
     def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
         self.transport = transport
@@ -95,12 +92,11 @@ class _SocketSource:
         transport = getattr(network, "_transport", None)
         protocol = getattr(network, "_protocol", None)
         if (type(network).__name__ != "SocketStream"
-                or not all(callable(getattr(transport, method, None)) for method in
-                           ("resume_reading", "pause_reading", "is_closing"))
+                or not isinstance(transport, asyncio.Transport)
                 or not isinstance(getattr(protocol, "read_queue", None), deque)
                 or not isinstance(getattr(protocol, "read_event", None), asyncio.Event)):
             return None
-        return cls(cast(asyncio.Transport, transport), protocol)
+        return cls(transport, protocol)
 
     def start(self) -> None:
         self.transport.resume_reading()

@@ -9,10 +9,8 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
-import uvloop
 from openai import AsyncOpenAI
 
-from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
@@ -53,39 +51,6 @@ async def test_the_lean_reader_reads_what_httpx_reads(
     assert lean.endswith(b"data: [DONE]\r\n\r\n")
     # Read to its end, the connection went back to the pool and serves the next request.
     assert chunks_of(await body_of(client, prompt, lean=True)) == chunks_of(lean)
-
-
-def test_under_uvloop_the_lean_reader_reads_from_the_socket_too(fake_llm: FakeLLM) -> None:
-    """The worker runs on uvloop, whose transports are not ``asyncio.Transport`` subclasses:
-    the body is still taken straight from the socket's queue, reads what httpx reads, and
-    leaves the connection serving the next request (and the worker's own call completes)."""
-
-    async def main() -> None:
-        client = AsyncOpenAI(api_key="k", base_url=fake_llm.base_url, max_retries=0)
-        try:
-            prompt = fake_llm.script("lean-body uvloop", TRICKY_TEXT, delay=0.0,
-                                     split_writes=True, line_end="\r\n")
-            lean = await body_of(client, prompt, lean=True)
-            assert chunks_of(lean) == chunks_of(await body_of(client, prompt, lean=False))
-            assert chunks_of(await body_of(client, prompt, lean=True)) == chunks_of(lean)
-        finally:
-            await client.close()
-        llm = LLM(Settings(openai_base_url=fake_llm.base_url, openai_api_key="k",
-                           llm_max_retries=0))
-        texts: list[str] = []
-
-        async def collect(pieces: list[Piece]) -> None:
-            texts.extend(p.text for p in pieces if isinstance(p, Text))
-
-        try:
-            for _ in range(2):
-                await llm.stream(
-                    {"model": "m", "messages": [{"role": "user", "content": prompt}]}, collect)
-        finally:
-            await llm.aclose()
-        assert "".join(texts) == TRICKY_TEXT * 2
-
-    uvloop.run(main())
 
 
 def chunks_of(body: bytes) -> list[object]:
