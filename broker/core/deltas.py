@@ -208,8 +208,12 @@ class TextChannels:
     @property
     def pending_since(self) -> float | None:
         """When the oldest pending character arrived (None: nothing pending)."""
-        times = [t for b in self.buffers.values() if (t := b.pending_since) is not None]
-        return min(times, default=None)
+        # (Asked twice per token: spelled out for the two buffers rather than a list built.)
+        message = self.buffers["message"].pending_since
+        reasoning = self.buffers["reasoning"].pending_since
+        if message is None or reasoning is None:
+            return reasoning if message is None else message
+        return min(message, reasoning)
 
     def deadline(self) -> float | None:
         """When pending text must go out (``flush_due``), None when nothing is pending."""

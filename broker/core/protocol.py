@@ -535,7 +535,9 @@ PUBLISH_FIRST_EVENT_ARG = 10
 # ``tool_call`` RPUSHes data to tools; every event counts in the meta's ``c:<kind>``.
 # Returns 1 published, 0 already published (a retry of a batch that was applied), -1 generation
 # gone, -2 not the owner (or not running, or ``seq`` is not last + 1); an error reply for a
-# malformed batch (nothing written).
+# malformed batch (nothing written). A terminal batch that ended a conversation's turn returns
+# {1, conversation} instead of 1: the caller then extends the conversation's index (another
+# slot), without reading the meta again (``decode_publish_reply``).
 PUBLISH_SCRIPT = (
     """
 local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -561,10 +563,23 @@ if status ~= 'running' or seq ~= last + 1 then return -2 end
     + """
 if final_status ~= '' then
   redis.call('HSET', meta, 'status', final_status, 'finish_reason', finish_reason)
+  local conversation = redis.call('HGET', meta, 'conversation')
+  if conversation then return {1, conversation} end
 end
 return 1
 """
 )
+
+
+def decode_publish_reply(reply: Any) -> tuple[int, str | None]:
+    """PUBLISH_SCRIPT's reply: (1, 0, -1 or -2, the conversation whose turn the batch ended)."""
+    if isinstance(reply, list | tuple):
+        try:
+            result, conversation = reply
+            return int(result), as_text(conversation)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"bad publish reply: {reply!r}") from e
+    return int(reply), None
 
 
 

@@ -327,8 +327,12 @@ class Store:
         with contextlib.suppress(RedisError, OSError):
             cid = await self.redis.hget(protocol.meta_key(gen_id), "conversation")
             if cid:
-                await self.redis.pexpire(
-                    protocol.conversation_turns_key(as_text(cid)), int(self.ttl_ms))
+                await self._conversation_turn_ended(as_text(cid))
+
+    async def _conversation_turn_ended(self, cid: str) -> None:
+        """``_turn_ended`` for a turn of ``cid`` (known: the publish script named it)."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.pexpire(protocol.conversation_turns_key(cid), int(self.ttl_ms))
 
     async def conversation_turns(self, cid: str, after: int = 0) -> list[protocol.Turn]:
         """The turns of ``cid`` after turn number ``after``, in order ([] when unknown)."""
@@ -412,9 +416,10 @@ class Store:
             maxlen=self.maxlen, ttl_ms=self.ttl_ms, channel=protocol.live_channel(gen_id),
             publish_cmd=self.publish_cmd,
         )
-        result = int(await self._publish(keys=protocol.generation_keys(gen_id), args=args))
-        if result == 1 and events[-1].terminal:
-            await self._turn_ended(gen_id)
+        result, conversation = protocol.decode_publish_reply(
+            await self._publish(keys=protocol.generation_keys(gen_id), args=args))
+        if conversation:
+            await self._conversation_turn_ended(conversation)
         return result
 
     async def publish_many(self, batches: Sequence[PublishCall]) -> list[int | Exception]:
@@ -423,7 +428,12 @@ class Store:
         the generations live on different slots. One result per call, in order: what
         ``publish`` returns, or the exception it would raise (a lost connection fails them
         all: each caller retries its own, the explicit seq making a repeat harmless)."""
-        if self.cluster or len(batches) == 1:
+        if len(batches) == 1:
+            try:  # (alone: no task of its own, as gather would make)
+                return [await self.publish(*batches[0])]
+            except Exception as e:
+                return [e]
+        if self.cluster:
             outcomes = await asyncio.gather(
                 *(self.publish(*call) for call in batches), return_exceptions=True)
             for outcome in outcomes:
@@ -450,9 +460,9 @@ class Store:
             elif isinstance(reply, Exception):
                 results.append(reply)
             else:
-                result = int(reply)
-                if result == 1 and call[3][-1].terminal:
-                    await self._turn_ended(call[0])
+                result, conversation = protocol.decode_publish_reply(reply)
+                if conversation:
+                    await self._conversation_turn_ended(conversation)
                 results.append(result)
         return results
 

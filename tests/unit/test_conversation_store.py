@@ -120,6 +120,62 @@ async def test_the_index_lives_as_long_as_its_newest_turn() -> None:
     await store.cancel(plain)  # no conversation: nothing else to refresh
 
 
+async def test_a_turns_end_names_its_conversation_without_a_read_of_the_meta(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The publish script that ends a generation names its conversation (``{1, cid}``): the
+    index's expiry is refreshed with no ``HGET`` of the meta, alone or in a batch, and a
+    generation of no conversation costs no second call at all."""
+    store = new_store()
+    key = protocol.conversation_turns_key("named")
+    turns = [await turn_of(store, "named") for _ in range(2)]
+    plain = protocol.new_generation_id()
+    await store.create(plain, {"messages": []}, "m")
+    for gen_id in [*turns, plain]:
+        assert await store.claim(gen_id, "w1", 5) == "ok"
+    reads: list[object] = []
+    hget = store.redis.hget
+
+    async def counted_hget(*args: object) -> object:
+        reads.append(args)
+        return await hget(*args)  # type: ignore[arg-type]  (hget's own arguments)
+
+    monkeypatch.setattr(store.redis, "hget", counted_hget)
+    expiries: list[str] = []
+    pexpire = store.redis.pexpire
+
+    async def counted_pexpire(name: str, ms: int) -> object:
+        expiries.append(name)
+        return await pexpire(name, ms)
+
+    monkeypatch.setattr(store.redis, "pexpire", counted_pexpire)
+    end = [protocol.new_end("stop", None)]
+    await store.redis.pexpire(key, 1000)
+    expiries.clear()
+    assert await store.publish(turns[0], "w1", 1, end) == 1
+    assert await store.redis.pttl(key) > 1000
+    await store.redis.pexpire(key, 1000)
+    expiries.clear()
+    now = protocol.now_ms()
+    assert await store.publish_many([(turns[1], "w1", 1, end, now),
+                                     (plain, "w1", 1, end, now)]) == [1, 1]
+    assert await store.redis.pttl(key) > 1000
+    assert expiries == [key]  # the turn's conversation, nothing for the plain generation
+    assert reads == []
+    # A repeated end (a retry) is 0, as before, and refreshes nothing.
+    expiries.clear()
+    assert await store.publish(turns[0], "w1", 1, end) == 0
+    assert expiries == []
+
+
+def test_a_publish_reply_is_decoded_or_refused() -> None:
+    assert protocol.decode_publish_reply(1) == (1, None)
+    assert protocol.decode_publish_reply(-2) == (-2, None)
+    assert protocol.decode_publish_reply([1, b"a:b"]) == (1, "a:b")
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_publish_reply([1])
+
+
 @pytest.mark.parametrize("event", [
     protocol.Event(3, "message", protocol.message_data("Hi.\n\u2028 \"q\""), 1),
     protocol.Event(4, "tool_call", protocol.tool_call_data(0, "c1", "f", '{"a":1}'), 1),
