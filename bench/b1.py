@@ -39,7 +39,6 @@ from bench.cell import (
     RssSampler,
     collect,
     columns_table,
-    edge_children,
     edge_viewers,
     figure,
     loadavg,
@@ -47,6 +46,7 @@ from bench.cell import (
     markdown_table,
     per_process,
     save_figure,
+    serving_processes,
     start_loadgens,
 )
 from bench.procs import BenchError, Proc, ProcessGroup, child_env, start_edge, start_redis
@@ -131,15 +131,9 @@ async def run_cell(impl: str, viewers: int, args: argparse.Namespace,
             extra_env = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
             edge, edge_url = await start_edge(group, impl, redis_url, **extra_env)
         master_pid: int | None = getattr(edge, "master_pid", None)
-        # With --edge-workers N the edge is its supervisor and N processes: measured together.
-        children = await edge_children(edge.pid, procs, redis)
-        pids = [edge.pid, *children]
-        # The processes that serve viewers: the N children, or the one edge process itself.
-        serving = children or [edge.pid]
-        cgroups = []
-        if args.edge_core and impl == "broker":  # the supervisor only waits: no budget
+        if args.edge_core and impl == "broker":
             budget = cpubudget.CpuBudget(args.edge_core)
-            cgroups = [budget.place(p) for p in serving]
+        pids, serving, cgroups = await serving_processes(edge, procs, redis, budget)
         rss = RssSampler(*pids)
         rss.start()
 

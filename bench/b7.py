@@ -43,13 +43,13 @@ from bench.cell import (
     RssSampler,
     collect,
     columns_table,
-    edge_children,
     figure,
     loadavg,
     machine,
     markdown_table,
     per_process,
     save_figure,
+    serving_processes,
 )
 from bench.churn import Shape
 from bench.procs import (
@@ -162,16 +162,11 @@ async def run_cell(impl: str, g: int, procs: int, args: argparse.Namespace,
             extra = {"BROKER_EDGE_WORKERS": str(procs)} if procs > 1 else {}
             edge, edge_url = await start_edge(group, impl, redis_url, repo=repo, **extra)
             lb, lb_url = await start_haproxy(group, edge_url, "/readyz")
+        if args.edge_core and impl == "broker":
+            budget = cpubudget.CpuBudget(args.edge_core)
         # nginx's worker; the broker edge and, with --edge-workers N, its N serving processes (the
         # supervisor costs ~nothing, it is counted too).
-        children = await edge_children(edge.pid, procs, redis)
-        pids = [edge.pid, *children]
-        # The processes that serve viewers: the N children, or the one edge process itself.
-        serving = children or [edge.pid]
-        cgroups = []
-        if args.edge_core and impl == "broker":  # the supervisor only waits: no budget
-            budget = cpubudget.CpuBudget(args.edge_core)
-            cgroups = [budget.place(p) for p in serving]
+        pids, serving, cgroups = await serving_processes(edge, procs, redis, budget)
         for pid in pids:
             samplers.append(RssSampler(pid))
             samplers[-1].start()

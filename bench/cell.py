@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
+from bench import cpubudget
 from bench.procs import BenchError, Proc, ProcessGroup, child_env
 from bench.support import (
     calls_delta,
@@ -81,6 +82,19 @@ async def edge_children(pid: int, procs: int, redis: aioredis.Redis,
             raise BenchError(f"the edge runs {len(children)} processes, expected {procs} "
                              "with their apps started")
         await asyncio.sleep(0.1)
+
+
+async def serving_processes(
+    edge: Proc, procs: int, redis: aioredis.Redis, budget: cpubudget.CpuBudget | None,
+) -> tuple[list[int], list[int], list[cpubudget.Cgroup]]:
+    """A started edge's processes: all of them (with ``--edge-workers N`` the supervisor and
+    its N children, measured together), those that serve viewers (the children, or the one
+    edge process itself), and, with a ``budget``, each serving one placed in a cgroup of it
+    (the supervisor only waits: no budget)."""
+    children = await edge_children(edge.pid, procs, redis)
+    serving = children or [edge.pid]
+    cgroups = [budget.place(pid) for pid in serving] if budget is not None else []
+    return [edge.pid, *children], serving, cgroups
 
 
 async def edge_viewers(http: httpx.AsyncClient) -> float:
@@ -194,58 +208,25 @@ def collect(group: ProcessGroup, loadgens: list[Proc], what: str, expected_deliv
     return verdict
 
 
-class RssSampler:
-    """The edge's peak resident memory, sampled every 50 ms while the cell runs; of several
-    processes (an edge's ``--edge-workers``), their sum."""
+class Sampler:
+    """Calls ``sample`` every ``every`` seconds from ``start`` to ``stop`` (until the processes
+    sampled are gone)."""
 
-    def __init__(self, *pids: int) -> None:
-        self.pids = pids
-        self.peak_kb = 0
+    every = 1.0
+
+    def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.peak_kb = max(self.peak_kb, self._rss_kb())
-                await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(OSError):
-            self.peak_kb = max(self.peak_kb, self._rss_kb())
-
-    def _rss_kb(self) -> int:
-        return sum(status_kb(pid, "VmRSS") for pid in self.pids)
-
-
-class ConnectionSampler:
-    """How the viewers' connections spread over an edge's serving processes while the cell
-    runs (SO_REUSEPORT: the kernel picks the process per connection): each process's
-    established connections to the edge's port, summed over samples once a second."""
-
-    def __init__(self, pids: list[int], port: int, every: float = 1.0) -> None:
-        self.pids = pids
-        self.port = port
-        self.every = every
-        self.totals = dict.fromkeys(pids, 0)
-        self.samples = 0
-        self._task: asyncio.Task[None] | None = None
+    def sample(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._sample())
+        self._task = asyncio.create_task(self._run())
 
-    async def _sample(self) -> None:
+    async def _run(self) -> None:
         with contextlib.suppress(OSError):
             while True:
-                for pid, held in established_by_pid(self.pids, self.port).items():
-                    self.totals[pid] += held
-                self.samples += 1
+                self.sample()
                 await asyncio.sleep(self.every)
 
     async def stop(self) -> None:
@@ -254,6 +235,45 @@ class ConnectionSampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+class RssSampler(Sampler):
+    """The edge's peak resident memory, sampled every 50 ms while the cell runs; of several
+    processes (an edge's ``--edge-workers``), their sum."""
+
+    every = 0.05
+
+    def __init__(self, *pids: int) -> None:
+        super().__init__()
+        self.pids = pids
+        self.peak_kb = 0
+
+    def sample(self) -> None:
+        self.peak_kb = max(self.peak_kb, sum(status_kb(pid, "VmRSS") for pid in self.pids))
+
+    async def stop(self) -> None:
+        await super().stop()
+        with contextlib.suppress(OSError):
+            self.sample()
+
+
+class ConnectionSampler(Sampler):
+    """How the viewers' connections spread over an edge's serving processes while the cell
+    runs (SO_REUSEPORT: the kernel picks the process per connection): each process's
+    established connections to the edge's port, summed over samples once a second."""
+
+    def __init__(self, pids: list[int], port: int, every: float = 1.0) -> None:
+        super().__init__()
+        self.pids = pids
+        self.port = port
+        self.every = every
+        self.totals = dict.fromkeys(pids, 0)
+        self.samples = 0
+
+    def sample(self) -> None:
+        for pid, held in established_by_pid(self.pids, self.port).items():
+            self.totals[pid] += held
+        self.samples += 1
 
     def mean(self) -> list[float]:
         """Each process's mean number of connections, in ``pids`` order."""
