@@ -210,22 +210,30 @@ class Hub:
         tick = self.audit_interval / 4
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            for topic in list(self.topics.values()):
-                if now - topic.last_change >= tick:
-                    topic.wake()
+            self._wake_quiet_topics(tick)
+
+    def _wake_quiet_topics(self, tick: float) -> None:
+        # (Not in the loop's body: a topic left in a local of a waiting loop stays alive,
+        # window and all, after its last viewer left; see ``LeaseWatch._check_due``.)
+        now = time.monotonic()
+        for topic in list(self.topics.values()):
+            if now - topic.last_change >= tick:
+                topic.wake()
 
     async def _audit_forever(self, interval: float) -> None:
         """Resync topics idle for ``interval``: a missed last event must not leave them hanging."""
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
-            idle = [
-                t for t in self.topics.values()
-                if t.terminal_seq is None and now - t.last_change >= interval
-            ]
-            for topic in idle:
-                await self._verify(topic)
+            await self._audit(interval)
+
+    async def _audit(self, interval: float) -> None:
+        now = time.monotonic()
+        idle = [
+            t for t in self.topics.values()
+            if t.terminal_seq is None and now - t.last_change >= interval
+        ]
+        for topic in idle:
+            await self._verify(topic)
 
     def verify_soon(self, topic: Topic) -> None:
         self._in_background(self._verify(topic))
