@@ -114,8 +114,8 @@ class EventStream:
     # Thousands of these live at once: no per-instance dict.
     __slots__ = (
         "_client_gone", "_last_write", "_relay_task", "_sending_since", "_too_slow", "_writer",
-        "cursor", "deadline", "gen_id", "hub", "keepalive", "lease_check", "metrics", "position",
-        "retry_ms", "send_timeout", "slot", "started",
+        "cursor", "deadline", "end_observed", "gen_id", "hub", "keepalive", "lease_check",
+        "metrics", "position", "retry_ms", "send_timeout", "slot", "started",
     )
 
     def __init__(
@@ -131,6 +131,7 @@ class EventStream:
         self.gen_id = gen_id
         self.cursor = cursor
         self.position = cursor  # the last seq sent to this viewer
+        self.end_observed = False  # (``LiveViewer``)
         self.retry_ms = retry_ms
         self.keepalive = keepalive
         self.send_timeout = send_timeout
@@ -230,7 +231,7 @@ class EventStream:
                     await self._send(send, self.encode(batch), more_body=not ends)
                     self.metrics.events_delivered.inc(len(batch))
                     self.position = batch[-1].seq
-                if caught_up:
+                if caught_up and not (self.end_observed and frames[0].terminal):
                     self.metrics.delivery_latency.observe(
                         max(0.0, now_ms() - frames[-1].published_ms) / 1000
                     )

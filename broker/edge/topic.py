@@ -43,6 +43,9 @@ class LiveViewer(Protocol):
     """A viewer parked at a topic's head (``Topic.park``)."""
 
     position: int  # the last seq it was sent
+    # Set by the fan-out that wakes it to write the terminal event itself: that fan-out
+    # observed the event's delivery latency, once for all its viewers, so the viewer does not.
+    end_observed: bool
 
     def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
         """Write frames ``after + 1`` to ``last`` (``chunk``: framed by ``sse.http_chunk``) at
@@ -159,6 +162,7 @@ class Topic:
         now = time.monotonic()
         writes: dict[int, _Write | None] = {}  # by position
         delivered = 0
+        ending = False  # a viewer was woken to write the terminal event (see below)
         # A copy: nothing a write triggers may change the set under the loop.
         for viewer, woken in list(self.live.items()):
             if woken.done():  # cancelled (its client left): its task is on its way out
@@ -183,15 +187,21 @@ class Topic:
                         delivered += len(write.frames)
                 if pushed and not write.ends:
                     continue
+                if pushed:
+                    ending = True
+                    viewer.end_observed = True
             # It could not take the frames (it goes the slow way), or its stream ends: its own
             # task writes the terminal event with the response's end, in one write (one system
             # call) where a push and the end would take two.
             del self.live[viewer]
             woken.set_result(None)
-        if delivered and self.metrics is not None:
-            self.metrics.events_delivered.inc(delivered)
-            self.metrics.direct_writes.inc(delivered)
-            # One observation per fan-out: the newest frame, after the last write.
+        if (delivered or ending) and self.metrics is not None:
+            if delivered:
+                self.metrics.events_delivered.inc(delivered)
+                self.metrics.direct_writes.inc(delivered)
+            # One observation per fan-out: the newest frame (the terminal event, when it ends
+            # the stream: its viewers write it next, without observing it again), after the
+            # last write.
             newest = self.window[-1].published_ms
             self.metrics.delivery_latency.observe(max(0.0, now_ms() - newest) / 1000)
 

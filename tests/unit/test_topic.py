@@ -287,6 +287,7 @@ class Viewer:
         self.position = position
         self.accepting = accepting
         self.chunks: list[bytes] = []
+        self.end_observed = False
 
     def push(self, after: int, last: int, chunk: bytes, now: float) -> bool:
         if not self.accepting or after != self.position:
@@ -333,6 +334,9 @@ async def test_a_parked_viewer_gets_each_frame_framed_once_and_stays_parked() ->
     assert a.chunks == b.chunks == [sse.http_chunk(b"frame 3"), sse.http_chunk(b"frame 4")]
     assert a.position == b.position == 4 and not topic.live
     assert sample("broker_events_delivered_total") == 4
+    # The terminal event's latency: observed once by the fan-out that woke them, not by each.
+    assert a.end_observed and b.end_observed
+    assert sample("broker_delivery_latency_seconds_count") == 3
 
 
 async def test_frames_offered_with_the_terminal_event_are_written_and_the_end_left() -> None:
