@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -21,7 +22,7 @@ from broker.core.protocol import SDK_CALL_OPTIONS
 from broker.core.settings import Settings
 from broker.core.sse import aiter_sse_data
 from worker.body import BodyBroken, BodySilent, lean_body
-from worker.pool import lean_transport, transport_pool
+from worker.pool import LeanPool, lean_transport, transport_pool
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,26 @@ class LLMError(Exception):
         self.message = message
 
 
+def environment_proxies() -> list[str]:
+    """The proxy variables set (``HTTPS_PROXY``, ``ALL_PROXY``, ...; ``NO_PROXY`` alone is
+    none): httpx honours them only in a client that makes its own transport."""
+    return sorted(scheme for scheme in urllib.request.getproxies() if scheme != "no")
+
+
 class LLM:
     def __init__(self, settings: Settings) -> None:
-        transport = lean_transport(openai.DEFAULT_CONNECTION_LIMITS)
-        # The lean pool (None if this httpx could not take it): tests look at it.
-        self.pool = transport_pool(transport)
+        # The SDK's own client and limits, on a leaner connection pool (``worker.pool``); the
+        # SDK's client as it is when a proxy is set (a client given a transport ignores them).
+        http_client = None
+        self.pool: LeanPool | None = None  # (tests look at it)
+        if environment_proxies():
+            log.info("the LLM is reached through the proxy that %s names: the LLM client "
+                     "keeps httpx's own connection pool",
+                     "/".join(f"{p.upper()}_PROXY" for p in environment_proxies()))
+        else:
+            transport = lean_transport(openai.DEFAULT_CONNECTION_LIMITS)
+            self.pool = transport_pool(transport)
+            http_client = openai.DefaultAsyncHttpxClient(transport=transport)
         self.client = AsyncOpenAI(
             api_key=settings.openai_api_key or "unset",
             base_url=settings.openai_base_url or None,
@@ -61,8 +77,7 @@ class LLM:
             timeout=openai.Timeout(
                 connect=10.0, read=settings.llm_idle_timeout, write=30.0, pool=30.0
             ),
-            # The SDK's own client and limits, on a leaner connection pool (``worker.pool``).
-            http_client=openai.DefaultAsyncHttpxClient(transport=transport),
+            http_client=http_client,
         )
         # What ``chat.completions.with_streaming_response.create`` sends, less its work on the
         # arguments (a recursive walk of the request against the SDK's TypedDicts, ~0.3 ms per

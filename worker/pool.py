@@ -16,7 +16,8 @@ errors). Limits as httpcore reads them: at most ``max_connections`` open (a requ
 one up to its pool timeout, then ``PoolTimeout``), at most ``max_keepalive_connections`` idle.
 
 HTTP/1.1 only (the SDK's client does not ask for HTTP/2): one request per connection at a
-time. Proxies are not its business: httpx mounts a proxy transport of its own for them.
+time. No proxies: httpx ignores ``HTTP(S)_PROXY`` in a client given its own transport, so
+with a proxy set the worker keeps the SDK's client as it is (``worker.llm``).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class LeanPool(httpcore2.AsyncConnectionPool):
             self.idle_count -= 1
             if connection.is_closed():
                 self.open.pop(connection, None)
+                self._wake_one()  # a slot is free: a request waiting for one may open it
             elif connection.has_expired():  # its keep-alive ran out, or the server closed it
                 await self._close(connection)
             else:
@@ -161,7 +163,7 @@ class LeanPool(httpcore2.AsyncConnectionPool):
         if self.keepalive_expiry is None or not self.idle_count:
             return
         too_old = time.monotonic() - self.keepalive_expiry
-        for stack in self.idle.values():
+        for stack in list(self.idle.values()):  # (a release meanwhile may add an origin)
             while stack and stack[0][0] < too_old:
                 _, connection = stack.popleft()
                 self.idle_count -= 1
@@ -258,7 +260,8 @@ def lean_transport(limits: httpx2.Limits) -> httpx2.AsyncHTTPTransport:
     """httpx's own transport, on a ``LeanPool`` with ``limits``; on the stock pool when this
     httpx's transport is not laid out as this code knows (logged once)."""
     transport = httpx2.AsyncHTTPTransport(limits=limits)
-    if type(getattr(transport, "_pool", None)) is not httpcore2.AsyncConnectionPool:
+    if (type(getattr(transport, "_pool", None)) is not httpcore2.AsyncConnectionPool
+            or not hasattr(httpcore2.AsyncConnectionPool, "create_connection")):
         log.warning("httpx's transport holds no httpcore connection pool where expected: "
                     "the LLM client keeps the stock pool")
         return transport

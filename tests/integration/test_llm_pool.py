@@ -20,7 +20,8 @@ from openai import AsyncOpenAI
 from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from tests.support.fakellm import FakeLLM
-from worker.llm import LLM
+from tests.support.procs import free_port
+from worker.llm import LLM, LLMError
 from worker.pool import LeanPool, lean_transport, transport_pool
 
 
@@ -286,3 +287,38 @@ async def test_the_workers_request_is_the_sdks(fake_llm: FakeLLM) -> None:
         assert headers["x-stainless-lang"] == "python"
         assert body == {**request, "stream": True, "stream_options": {"include_usage": True}}
     assert "x-stainless-retry-count: 1" in heads[1].decode().lower()
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY", "http_proxy"])
+async def test_a_proxy_in_the_environment_is_used_and_the_stock_pool_kept(
+    fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch, variable: str,
+) -> None:
+    # httpx honours the proxy variables only in a client that makes its own transport: with
+    # one set, the worker keeps the SDK's client, and the request goes to the proxy (here a
+    # port nobody listens on, so it fails to connect instead of reaching the fake LLM).
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, f"http://127.0.0.1:{free_port()}")
+    llm = LLM(Settings(openai_base_url=fake_llm.base_url, openai_api_key="k",
+                       llm_max_retries=0))
+    try:
+        assert llm.pool is None
+        prompt = fake_llm.script("through a proxy", "Never read.", delay=0.0)
+
+        async def ignore(pieces: list[Piece]) -> None:
+            pass
+
+        with pytest.raises(LLMError) as failed:
+            await llm.stream({"model": "m", "messages": [{"role": "user", "content": prompt}]},
+                             ignore)
+        assert failed.value.code == "llm_unreachable"
+    finally:
+        await llm.aclose()
+
+
+def test_no_proxy_alone_keeps_the_lean_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert LLM(Settings(openai_api_key="k")).pool is not None
