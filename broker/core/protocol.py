@@ -613,12 +613,13 @@ return 1
 """
 
 # KEYS: a jobs stream. ARGV: the workers' group, idle_ms, name ('' for any consumer).
-# Deletes the group's consumers that hold no job and were idle idle_ms or more: those of
-# workers that are gone (every worker reads every shard twice a second while it has room, so a
-# live one with room is never idle that long; one without room holds jobs). One script, so
-# no read can hand such a consumer a job between the look and the delete (DELCONSUMER drops
-# the consumer's pending jobs with it). Without it every worker that ever ran would stay in
-# every shard's group. Returns how many were deleted; 0 if the stream or group is gone.
+# Deletes the group's consumers that hold no job and were idle idle_ms or more: above all those
+# of workers that are gone. A live worker's consumer may go too when it was handed no job for
+# that long (Redis 7.0 refreshes a consumer's idle time only when it hands it an entry): that
+# is harmless, its next read makes it again. One script, so no read can hand such a consumer
+# a job between the look and the delete (DELCONSUMER drops the consumer's pending jobs with
+# it). Without it every worker that ever ran would stay in every shard's group. Returns how
+# many were deleted; 0 if the stream or group is gone.
 FORGET_CONSUMERS_SCRIPT = """
 local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
 if not ok then return 0 end

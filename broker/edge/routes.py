@@ -80,7 +80,9 @@ class Edge:
         (meta, check), shared = await self._meta_reads.get(
             gen_id, lambda: self._read_stream_meta(gen_id))
         if shared and (meta is None or cursor > meta.seq):
-            meta = await self.store.meta(gen_id)
+            # No check with it: the shared one may be of before the generation existed (a
+            # watch started from "gone" would drop the topic); the lease watch checks at once.
+            return await self.store.meta(gen_id), None
         return meta, check
 
     async def _read_stream_meta(self, gen_id: str) -> tuple[Meta | None, FirstCheck | None]:

@@ -406,7 +406,9 @@ def collect_less() -> None:
     generation is collected after ``GC_YOUNG_THRESHOLD`` allocations instead of 700 (most
     per-event objects are gone by then, so fewer are traversed and promoted), and what exists
     once the app is made (modules, classes, functions, settings: the bulk of the heap) is
-    frozen out of every later collection, instead of being traversed by each full one."""
+    frozen out of every later collection, instead of being traversed by each full one. For
+    the process: ``serve`` runs once in each (``broker edge``, ``broker dev``, each child of
+    ``--edge-workers``); what a second call found would stay frozen too."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()
