@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
+from redis.cluster import ClusterNode
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -34,7 +35,7 @@ from broker.core import protocol
 from broker.core.metrics import Metrics
 from broker.core.protocol import JobEntry, as_text
 from broker.core.settings import Settings
-from broker.core.store import Store, is_cluster_url
+from broker.core.store import Store, cluster_seeds, is_cluster_url
 
 SyncRedis = redis.Redis | redis.RedisCluster
 
@@ -188,9 +189,13 @@ def blocking_client(settings: Settings, client_name: str) -> SyncRedis:
     socket timeout of a tick, so a stuck call cannot hold the next round back."""
     timeout = settings.lease_ttl / TICKS_PER_LEASE
     if is_cluster_url(settings.redis_url):
+        # Every seed of the URL, as the worker's own client takes them (``store.connect``):
+        # given whole to redis-py, a URL of several seeds failed every renewal.
+        url, more_seeds = cluster_seeds(settings.redis_url)
         return redis.RedisCluster.from_url(
-            settings.redis_url.replace("+cluster", "", 1), socket_connect_timeout=timeout,
-            socket_timeout=timeout, client_name=client_name)
+            url, startup_nodes=[ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                                for host, port in more_seeds],
+            socket_connect_timeout=timeout, socket_timeout=timeout, client_name=client_name)
     return redis.Redis.from_url(
         settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout,
         client_name=client_name, health_check_interval=15)
