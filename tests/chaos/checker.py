@@ -4,7 +4,7 @@
 - a generation that ended with ``end`` has exactly the answer the LLM streamed (the prompt
   names it);
 - an ``error`` has a documented code, and a fault of the timeline explains it (``worker_lost``
-  only with a worker killed or stopped, or a master killed, while the generation ran, ...);
+  only with its own worker killed or stopped, or a master killed, while it ran, ...);
 - every viewer's received sequence, across all its reconnects, is the log's from its start
   point: no duplicate, no gap, nothing else; it ends with the terminal event, a ``204`` at
   the log's end, or a ``history_lost`` that a fault explains;
@@ -75,6 +75,12 @@ class Bounds:
         """How long a fault may go on disturbing a viewer after it healed: a lease (a lost
         worker is reaped), the LLM's idle bound, a reconnect, and the quiet bound."""
         return self.lease + self.llm_idle + self.retry + self.quiet
+
+
+def pid_of(worker_name: str) -> int | None:
+    """The pid in a worker's name (``host-pid-random``, ``Settings.worker_name``), or None."""
+    parts = worker_name.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
 class Checker:
@@ -173,7 +179,14 @@ class Checker:
         if not kinds:
             return False
         end = gen.ended_at if gen.ended_at is not None else gen.created_at
-        return bool(self._faults_in(gen.requested_at - 1, end, kinds))
+        faults = self._faults_in(gen.requested_at - 1, end, kinds)
+        owner_pid = pid_of(gen.owner)
+        if code == "worker_lost" and owner_pid is not None:
+            # Its own worker's death or freeze explains it, or a master's (a lease renewal
+            # lost with it): not another worker's fault at the same time.
+            faults = [f for f in faults
+                      if f.kind == "master_kill" or f.detail.get("pid") == owner_pid]
+        return bool(faults)
 
     # -- a viewer --------------------------------------------------------------------------
 

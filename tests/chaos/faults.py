@@ -236,7 +236,9 @@ class Scheduler:
     async def _do_worker_stop(self, fault: Fault, params: dict[str, Any]) -> None:
         # Up to twice a lease: its generations may be reaped (worker_lost) meanwhile.
         seconds = round(params["seconds"] / 4.0 * 2 * self.lease_ttl, 3)
-        await self._stop_for(fault, self._slot(fault.target).signal, seconds)
+        slot = self._slot(fault.target)
+        fault.detail["pid"] = slot.proc.pid if slot.proc else None  # (whose worker_lost)
+        await self._stop_for(fault, slot.signal, seconds)
 
     # -- Redis -----------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class Generation:
     ended_at: float | None = None  # monotonic, when the log reader saw the final status
     log_error: str = ""
     producer_crashed: str = ""  # an external producer's: why it stopped without finishing
+    owner: str = ""  # who ran it last (the meta's ``owner``: a worker's name, host-pid-random)
     crash_requested: bool = False  # the producer_kill fault: stop as if the process died
 
     @property
@@ -267,6 +268,8 @@ class Load:
                 if status in protocol.TERMINAL_STATUSES or status == "":
                     gen.status = status or "gone"
                     gen.ended_at = time.monotonic()
+                    owner = await self.admin.hget(meta_key, "owner")
+                    gen.owner = owner.decode() if owner else ""
                     gen.log = await self._log_of(gen.gen_id)
                     return
             except (RedisError, RedisClusterException, OSError, AttributeError,
