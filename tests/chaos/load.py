@@ -44,7 +44,7 @@ class Generation:
     ended_at: float | None = None  # monotonic, when the log reader saw the final status
     log_error: str = ""
     producer_crashed: str = ""  # an external producer's: why it stopped without finishing
-    owner: str = ""  # who ran it last (the meta's ``owner``: a worker's name, host-pid-random)
+    owner: str = ""  # the worker last seen running it (host-pid-random), if seen
     crash_requested: bool = False  # the producer_kill fault: stop as if the process died
 
     @property
@@ -59,7 +59,8 @@ class Generation:
         return {
             "label": self.label, "id": self.gen_id, "mode": self.mode,
             "requested": at(self.requested_at), "created": at(self.created_at),
-            "ended": at(self.ended_at), "status": self.status, "create_error": self.create_error,
+            "ended": at(self.ended_at), "status": self.status, "owner": self.owner,
+            "create_error": self.create_error,
             "log": None if self.log is None else [f"{e[0]}:{e[1]}" for e in self.log][-3:],
             "log_length": None if self.log is None else len(self.log),
             "viewers": [{
@@ -263,13 +264,14 @@ class Load:
         meta_key = protocol.meta_key(gen.gen_id)
         while time.monotonic() < self.viewer_deadline:
             try:
-                status = await self.admin.hget(meta_key, "status")
-                status = status.decode() if status else ""
+                raw_status, owner = await self.admin.hmget(meta_key, ["status", "owner"])
+                status = raw_status.decode() if raw_status else ""
+                if status == "running" and owner:
+                    # Who runs it, seen while it runs: a reap writes the reaper's name there.
+                    gen.owner = owner.decode()
                 if status in protocol.TERMINAL_STATUSES or status == "":
                     gen.status = status or "gone"
                     gen.ended_at = time.monotonic()
-                    owner = await self.admin.hget(meta_key, "owner")
-                    gen.owner = owner.decode() if owner else ""
                     gen.log = await self._log_of(gen.gen_id)
                     return
             except (RedisError, RedisClusterException, OSError, AttributeError,
