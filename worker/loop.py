@@ -37,6 +37,8 @@ REAP_INTERVAL = 1.0
 # A job-group consumer idle for this many leases, holding no job, belonged to a worker that is
 # gone (its jobs were reclaimed after one lease): the reaper deletes it.
 CONSUMER_GONE_AFTER_LEASES = 3
+# How long a stopping worker tries to remove its consumer from the job groups.
+LEAVE_TIMEOUT = 2.0
 # How long generations cut short by a stop get to publish their worker_shutdown event.
 SHUTDOWN_PUBLISH_TIMEOUT = 10.0
 # What a Redis Cluster answers while a failover (CLUSTERDOWN) or a slot migration (TRYAGAIN)
@@ -103,11 +105,14 @@ class Worker:
         """Delete this worker's consumer from every shard's group (unless it still holds a job:
         a run whose end could not be published leaves its job for a reaper), so a restarted
         worker, which has a new name, does not leave one behind."""
-        for stream in self.store.job_streams:
-            try:
-                await self.store.forget_consumers(stream, 0, self.name)
-            except (RedisError, OSError) as e:  # Redis down: a live worker's reaper does it later
-                log.info("could not remove this worker from the job group of %s: %s", stream, e)
+        try:
+            # Bounded: a worker stopping while Redis is down must not wait out every retry.
+            async with asyncio.timeout(LEAVE_TIMEOUT):
+                for stream in self.store.job_streams:
+                    await self.store.forget_consumers(stream, 0, self.name)
+        except (RedisError, OSError, TimeoutError) as e:
+            # Redis down or slow: a live worker's reaper deletes the consumer later.
+            log.info("could not remove this worker from the job groups: %r", e)
 
     async def _take_jobs(self, burst: bool) -> None:
         """One reader per job shard; they share this worker's capacity."""
