@@ -87,11 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated process counts of the broker edge (broker edge "
                              "--edge-workers N): a broker cell for each; N > 1 shows as "
                              "'broker xN'")
-    parser.add_argument("--edge-core", type=float, default=0.0,
-                        help="CPU budget of each broker edge serving process, in cores (0.25: "
-                             "a quarter of one core; 0: none): each in a cgroup of its own "
-                             "(bench/cpubudget.py; needs root), standing for one core of an "
-                             "edge host")
+    cpubudget.add_option(parser)
     parser.add_argument("--results", type=Path, default=RESULTS, help="output directory")
     args = parser.parse_args(argv)
     try:

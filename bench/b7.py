@@ -79,11 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edge-procs", default="1",
                         help="comma-separated broker edge process counts (broker edge "
                              "--edge-workers N); each runs a broker cell")
-    parser.add_argument("--edge-core", type=float, default=0.0,
-                        help="CPU budget of each broker edge serving process, in cores (0.25: "
-                             "a quarter of one core; 0: none): each in a cgroup of its own "
-                             "(bench/cpubudget.py; needs root), standing for one core of an "
-                             "edge host")
+    cpubudget.add_option(parser)
     parser.add_argument("--rounds", type=int, default=2, help="answers per slot, in turn")
     parser.add_argument("--messages", type=int, default=30, help="messages per answer")
     parser.add_argument("--rate", type=float, default=5.0, help="messages/s per answer")

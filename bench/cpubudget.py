@@ -20,6 +20,7 @@ hierarchy).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import time
@@ -170,3 +171,12 @@ def require(cores: float, prog: str) -> None:
         CpuBudget(cores)
     except (BudgetUnavailable, ValueError) as e:
         raise SystemExit(f"{prog}: --edge-core {cores:g}: {e}") from None
+
+
+def add_option(parser: argparse.ArgumentParser) -> None:
+    """``--edge-core C``, as B1 and B7 take it."""
+    parser.add_argument("--edge-core", type=float, default=0.0,
+                        help="CPU budget of each broker edge serving process, in cores (0.25: "
+                             "a quarter of one core; 0: none): each in a cgroup of its own "
+                             "(bench/cpubudget.py; needs root), standing for one core of an "
+                             "edge host")
