@@ -253,7 +253,20 @@ async def test_a_status_read_after_the_worker_died_says_failed(deploy, fake_llm:
         kill(d.workers[0])
         await lease_expired(client, gen_id)
 
-        status = (await http.get(f"{edge.url}/v1/generations/{gen_id}")).json()
+        # The edge reaps only once it has seen Redis healthy for a whole lease (after an
+        # outage a live owner gets a lease to renew), counted from its first probe seen back,
+        # which may come after the claim on an edge that has just started. So the reading
+        # that ends it comes within a lease and a probe interval of the lease running out;
+        # until then every reading says `running`, never anything else.
+        async def failed() -> dict[str, Any] | None:
+            status: dict[str, Any] = (
+                await http.get(f"{edge.url}/v1/generations/{gen_id}")).json()
+            if status["status"] == "running":
+                return None
+            return status
+
+        status = await eventually(failed, LEASE + 2 * DEFAULTS.probe_interval,
+                                  "a status read to end the generation")
         assert status["status"] == "failed" and status["finish_reason"] == "error"
         assert LONG.startswith(status["text"]) and status["text"].encode() == (
             client.get(protocol.text_key(gen_id))
