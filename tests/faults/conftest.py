@@ -59,7 +59,9 @@ def deploy(fake_llm: FakeLLM) -> Iterator[Any]:
         d = Deployment(fake_llm, redis, settings)
         made.append(d)
         for _ in range(edges):
-            d.add_edge()
+            # Ready, not only listening: an edge reaps a lease only after seeing Redis healthy
+            # for a lease from its first probe, so the tests' bounds hold from the claim on.
+            d.add_edge().wait_ready(path="/readyz")
         for _ in range(workers):
             d.add_worker()
         return d

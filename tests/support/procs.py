@@ -136,13 +136,15 @@ class BrokerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 15.0) -> BrokerProcess:
+    def wait_ready(self, timeout: float = 15.0, path: str = "/healthz") -> BrokerProcess:
+        """Until ``path`` answers 200: ``/healthz`` (listening) or, for an edge, ``/readyz``
+        (its Redis probes come back: its count of Redis's healthy time has started)."""
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker {self.command} exited:\n{self.output()}")
-            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+            return httpx.get(self.url + path, timeout=1).status_code == 200
 
-        wait_until(ready, timeout, f"broker {self.command} on {self.port}")
+        wait_until(ready, timeout, f"broker {self.command} on {self.port} ({path})")
         return self
 
     def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 20.0) -> re.Match[str]:
