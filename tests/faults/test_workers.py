@@ -102,7 +102,9 @@ async def test_sigterm_drains_then_ends_the_rest(
     deploy, fake_llm: FakeLLM, record_property: pytest.RecordProperty
 ):
     drain_timeout = 2.0
-    d = deploy(edges=1, workers=0, broker_lease_ttl=2)
+    # The default lease (not a 2 s one): the drain must not depend on renewals keeping a
+    # short lease alive on a busy machine (a 2 s lease once ran out there mid-drain).
+    d = deploy(edges=1, workers=0)
     worker = d.add_worker(broker_drain_timeout=drain_timeout)
     long_prompt = fake_llm.script(unique("drain-long"), LONG, delay=0.05)
     short_prompt = fake_llm.script(unique("drain-short"), SHORT, delay=0.05)
