@@ -1024,8 +1024,12 @@ PRODUCER_FIRST_EVENT_ARG = 8
 # goes through PRODUCER_FINISH_SCRIPT).
 # Returns {outcome, count} (count: the producer's events now): 'ok' appended; 'duplicate' the
 # batch was the last one applied (a retry: nothing written); 'offset_mismatch' ``after`` is
-# not ``count`` (a gap or an overlap); 'cancelled', 'completed', 'failed' the generation ended;
-# or a refusal of ``_PRODUCER_GATE``. An error reply for a malformed batch (nothing written).
+# not ``count`` (a gap or an overlap, a different batch sent with the last one's ``after``
+# included); 'cancelled', 'completed', 'failed' the generation ended; or a refusal of
+# ``_PRODUCER_GATE``. An error reply for a malformed batch (nothing written).
+# A retry is told from another batch by the log: the last batch's events are its newest
+# entries, ``0-<seq>``, each with the kind and data it was sent with (those the retention has
+# trimmed, from a log kept shorter than one batch, cannot be compared and are not).
 PRODUCER_APPEND_SCRIPT = (
     """
 local meta, log, text, reasoning, tools = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -1044,6 +1048,14 @@ end
 if status ~= 'running' then return {status, count} end
 if after ~= count then
   if after + n == count and redis.call('HGET', meta, 'p_after') == ARGV[2] then
+    local entries = redis.call('XRANGE', log, '0-' .. (last - n + 1), '0-' .. last)
+    for _, entry in ipairs(entries) do
+      local at = first_arg + 3 * (tonumber(string.match(entry[1], '%d+$')) - (last - n + 1))
+      local fields = entry[2]
+      if fields[2] ~= ARGV[at] or fields[4] ~= ARGV[at + 1] then
+        return {'offset_mismatch', count}
+      end
+    end
     renew()
     return {'duplicate', count}
   end

@@ -123,8 +123,13 @@ async def test_retried_append_is_a_no_op_and_gaps_or_overlaps_are_refused(
     for base in (stack.a, stack.b):
         retried = await append(http, base, created, 0, first)
         assert retried.status_code == 200 and retried.json() == {"count": 2}
-    # A gap (after > count) and an overlap (after < count, not the last batch's retry).
-    for after, batch in ((3, first), (1, first[:1]), (0, first[:1])):
+    # A gap (after > count) and an overlap (after < count, not the last batch's retry): a
+    # different batch sent with the last one's `after`, of its size, is one too (acknowledged
+    # as a retry, its text would be lost), whatever differs: a text, a kind.
+    other_text = [{"type": "text", "text": "One. "}, {"type": "text", "text": "Else. "}]
+    other_kind = [{"type": "text", "text": "One. "}, {"type": "reasoning", "text": "Two. "}]
+    for after, batch in ((3, first), (1, first[:1]), (0, first[:1]), (0, other_text),
+                         (0, other_kind)):
         refused = await append(http, stack.b, created, after, batch)
         assert_error_body(refused, 409, "offset_mismatch")
         assert refused.json()["count"] == 2
