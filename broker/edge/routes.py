@@ -373,6 +373,8 @@ async def conversation_events(scope: Scope, receive: Receive, send: Send) -> Non
         request.headers.get("last-event-id"), request.query_params.get("last_event_id")
     )
     start = parse_stream_start(request.query_params.get("from"))
+    if after is not None:
+        await _check_conversation_resume(edge.store, cid, after)
     slot = edge.open_streams.take()
     if slot is None:
         raise ApiError(
@@ -387,6 +389,19 @@ async def conversation_events(scope: Scope, receive: Receive, send: Send) -> Non
         send_timeout=s.send_timeout, max_seconds=s.max_stream_seconds, slot=slot,
     )
     await stream.serve(scope, receive, send)  # gives the slot back when it ends
+
+
+async def _check_conversation_resume(store: Store, cid: str, after: tuple[int, int]) -> None:
+    """400 for a resume point the conversation never had: a turn past its newest, or an event
+    past its turn's last. Followed from there, the stream would skip every turn (or event) up
+    to it without a word, as a generation stream refuses an id beyond its log."""
+    turn, seq = after
+    turns = await store.conversation_turns(cid, after=turn - 1)
+    if not turns or turns[0].number != turn:  # (the index keeps every turn: 1, 2, ...)
+        raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is beyond this conversation")
+    meta = await store.meta(turns[0].gen_id)
+    if meta is not None and seq > meta.seq:
+        raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is beyond its turn")
 
 
 class AsgiEndpoint:

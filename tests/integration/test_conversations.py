@@ -546,6 +546,29 @@ async def test_a_last_event_id_of_turn_zero_is_refused_before_the_stream(
         assert_error_body(response, 400, "invalid_last_event_id")
 
 
+async def test_a_resume_point_beyond_the_conversation_is_refused_before_the_stream(
+    queue_only: Stack, http: httpx.AsyncClient
+) -> None:
+    """An id past the newest turn, or past its turn's last event, is none the stream sent:
+    followed from there, the device skipped every turn (or event) up to it without a word
+    (turn 4 never came, turn 5 without its `turn` event). 400, as a generation stream answers
+    an id beyond its log; the ids it did send still resume."""
+    cid = new_cid()
+    await turn(http, queue_only.a, cid, "queued")  # turn 1: queued, no event of its own yet
+    url = f"{queue_only.a}/v1/conversations/{cid}/events"
+    for beyond in [protocol.conversation_event_id(5, 0), protocol.conversation_event_id(2, 0),
+                   protocol.conversation_event_id(1, 99), protocol.conversation_event_id(1, 1)]:
+        response = await http.get(url, headers={"last-event-id": beyond})
+        assert_error_body(response, 400, "invalid_last_event_id")
+    unknown = f"{queue_only.a}/v1/conversations/{new_cid()}/events"
+    response = await http.get(unknown, params={"last_event_id": protocol.conversation_event_id(1, 0)})
+    assert_error_body(response, 400, "invalid_last_event_id")
+    # The turn's own event: a resume point it sent.
+    async with http.stream("GET", url, headers={
+            "last-event-id": protocol.conversation_event_id(1, 0)}) as response:
+        assert response.status_code == 200
+
+
 @pytest.fixture(scope="module")
 def short_logs(start_broker: StartBroker) -> Any:
     """One edge whose generations' logs keep their last 3 events (no worker: producers)."""
