@@ -41,7 +41,7 @@ class _Pipeline(list[Any]):
 class _HeadState:
     """What ``HeaderTimeoutProtocol`` keeps per connection about request heads."""
 
-    __slots__ = ("bytes", "done", "in_head", "lines", "refused", "timer")
+    __slots__ = ("bytes", "deferred", "done", "in_head", "lines", "refused", "timer")
 
     def __init__(self) -> None:
         self.in_head = True  # the next bytes belong to a request head (until its headers end)
@@ -49,6 +49,8 @@ class _HeadState:
         self.lines = 0  # its header lines so far
         self.done = 0  # request heads completed on this connection
         self.refused = False  # answered an error and half-closed: what still arrives is dropped
+        # A refusal waiting for the response under way to end: (status, code, message).
+        self.deferred: tuple[int, str, str] | None = None
         self.timer: asyncio.TimerHandle | None = None  # the header timeout
 
 
@@ -261,10 +263,34 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         closes too or ``header_timeout`` passes (as nginx's lingering close)."""
         self._head.refused = True
         if self.cycle is not None and not self.cycle.response_complete:
-            # A response is under way on this connection (a client pipelining onto its own
-            # stream): an answer now would land in the middle of it.
-            self.transport.close()
+            # A response is under way on this connection (a valid request, then bytes that
+            # are not one in the same packet, or a body longer than its Content-Length): an
+            # answer now would land in the middle of it, and closing now would lose the
+            # answer to a request that ran (a generation created, its id never told). The
+            # refusal follows that response, and the requests pipelined before the bad
+            # bytes (``on_response_complete``).
+            self._head.deferred = (status, code, message)
             return
+        self._answer_refusal(status, code, message)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        deferred = self._head.deferred
+        if deferred is None or self.transport.is_closing():
+            return
+        try:
+            # (``cycle``: the last request parsed, which uvicorn may have just started)
+            if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+                return  # a request pipelined before the bad bytes runs: the refusal follows
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+        except AttributeError:
+            _uvicorn_changed()
+        self._head.deferred = None
+        self._answer_refusal(*deferred)
+
+    def _answer_refusal(self, status: int, code: str, message: str) -> None:
         self.transport.write(raw_error_response(status, code, message,
                                                 self._default_headers()))
         if self.transport.can_write_eof():

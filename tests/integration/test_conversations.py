@@ -561,7 +561,8 @@ async def test_a_resume_point_beyond_the_conversation_is_refused_before_the_stre
         response = await http.get(url, headers={"last-event-id": beyond})
         assert_error_body(response, 400, "invalid_last_event_id")
     unknown = f"{queue_only.a}/v1/conversations/{new_cid()}/events"
-    response = await http.get(unknown, params={"last_event_id": protocol.conversation_event_id(1, 0)})
+    response = await http.get(
+        unknown, params={"last_event_id": protocol.conversation_event_id(1, 0)})
     assert_error_body(response, 400, "invalid_last_event_id")
     # The turn's own event: a resume point it sent.
     async with http.stream("GET", url, headers={

@@ -533,6 +533,48 @@ async def test_a_malformed_request_gets_the_json_error_shape(plain: Stack):
     assert_json_error(parse_answer(raw), 400, "invalid_http")
 
 
+def answers_in(raw: bytes) -> list[RawAnswer]:
+    """The answers of one connection, one after the other (each with a Content-Length)."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        answer = parse_answer(head + b"\r\n\r\n")
+        length = int(answer.headers["content-length"])
+        answer.body, raw = rest[:length], rest[length:]
+        answers.append(answer)
+    return answers
+
+
+async def test_bytes_that_are_not_a_request_after_valid_ones_are_refused_after_their_answers(
+    plain: Stack, http: httpx.AsyncClient
+):
+    """A valid request, then bytes that are not one, in the same packet (or a body longer
+    than its Content-Length): the request runs, so its answer must reach the client (the
+    edge closed the connection at once, and a generation was created whose id its client never
+    got); then the refusal, then the close. Requests pipelined in between are answered too."""
+    post_body = json.dumps(chat(unique("pipelined then garbage"))).encode()
+    post = (b"POST /v1/generations HTTP/1.1\r\nHost: edge\r\n"
+            b"Authorization: Bearer key-current\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(post_body), post_body))
+    get = b"GET /healthz HTTP/1.1\r\nHost: edge\r\n\r\n"
+    cases = [
+        (post + b"zz\r\n\r\n", [201, 400]),
+        (get + b"xx\r\n\r\n", [200, 400]),
+        (get + get + b"xx\r\n\r\n", [200, 200, 400]),
+        (get.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n") + b"helloworld12345",
+         [200, 400]),
+    ]
+    for data, statuses in cases:
+        answers = answers_in(await asyncio.to_thread(exchange, plain.edge.port, data))
+        assert [a.status for a in answers] == statuses, (data[:60], answers)
+        assert_json_error(answers[-1], 400, "invalid_http")
+        if statuses[0] == 201:
+            created = json.loads(answers[0].body)
+            found = await http.get(f"{plain.edge.url}/v1/generations/{created['id']}",
+                                   headers={"authorization": "Bearer key-current"})
+            assert found.status_code == 200
+
+
 async def read_head(reader: asyncio.StreamReader) -> RawAnswer:
     answer = parse_answer(await reader.readuntil(b"\r\n\r\n"))
     if "content-length" in answer.headers:
