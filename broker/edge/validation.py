@@ -94,7 +94,7 @@ def check_create_request(
         raise ApiError(422, "invalid_request",
                        f"'model' is longer than {MAX_MODEL_CHARS} characters")
     n = request.get("n", 1)
-    if n != 1:
+    if type(n) is not int or n != 1:  # (not True, not 1.0: equal to 1 in Python, not in JSON)
         raise ApiError(422, "invalid_request", "'n' must be 1: one answer per generation")
     options = sorted(SDK_CALL_OPTIONS & request.keys())
     if options:
@@ -262,6 +262,9 @@ def _field(event: dict[str, Any], where: str, name: str, kind: type | tuple[type
 
 
 # Each type's fields: (name, type, must be non-empty). ``object``: any JSON value.
+# The largest integer a JavaScript client reads exactly (Number.MAX_SAFE_INTEGER).
+MAX_TOOL_CALL_INDEX = 2**53 - 1
+
 _EVENT_FIELDS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "text": (("text", str, True),),
     "reasoning": (("text", str, True),),
@@ -286,8 +289,9 @@ def parse_event(event: Any, where: str) -> protocol.NewEvent:
     if unknown:
         raise ApiError(422, "invalid_event",
                        f"{where} has unknown field(s) for {kind}: {', '.join(unknown)}")
-    if kind == "tool_call" and values[0] < 0:
-        raise ApiError(422, "invalid_event", f"{where}.index must be >= 0")
+    if kind == "tool_call" and not 0 <= values[0] <= MAX_TOOL_CALL_INDEX:
+        raise ApiError(422, "invalid_event",
+                       f"{where}.index must be >= 0 and <= {MAX_TOOL_CALL_INDEX}")
     if kind == "text":
         return protocol.new_message(values[0])
     if kind == "reasoning":

@@ -164,6 +164,8 @@ BAD_BATCHES: list[tuple[Any, int, str]] = [
      422, "invalid_event"),
     ({"after": 0, "events": [{"type": "tool_call", "index": "0", "id": "c", "name": "f",
                               "arguments": "{}"}]}, 422, "invalid_event"),
+    ({"after": 0, "events": [{"type": "tool_call", "index": 10**29, "id": "c", "name": "f",
+                              "arguments": "{}"}]}, 422, "invalid_event"),  # (JS cannot read it)
     ({"after": 0, "events": [{"type": "tool_result", "id": "c"}]}, 422, "invalid_event"),
     ({"after": 0, "events": [{"type": "data", "value": 1}]}, 422, "invalid_event"),
     ({"after": 0, "events": [{"type": "text", "text": "x", "extra": 1}]}, 422, "invalid_event"),
