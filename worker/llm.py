@@ -113,6 +113,7 @@ class LLM:
         body["stream_options"] = {"include_usage": True}
         reader = DeltaReader()
         usage: dict[str, Any] | None = None
+        done = False  # the stream's own end, `data: [DONE]`, came
         # The SDK's own stream would build a pydantic model of every chunk: that was ~40 % of
         # the worker's CPU (B5, py-spy). The raw response is read here instead, SSE-decoded
         # and json.loads'ed; the request itself (retries, status errors) is still the SDK's.
@@ -136,6 +137,7 @@ class LLM:
                 try:
                     async for data in datas:
                         if data.startswith("[DONE]"):
+                            done = True
                             break
                         chunk = json.loads(data)
                         if not isinstance(chunk, dict):
@@ -172,7 +174,14 @@ class LLM:
                     raise LLMError("llm_timeout", f"the LLM went silent mid-answer: {e!r}") from e
                 raise LLMError("llm_stream_broken", f"the LLM stream broke: {e!r}") from e
             raise
-        # A stream that ended without a finish_reason: its tool calls are complete now.
+        if reader.finish_reason is None and not done:
+            # Neither a finish_reason nor `[DONE]` (every OpenAI-compatible server sends one):
+            # the body ended cleanly but the answer was cut (a proxy closing it, a crashed
+            # server behind one). Ended as complete, it would read as the whole answer.
+            raise LLMError("llm_stream_broken",
+                           "the LLM stream ended without a finish_reason or [DONE]: the "
+                           "answer may be cut short")
+        # A stream that ended with [DONE] and no finish_reason: its tool calls are complete now.
         pieces = reader.finish()
         if pieces:
             await on_pieces(pieces)

@@ -37,10 +37,13 @@ class Reply:
     deltas: list[dict[str, Any]] | None = None
     delay: float = 0.02  # seconds between tokens
     delays: list[float] | None = None  # or: seconds before each token, one per token
-    finish_reason: str = "stop"
+    finish_reason: str | None = "stop"  # None: no chunk with a finish_reason (``[DONE]`` ends it)
     status: int = 200  # non-200: answer this HTTP error instead of a stream
     break_after: int | None = None  # cut the connection after this many tokens
     stall_after: int | None = None  # go silent (but keep the connection) after this many
+    # End the body cleanly after this many tokens, with no finish_reason and no ``[DONE]``: a
+    # stream cut where a proxy ended the response properly.
+    end_after: int | None = None
     hold_at: int | None = None  # before this token, wait until ``release`` is set
     release: threading.Event = field(default_factory=threading.Event)
     # How the SSE bytes go out: what ends each line (``"\n"``, ``"\r\n"`` or ``"\r"``: all
@@ -264,6 +267,9 @@ async def _events(
                 raise ConnectionAbortedError("mock: cutting the stream")
             if reply.stall_after is not None and i >= reply.stall_after:
                 await asyncio.sleep(3600)
+            if reply.end_after is not None and i >= reply.end_after:
+                record.completed = True
+                return
             # The gate is a test's threading.Event: wait for it in short slices, so a stream
             # closed meanwhile does not keep a worker thread blocked forever.
             while i == reply.hold_at and not await asyncio.to_thread(reply.release.wait, 0.1):
@@ -276,7 +282,8 @@ async def _events(
             record.sent_at.append(time.monotonic())
             yield _sse(_chunk(cid, model, delta, None), end, reply.ascii_json)
             record.sent_tokens = i + 1
-        yield _sse(_chunk(cid, model, {}, reply.finish_reason), end, reply.ascii_json)
+        if reply.finish_reason is not None:
+            yield _sse(_chunk(cid, model, {}, reply.finish_reason), end, reply.ascii_json)
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = _usage(body, reply)
             yield _sse({**_chunk(cid, model, {}, None), "choices": [], "usage": usage}, end)

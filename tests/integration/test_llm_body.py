@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from openai import AsyncOpenAI
 
+from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
@@ -89,3 +90,32 @@ async def test_a_cut_stream_breaks_on_the_lean_path(fake_llm: FakeLLM) -> None:
 
 async def _ignore(pieces: object) -> None:
     return None
+
+
+async def test_a_stream_ended_without_finish_reason_or_done_is_broken_not_complete(
+    fake_llm: FakeLLM,
+) -> None:
+    """A body that ends cleanly with neither a finish_reason nor `[DONE]` (a proxy ending a
+    cut stream properly) is an answer cut short: `llm_stream_broken`, not `stop`. `[DONE]`
+    alone, with no finish_reason, is a whole answer."""
+    llm = LLM(Settings(openai_base_url=fake_llm.base_url, openai_api_key="k",
+                       llm_max_retries=0))
+    cut = fake_llm.script("lean-body ended early", "Some words here and more.", end_after=2)
+    whole = fake_llm.script("lean-body done only", "Some words here.", finish_reason=None)
+    texts: list[str] = []
+
+    async def keep(pieces: list[Piece]) -> None:
+        texts.extend(p.text for p in pieces if isinstance(p, Text))
+
+    try:
+        with pytest.raises(LLMError) as failed:
+            await llm.stream({"model": "m", "messages": [{"role": "user", "content": cut}]},
+                             keep)
+        assert failed.value.code == "llm_stream_broken"
+        assert "".join(texts) == "Some words"
+        texts.clear()
+        completion = await llm.stream(
+            {"model": "m", "messages": [{"role": "user", "content": whole}]}, keep)
+        assert completion.finish_reason == "stop" and "".join(texts) == "Some words here."
+    finally:
+        await llm.aclose()
