@@ -91,8 +91,12 @@ class _SocketSource:
     def of(cls, network: ByteStream) -> _SocketSource | None:
         transport = getattr(network, "_transport", None)
         protocol = getattr(network, "_protocol", None)
+        # The transport by what it does, not by class: uvloop's (the worker's loop) is not an
+        # ``asyncio.Transport`` subclass, and a class check sent every body of the worker the
+        # slower way while the tests (on asyncio's loop) took this one.
         if (type(network).__name__ != "SocketStream"
-                or not isinstance(transport, asyncio.Transport)
+                or not all(callable(getattr(transport, name, None))
+                           for name in ("resume_reading", "pause_reading", "is_closing"))
                 or not isinstance(getattr(protocol, "read_queue", None), deque)
                 or not isinstance(getattr(protocol, "read_event", None), asyncio.Event)):
             return None

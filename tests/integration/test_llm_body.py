@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator
 
 import pytest
+import uvloop
 from openai import AsyncOpenAI
 
 from broker.core.deltas import Piece, Text
@@ -52,6 +53,20 @@ async def test_the_lean_reader_reads_what_httpx_reads(
     assert lean.endswith(b"data: [DONE]\r\n\r\n")
     # Read to its end, the connection went back to the pool and serves the next request.
     assert chunks_of(await body_of(client, prompt, lean=True)) == chunks_of(lean)
+
+
+def test_the_lean_reader_takes_the_socket_path_on_uvloop(fake_llm: FakeLLM) -> None:
+    """The worker runs on uvloop (``broker.tools.cli``), whose transports are not
+    ``asyncio.Transport`` subclasses: a class check there sent every body of the worker the
+    slower way while the tests, on asyncio's loop, took this one. The same reads, on uvloop."""
+    prompt = fake_llm.script("lean-body uvloop", TRICKY_TEXT, delay=0.0, split_writes=True)
+
+    async def both() -> tuple[bytes, bytes]:
+        async with AsyncOpenAI(api_key="k", base_url=fake_llm.base_url, max_retries=0) as sdk:
+            return (await body_of(sdk, prompt, lean=True), await body_of(sdk, prompt, lean=False))
+
+    lean, plain = uvloop.run(both())
+    assert chunks_of(lean) == chunks_of(plain) and lean.endswith(b"data: [DONE]\n\n")
 
 
 def chunks_of(body: bytes) -> list[object]:
