@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import h11
@@ -77,13 +77,21 @@ class _StreamSource:
             raise BodyBroken(f"the LLM connection failed: {e!r}") from e
 
 
+class _Transport(Protocol):
+    """What ``_SocketSource`` uses of a transport (asyncio's, uvloop's)."""
+
+    def resume_reading(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
 class _SocketSource:
     """Bytes from anyio's plain TCP stream on asyncio, taken from its protocol's queue. Its
     ``receive`` resumes the transport's reading before each read and pauses it after (two
     ``epoll_ctl`` calls per token under uvloop); the body is read with reading resumed
     throughout, and paused again after, as anyio leaves it between its reads."""
 
-    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+    def __init__(self, transport: _Transport, protocol: Any) -> None:
         self.transport = transport
         self.protocol = protocol
 
@@ -94,7 +102,7 @@ class _SocketSource:
         # The transport by what it does, not by class: uvloop's (the worker's loop) is not an
         # ``asyncio.Transport`` subclass, and a class check sent every body of the worker the
         # slower way while the tests (on asyncio's loop) took this one.
-        if (type(network).__name__ != "SocketStream"
+        if (transport is None or type(network).__name__ != "SocketStream"
                 or not all(callable(getattr(transport, name, None))
                            for name in ("resume_reading", "pause_reading", "is_closing"))
                 or not isinstance(getattr(protocol, "read_queue", None), deque)
