@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvloop
 from hypothesis import settings
 
 from broker.core.settings import Settings
@@ -172,3 +173,9 @@ def queue_only(start_broker: StartBroker) -> Iterator[Stack]:
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
         yield client
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Every async test on uvloop, the loop the edge and the worker run on
+    (``broker.tools.cli``): a path that works on asyncio's loop alone is not one users run."""
+    return {"uvloop": uvloop.new_event_loop}

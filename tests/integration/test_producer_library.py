@@ -96,10 +96,13 @@ async def test_text_without_a_sentence_end_goes_out_within_the_flush_interval(
         await gen.text("no end yet")
         await gen.text(" still none")
         sent = time.monotonic()
-        while not (watching and watching[0].events):
+        # All of it within the bound, in one message or two: the first text goes out
+        # BROKER_FIRST_TEXT_WAIT after it came, up to its last word boundary if the rest came
+        # a moment later (on uvloop, whose timers keep milliseconds, it may be "not due" yet).
+        while not (watching and watching[0].text == "no end yet still none"):
             assert time.monotonic() - sent < FLUSH + 2.0, "buffered text never went out"
             await asyncio.sleep(0.02)
-        assert watching[0].text == "no end yet still none"
+        assert len(watching[0].events) <= 2
     await asyncio.wait_for(reading, 10)
 
 
