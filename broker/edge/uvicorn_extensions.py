@@ -263,12 +263,18 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         closes too or ``header_timeout`` passes (as nginx's lingering close)."""
         self._head.refused = True
         if self.cycle is not None and not self.cycle.response_complete:
+            if getattr(self.cycle, "more_body", False):
+                # The bad bytes are inside its body (a broken chunked body): it cannot end.
+                self.transport.close()
+                return
             # A response is under way on this connection (a valid request, then bytes that
             # are not one in the same packet, or a body longer than its Content-Length): an
             # answer now would land in the middle of it, and closing now would lose the
             # answer to a request that ran (a generation created, its id never told). The
             # refusal follows that response, and the requests pipelined before the bad
-            # bytes (``on_response_complete``).
+            # bytes (``on_response_complete``); the bad bytes' head timer (armed as they
+            # began) must not cut a long response meanwhile (an SSE stream).
+            self._disarm()
             self._head.deferred = (status, code, message)
             return
         self._answer_refusal(status, code, message)

@@ -575,6 +575,27 @@ async def test_bytes_that_are_not_a_request_after_valid_ones_are_refused_after_t
             assert found.status_code == 200
 
 
+async def test_a_stream_followed_by_bytes_that_are_not_a_request_runs_to_its_end(
+    no_worker: BrokerProcess, http: httpx.AsyncClient
+):
+    """The same on a long answer: the stream runs its course (here to
+    BROKER_MAX_STREAM_SECONDS, past BROKER_REQUEST_TIMEOUT, which bounds a request head and
+    was cutting it), then the refusal follows."""
+    created = await http.post(f"{no_worker.url}/v1/generations", json=chat(unique("held")),
+                              headers=AUTH)
+    assert created.status_code == 201, created.text
+    request = f"GET {created.json()['events_url']} HTTP/1.1\r\nHost: edge\r\n\r\n"
+    started = time.monotonic()
+    raw = await asyncio.to_thread(exchange, no_worker.port, request.encode() + b"xx\r\n\r\n")
+    elapsed = time.monotonic() - started
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), raw[:300]
+    stream, ended, after = rest.partition(b"\r\n0\r\n\r\n")  # the chunked body's end
+    assert ended and b"retry:" in stream, raw[:500]
+    assert_json_error(answers_in(after)[0], 400, "invalid_http")
+    assert elapsed >= float(SECURED["broker_max_stream_seconds"]) > REQUEST_TIMEOUT
+
+
 async def read_head(reader: asyncio.StreamReader) -> RawAnswer:
     answer = parse_answer(await reader.readuntil(b"\r\n\r\n"))
     if "content-length" in answer.headers:
