@@ -204,6 +204,11 @@ def new_reasoning(text: str) -> NewEvent:
     return NewEvent("reasoning", reasoning_data(text), text)
 
 
+# The largest tool call index a producer may send: what a JavaScript client reads exactly
+# (Number.MAX_SAFE_INTEGER).
+MAX_TOOL_CALL_INDEX = 2**53 - 1
+
+
 def new_tool_call(index: int, call_id: str, name: str, arguments: str) -> NewEvent:
     return NewEvent("tool_call", tool_call_data(index, call_id, name, arguments))
 

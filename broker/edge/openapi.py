@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.core.protocol import CONTENT_KINDS, SDK_CALL_OPTIONS
+from broker.core.protocol import CONTENT_KINDS, MAX_TOOL_CALL_INDEX, SDK_CALL_OPTIONS
 from broker.core.settings import Settings
 from broker.edge.validation import MAX_APPEND_EVENTS, MAX_JSON_DEPTH, MAX_MODEL_CHARS
 
@@ -143,7 +143,8 @@ def document(settings: Settings) -> dict[str, Any]:
     tool_call_event = {
         "type": "object", "required": ["type", "index", "id", "name", "arguments"],
         "additionalProperties": False,
-        "properties": {"type": {"const": "tool_call"}, "index": {"type": "integer", "minimum": 0},
+        "properties": {"type": {"const": "tool_call"}, "index": {"type": "integer", "minimum": 0,
+                                                           "maximum": MAX_TOOL_CALL_INDEX},
                        "id": {"type": "string"}, "name": {"type": "string", "minLength": 1},
                        "arguments": {"type": "string"}},
     }

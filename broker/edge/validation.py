@@ -262,9 +262,6 @@ def _field(event: dict[str, Any], where: str, name: str, kind: type | tuple[type
 
 
 # Each type's fields: (name, type, must be non-empty). ``object``: any JSON value.
-# The largest integer a JavaScript client reads exactly (Number.MAX_SAFE_INTEGER).
-MAX_TOOL_CALL_INDEX = 2**53 - 1
-
 _EVENT_FIELDS: dict[str, tuple[tuple[str, type, bool], ...]] = {
     "text": (("text", str, True),),
     "reasoning": (("text", str, True),),
@@ -289,9 +286,9 @@ def parse_event(event: Any, where: str) -> protocol.NewEvent:
     if unknown:
         raise ApiError(422, "invalid_event",
                        f"{where} has unknown field(s) for {kind}: {', '.join(unknown)}")
-    if kind == "tool_call" and not 0 <= values[0] <= MAX_TOOL_CALL_INDEX:
+    if kind == "tool_call" and not 0 <= values[0] <= protocol.MAX_TOOL_CALL_INDEX:
         raise ApiError(422, "invalid_event",
-                       f"{where}.index must be >= 0 and <= {MAX_TOOL_CALL_INDEX}")
+                       f"{where}.index must be >= 0 and <= {protocol.MAX_TOOL_CALL_INDEX}")
     if kind == "text":
         return protocol.new_message(values[0])
     if kind == "reasoning":

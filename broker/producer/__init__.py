@@ -205,8 +205,9 @@ class Producer:
             index = self._tool_calls
         _check_types(id=(id, str), name=(name, str), arguments=(arguments, str),
                      index=(index, int))
-        if not name or index < 0:
-            raise ValueError("a tool call needs a name and an index >= 0")
+        if not name or not 0 <= index <= protocol.MAX_TOOL_CALL_INDEX:
+            raise ValueError("a tool call needs a name and an index from 0 to "
+                             f"{protocol.MAX_TOOL_CALL_INDEX}")
         self._tool_calls = max(self._tool_calls, index + 1)
         await self._event(protocol.new_tool_call(index, id, name, arguments))
 

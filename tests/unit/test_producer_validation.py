@@ -95,6 +95,7 @@ async def test_the_library_refuses_what_the_edge_would_whatever_the_transport() 
         with pytest.raises(TypeError):
             await call
     for call in (gen.tool_call("c", "", "{}"), gen.tool_call("c", "f", "{}", index=-1),
+                 gen.tool_call("c", "f", "{}", index=2**53),
                  gen.data("", 1)):
         with pytest.raises(ValueError):
             await call
