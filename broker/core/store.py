@@ -341,6 +341,13 @@ class Store:
         )
         return [protocol.decode_turn(eid, fields) for eid, fields in entries or []]
 
+    async def conversation_turn(self, cid: str, number: int) -> protocol.Turn | None:
+        """Turn ``number`` of ``cid`` (None: no such turn, or the conversation is unknown)."""
+        entry_id = protocol.stream_id(number)
+        entries: Any = await self.redis.xrange(protocol.conversation_turns_key(cid),
+                                               min=entry_id, max=entry_id)
+        return protocol.decode_turn(*entries[0]) if entries else None
+
     async def turn_statuses(self, turns: Sequence[protocol.Turn]) -> list[str | None]:
         """The status of each turn's generation (None: expired), in one round trip per node."""
         if not turns:

@@ -395,11 +395,11 @@ async def _check_conversation_resume(store: Store, cid: str, after: tuple[int, i
     """400 for a resume point the conversation never had: a turn past its newest, or an event
     past its turn's last. Followed from there, the stream would skip every turn (or event) up
     to it without a word, as a generation stream refuses an id beyond its log."""
-    turn, seq = after
-    turns = await store.conversation_turns(cid, after=turn - 1)
-    if not turns or turns[0].number != turn:  # (the index keeps every turn: 1, 2, ...)
+    number, seq = after
+    turn = await store.conversation_turn(cid, number)  # (the index keeps every turn: 1, 2, ...)
+    if turn is None:
         raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is beyond this conversation")
-    meta = await store.meta(turns[0].gen_id)
+    meta = await store.meta(turn.gen_id)
     if meta is not None and seq > meta.seq:
         raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is beyond its turn")
 
