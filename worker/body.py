@@ -87,10 +87,10 @@ class _Transport(Protocol):
 
 class _SocketSource:
     """Bytes from anyio's plain TCP stream (on asyncio's loop or uvloop), taken from its
-    protocol's queue. Its
-    ``receive`` resumes the transport's reading before each read and pauses it after (two
-    ``epoll_ctl`` calls per token under uvloop); the body is read with reading resumed
-    throughout, and paused again after, as anyio leaves it between its reads."""
+    protocol's queue. Its ``receive`` resumes the transport's reading before each read and
+    pauses it after (two ``epoll_ctl`` calls per token under uvloop); the body is read with
+    reading resumed throughout, and paused again after, as anyio leaves it between its
+    reads."""
 
     def __init__(self, transport: _Transport, protocol: Any) -> None:
         self.transport = transport
