@@ -18,7 +18,7 @@ from tests.support.procs import eventually
 from tests.support.sse import Received
 
 ANSWER = "".join(f"Sentence {i} of a held answer. " for i in range(12)) + TRICKY_TEXT
-HELD = 6  # generations made to find two whose channels share a master (any two of 6 of 3)
+HELD = 9  # generations: one master of the 3 serves at least 3 of their channels
 
 
 async def test_a_slot_move_resubscribes_only_the_moved_channel(deploy, fake_llm: FakeLLM):
@@ -37,9 +37,10 @@ async def test_a_slot_move_resubscribes_only_the_moved_channel(deploy, fake_llm:
         for gen_id in ids:
             by_master.setdefault(cluster.node_of(protocol.live_channel(gen_id)).port,
                                  []).append(gen_id)
+        most = max(by_master.values(), key=len)  # its channels: >= 3
         moved, stays = next(
-            (same[0], other) for same in by_master.values() for other in same[1:]
-            if key_slot(protocol.live_channel(same[0]).encode())
+            (most[0], other) for other in most[1:]
+            if key_slot(protocol.live_channel(most[0]).encode())
             != key_slot(protocol.live_channel(other).encode()))
         source = cluster.node_of(protocol.live_channel(moved))
         target = next(n for n in cluster.live_nodes() if n is not source)
@@ -58,10 +59,14 @@ async def test_a_slot_move_resubscribes_only_the_moved_channel(deploy, fake_llm:
         for prompt in prompts:
             fake_llm.reply_for(prompt).release.set()
         results = await asyncio.wait_for(asyncio.gather(*viewers), 60)
-        # Only the moved channel was subscribed again; the connection to its old master, which
-        # still serves the channel that stayed, never failed.
-        assert await edge_metric("broker_pubsub_resubscribes_total") == resubscribes + 1
+        # The connection to the old master, which still serves the channels that stayed, never
+        # failed, and only the moved channel was subscribed again: once, or twice while the
+        # slot map settles (seen once, on a loaded machine: the nodes learn of a move one by
+        # one, and the edge follows what the node it asks says). The connection failing
+        # would have resubscribed every channel of that master (>= 3).
         assert await edge_metric("broker_pubsub_reconnects_total") == reconnects
+        again = await edge_metric("broker_pubsub_resubscribes_total") - resubscribes
+        assert 1 <= again <= 2 < len(most), (again, len(most))
     for got in results:
         assert_exact_once(got, ANSWER)
     assert cluster.node_of(protocol.live_channel(moved)) is target
