@@ -15,9 +15,9 @@ from openai import AsyncOpenAI
 from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
-from tests.support.fakellm import TRICKY_TEXT, FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM, stream_failure
 from worker.body import lean_body
-from worker.llm import LLM, LLMError
+from worker.llm import LLM
 
 
 @pytest.fixture
@@ -82,10 +82,7 @@ async def test_a_silent_llm_times_out_on_the_lean_path(fake_llm: FakeLLM) -> Non
     llm = LLM(Settings(openai_base_url=fake_llm.base_url, openai_api_key="k",
                        llm_idle_timeout=0.3, llm_max_retries=0))
     try:
-        with pytest.raises(LLMError) as failed:
-            await llm.stream({"model": "m", "messages": [{"role": "user", "content": prompt}]},
-                             _ignore)
-        assert failed.value.code == "llm_timeout"
+        assert (await stream_failure(llm, prompt)).code == "llm_timeout"
     finally:
         await llm.aclose()
 
@@ -95,16 +92,9 @@ async def test_a_cut_stream_breaks_on_the_lean_path(fake_llm: FakeLLM) -> None:
     llm = LLM(Settings(openai_base_url=fake_llm.base_url, openai_api_key="k",
                        llm_max_retries=0))
     try:
-        with pytest.raises(LLMError) as failed:
-            await llm.stream({"model": "m", "messages": [{"role": "user", "content": prompt}]},
-                             _ignore)
-        assert failed.value.code == "llm_stream_broken"
+        assert (await stream_failure(llm, prompt)).code == "llm_stream_broken"
     finally:
         await llm.aclose()
-
-
-async def _ignore(pieces: object) -> None:
-    return None
 
 
 async def test_a_stream_ended_without_finish_reason_or_done_is_broken_not_complete(
@@ -123,10 +113,7 @@ async def test_a_stream_ended_without_finish_reason_or_done_is_broken_not_comple
         texts.extend(p.text for p in pieces if isinstance(p, Text))
 
     try:
-        with pytest.raises(LLMError) as failed:
-            await llm.stream({"model": "m", "messages": [{"role": "user", "content": cut}]},
-                             keep)
-        assert failed.value.code == "llm_stream_broken"
+        assert (await stream_failure(llm, cut, keep)).code == "llm_stream_broken"
         assert "".join(texts) == "Some words"
         texts.clear()
         completion = await llm.stream(

@@ -19,9 +19,9 @@ from openai import AsyncOpenAI
 
 from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import FakeLLM, stream_failure
 from tests.support.procs import free_port
-from worker.llm import LLM, LLMError
+from worker.llm import LLM
 from worker.pool import LeanPool, lean_transport, transport_pool
 
 
@@ -304,14 +304,7 @@ async def test_a_proxy_in_the_environment_is_used_and_the_stock_pool_kept(
     try:
         assert llm.pool is None
         prompt = fake_llm.script("through a proxy", "Never read.", delay=0.0)
-
-        async def ignore(pieces: list[Piece]) -> None:
-            pass
-
-        with pytest.raises(LLMError) as failed:
-            await llm.stream({"model": "m", "messages": [{"role": "user", "content": prompt}]},
-                             ignore)
-        assert failed.value.code == "llm_unreachable"
+        assert (await stream_failure(llm, prompt)).code == "llm_unreachable"
     finally:
         await llm.aclose()
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import uvicorn
 
+from broker.core.deltas import Piece
 from broker.tools.mockllm import Record, Reply, create_mock_llm_app, tokenize
+from worker.llm import LLM, LLMError
 
 from .procs import free_port, wait_until
 
@@ -22,6 +26,21 @@ TRICKY_TEXT = (
     "Separators\u2028line\u2029paragraph\u0085next\x0bvtab\x0cfeed\x1cfile\x1dgroup\x1erecord, "
     "CR\rCRLF\r\nLF\n, astral 😀🎉𝄞, CJK 汉字，combining e\u0301 n\u0303, zwnbsp\ufeff kept."
 )
+
+
+async def _ignore(pieces: list[Piece]) -> None:
+    return None
+
+
+async def stream_failure(
+    llm: LLM, prompt: str, on_pieces: Callable[[list[Piece]], Awaitable[None]] = _ignore,
+) -> LLMError:
+    """The error the worker's ``llm`` streaming ``prompt`` fails with (the test fails if it
+    does not)."""
+    with pytest.raises(LLMError) as failed:
+        await llm.stream({"model": "m", "messages": [{"role": "user", "content": prompt}]},
+                         on_pieces)
+    return failed.value
 
 
 class FakeLLM:
