@@ -1,4 +1,4 @@
-"""The edge's lean pub/sub reader (``broker.core.pubsub.parse_pushes``): what Redis sends in
+"""The edge's lean pub/sub reader (``broker.core.pubsub.PushParser``): what Redis sends in
 subscribe mode, RESP2 and RESP3, arriving in any split, comes out as the same pushes."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from redis.exceptions import ResponseError
 
-from broker.core.pubsub import encode_command, parse_pushes
+from broker.core.pubsub import PushParser, encode_command
 
 RESP3 = (
     b">3\r\n$9\r\nsubscribe\r\n$14\r\n{gen:abc}:live\r\n:1\r\n"
@@ -24,32 +24,28 @@ EXPECTED = [
 
 
 def test_resp3_pushes_in_one_read() -> None:
-    pushes, used = parse_pushes(bytearray(RESP3))
-    assert pushes == EXPECTED
-    assert used == len(RESP3)
+    assert PushParser().feed(RESP3) == EXPECTED
 
 
 def test_resp2_arrays_are_pushes_too() -> None:
     data = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n"
-    assert parse_pushes(bytearray(data)) == ([(b"message", b"ch", b"hello")], len(data))
+    assert PushParser().feed(data) == [(b"message", b"ch", b"hello")]
 
 
 @pytest.mark.parametrize("split", range(1, len(RESP3)))
 def test_any_split_gives_the_same_pushes(split: int) -> None:
     """A read may end anywhere, even inside a CRLF or a payload holding CRLF: the incomplete
     tail waits for the next read and nothing is lost, repeated or mangled."""
-    buffer = bytearray(RESP3[:split])
-    first, used = parse_pushes(buffer)
-    del buffer[:used]
-    buffer += RESP3[split:]
-    rest, used_after = parse_pushes(buffer)
+    parser = PushParser()
+    first = parser.feed(RESP3[:split])
+    rest = parser.feed(RESP3[split:])
     assert first + rest == EXPECTED
-    assert used_after == len(buffer)
+    assert parser.feed(b"") == []  # nothing left over
 
 
 def test_error_reply_raises() -> None:
     with pytest.raises(ResponseError, match="NOPERM"):
-        parse_pushes(bytearray(b"-NOPERM no permissions\r\n"))
+        PushParser().feed(b"-NOPERM no permissions\r\n")
 
 
 def test_commands_are_resp_arrays() -> None:
