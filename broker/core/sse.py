@@ -53,7 +53,15 @@ def http_chunk(data: bytes) -> bytes:
 def encode_event(event: Event) -> bytes:
     """The bytes every viewer of ``event`` receives; message events carry no ``event:`` field."""
     name = None if event.kind == "message" else event.kind
-    return frame(event.data, id=event_id(event.seq), event=name)
+    data = event.data
+    if "\n" in data or "\r" in data:
+        return frame(data, id=event_id(event.seq), event=name)
+    # One line of data (event data is compact JSON, whose strings escape line breaks): what
+    # ``frame`` writes, without its split and checks (the id is digits, the kind one of
+    # ours). Every live event is encoded here once per edge.
+    if name is None:
+        return f"id: {event_id(event.seq)}\ndata: {data}\n\n".encode()
+    return f"id: {event_id(event.seq)}\nevent: {name}\ndata: {data}\n\n".encode()
 
 
 def _check_field(name: str, value: str) -> None:

@@ -92,6 +92,10 @@ class Topic:
     # Viewers parked at the head, each with the future that wakes it (see ``park``).
     live: dict[LiveViewer, asyncio.Future[None]] = field(default_factory=dict)
     _fan_out_soon: asyncio.Handle | None = None
+    # The loop the topic lives on, taken once: under CPython 3.11 each
+    # ``asyncio.get_running_loop()`` makes a ``getpid`` system call (its fork check), ~4 % of
+    # the edge's CPU when it was called per live message (B7).
+    _loop: asyncio.AbstractEventLoop | None = None
     _changed: asyncio.Event = field(default_factory=LazyEvent)
     # Log reads by chunk start: in flight, or done and full (then kept, see KEPT_CHUNKS; a
     # short chunk grows as the generation goes on).
@@ -126,7 +130,7 @@ class Topic:
             if self.live and self._fan_out_soon is None:
                 # Soon rather than now: frames that arrive together (the reader was behind)
                 # then go out in one write per viewer.
-                self._fan_out_soon = asyncio.get_running_loop().call_soon(self._fan_out)
+                self._fan_out_soon = self._running_loop().call_soon(self._fan_out)
         self.last_live = self.last_change  # (just taken by _notify)
         return not gap
 
@@ -145,9 +149,15 @@ class Topic:
     def parked(self, viewer: LiveViewer) -> asyncio.Future[None]:
         """``park`` without its coroutine (an open stream then holds one frame less): the
         future to await; call ``unpark`` with it after, however the wait ended."""
-        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        woken: asyncio.Future[None] = self._running_loop().create_future()
         self.live[viewer] = woken
         return woken
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def unpark(self, viewer: LiveViewer, woken: asyncio.Future[None]) -> None:
         if self.live.get(viewer) is woken:

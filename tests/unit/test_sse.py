@@ -237,6 +237,19 @@ def test_any_data_round_trips_through_a_spec_parser(data: str) -> None:
     assert parse_sse(body).events == [Parsed("message", normalise_breaks(data), "5")]
 
 
+@given(st.one_of(st.text(), LINE_BREAKY_TEXT), st.sampled_from(protocol.EVENT_KINDS),
+       st.integers(min_value=0, max_value=10**12))
+@example("one line \u2028 \x85 \x00", "message", 1)
+@example("two\nlines", "reasoning", 2)
+def test_encode_event_writes_what_frame_writes(
+    data: str, kind: protocol.EventKind, seq: int
+) -> None:
+    """``encode_event``'s one-line shortcut and ``frame`` agree on every data and kind."""
+    name = None if kind == "message" else kind
+    assert sse.encode_event(Event(seq, kind, data, 0)) == sse.frame(
+        data, id=protocol.event_id(seq), event=name)
+
+
 @given(
     st.text().filter(lambda s: not any(c in s for c in "\r\n\0")),
     st.text(min_size=1).filter(lambda s: not any(c in s for c in "\r\n\0")),
