@@ -273,11 +273,15 @@ def lease_watch(store: Store, metrics: Metrics | None = None, interval: float = 
                       healthy_for=lambda gen_id: healthy)
 
 
-async def until_ended(store: Store, gen_id: str, within: float) -> None:
-    async def ended() -> bool:
-        return (await meta(store, gen_id))["status"] != "running"
+async def until_reaped(store: CountingStore, gen_id: str, within: float) -> None:
+    """Until the watch's check that reaped ``gen_id`` is on record. Not until the meta shows
+    the end: the reap's script writes that before its reply reaches the watch, and a runner
+    cancelled in between never records the check."""
+    async def reaped() -> bool:
+        return any(check is not None and check.reaped for _, check in store.checks)
 
-    await eventually(ended, within, "the generation to end")
+    await eventually(reaped, within, "the check that reaps the generation")
+    assert (await meta(store, gen_id))["status"] == "failed"
 
 
 async def test_the_watch_checks_at_once_then_when_the_lease_runs_out_and_reaps() -> None:
@@ -288,7 +292,7 @@ async def test_the_watch_checks_at_once_then_when_the_lease_runs_out_and_reaps()
     runner = asyncio.create_task(watch.run())
     try:
         watch.watch(Topic(gen_id, 16))
-        await until_ended(store, gen_id, within=lease_ttl + 1)
+        await until_reaped(store, gen_id, within=lease_ttl + 1)
     finally:
         runner.cancel()
     # Two calls: at once (the lease holds for ~1 s), then when it runs out; no polling.
@@ -314,7 +318,7 @@ async def test_a_watch_that_starts_from_a_stream_meta_check_does_not_check_again
         watch.watch(Topic(gen_id, 16), FirstCheck(first, time.monotonic()))
         await asyncio.sleep(0.2)
         assert store.checks == []  # the stream's read was the first check
-        await until_ended(store, gen_id, within=lease_ttl + 1)
+        await until_reaped(store, gen_id, within=lease_ttl + 1)
     finally:
         runner.cancel()
     assert [c.outcome for _, c in store.checks if c] == ["reaped"]  # when the lease ran out
@@ -353,7 +357,7 @@ async def test_a_topic_with_live_events_is_not_checked_until_it_goes_quiet() -> 
             topic.offer(Frame(seq, b"data: x\n\n", False, 0))
             await asyncio.sleep(0.05)
         assert len(store.checks) == 1  # the first one, at once
-        await until_ended(store, gen_id, within=lease_ttl + 1)
+        await until_reaped(store, gen_id, within=lease_ttl + 1)
     finally:
         runner.cancel()
     reaped_at, reaped = store.checks[-1]
@@ -390,7 +394,7 @@ async def test_a_failed_check_is_retried_after_the_interval() -> None:
     runner = asyncio.create_task(watch.run())
     try:
         watch.watch(Topic(gen_id, 16))
-        await until_ended(store, gen_id, within=1)
+        await until_reaped(store, gen_id, within=1)
     finally:
         runner.cancel()
     assert [c and c.outcome for _, c in store.checks] == [None, None, "reaped"]
