@@ -11,7 +11,7 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
@@ -167,6 +167,19 @@ class Snapshot:
     tool_calls: list[dict[str, Any]]  # the tool_call events' data, in order
 
 
+class Caller(Protocol):
+    """A connection that sends one command and returns its raw reply (the edge's pub/sub
+    connection, ``broker.core.pubsub.PushConnection``): the reads of a viewer's first steps
+    go there when they may, as redis-py's call costs several times their own work."""
+
+    async def call(self, command: bytes, *args: str | bytes | int) -> Any: ...
+
+
+def _field_pairs(fields: Any) -> dict[Any, Any]:
+    """A raw reply's fields (a flat list of name, value...; a dict under RESP3's maps)."""
+    return fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
+
+
 class Store:
     def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self.redis = redis
@@ -250,8 +263,13 @@ class Store:
             raise
         return turn
 
-    async def meta(self, gen_id: str) -> Meta | None:
-        return protocol.decode_meta(await self.redis.hgetall(protocol.meta_key(gen_id)))
+    async def meta(self, gen_id: str, via: Caller | None = None) -> Meta | None:
+        """``via``: sent there if it answers, else (or if it fails) through redis-py."""
+        key = protocol.meta_key(gen_id)
+        if via is not None:
+            with contextlib.suppress(RedisError):
+                return protocol.decode_meta(_field_pairs(await via.call(b"HGETALL", key)))
+        return protocol.decode_meta(await self.redis.hgetall(key))
 
     async def snapshot(self, gen_id: str) -> Snapshot | None:
         """The generation as ``GET /v1/generations/{id}`` shows it: meta and aggregates read
@@ -273,9 +291,18 @@ class Store:
             tool_calls=[protocol.decode_tool_call(call) for call in tools or []],
         )
 
-    async def read_log(self, gen_id: str, after_seq: int, count: int) -> list[Event]:
+    async def read_log(
+        self, gen_id: str, after_seq: int, count: int, via: Caller | None = None
+    ) -> list[Event]:
+        """Up to ``count`` events after ``after_seq``. ``via``: as ``meta``."""
+        key, start = protocol.log_key(gen_id), f"({protocol.stream_id(after_seq)}"
+        if via is not None:
+            with contextlib.suppress(RedisError):
+                raw = await via.call(b"XRANGE", key, start, "+", "COUNT", count)
+                return [protocol.decode_log_entry(eid, _field_pairs(fields))
+                        for eid, fields in raw or []]
         entries: Any = await self.redis.xrange(  # (redis-py types entries with None parts)
-            protocol.log_key(gen_id), min=f"({protocol.stream_id(after_seq)}", count=count
+            key, min=start, count=count
         )
         return [protocol.decode_log_entry(eid, fields) for eid, fields in entries or []]
 
@@ -485,12 +512,21 @@ class Store:
         return check
 
     async def stream_meta(
-        self, gen_id: str, reaper: str, healthy_for: float
+        self, gen_id: str, reaper: str, healthy_for: float, via: Caller | None = None
     ) -> tuple[Meta | None, protocol.LeaseCheck]:
         """``meta`` and ``reap`` in one round trip (STREAM_META_SCRIPT): the lease checked
-        (and reaped if it ran out), then the meta as that left it."""
-        reply = await self._stream_meta(keys=protocol.generation_keys(gen_id),
-                                        args=self._reap_args(gen_id, reaper, healthy_for))
+        (and reaped if it ran out), then the meta as that left it. ``via``: as ``meta``; the
+        script goes there by ``EVAL`` (Redis keeps it compiled by its digest), as an
+        ``EVALSHA`` answered ``NOSCRIPT`` would fail that connection."""
+        keys = protocol.generation_keys(gen_id)
+        args = self._reap_args(gen_id, reaper, healthy_for)
+        reply: Any = None
+        if via is not None:
+            with contextlib.suppress(RedisError):
+                reply = await via.call(b"EVAL", protocol.STREAM_META_SCRIPT, len(keys), *keys,
+                                       *args)
+        if reply is None:
+            reply = await self._stream_meta(keys=keys, args=args)
         meta, check = protocol.decode_stream_meta(reply)
         if check.reaped:
             await self._turn_ended(gen_id)

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from broker.core import protocol
 from broker.core.metrics import Metrics
-from broker.core.store import Store
+from broker.core.store import Caller, Store
 from broker.core.tasks import cancel_and_wait
 from broker.edge.conversations import ConversationTopic
 from broker.edge.leases import FirstCheck, LeaseWatch
@@ -81,6 +81,10 @@ class Hub:
         await cancel_and_wait(*self._tasks, *self._background)
         self.leases.stop()
         await self.subscriptions.stop()
+
+    def caller(self) -> Caller | None:
+        """Where a viewer's reads go when they may (``Subscriptions.caller``)."""
+        return self.subscriptions.caller()
 
     def healthy_for(self, gen_id: str) -> float:
         """Seconds this edge has seen the Redis (on a cluster: the master) that serves

@@ -86,12 +86,13 @@ class Edge:
         return meta, check
 
     async def _read_stream_meta(self, gen_id: str) -> tuple[Meta | None, FirstCheck | None]:
+        via = self.hub.caller()
         if gen_id in self.hub.topics:
             # A viewer here watches it: its lease watch runs, the plain read costs Redis less.
-            return await self.store.meta(gen_id), None
+            return await self.store.meta(gen_id, via), None
         leases = self.hub.leases
         meta, check = await self.store.stream_meta(gen_id, leases.name,
-                                                   self.hub.healthy_for(gen_id))
+                                                   self.hub.healthy_for(gen_id), via)
         leases.checked(gen_id, check)
         return meta, FirstCheck(check, time.monotonic())
 

@@ -350,7 +350,7 @@ async def next_frames(
         # Caught up with the window, or nothing live yet and the log was read already:
         # what follows arrives live.
         return [], False
-    frames, more = await topic.read_log(hub.store, cursor, hub.metrics)
+    frames, more = await topic.read_log(hub.store, cursor, hub.metrics, hub.caller())
     if frames and frames[0].seq != cursor + 1:
         raise HistoryLost(f"events after {cursor} were trimmed from the log")
     hub.metrics.replayed_events.inc(len(frames))

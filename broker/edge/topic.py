@@ -22,7 +22,7 @@ from typing import Protocol
 from broker.core import sse
 from broker.core.metrics import Metrics
 from broker.core.protocol import Event, now_ms
-from broker.core.store import Store
+from broker.core.store import Caller, Store
 from broker.core.tasks import LazyEvent, SharedCalls
 
 LOG_READ_CHUNK = 200
@@ -269,7 +269,7 @@ class Topic:
         return [self.window[i] for i in range(start, len(self.window))]
 
     async def read_log(
-        self, store: Store, cursor: int, metrics: Metrics
+        self, store: Store, cursor: int, metrics: Metrics, via: Caller | None = None
     ) -> tuple[list[Frame], bool]:
         """Log events after ``cursor``, and whether more may follow them in the log.
 
@@ -278,13 +278,17 @@ class Topic:
         in a task of its own: a viewer leaving mid-read cancels only its own wait.
         """
         start = cursor - cursor % LOG_READ_CHUNK
-        chunk, _ = await self._chunks.get(start, lambda: self._read_log(store, start, metrics))
+        chunk, _ = await self._chunks.get(
+            start, lambda: self._read_log(store, start, metrics, via))
         return [f for f in chunk if f.seq > cursor], _is_full(chunk)
 
-    async def _read_log(self, store: Store, start: int, metrics: Metrics) -> list[Frame]:
+    async def _read_log(
+        self, store: Store, start: int, metrics: Metrics, via: Caller | None
+    ) -> list[Frame]:
         metrics.log_reads.inc()
         resyncs = self.resyncs
-        frames = [to_frame(e) for e in await store.read_log(self.gen_id, start, LOG_READ_CHUNK)]
+        events = await store.read_log(self.gen_id, start, LOG_READ_CHUNK, via)
+        frames = [to_frame(e) for e in events]
         self.absorb(frames)
         if len(frames) < LOG_READ_CHUNK and self.resyncs == resyncs:
             end = frames[-1].seq if frames else start

@@ -22,6 +22,7 @@ from tests.support.api import (
     metric,
     unique,
 )
+from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import RedisServer, eventually, wait_until
 from tests.support.sse import Received, read_events
@@ -110,6 +111,32 @@ async def test_stream_framing_text_and_terminal_event(
     end = got.terminal_data()
     assert end["finish_reason"] == "stop"
     assert end["usage"]["completion_tokens"] > 0
+
+
+def eval_calls(stack: Stack) -> int:
+    """``EVAL`` commands Redis ran (on a cluster: every live node): only a read sent on an
+    edge's pub/sub connection is one (redis-py sends its scripts by ``EVALSHA``)."""
+    servers = stack.redis.live_nodes() if isinstance(stack.redis, RedisClusterServers) else [
+        stack.redis]
+    return sum(int(server.client().info("commandstats").get("cmdstat_eval", {}).get("calls", 0))
+               for server in servers)
+
+
+async def test_a_viewers_reads_go_on_the_edges_pubsub_connection_on_one_redis(
+    stack: Stack, fake_llm: FakeLLM, http: httpx.AsyncClient
+):
+    """On one Redis (RESP3), a viewer's meta read goes on the edge's pub/sub connection
+    beside its subscriptions, not through redis-py's call (docs/performance.md); on a cluster,
+    where a reply may be MOVED, through redis-py. The stream is the same either way."""
+    prompt = fake_llm.script(unique("beside"), "One. Two.")
+    gen_id = await create(http, stack.a, prompt)
+    before = eval_calls(stack)
+    got = await read_events(http, events_url(stack.a, gen_id))
+    assert got.text == "One. Two." and got.terminal is not None
+    if stack.cluster:
+        assert eval_calls(stack) == before
+    else:
+        assert eval_calls(stack) > before
 
 
 async def test_stream_starts_with_retry_and_frames_raw_bytes(

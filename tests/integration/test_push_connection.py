@@ -4,15 +4,25 @@ when those private streams are not where they were."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
-from broker.core import pubsub
+from broker.core import protocol, pubsub
+from broker.core.metrics import Metrics
 from broker.core.pubsub import Push, PushConnection
-from tests.support.procs import RedisServer
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
+from broker.edge.subscriptions import Subscriptions
+from tests.support.procs import RedisServer, eventually
 
 
 async def pushes_until(connection: PushConnection, count: int) -> list[Push]:
@@ -58,3 +68,176 @@ async def test_subscribe_publish_unsubscribe(
     with pytest.raises(RedisConnectionError):
         connection.send(b"SUBSCRIBE", "c")  # closed: the caller's loop reconnects
 
+
+
+async def read_while(connection: PushConnection, call: Awaitable[Any]) -> Any:
+    """Await ``call`` while the connection's reader runs (as the edge's session does)."""
+    pushes: list[Push] = []
+
+    async def reader() -> None:
+        while True:
+            pushes.extend(await connection.read())
+
+    reading = asyncio.create_task(reader())
+    try:
+        return await call
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RedisError):
+            await reading
+
+
+async def test_commands_beside_the_subscriptions_get_their_replies_in_order(
+    redis_server: RedisServer,
+) -> None:
+    """Under RESP3 (redis-py's default) the connection takes reads beside its subscriptions:
+    each reply reaches its own call, pushes in between stay pushes, a reply shaped like a
+    push (a script's array of three, bytes first) stays a reply."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    connection = PushConnection(client)
+    try:
+        await connection.connect()
+        assert connection.takes_calls
+        await client.hset("m", mapping={"status": "running", "seq": "2"})
+        await client.xadd("log", {"k": "message", "d": "x"}, id="0-1")
+        await client.xadd("log", {"k": "end", "d": "y"}, id="0-2")
+        connection.send(b"SUBSCRIBE", "a")
+        calls = asyncio.gather(
+            connection.call(b"HGETALL", "m"),
+            connection.call(b"XRANGE", "log", "(0-1", "+", "COUNT", 10),
+            connection.call(b"EVAL", "return {'running', 5, {}}", 0),
+            connection.call(b"HGETALL", "nothing"),
+        )
+        meta, log, script, none = await read_while(connection, calls)
+        assert meta == {b"status": b"running", b"seq": b"2"}
+        assert log == [[b"0-2", [b"k", b"end", b"d", b"y"]]]
+        assert script == [b"running", 5, []]
+        assert none == {}
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
+async def test_a_failing_connection_fails_its_calls_and_resp2_takes_none(
+    redis_server: RedisServer,
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    connection = PushConnection(client)
+    try:
+        await connection.connect()
+        # An error reply cannot be told from a refused subscription: the connection fails,
+        # and with it every call waiting on it (the store then reads through redis-py).
+        failing = asyncio.gather(connection.call(b"NOSUCHCOMMAND"), connection.call(b"PING"),
+                                 return_exceptions=True)
+        with pytest.raises(ResponseError):
+            while True:
+                await connection.read()
+        await connection.aclose()
+        errors = await failing
+        assert isinstance(errors[0], RedisConnectionError | ResponseError)
+        assert all(isinstance(e, RedisError) for e in errors)
+    finally:
+        await connection.aclose()
+        await client.aclose()
+    resp2 = aioredis.Redis.from_url(redis_server.url, protocol=2)
+    connection = PushConnection(resp2)
+    try:
+        await connection.connect()
+        assert not connection.takes_calls  # RESP2 takes only subscriptions in subscribe mode
+        with pytest.raises(RedisConnectionError):
+            await connection.call(b"PING")
+    finally:
+        await connection.aclose()
+        await resp2.aclose()
+
+
+async def test_the_store_reads_the_same_through_the_connection(own_store: Store) -> None:
+    """What ``Store`` reads on the pub/sub connection (``via``) is what it reads through
+    redis-py: the meta, the stream meta with its lease check, the log with every character an
+    LLM may send."""
+    store = own_store
+    gen_id = protocol.new_generation_id()
+    await store.create(gen_id, {"messages": []}, "m")
+    assert await store.claim(gen_id, "w1", 5.0) == "ok"
+    texts = ["tricky \u2028\u2029\u0085 \r\n ", "é 🙂 \x00 end. "]
+    for seq, text in enumerate(texts, 1):
+        assert await store.publish(gen_id, "w1", seq, [protocol.new_message(text)]) == 1
+    connection = PushConnection(store.redis)  # type: ignore[arg-type]  # one Redis
+    answered: list[bytes] = []  # the calls the connection answered (the store falls back
+    # to redis-py quietly when it does not)
+
+    class Counted:
+        async def call(self, command: bytes, *args: str | bytes | int) -> Any:
+            reply = await connection.call(command, *args)
+            answered.append(command)
+            return reply
+
+    try:
+        await connection.connect()
+
+        async def both(read: Callable[[Any], Awaitable[Any]]) -> tuple[Any, Any]:
+            calls = len(answered)
+            lean = await read_while(connection, read(Counted()))
+            assert len(answered) == calls + 1
+            return lean, await read(None)
+
+        lean, plain = await both(lambda via: store.meta(gen_id, via))
+        assert lean == plain and lean is not None and lean.seq == 2
+        lean, plain = await both(lambda via: store.read_log(gen_id, 0, 10, via))
+        assert lean == plain and [json.loads(e.data)["text"] for e in lean] == texts
+        lean, plain = await both(lambda via: store.read_log(gen_id, 1, 10, via))
+        assert lean == plain and [e.seq for e in lean] == [2]
+        lean, plain = await both(lambda via: store.stream_meta(gen_id, "edge", 10.0, via))
+        assert lean[0] == plain[0] and lean[1].outcome == plain[1].outcome == "running"
+        unknown = protocol.new_generation_id()
+        assert await both(lambda via: store.meta(unknown, via)) == (None, None)
+        lean, plain = await both(lambda via: store.stream_meta(unknown, "edge", 10.0, via))
+        assert lean[0] is None and plain[0] is None
+        assert await both(lambda via: store.read_log(unknown, 0, 10, via)) == ([], [])
+        assert set(answered) == {b"HGETALL", b"XRANGE", b"EVAL"}
+    finally:
+        await connection.aclose()
+
+
+async def test_a_redis_that_refuses_the_reads_there_gets_them_through_redis_py(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL without ``EVAL`` (``EVALSHA`` allowed): the refused read fails the pub/sub
+    connection once (an error reply cannot be told from a refused subscription), the read is
+    answered through redis-py, and no read goes on the pub/sub connection again (each would
+    fail it, and every channel on it, again)."""
+    admin = own_redis.client()
+    admin.acl_setuser("edge", enabled=True, passwords=["+pw"], keys=["~*"], channels=["*"],
+                      commands=["+@all", "-eval"])
+    url = own_redis.url.replace("redis://", "redis://edge:pw@")
+    settings = Settings(redis_url=url)
+    client = connect(settings, "test-refused")
+    store = Store(client, settings)
+
+    class Listener:
+        def on_message(self, channel: str, data: bytes | str) -> None: ...
+        def on_confirmed(self, channel: str) -> None: ...
+
+    subscriptions = Subscriptions(client, Metrics(), Listener(), probe_interval=0.1)
+    await subscriptions.start()
+    try:
+        await eventually(lambda: _true(subscriptions.ready()), 5, "the pub/sub connection")
+        via = subscriptions.caller()
+        assert via is not None
+        gen_id = protocol.new_generation_id()
+        await store.create(gen_id, {"messages": []}, "m")
+        with caplog.at_level(logging.WARNING, logger="broker.edge.subscriptions"):
+            meta, _ = await store.stream_meta(gen_id, "edge", 10.0, via)
+            assert meta is not None and meta.status == "queued"
+            await eventually(lambda: _true(not subscriptions.calls), 5, "calls turned off")
+        assert "refused a read" in caplog.text
+        assert subscriptions.caller() is None
+        await eventually(lambda: _true(subscriptions.ready()), 5, "the connection back")
+    finally:
+        await subscriptions.stop()
+        await client.aclose()
+        await client.connection_pool.disconnect()  # (given to the client: not closed with it)
+
+
+async def _true(value: bool) -> bool:
+    return value

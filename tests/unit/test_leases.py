@@ -452,8 +452,8 @@ class EdgeReapsDuringTheRead(Store):
     """A store whose meta read answers `running` while an edge reaps the generation before the
     worker's own reap call (the race of a real read against the edge's script)."""
 
-    async def meta(self, gen_id: str) -> Meta | None:
-        before = await super().meta(gen_id)
+    async def meta(self, gen_id: str, via: Any = None) -> Meta | None:
+        before = await super().meta(gen_id, via)
         assert (await self.reap(gen_id, "edge", HEALTHY)).reaped
         return before
 

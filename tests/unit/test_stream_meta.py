@@ -24,14 +24,14 @@ class SlowStore:
         self.reads = 0
         self.release = asyncio.Event()
 
-    async def meta(self, gen_id: str) -> Meta | None:
+    async def meta(self, gen_id: str, via: Any = None) -> Meta | None:
         answer = self.answers[min(self.reads, len(self.answers) - 1)]
         self.reads += 1
         await self.release.wait()
         return answer
 
-    async def stream_meta(self, gen_id: str, reaper: str,
-                          healthy_for: float) -> tuple[Meta | None, LeaseCheck]:
+    async def stream_meta(self, gen_id: str, reaper: str, healthy_for: float,
+                          via: Any = None) -> tuple[Meta | None, LeaseCheck]:
         return await self.meta(gen_id), CHECK
 
 
@@ -43,7 +43,8 @@ def edge_on(store: Any) -> tuple[Edge, list[LeaseCheck]]:
     """An edge on ``store``, and the lease checks its stream meta reads counted."""
     counted: list[LeaseCheck] = []
     leases = SimpleNamespace(name="edge", checked=lambda gen_id, check: counted.append(check))
-    hub = SimpleNamespace(leases=leases, healthy_for=lambda gen_id: 10.0, topics={})
+    hub = SimpleNamespace(leases=leases, healthy_for=lambda gen_id: 10.0, topics={},
+                          caller=lambda: None)
     return Edge(None, store, hub, None, None, None, None), counted  # type: ignore[arg-type]
 
 
@@ -85,8 +86,8 @@ async def test_a_refusing_shared_answer_is_read_again(
 
 async def test_a_failed_read_fails_its_waiters_and_is_forgotten() -> None:
     class FailingStore:
-        async def stream_meta(self, gen_id: str, reaper: str,
-                              healthy_for: float) -> tuple[Meta | None, LeaseCheck]:
+        async def stream_meta(self, gen_id: str, reaper: str, healthy_for: float,
+                              via: Any = None) -> tuple[Meta | None, LeaseCheck]:
             raise ConnectionError("redis went away")
 
     edge, counted = edge_on(FailingStore())

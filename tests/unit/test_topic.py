@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
@@ -481,7 +482,9 @@ class FakeStore:
         self.calls: list[tuple[str, int, int]] = []
         self.gate = asyncio.Event()
 
-    async def read_log(self, gen_id: str, after_seq: int, count: int) -> list[Event]:
+    async def read_log(
+        self, gen_id: str, after_seq: int, count: int, via: Any = None
+    ) -> list[Event]:
         self.calls.append((gen_id, after_seq, count))
         await self.gate.wait()
         if self.fail_times:
