@@ -69,6 +69,15 @@ Push = tuple[bytes, bytes, Any]  # kind (b"message", b"subscribe", ...), channel
 # How long a command sent beside the subscriptions (``PushConnection.call``) may wait for its
 # reply: redis-py's own socket timeout for a command.
 CALL_TIMEOUT = 5.0
+# Calls awaiting replies at most (``takes_calls`` is False past it): their replies count
+# against Redis's output buffer limit for pub/sub clients (``client-output-buffer-limit
+# pubsub``, 8 MB soft by default) with the messages, so only short replies go there, and few.
+MAX_CALLS_IN_FLIGHT = 64
+# Error replies to a call that every later call would get too (no permission, no such
+# command, not in this context): calls stop on that connection.
+LASTING_REFUSALS = ("NOPERM", "ERR unknown command", "ERR Can't execute")
+# The (un)subscription confirmations Redis pushes, one per channel named.
+_CONFIRMATIONS = frozenset({b"subscribe", b"unsubscribe", b"ssubscribe", b"sunsubscribe"})
 
 
 class PushConnection:
@@ -83,13 +92,17 @@ class PushConnection:
     waiting: Redis confirms each with a push the reader hands on like any other.
 
     Under RESP3 (redis-py's default), where Redis tells pushes from replies and takes any
-    command in subscribe mode, other commands may be sent on it too (``call``): their replies
-    come in order among the pushes. A read sent that way costs a write and a future instead of
-    redis-py's call (~0.15-0.2 ms of CPU each: B7's viewers read a meta each, new topics a
-    log range), and follows every subscription sent before it on the same connection.
+    command in subscribe mode, short reads may be sent on it too (``call``): a write and a
+    future instead of redis-py's call (~0.15-0.2 ms of CPU each; every viewer of B7 reads a
+    meta). Redis answers the commands of a connection in order, so what it still owes is kept
+    in that order (``_owed``): a (un)subscription's confirmations (pushes, one per channel) or
+    a call's reply. An error reply goes to the command it answers: a call gets it as its own
+    answer, a refused subscription fails the connection as before.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, calls: bool = True) -> None:
+        """``calls``: whether ``call`` may be used (not on a cluster's connections, where Redis
+        also pushes unasked ``sunsubscribe``s when a slot moves)."""
         pool = client.connection_pool
         # Its own connection, not one of the pool's: the subscription holds it for good.
         self._connection = pool.connection_class(**pool.connection_kwargs)
@@ -99,8 +112,11 @@ class PushConnection:
         self._parser = PushParser()
         self._pending: list[bytes] = []  # commands to write at the end of this loop turn
         self._writes: set[asyncio.Task[None]] = set()  # (the slower path's writes)
-        self._calls: deque[asyncio.Future[Any]] = deque()  # ``call``s awaiting replies, in order
-        self.takes_calls = False  # (see ``call``)
+        self._calls_wanted = calls
+        self._owed: deque[_Owed] = deque()  # (kept while calls are taken)
+        self._calls_in_flight = 0
+        self._tracking = False  # calls are taken on this connection (see ``call``)
+        self._refused = False  # a call was refused for good: no more
 
     async def connect(self) -> None:
         connection = self._connection
@@ -111,32 +127,43 @@ class PushConnection:
         self._reader, self._writer = streams_of(connection)
         resp3 = str(getattr(connection, "protocol", "")) == "3"
         self._parser = PushParser(resp3=resp3)
-        self.takes_calls = resp3 and self._reader is not None
+        self._tracking = self._calls_wanted and resp3 and self._reader is not None
         self._open = True
+
+    @property
+    def takes_calls(self) -> bool:
+        """``call`` may be used now: RESP3, the lean reader, and not too many in flight."""
+        return (self._tracking and self._open and not self._refused
+                and self._calls_in_flight < MAX_CALLS_IN_FLIGHT)
 
     def send(self, command: bytes, *channels: str) -> None:
         """Write ``command channel...`` (no reply awaited: the confirmations are pushes).
         Commands sent in one turn of the event loop go out in one write: viewers come and go
         in bursts, and a write is a system call."""
         self._queue(encode_command(command, channels))
+        if self._tracking:
+            self._owed.append(_Owed(confirmations=len(channels)))
 
     async def call(self, command: bytes, *args: str | bytes | int) -> Any:
         """Send ``command args...`` on this connection and return its reply as hiredis reads
-        it (RESP3 types: a map is a dict); only while ``takes_calls``. An error reply or a
-        failed connection raises ``RedisError`` (the connection then starts over: an error
-        reply cannot be told from a refused subscription); no reply within ``CALL_TIMEOUT``
-        raises ``TimeoutError``."""
+        it (RESP3 types: a map is a dict); only while ``takes_calls``, and only for commands
+        with one short reply. An error reply raises ``ResponseError`` (the connection goes
+        on), a failed connection ``RedisConnectionError``, no reply within ``CALL_TIMEOUT``
+        ``TimeoutError``."""
         if not self.takes_calls:
-            raise RedisConnectionError("this pub/sub connection takes no commands")
+            raise RedisConnectionError("this pub/sub connection takes no commands now")
         self._queue(encode_command(command, args))
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._calls.append(reply)
+        self._owed.append(_Owed(reply=reply))
+        self._calls_in_flight += 1
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
                 return await reply
         except TimeoutError as e:
             raise RedisTimeoutError(f"no reply to {command.decode()} on the pub/sub "
                                     "connection") from e
+        finally:
+            self._calls_in_flight -= 1
 
     def _queue(self, packed: bytes) -> None:
         writer = self._writer
@@ -172,28 +199,61 @@ class PushConnection:
         data = await reader.read(READ_SIZE)
         if not data:
             raise RedisConnectionError("Redis closed the pub/sub connection")
-        calls = self._calls
-        try:
-            pushes, replies = self._parser.feed(data)
-        except ResponseError as e:
-            if calls:
-                raise CallRefused(str(e)) from e
-            raise
-        for reply in replies:
-            if not calls:
-                continue  # a reply to nothing of ours (a PONG): skipped
-            waiting = calls.popleft()
-            if not waiting.done():  # (its caller may have given up: the reply is its still)
-                waiting.set_result(reply)
+        items = self._parser.feed(data)
+        if not self._tracking:
+            pushes: list[Push] = []
+            for item in items:
+                if isinstance(item, Reply):
+                    if isinstance(item.value, ResponseError):
+                        raise item.value  # a refused subscription
+                    continue  # a reply to nothing of ours (a PONG): skipped
+                pushes.append(item)
+            return pushes
+        return self._settle(items)
+
+    def _settle(self, items: list[Push | Reply]) -> list[Push]:
+        """Match what arrived with what Redis owes, in order; the pushes to hand on."""
+        owed = self._owed
+        pushes = []
+        for item in items:
+            head = owed[0] if owed else None
+            if not isinstance(item, Reply):
+                if item[0] in _CONFIRMATIONS:
+                    if head is None or head.reply is not None or head.confirmations < 1:
+                        raise RedisConnectionError(
+                            f"an unasked {item[0].decode()} on the pub/sub connection")
+                    head.confirmations -= 1
+                    if head.confirmations == 0:
+                        owed.popleft()
+                pushes.append(item)
+                continue
+            if head is None or head.reply is None:
+                if isinstance(item.value, ResponseError):
+                    raise item.value  # a refused subscription: the connection starts over
+                raise RedisConnectionError("a reply to nothing sent on the pub/sub connection")
+            owed.popleft()
+            error = item.value if isinstance(item.value, ResponseError) else None
+            if error is not None and str(error).startswith(LASTING_REFUSALS) and not self._refused:
+                # It would come again for every call: the callers go through redis-py.
+                self._refused = True
+                log.warning("Redis refused a read on the pub/sub connection (%s); such reads "
+                            "go through redis-py", error)
+            waiting = head.reply
+            if waiting.done():
+                continue  # its caller gave up (timed out, or left)
+            if error is not None:
+                waiting.set_exception(error)
+            else:
+                waiting.set_result(item.value)
         return pushes
 
     async def aclose(self) -> None:
         self._open = False
         self._reader = self._writer = None
-        calls, self._calls = self._calls, deque()
-        for waiting in calls:
-            if not waiting.done():
-                waiting.set_exception(RedisConnectionError("the pub/sub connection closed"))
+        owed, self._owed = self._owed, deque()
+        for item in owed:
+            if item.reply is not None and not item.reply.done():
+                item.reply.set_exception(RedisConnectionError("the pub/sub connection closed"))
         await self._connection.disconnect()
 
 
@@ -248,48 +308,63 @@ def encode_command(command: bytes, args: tuple[str | bytes | int, ...]) -> bytes
     return b"".join(parts)
 
 
-class CallRefused(ResponseError):
-    """An error reply came while ``PushConnection.call``s waited: perhaps one of them refused
-    (an ACL without ``EVAL``, say). It cannot be told from a refused subscription, and the
-    connection starts over either way."""
+class _Owed:
+    """What Redis still owes for one command sent on a connection that takes calls: the
+    confirmations of a (un)subscription, or a call's reply."""
 
-    def for_good(self) -> bool:
-        """A refusal that would come again (no permission, no such command): its owner should
-        send no more calls there."""
-        return str(self).startswith(("NOPERM", "ERR unknown command"))
+    __slots__ = ("confirmations", "reply")
+
+    def __init__(self, confirmations: int = 0, reply: asyncio.Future[Any] | None = None) -> None:
+        self.confirmations = confirmations
+        self.reply = reply
+
+
+class Reply:
+    """A reply that is not a push: to a call, or an error to a refused subscription."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value  # an error reply is a ``ResponseError``
+
+    def __repr__(self) -> str:
+        return f"Reply({self.value!r})"
+
+
+_INCOMPLETE = object()  # hiredis's answer when the bytes so far end inside a reply
 
 
 class PushParser:
     """Pushes, and the replies among them, out of the bytes of a subscribe-mode connection,
-    fed as they arrive.
+    fed as they arrive, in the order they came.
 
     Parsed by hiredis (C; the RESP2/RESP3 reader redis-py itself uses with hiredis installed),
     ~0.6-0.9 µs per push against ~4.4 in a Python parser (the edge's per-message path in B7).
-    Under RESP3 a push is what Redis sends as one (``>``), anything else a reply; under RESP2
-    (no commands but subscriptions are sent then) a push is an array of kind, channel and
-    data (or the subscription count), and any other reply (a ``PONG``) is handed on as a
-    reply. An error reply raises ``ResponseError``. A reply split over reads waits in the
-    reader for its rest."""
+    Under RESP3 a push is what Redis sends as one (``>``), anything else a ``Reply``; under
+    RESP2 (no commands but subscriptions are sent then) a push is an array of kind, channel
+    and data (or the subscription count), anything else a ``Reply`` (a ``PONG``, an error). A
+    reply split over reads waits in the reader for its rest; bytes that are not RESP raise
+    ``RedisConnectionError``."""
 
     __slots__ = ("_reader", "_resp3")
 
     def __init__(self, *, resp3: bool = False) -> None:
-        self._reader = hiredis.Reader()
+        # A sentinel for "incomplete": hiredis's default, False, is also RESP3's false.
+        self._reader = hiredis.Reader(notEnoughData=_INCOMPLETE, replyError=ResponseError,
+                                      protocolError=RedisConnectionError)
         self._resp3 = resp3
 
-    def feed(self, data: bytes) -> tuple[list[Push], list[Any]]:
+    def feed(self, data: bytes) -> list[Push | Reply]:
         reader = self._reader
         reader.feed(data)
-        pushes: list[Push] = []
-        replies: list[Any] = []
+        items: list[Push | Reply] = []
         resp3 = self._resp3
-        while (reply := reader.gets()) is not False:
-            if isinstance(reply, hiredis.ReplyError):
-                raise ResponseError(str(reply))
+        while (reply := reader.gets()) is not _INCOMPLETE:
             pushed = (isinstance(reply, hiredis.PushNotification) if resp3
-                      else isinstance(reply, list) and len(reply) >= 3)
+                      else isinstance(reply, list) and len(reply) >= 3
+                      and isinstance(reply[0], bytes))
             if not pushed:
-                replies.append(reply)
+                items.append(Reply(reply))
             elif len(reply) >= 3 and isinstance(reply[0], bytes):
-                pushes.append((reply[0].lower(), reply[1], reply[2]))
-        return pushes, replies
+                items.append((reply[0].lower(), reply[1], reply[2]))
+        return items

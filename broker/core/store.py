@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from broker.core.settings import Settings
 POOL_WAIT_TIMEOUT = 5.0
 IGNORED_BLOCK_PAUSE = 0.05
 CLUSTER_SCHEME = "redis+cluster://"
+
+log = logging.getLogger(__name__)
 
 # One Redis, or a Redis Cluster (``REDIS_URL=redis+cluster://host:port[,host:port...]``: any
 # node seeds the slot map; several seeds, so a process starts while one of them is down).
@@ -169,15 +172,38 @@ class Snapshot:
 
 class Caller(Protocol):
     """A connection that sends one command and returns its raw reply (the edge's pub/sub
-    connection, ``broker.core.pubsub.PushConnection``): the reads of a viewer's first steps
-    go there when they may, as redis-py's call costs several times their own work."""
+    connection, ``broker.core.pubsub.PushConnection``): a viewer's meta reads go there when
+    they may, as redis-py's call costs several times their own work. Only short replies:
+    they share the pub/sub connection's output buffer limit with the messages."""
 
     async def call(self, command: bytes, *args: str | bytes | int) -> Any: ...
 
 
+_UNANSWERED = object()
+# The most log events a read may ask a ``Caller`` for (it answers only shorter tails).
+SHORT_LOG_READ = 16
+
+
+async def _answer_via(via: Caller | None, command: bytes, *args: str | bytes | int) -> Any:
+    """``via``'s reply to ``command``, or ``_UNANSWERED`` (no ``via``, or it failed: the
+    caller asks through redis-py, whose retries and errors are the store's)."""
+    if via is None:
+        return _UNANSWERED
+    try:
+        return await via.call(command, *args)
+    except RedisError as e:
+        log.debug("%s on the pub/sub connection failed (%r); through redis-py",
+                  command.decode(), e)
+        return _UNANSWERED
+
+
 def _field_pairs(fields: Any) -> dict[Any, Any]:
     """A raw reply's fields (a flat list of name, value...; a dict under RESP3's maps)."""
-    return fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
+    if isinstance(fields, dict):
+        return fields
+    if not isinstance(fields, list) or len(fields) % 2:
+        raise protocol.ProtocolError(f"not a list of fields: {fields!r:.80}")
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 class Store:
@@ -264,12 +290,12 @@ class Store:
         return turn
 
     async def meta(self, gen_id: str, via: Caller | None = None) -> Meta | None:
-        """``via``: sent there if it answers, else (or if it fails) through redis-py."""
+        """``via``: asked there first (see ``Caller``)."""
         key = protocol.meta_key(gen_id)
-        if via is not None:
-            with contextlib.suppress(RedisError):
-                return protocol.decode_meta(_field_pairs(await via.call(b"HGETALL", key)))
-        return protocol.decode_meta(await self.redis.hgetall(key))
+        raw = await _answer_via(via, b"HGETALL", key)
+        if raw is _UNANSWERED:
+            raw = await self.redis.hgetall(key)
+        return protocol.decode_meta(_field_pairs(raw))
 
     async def snapshot(self, gen_id: str) -> Snapshot | None:
         """The generation as ``GET /v1/generations/{id}`` shows it: meta and aggregates read
@@ -294,13 +320,14 @@ class Store:
     async def read_log(
         self, gen_id: str, after_seq: int, count: int, via: Caller | None = None
     ) -> list[Event]:
-        """Up to ``count`` events after ``after_seq``. ``via``: as ``meta``."""
+        """Up to ``count`` events after ``after_seq``. ``via`` (see ``Caller``) is asked for
+        fewer than ``SHORT_LOG_READ`` only (a viewer nearly caught up: the usual first read of
+        a new topic), so that its reply stays short; when there are more, redis-py reads."""
         key, start = protocol.log_key(gen_id), f"({protocol.stream_id(after_seq)}"
-        if via is not None:
-            with contextlib.suppress(RedisError):
-                raw = await via.call(b"XRANGE", key, start, "+", "COUNT", count)
-                return [protocol.decode_log_entry(eid, _field_pairs(fields))
-                        for eid, fields in raw or []]
+        short = min(count, SHORT_LOG_READ)
+        raw = await _answer_via(via, b"XRANGE", key, start, "+", "COUNT", short)
+        if raw is not _UNANSWERED and (len(raw) < short or short == count):
+            return [protocol.decode_log_entry(eid, _field_pairs(fields)) for eid, fields in raw]
         entries: Any = await self.redis.xrange(  # (redis-py types entries with None parts)
             key, min=start, count=count
         )
@@ -516,16 +543,13 @@ class Store:
     ) -> tuple[Meta | None, protocol.LeaseCheck]:
         """``meta`` and ``reap`` in one round trip (STREAM_META_SCRIPT): the lease checked
         (and reaped if it ran out), then the meta as that left it. ``via``: as ``meta``; the
-        script goes there by ``EVAL`` (Redis keeps it compiled by its digest), as an
-        ``EVALSHA`` answered ``NOSCRIPT`` would fail that connection."""
+        script goes there by ``EVAL`` (Redis keeps it compiled by its digest: no ``NOSCRIPT``
+        to answer there)."""
         keys = protocol.generation_keys(gen_id)
         args = self._reap_args(gen_id, reaper, healthy_for)
-        reply: Any = None
-        if via is not None:
-            with contextlib.suppress(RedisError):
-                reply = await via.call(b"EVAL", protocol.STREAM_META_SCRIPT, len(keys), *keys,
-                                       *args)
-        if reply is None:
+        reply = await _answer_via(via, b"EVAL", protocol.STREAM_META_SCRIPT, len(keys), *keys,
+                                  *args)
+        if reply is _UNANSWERED:
             reply = await self._stream_meta(keys=keys, args=args)
         meta, check = protocol.decode_stream_meta(reply)
         if check.reaped:

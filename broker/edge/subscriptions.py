@@ -25,7 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from broker.core.backoff import Backoff
 from broker.core.cluster import Master, SlotMap
 from broker.core.metrics import Metrics
-from broker.core.pubsub import CallRefused, Push, PushConnection, subscribe_forever
+from broker.core.pubsub import Push, PushConnection, subscribe_forever
 from broker.core.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ class PubSubConnection:
         and subscribes every channel again; their confirmations then tell the listener to
         catch up (see ``_dispatch``)."""
         await subscribe_forever(
-            lambda: PushConnection(self.client), self._session, self._connection_failed,
+            lambda: PushConnection(self.client, calls=not self.sharded), self._session,
+            self._connection_failed,
             stopped=lambda: self.retired,
             after_failure=self._follow_failover if self.sharded else None,
         )
@@ -199,13 +200,6 @@ class PubSubConnection:
             self._pubsub = None
 
     def _connection_failed(self, error: Exception, retry_in: float) -> None:
-        if isinstance(error, CallRefused) and error.for_good() and self.owner.calls:
-            # Each refused read would fail the connection and every channel on it again. (A
-            # passing refusal, a Redis still loading its data say, fails the subscriptions
-            # too: the connection starts over, and reads go there again.)
-            self.owner.calls = False
-            log.warning("Redis refused a read on the pub/sub connection to %s (%s); viewers' "
-                        "reads go through redis-py from now on", self.name, error)
         metrics = self.owner.metrics
         metrics.redis_errors.labels("subscribe").inc()
         metrics.pubsub_reconnects.inc()
@@ -263,7 +257,6 @@ class Subscriptions:
         self._rebalance_again = False
         self._id = uuid.uuid4().hex
         self.slot_map = SlotMap(redis) if isinstance(redis, aioredis.RedisCluster) else None
-        self.calls = True  # reads may go on the pub/sub connection (see ``caller``)
 
     def ready(self) -> bool:
         """True while probes make the round trip on every connection: Redis is reachable AND
@@ -287,11 +280,11 @@ class Subscriptions:
             await self._drop_connection(connection)
 
     def caller(self) -> PushConnection | None:
-        """The single Redis's pub/sub connection while it is up and takes other commands
-        (``PushConnection.call``: RESP3, the lean reader), for reads that would cost more
-        through redis-py; None on a cluster (a reply there may be ``MOVED``, an error reply
-        that would fail the connection and every channel on it) or between connections."""
-        if self.slot_map is not None or not self.calls:
+        """The single Redis's pub/sub connection while it is up and takes short reads
+        (``PushConnection.call``: RESP3, the lean reader, few in flight), for reads that would
+        cost more through redis-py; None on a cluster (a reply there may be ``MOVED``, and a
+        slot move pushes unasked ``sunsubscribe``s) or between connections."""
+        if self.slot_map is not None:
             return None
         connection = self.connections.get("redis")
         pubsub = None if connection is None else connection.live

@@ -20,7 +20,7 @@ from broker.core import protocol, pubsub
 from broker.core.metrics import Metrics
 from broker.core.pubsub import Push, PushConnection
 from broker.core.settings import Settings
-from broker.core.store import Store, connect
+from broker.core.store import SHORT_LOG_READ, Store, connect
 from broker.edge.subscriptions import Subscriptions
 from tests.support.procs import RedisServer, eventually
 
@@ -118,28 +118,62 @@ async def test_commands_beside_the_subscriptions_get_their_replies_in_order(
         await client.aclose()
 
 
-async def test_a_failing_connection_fails_its_calls_and_resp2_takes_none(
+async def test_an_error_reply_answers_its_own_call_and_the_connection_goes_on(
     redis_server: RedisServer,
 ) -> None:
+    """Redis answers a connection's commands in order, so an error reply reaches the call it
+    answers, and the calls after it, the subscriptions and the messages go on as if nothing
+    happened. A call given up on (timed out, its viewer gone) still takes its own reply."""
     client = aioredis.Redis.from_url(redis_server.url)
     connection = PushConnection(client)
     try:
         await connection.connect()
-        # An error reply cannot be told from a refused subscription: the connection fails,
-        # and with it every call waiting on it (the store then reads through redis-py).
-        failing = asyncio.gather(connection.call(b"NOSUCHCOMMAND"), connection.call(b"PING"),
-                                 return_exceptions=True)
-        with pytest.raises(ResponseError):
-            while True:
-                await connection.read()
-        await connection.aclose()
-        errors = await failing
-        assert isinstance(errors[0], RedisConnectionError | ResponseError)
-        assert all(isinstance(e, RedisError) for e in errors)
+        connection.send(b"SUBSCRIBE", "a")
+        given_up = asyncio.ensure_future(connection.call(b"GET", "nothing"))
+        await asyncio.sleep(0)
+        given_up.cancel()
+        calls = asyncio.gather(
+            connection.call(b"NOSUCHCOMMAND"),
+            connection.call(b"EVAL", "return redis.error_reply('BAD one')", 0),
+            connection.call(b"EVAL", "redis.setresp(3); return false", 0),
+            connection.call(b"ECHO", "after"),
+            return_exceptions=True,
+        )
+        unknown, bad, false, after = await read_while(connection, calls)
+        assert isinstance(unknown, ResponseError) and "unknown command" in str(unknown)
+        assert isinstance(bad, ResponseError) and str(bad) == "BAD one"
+        assert false is False and after == b"after"
+        assert connection.takes_calls is False  # an unknown command would come again
+        assert await client.publish("a", b"still") == 1
+        assert (await pushes_until(connection, 1))[-1] == (b"message", b"a", b"still")
     finally:
         await connection.aclose()
         await client.aclose()
-    resp2 = aioredis.Redis.from_url(redis_server.url, protocol=2)
+
+
+async def test_a_refused_subscription_or_a_closed_connection_fails_what_waits(
+    own_redis: RedisServer,
+) -> None:
+    """A subscription refused (an ACL without the channel) fails the connection as before, and
+    with it every call waiting on it; RESP2 takes no call at all."""
+    own_redis.client().acl_setuser("viewer", enabled=True, passwords=["+pw"], keys=["~*"],
+                                   channels=["allowed"], commands=["+@all"])
+    client = aioredis.Redis.from_url(own_redis.url.replace("redis://", "redis://viewer:pw@"))
+    connection = PushConnection(client)
+    try:
+        await connection.connect()
+        connection.send(b"SUBSCRIBE", "forbidden")
+        waiting = asyncio.ensure_future(connection.call(b"PING"))
+        with pytest.raises(ResponseError, match="NOPERM"):
+            while True:
+                await connection.read()
+        await connection.aclose()
+        with pytest.raises(RedisConnectionError):
+            await waiting
+    finally:
+        await connection.aclose()
+        await client.aclose()
+    resp2 = aioredis.Redis.from_url(own_redis.url, protocol=2)
     connection = PushConnection(resp2)
     try:
         await connection.connect()
@@ -151,17 +185,34 @@ async def test_a_failing_connection_fails_its_calls_and_resp2_takes_none(
         await resp2.aclose()
 
 
+async def test_few_calls_in_flight(redis_server: RedisServer) -> None:
+    """Replies count against Redis's output buffer limit for pub/sub clients: past
+    MAX_CALLS_IN_FLIGHT the connection takes no more until replies come."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    connection = PushConnection(client)
+    try:
+        await connection.connect()
+        calls = [asyncio.ensure_future(connection.call(b"ECHO", str(i)))
+                 for i in range(pubsub.MAX_CALLS_IN_FLIGHT)]
+        await asyncio.sleep(0)
+        assert not connection.takes_calls
+        replies = await read_while(connection, asyncio.gather(*calls))
+        assert replies == [str(i).encode() for i in range(pubsub.MAX_CALLS_IN_FLIGHT)]
+        assert connection.takes_calls
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
 async def test_the_store_reads_the_same_through_the_connection(own_store: Store) -> None:
     """What ``Store`` reads on the pub/sub connection (``via``) is what it reads through
-    redis-py: the meta, the stream meta with its lease check, the log with every character an
-    LLM may send."""
+    redis-py: the meta, the stream meta with its lease check, a log's short tail with every
+    character an LLM may send (a longer one is read through redis-py)."""
     store = own_store
     gen_id = protocol.new_generation_id()
-    await store.create(gen_id, {"messages": []}, "m")
+    await store.create(gen_id, {"messages": [], "metadata": {"k": "v \u2028 é"}}, "m")
     assert await store.claim(gen_id, "w1", 5.0) == "ok"
-    texts = ["tricky \u2028\u2029\u0085 \r\n ", "é 🙂 \x00 end. "]
-    for seq, text in enumerate(texts, 1):
-        assert await store.publish(gen_id, "w1", seq, [protocol.new_message(text)]) == 1
+    assert await store.publish(gen_id, "w1", 1, [protocol.new_message("One. ")]) == 1
     connection = PushConnection(store.redis)  # type: ignore[arg-type]  # one Redis
     answered: list[bytes] = []  # the calls the connection answered (the store falls back
     # to redis-py quietly when it does not)
@@ -182,35 +233,38 @@ async def test_the_store_reads_the_same_through_the_connection(own_store: Store)
             return lean, await read(None)
 
         lean, plain = await both(lambda via: store.meta(gen_id, via))
-        assert lean == plain and lean is not None and lean.seq == 2
-        lean, plain = await both(lambda via: store.read_log(gen_id, 0, 10, via))
-        assert lean == plain and [json.loads(e.data)["text"] for e in lean] == texts
-        lean, plain = await both(lambda via: store.read_log(gen_id, 1, 10, via))
-        assert lean == plain and [e.seq for e in lean] == [2]
+        assert lean == plain and lean is not None and lean.seq == 1
         lean, plain = await both(lambda via: store.stream_meta(gen_id, "edge", 10.0, via))
         assert lean[0] == plain[0] and lean[1].outcome == plain[1].outcome == "running"
+        assert abs(lean[1].wait - plain[1].wait) < 1  # (the lease's time left, read twice)
+        texts = ["tricky \u2028\u2029\u0085 \r\n ", "é 🙂 \x00 end. "]
+        for seq, text in enumerate(texts, 2):
+            assert await store.publish(gen_id, "w1", seq, [protocol.new_message(text)]) == 1
+        lean, plain = await both(lambda via: store.read_log(gen_id, 1, 200, via))
+        assert lean == plain and [json.loads(e.data)["text"] for e in lean] == texts
+        # A longer tail than SHORT_LOG_READ: asked, found long, read through redis-py.
+        for seq in range(4, 4 + SHORT_LOG_READ):
+            assert await store.publish(gen_id, "w1", seq, [protocol.new_message("x. ")]) == 1
+        lean, plain = await both(lambda via: store.read_log(gen_id, 0, 200, via))
+        assert lean == plain and [e.seq for e in lean] == list(range(1, 4 + SHORT_LOG_READ))
         unknown = protocol.new_generation_id()
         assert await both(lambda via: store.meta(unknown, via)) == (None, None)
         lean, plain = await both(lambda via: store.stream_meta(unknown, "edge", 10.0, via))
         assert lean[0] is None and plain[0] is None
-        assert await both(lambda via: store.read_log(unknown, 0, 10, via)) == ([], [])
-        assert set(answered) == {b"HGETALL", b"XRANGE", b"EVAL"}
+        assert await both(lambda via: store.read_log(unknown, 0, 200, via)) == ([], [])
+        assert set(answered) == {b"HGETALL", b"EVAL", b"XRANGE"}
     finally:
         await connection.aclose()
 
 
-async def test_a_redis_that_refuses_the_reads_there_gets_them_through_redis_py(
+async def test_a_redis_that_refuses_the_reads_there_answers_them_through_redis_py(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """An ACL without ``EVAL`` (``EVALSHA`` allowed): the refused read fails the pub/sub
-    connection once (an error reply cannot be told from a refused subscription), the read is
-    answered through redis-py, and no read goes on the pub/sub connection again (each would
-    fail it, and every channel on it, again)."""
-    admin = own_redis.client()
-    admin.acl_setuser("edge", enabled=True, passwords=["+pw"], keys=["~*"], channels=["*"],
-                      commands=["+@all", "-eval"])
-    url = own_redis.url.replace("redis://", "redis://edge:pw@")
-    settings = Settings(redis_url=url)
+    """An ACL without ``EVAL`` (``EVALSHA`` allowed): the refused read is answered through
+    redis-py, the pub/sub connection goes on (no reconnect), and takes no more reads."""
+    own_redis.client().acl_setuser("edge", enabled=True, passwords=["+pw"], keys=["~*"],
+                                   channels=["*"], commands=["+@all", "-eval"])
+    settings = Settings(redis_url=own_redis.url.replace("redis://", "redis://edge:pw@"))
     client = connect(settings, "test-refused")
     store = Store(client, settings)
 
@@ -218,7 +272,8 @@ async def test_a_redis_that_refuses_the_reads_there_gets_them_through_redis_py(
         def on_message(self, channel: str, data: bytes | str) -> None: ...
         def on_confirmed(self, channel: str) -> None: ...
 
-    subscriptions = Subscriptions(client, Metrics(), Listener(), probe_interval=0.1)
+    metrics = Metrics()
+    subscriptions = Subscriptions(client, metrics, Listener(), probe_interval=0.1)
     await subscriptions.start()
     try:
         await eventually(lambda: _true(subscriptions.ready()), 5, "the pub/sub connection")
@@ -226,13 +281,12 @@ async def test_a_redis_that_refuses_the_reads_there_gets_them_through_redis_py(
         assert via is not None
         gen_id = protocol.new_generation_id()
         await store.create(gen_id, {"messages": []}, "m")
-        with caplog.at_level(logging.WARNING, logger="broker.edge.subscriptions"):
+        with caplog.at_level(logging.WARNING, logger="broker.core.pubsub"):
             meta, _ = await store.stream_meta(gen_id, "edge", 10.0, via)
-            assert meta is not None and meta.status == "queued"
-            await eventually(lambda: _true(not subscriptions.calls), 5, "calls turned off")
+        assert meta is not None and meta.status == "queued"
         assert "refused a read" in caplog.text
         assert subscriptions.caller() is None
-        await eventually(lambda: _true(subscriptions.ready()), 5, "the connection back")
+        assert metrics.registry.get_sample_value("broker_pubsub_reconnects_total") == 0
     finally:
         await subscriptions.stop()
         await client.aclose()
