@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -87,16 +87,26 @@ async def read_while(connection: PushConnection, call: Awaitable[Any]) -> Any:
             await reading
 
 
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[tuple[aioredis.Redis, PushConnection]]:
+    """A client on ``url`` and a connected ``PushConnection`` made from it; both closed after."""
+    client = aioredis.Redis.from_url(url)
+    connection = PushConnection(client)
+    try:
+        await connection.connect()
+        yield client, connection
+    finally:
+        await connection.aclose()
+        await client.aclose()
+
+
 async def test_commands_beside_the_subscriptions_get_their_replies_in_order(
     redis_server: RedisServer,
 ) -> None:
     """Under RESP3 (redis-py's default) the connection takes reads beside its subscriptions:
     each reply reaches its own call, pushes in between stay pushes, a reply shaped like a
     push (a script's array of three, bytes first) stays a reply."""
-    client = aioredis.Redis.from_url(redis_server.url)
-    connection = PushConnection(client)
-    try:
-        await connection.connect()
+    async with connected(redis_server.url) as (client, connection):
         assert connection.takes_calls
         await client.hset("m", mapping={"status": "running", "seq": "2"})
         await client.xadd("log", {"k": "message", "d": "x"}, id="0-1")
@@ -113,9 +123,6 @@ async def test_commands_beside_the_subscriptions_get_their_replies_in_order(
         assert log == [[b"0-2", [b"k", b"end", b"d", b"y"]]]
         assert script == [b"running", 5, []]
         assert none == {}
-    finally:
-        await connection.aclose()
-        await client.aclose()
 
 
 async def test_an_error_reply_answers_its_own_call_and_the_connection_goes_on(
@@ -124,10 +131,7 @@ async def test_an_error_reply_answers_its_own_call_and_the_connection_goes_on(
     """Redis answers a connection's commands in order, so an error reply reaches the call it
     answers, and the calls after it, the subscriptions and the messages go on as if nothing
     happened. A call given up on (timed out, its viewer gone) still takes its own reply."""
-    client = aioredis.Redis.from_url(redis_server.url)
-    connection = PushConnection(client)
-    try:
-        await connection.connect()
+    async with connected(redis_server.url) as (client, connection):
         connection.send(b"SUBSCRIBE", "a")
         given_up = asyncio.ensure_future(connection.call(b"GET", "nothing"))
         await asyncio.sleep(0)
@@ -146,9 +150,6 @@ async def test_an_error_reply_answers_its_own_call_and_the_connection_goes_on(
         assert connection.takes_calls is False  # an unknown command would come again
         assert await client.publish("a", b"still") == 1
         assert (await pushes_until(connection, 1))[-1] == (b"message", b"a", b"still")
-    finally:
-        await connection.aclose()
-        await client.aclose()
 
 
 async def test_a_refused_subscription_or_a_closed_connection_fails_what_waits(
@@ -188,10 +189,7 @@ async def test_a_refused_subscription_or_a_closed_connection_fails_what_waits(
 async def test_few_calls_in_flight(redis_server: RedisServer) -> None:
     """Replies count against Redis's output buffer limit for pub/sub clients: past
     MAX_CALLS_IN_FLIGHT the connection takes no more until replies come."""
-    client = aioredis.Redis.from_url(redis_server.url)
-    connection = PushConnection(client)
-    try:
-        await connection.connect()
+    async with connected(redis_server.url) as (_, connection):
         calls = [asyncio.ensure_future(connection.call(b"ECHO", str(i)))
                  for i in range(pubsub.MAX_CALLS_IN_FLIGHT)]
         await asyncio.sleep(0)
@@ -199,9 +197,6 @@ async def test_few_calls_in_flight(redis_server: RedisServer) -> None:
         replies = await read_while(connection, asyncio.gather(*calls))
         assert replies == [str(i).encode() for i in range(pubsub.MAX_CALLS_IN_FLIGHT)]
         assert connection.takes_calls
-    finally:
-        await connection.aclose()
-        await client.aclose()
 
 
 async def test_the_store_reads_the_same_through_the_connection(own_store: Store) -> None:
