@@ -293,6 +293,16 @@ def as_text(value: bytes | str | int | float) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def field_pairs(fields: Any) -> dict[Any, Any]:
+    """A raw reply's fields as a dict: a flat list of name, value... (what a script returns,
+    and every reply under RESP2), or a dict already (a RESP3 map)."""
+    if isinstance(fields, dict):
+        return fields
+    if not isinstance(fields, list) or len(fields) % 2:
+        raise ProtocolError(f"not a list of fields: {fields!r:.80}")
+    return dict(zip(fields[::2], fields[1::2], strict=True))
+
+
 def _field_getter(fields: dict[Any, Any]) -> Callable[[str], str]:
     def get(name: str) -> str:
         return as_text(fields[name] if name in fields else fields[name.encode()])
@@ -788,7 +798,7 @@ def decode_stream_meta(reply: Any) -> tuple[Meta | None, LeaseCheck]:
     expired) and the lease check made with it."""
     try:
         outcome, wait_ms, lease_ttl_ms, fields = reply
-        raw = dict(zip(fields[::2], fields[1::2], strict=True))
+        raw = field_pairs(fields)
     except (TypeError, ValueError) as e:
         raise ProtocolError(f"bad stream meta reply: {reply!r}") from e
     return decode_meta(raw), decode_lease_check([outcome, wait_ms, lease_ttl_ms])

@@ -197,15 +197,6 @@ async def _answer_via(via: Caller | None, command: bytes, *args: str | bytes | i
         return _UNANSWERED
 
 
-def _field_pairs(fields: Any) -> dict[Any, Any]:
-    """A raw reply's fields (a flat list of name, value...; a dict under RESP3's maps)."""
-    if isinstance(fields, dict):
-        return fields
-    if not isinstance(fields, list) or len(fields) % 2:
-        raise protocol.ProtocolError(f"not a list of fields: {fields!r:.80}")
-    return dict(zip(fields[::2], fields[1::2], strict=True))
-
-
 class Store:
     def __init__(self, redis: RedisClient, settings: Settings) -> None:
         self.redis = redis
@@ -295,7 +286,7 @@ class Store:
         raw = await _answer_via(via, b"HGETALL", key)
         if raw is _UNANSWERED:
             raw = await self.redis.hgetall(key)
-        return protocol.decode_meta(_field_pairs(raw))
+        return protocol.decode_meta(protocol.field_pairs(raw))
 
     async def snapshot(self, gen_id: str) -> Snapshot | None:
         """The generation as ``GET /v1/generations/{id}`` shows it: meta and aggregates read
@@ -327,7 +318,8 @@ class Store:
         short = min(count, SHORT_LOG_READ)
         raw = await _answer_via(via, b"XRANGE", key, start, "+", "COUNT", short)
         if raw is not _UNANSWERED and (len(raw) < short or short == count):
-            return [protocol.decode_log_entry(eid, _field_pairs(fields)) for eid, fields in raw]
+            return [protocol.decode_log_entry(eid, protocol.field_pairs(fields))
+                    for eid, fields in raw]
         entries: Any = await self.redis.xrange(  # (redis-py types entries with None parts)
             key, min=start, count=count
         )
