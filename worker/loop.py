@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import (
     ClusterDownError,
@@ -20,7 +21,7 @@ from broker.core.backoff import Backoff
 from broker.core.external import ExternalStore
 from broker.core.metrics import Metrics
 from broker.core.protocol import Job, JobEntry
-from broker.core.pubsub import subscribe_forever
+from broker.core.pubsub import PushConnection, subscribe_forever
 from broker.core.settings import Settings
 from broker.core.store import Store
 from broker.core.tasks import cancel_and_wait
@@ -61,7 +62,9 @@ class Worker:
         self.name = name or settings.worker_name()
         self.leases = LeaseKeeper(store, self.name, settings, self.metrics, lease_redis)
         self.admission = Admission(settings, self.metrics)
-        self.batcher = PublishBatcher(store)
+        # The cancel listener's connection on one Redis while it is up: publishes go there.
+        self._listener: PushConnection | None = None
+        self.batcher = PublishBatcher(store, self._publish_caller)
         self.running: dict[str, GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reserved = 0  # slots a shard reader is reading jobs for right now
@@ -354,12 +357,19 @@ class Worker:
 
         Classic pub/sub on purpose: a cancel notice is for every worker, and on a cluster a
         PUBLISH reaches the subscribers of every node. After a failure it starts over on a new
-        connection (on a cluster, possibly to another node: the old one may be gone)."""
-        await subscribe_forever(
-            lambda: self.store.redis.pubsub(ignore_subscribe_messages=True),
-            self._cancel_notices,
-            lambda error, retry_in: self.metrics.redis_errors.labels("cancel_listener").inc(),
-        )
+        connection (on a cluster, possibly to another node: the old one may be gone). On one
+        Redis the connection is the lean one the edge reads (``PushConnection``), and the
+        worker's publishes travel on it too while it takes calls (``_publish_caller``)."""
+        def failed(error: Exception, retry_in: float) -> None:
+            self.metrics.redis_errors.labels("cancel_listener").inc()
+
+        redis = self.store.redis
+        if isinstance(redis, aioredis.RedisCluster):
+            await subscribe_forever(
+                lambda: redis.pubsub(ignore_subscribe_messages=True),
+                self._cancel_notices, failed)
+        else:
+            await subscribe_forever(lambda: PushConnection(redis), self._cancel_pushes, failed)
 
     async def _cancel_notices(self, pubsub: PubSub, connected: Callable[[], None]) -> None:
         await pubsub.subscribe(protocol.CANCEL_CHANNEL)
@@ -367,6 +377,26 @@ class Worker:
         while True:
             message = await pubsub.get_message(timeout=None)
             if message and message["type"] == "message":
-                run = self.running.get(protocol.as_text(message["data"]))
-                if run is not None:
-                    run.cancel_requested.set()
+                self._cancel_requested(protocol.as_text(message["data"]))
+
+    async def _cancel_pushes(self, pubsub: PushConnection, connected: Callable[[], None]) -> None:
+        try:
+            await pubsub.connect()
+            pubsub.send(b"SUBSCRIBE", protocol.CANCEL_CHANNEL)
+            self._listener = pubsub
+            connected()
+            while True:
+                for kind, _channel, data in await pubsub.read():
+                    if kind == b"message":
+                        self._cancel_requested(protocol.as_text(data))
+        finally:
+            self._listener = None
+
+    def _cancel_requested(self, gen_id: str) -> None:
+        run = self.running.get(gen_id)
+        if run is not None:
+            run.cancel_requested.set()
+
+    def _publish_caller(self) -> PushConnection | None:
+        listener = self._listener
+        return listener if listener is not None and listener.takes_calls else None

@@ -458,19 +458,26 @@ class Store:
 
     async def publish(
         self, gen_id: str, owner: str, seq: int, events: Sequence[NewEvent],
-        published_ms: int | None = None,
+        published_ms: int | None = None, via: Caller | None = None,
     ) -> int:
         """Append ``events`` to the log as ``seq``, ``seq + 1``, ... and publish them, all in
         one atomic call, all or nothing (see PUBLISH_SCRIPT): 1 published, 0 already published
         (a retry), -1 gone, -2 not ours. A terminal event may only come last; it sets the
-        generation's final status."""
+        generation's final status. ``via``: sent there first (see ``Caller``; the worker's
+        cancel-listening connection): if it fails, the call is made again through redis-py,
+        which the explicit seq makes safe (a repeat of a call that did run answers 0)."""
         args = protocol.publish_args(
             owner, seq, events, protocol.now_ms() if published_ms is None else published_ms,
             maxlen=self.maxlen, ttl_ms=self.ttl_ms, channel=protocol.live_channel(gen_id),
             publish_cmd=self.publish_cmd,
         )
-        result, conversation = protocol.decode_publish_reply(
-            await self._publish(keys=protocol.generation_keys(gen_id), args=args))
+        keys = protocol.generation_keys(gen_id)
+        # By its SHA: a Redis that lost its scripts answers NOSCRIPT, and redis-py's call
+        # below loads it again.
+        reply = await _answer_via(via, b"EVALSHA", self._publish.sha, len(keys), *keys, *args)
+        if reply is _UNANSWERED:
+            reply = await self._publish(keys=keys, args=args)
+        result, conversation = protocol.decode_publish_reply(reply)
         if conversation:
             await self._conversation_turn_ended(conversation)
         return result

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+import redis.asyncio as aioredis
+
 from broker.core import protocol
+from broker.core.pubsub import PushConnection
 from broker.core.store import Store
 from worker.batch import PublishBatcher
 
@@ -45,3 +48,41 @@ async def test_a_lone_publish_goes_as_before(own_store: Store) -> None:
     assert await batcher.publish(gen_id, "w1", 1, [protocol.new_message("a. ")],
                                  protocol.now_ms()) == 1
     assert batcher.batches == 0
+
+
+async def test_publishes_on_a_given_connection_answer_as_through_redis_py(
+    own_store: Store,
+) -> None:
+    """The worker's publishes on its cancel listener's connection (``PushConnection.call``):
+    the same results (a repeat 0, someone else's -2); a Redis that lost its scripts and a
+    connection that is gone send the call through redis-py instead."""
+    assert isinstance(own_store.redis, aioredis.Redis)  # (one Redis, not a cluster)
+    listener = PushConnection(own_store.redis)
+    await listener.connect()
+    listener.send(b"SUBSCRIBE", protocol.CANCEL_CHANNEL)
+    reading = asyncio.create_task(read_forever(listener))
+    try:
+        gens = [await running(own_store, "w1") for _ in range(2)]
+        batcher = PublishBatcher(own_store, lambda: listener)
+        now = protocol.now_ms()
+        results = await asyncio.gather(
+            batcher.publish(gens[0], "w1", 1, [protocol.new_message("one. ")], now),
+            batcher.publish(gens[1], "someone-else", 1, [protocol.new_message("no. ")], now),
+        )
+        assert results == [1, -2] and batcher.batches == 0
+        assert await batcher.publish(gens[0], "w1", 1, [protocol.new_message("one. ")], now) == 0
+        await own_store.redis.script_flush()
+        assert await batcher.publish(gens[0], "w1", 2, [protocol.new_message("two. ")], now) == 1
+        await listener.aclose()
+        assert await batcher.publish(gens[0], "w1", 3, [protocol.new_end("stop", None)], now) == 1
+        snapshot = await own_store.snapshot(gens[0])
+        assert snapshot is not None
+        assert (snapshot.text, snapshot.meta.status) == ("one. two. ", "completed")
+    finally:
+        reading.cancel()
+        await listener.aclose()
+
+
+async def read_forever(listener: PushConnection) -> None:
+    while True:
+        await listener.read()

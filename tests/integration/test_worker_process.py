@@ -16,7 +16,7 @@ import pytest
 from broker.core import protocol
 from tests.conftest import StartBroker
 from tests.support.api import create, events_url, metric, unique
-from tests.support.fakellm import FakeLLM
+from tests.support.fakellm import TRICKY_TEXT, FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, wait_until
 from tests.support.sse import read_events
 
@@ -144,5 +144,55 @@ async def test_worker_logs_no_request_lines_and_tells_its_drain(
         assert "stopped: 1 generation(s) finished during the drain, 0 ended with " \
                "worker_shutdown" in output, output
         assert "HTTP Request:" not in output and "Traceback" not in output, output
+    finally:
+        worker.stop()
+
+
+def pubsub_clients_of(redis: RedisServer, name_prefix: str) -> list[dict[str, str]]:
+    """``CLIENT LIST``'s subscribed clients named ``name_prefix...``, each as its fields."""
+    client = redis.client()
+    try:
+        listed = client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+    finally:
+        client.close()
+    text = listed.decode() if isinstance(listed, bytes) else str(listed)
+    clients = [dict(field.split("=", 1) for field in line.split() if "=" in field)
+               for line in text.splitlines()]
+    return [c for c in clients if c.get("name", "").startswith(name_prefix)]
+
+
+async def test_on_one_redis_the_worker_publishes_beside_its_cancel_subscription(
+    own_redis: RedisServer, fake_llm: FakeLLM, start_broker: StartBroker,
+    http: httpx.AsyncClient,
+):
+    """A default worker's events go to Redis on the connection that listens for cancel
+    notices (Redis says so: that client's last command is the publish script's EVALSHA).
+    Killed mid-answer, the publishes go on through redis-py until it is back, and the
+    answer is whole and exact."""
+    edge = start_broker("edge", own_redis.url)
+    worker = start_default_worker(own_redis, fake_llm)
+    try:
+        worker.wait_for_log("taking jobs")
+        text = "First sentence here. " + TRICKY_TEXT + " Last one."
+        held = fake_llm.script(unique("beside"), text, hold_at=4)
+        gen_id = await create(http, edge.url, held)
+        await asyncio.to_thread(lambda: fake_llm.record_for(held))
+        listener = await asyncio.to_thread(wait_until, lambda: [
+            c for c in pubsub_clients_of(own_redis, "broker-worker-") if c["cmd"] == "evalsha"],
+            20, "the worker's first text published on its cancel listener")
+        assert len(listener) == 1 and listener[0]["sub"] == "1", listener
+
+        killer = own_redis.client()
+        try:
+            assert killer.client_kill_filter(_id=listener[0]["id"]) == 1
+        finally:
+            killer.close()
+        fake_llm.reply_for(held).release.set()
+        got = await read_events(http, events_url(edge.url, gen_id))
+        assert got.text == text and got.terminal_data()["finish_reason"] == "stop"
+        # A new listener took the old one's place, and the publishes again (the next answer).
+        after = await create(http, edge.url, unique("after"))
+        assert (await read_events(http, events_url(edge.url, after))).terminal is not None
+        assert [c["cmd"] for c in pubsub_clients_of(own_redis, "broker-worker-")] == ["evalsha"]
     finally:
         worker.stop()
