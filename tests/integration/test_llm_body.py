@@ -5,6 +5,7 @@ a silent or cut stream fails as before."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -12,11 +13,12 @@ import pytest
 import uvloop
 from openai import AsyncOpenAI
 
+import worker.body
 from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM, stream_failure
-from worker.body import lean_body
+from worker.body import ChunkDecoder, lean_body
 from worker.llm import LLM
 
 
@@ -121,3 +123,109 @@ async def test_a_stream_ended_without_finish_reason_or_done_is_broken_not_comple
         assert completion.finish_reason == "stop" and "".join(texts) == "Some words here."
     finally:
         await llm.aclose()
+
+
+async def test_the_chunks_are_decoded_by_the_lean_reader_and_h11_ends_the_body(
+    client: AsyncOpenAI, fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Token by token, as an LLM streams: after the body's start the chunks are decoded by
+    ``worker.body.ChunkDecoder``, and the last one handed back to the connection's h11, which
+    ends the message (the connection then serves the next request)."""
+    made: list[ChunkDecoder] = []
+
+    class Counted(ChunkDecoder):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(worker.body, "ChunkDecoder", Counted)
+    prompt = fake_llm.script("lean-body chunks", TRICKY_TEXT, delay=0.002)
+    first = await body_of(client, prompt, lean=True)
+    assert len(made) == 1 and made[0].last is not None and made[0].last.startswith(b"0")
+    assert chunks_of(first) == chunks_of(await body_of(client, prompt, lean=False))
+    assert chunks_of(await body_of(client, prompt, lean=True)) == chunks_of(first)
+
+
+class RawLLM:
+    """An HTTP/1.1 server that answers every request with the same bytes, as given: framing
+    the fake LLM's server would never write (extensions, trailers, a head and body in one
+    write, one byte per write, broken chunks). Counts the connections it accepted."""
+
+    def __init__(self, writes: list[bytes]) -> None:
+        self.writes = writes
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                for write in self.writes:
+                    writer.write(write)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+RAW_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+
+
+def sse_chunks(*datas: str, header: bytes = b"%x") -> list[bytes]:
+    events = [f"data: {d}\n\n".encode() for d in datas]
+    return [header % len(e) + b"\r\n" + e + b"\r\n" for e in events]
+
+
+TOKENS = [json.dumps({"choices": [{"index": 0, "delta": {"content": t}}]}, ensure_ascii=False)
+          for t in ("Hello", " wörld", " 😀\u2028", ".")] + ["[DONE]"]
+
+
+@pytest.mark.parametrize("writes", [
+    pytest.param([RAW_HEAD, *sse_chunks(*TOKENS), b"0\r\n\r\n"], id="a write per chunk"),
+    pytest.param([RAW_HEAD + b"".join(sse_chunks(*TOKENS)) + b"0\r\n\r\n"], id="one write"),
+    pytest.param([RAW_HEAD + sse_chunks(*TOKENS)[0][:9], sse_chunks(*TOKENS)[0][9:],
+                  *sse_chunks(*TOKENS[1:]), b"0\r\n\r\n"], id="the head with half a chunk"),
+    pytest.param([RAW_HEAD, *sse_chunks(*TOKENS, header=b"%X;ext=\"1\" "),
+                  b"0;end\r\nx-usage: 7\r\n\r\n"], id="extensions and trailers"),
+    pytest.param([bytes([b]) for b in RAW_HEAD + b"".join(sse_chunks(*TOKENS)) + b"0\r\n\r\n"],
+                 id="a byte per write"),
+])
+async def test_any_framing_of_a_chunked_answer_reads_exactly_and_reuses_the_connection(
+    writes: list[bytes],
+) -> None:
+    raw = RawLLM(writes)
+    async with raw as base_url, AsyncOpenAI(api_key="k", base_url=base_url,
+                                            max_retries=0) as sdk:
+        first = await body_of(sdk, "raw", lean=True)
+        assert [d for d in SSEDecoder().feed(first)] == TOKENS
+        assert await body_of(sdk, "raw", lean=True) == first
+    assert raw.connections == 1  # the body's end left the connection reusable
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param(b"zz\r\n", id="a chunk header that is not one"),
+    pytest.param(b"5\r\nhelloXY", id="no CRLF after a chunk"),
+])
+async def test_broken_chunk_framing_mid_answer_is_llm_stream_broken(bad: bytes) -> None:
+    async with RawLLM([RAW_HEAD, *sse_chunks(*TOKENS[:2]), bad]) as base_url:
+        llm = LLM(Settings(openai_base_url=base_url, openai_api_key="k", llm_max_retries=0))
+        try:
+            assert (await stream_failure(llm, "raw")).code == "llm_stream_broken"
+        finally:
+            await llm.aclose()
