@@ -46,7 +46,8 @@ import h11
 from anyio.abc import ByteStream
 
 READ_BYTES = 65536
-# The longest chunk header (size, extensions) waited for: h11's own limit on an unfinished event.
+# The longest chunk header (size, extensions) waited for: h11's default limit on an
+# unfinished event (httpcore raises it to 100 kB for a response's head).
 MAX_CHUNK_HEADER = 16 * 1024
 # A chunk header as h11 takes it: 1-20 hex digits, extensions ignored, trailing blanks allowed.
 _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
@@ -300,10 +301,11 @@ async def _read(
     source.start()
     chunks: ChunkDecoder | None = None  # while the chunks are decoded here, not by h11
     may_decode = True  # (not again once the last chunk is h11's)
+    decoded: list[bytes] = []  # data decoded here, handed on with h11's end of the message
     try:
         while True:
             if chunks is None:
-                parts: list[bytes] = []
+                parts, decoded = decoded, []
                 while True:
                     try:
                         event = state.next_event()
@@ -344,13 +346,18 @@ async def _read(
                 parts = chunks.feed(data)
             except ValueError as e:
                 raise BodyBroken(f"the LLM broke HTTP framing: {e}") from e
-            if parts:
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
             if chunks.last is not None:
-                # The last chunk to h11, which stood between two chunks: it ends the message.
+                # The last chunk to h11, which stood between two chunks: it ends the message
+                # before the data that came with it is handed on (above, with h11's events),
+                # so a reader that stops at `[DONE]`, as the worker does, leaves the message
+                # ended and the connection reusable.
                 state.receive_data(chunks.last)
                 chunks = None
                 may_decode = False
+                decoded = parts
+                continue
+            if parts:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
     finally:
         source.stop()
         silence.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import urllib.request
@@ -26,6 +27,8 @@ from worker.pool import LeanPool, lean_transport, transport_pool
 
 log = logging.getLogger(__name__)
 
+# How long the body's end is waited for after `[DONE]` (see ``_read_to_the_end``).
+DONE_DRAIN = 0.25
 # Set by the worker on every call, whatever a request says.
 _WORKER_FIELDS = frozenset({"stream", "stream_options"})
 
@@ -138,6 +141,7 @@ class LLM:
                     async for data in datas:
                         if data.startswith("[DONE]"):
                             done = True
+                            await _read_to_the_end(datas)
                             break
                         chunk = json.loads(data)
                         if not isinstance(chunk, dict):
@@ -186,6 +190,21 @@ class LLM:
         if pieces:
             await on_pieces(pieces)
         return Completion(reader.finish_reason or "stop", usage)
+
+
+async def _read_to_the_end(datas: AsyncIterator[str]) -> None:
+    """The body after ``[DONE]``: its end (the last chunk) follows at once, but often in a
+    read of its own (over TLS a record each). Closed before it came, the response would take
+    the connection with it (a new connection, and TLS handshake, per answer); so it is read,
+    for at most ``DONE_DRAIN`` seconds (a server holding the body open after ``[DONE]``
+    delays the answer's end by that much). What comes or fails there is no part of the
+    answer."""
+    try:
+        async with asyncio.timeout(DONE_DRAIN):
+            async for _ in datas:
+                pass
+    except Exception as e:  # (any: the reader's, httpx's; the answer is whole already)
+        log.debug("the LLM's body after [DONE] was not read to its end: %r", e)
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

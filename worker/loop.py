@@ -362,6 +362,8 @@ class Worker:
         worker's publishes travel on it too while it takes calls (``_publish_caller``)."""
         def failed(error: Exception, retry_in: float) -> None:
             self.metrics.redis_errors.labels("cancel_listener").inc()
+            log.warning("the cancel listener's connection to Redis failed (%s); retrying in "
+                        "%.2fs", error, retry_in)
 
         redis = self.store.redis
         if isinstance(redis, aioredis.RedisCluster):

@@ -109,6 +109,7 @@ class PushConnection:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._open = False
+        self._failure: RedisError | None = None  # why this side ended the connection
         self._loop: asyncio.AbstractEventLoop  # (the running loop's, from ``connect``)
         self._parser = PushParser()
         self._pending: list[bytes] = []  # commands to write at the end of this loop turn
@@ -151,7 +152,7 @@ class PushConnection:
         it (RESP3 types: a map is a dict); only while ``takes_calls``, and only for commands
         with one short reply. An error reply raises ``ResponseError`` (the connection goes
         on), a failed connection ``RedisConnectionError``, no reply within ``CALL_TIMEOUT``
-        ``TimeoutError``."""
+        ``TimeoutError`` (and the connection fails: see ``_unanswered``)."""
         if not self.takes_calls:
             raise RedisConnectionError("this pub/sub connection takes no commands now")
         self._queue(encode_command(command, args))
@@ -161,12 +162,28 @@ class PushConnection:
         # A timer on the reply, not ``asyncio.timeout``: that looks up the running loop and
         # task (a ``getpid`` system call each under CPython 3.11) for every call, and the
         # worker makes one per published message.
-        expiry = self._loop.call_later(CALL_TIMEOUT, _expire, reply, command)
+        expiry = self._loop.call_later(CALL_TIMEOUT, self._unanswered, reply, command)
         try:
             return await reply
         finally:
             expiry.cancel()
             self._calls_in_flight -= 1
+
+    def _unanswered(self, reply: asyncio.Future[Any], command: bytes) -> None:
+        """A call had no reply within ``CALL_TIMEOUT``: Redis answers in order, so nothing
+        sent after it will be answered either (a frozen connection, a peer gone without a
+        word). The call fails, and so does the connection: its reader ends with this error
+        and its owner starts over on a new one (else every later call would wait as long)."""
+        if reply.done():
+            return
+        error = RedisTimeoutError(f"no reply to {command.decode()} on the pub/sub connection "
+                                  f"within {CALL_TIMEOUT:g} s")
+        reply.set_exception(error)
+        if self._open:
+            self._open = False
+            self._failure = error
+            if self._writer is not None:
+                self._writer.transport.abort()  # the reader wakes to the end of the stream
 
     def _queue(self, packed: bytes) -> None:
         writer = self._writer
@@ -195,13 +212,13 @@ class PushConnection:
         """The pushes that arrived: waits for at least one read, returns every complete push
         in the bytes so far (possibly none)."""
         if not self._open:
-            raise RedisConnectionError("the pub/sub connection is not open")
+            raise self._failure or RedisConnectionError("the pub/sub connection is not open")
         reader = self._reader
         if reader is None:
             return [_push_of(await self._connection.read_response(push_request=True))]
         data = await reader.read(READ_SIZE)
         if not data:
-            raise RedisConnectionError("Redis closed the pub/sub connection")
+            raise self._failure or RedisConnectionError("Redis closed the pub/sub connection")
         items = self._parser.feed(data)
         if not self._tracking:
             pushes: list[Push] = []
@@ -301,12 +318,6 @@ def _written_by(writes: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]
         if not write.cancelled():
             write.exception()  # retrieved: the reader sees the connection fail
     return done
-
-
-def _expire(reply: asyncio.Future[Any], command: bytes) -> None:
-    if not reply.done():
-        reply.set_exception(RedisTimeoutError(
-            f"no reply to {command.decode()} on the pub/sub connection"))
 
 
 def encode_command(command: bytes, args: tuple[str | bytes | int, ...]) -> bytes:

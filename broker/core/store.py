@@ -171,10 +171,11 @@ class Snapshot:
 
 
 class Caller(Protocol):
-    """A connection that sends one command and returns its raw reply (the edge's pub/sub
-    connection, ``broker.core.pubsub.PushConnection``): a viewer's meta reads go there when
-    they may, as redis-py's call costs several times their own work. Only short replies:
-    they share the pub/sub connection's output buffer limit with the messages."""
+    """A connection that sends one command and returns its raw reply (a pub/sub connection,
+    ``broker.core.pubsub.PushConnection``: the edge's, the worker's cancel listener): a
+    viewer's meta reads and the worker's publishes go there when they may, as redis-py's call
+    costs several times their own work. Only short replies: they share the pub/sub
+    connection's output buffer limit with the messages."""
 
     async def call(self, command: bytes, *args: str | bytes | int) -> Any: ...
 
@@ -184,13 +185,23 @@ _UNANSWERED = object()
 SHORT_LOG_READ = 16
 
 
-async def _answer_via(via: Caller | None, command: bytes, *args: str | bytes | int) -> Any:
+async def _answer_via(
+    via: Caller | None, command: bytes, *args: str | bytes | int, writes: bool = False,
+) -> Any:
     """``via``'s reply to ``command``, or ``_UNANSWERED`` (no ``via``, or it failed: the
-    caller asks through redis-py, whose retries and errors are the store's)."""
+    caller asks through redis-py, whose retries and errors are the store's). ``writes``: the
+    command writes, so an error reply is its answer, raised as redis-py would (made again it
+    would run again), but for ``NOSCRIPT`` (it did not run; redis-py loads the script)."""
     if via is None:
         return _UNANSWERED
     try:
         return await via.call(command, *args)
+    except ResponseError as e:
+        if writes and not str(e).startswith("NOSCRIPT"):
+            raise
+        log.debug("%s on the pub/sub connection was refused (%r); through redis-py",
+                  command.decode(), e)
+        return _UNANSWERED
     except RedisError as e:
         log.debug("%s on the pub/sub connection failed (%r); through redis-py",
                   command.decode(), e)
@@ -474,7 +485,8 @@ class Store:
         keys = protocol.generation_keys(gen_id)
         # By its SHA: a Redis that lost its scripts answers NOSCRIPT, and redis-py's call
         # below loads it again.
-        reply = await _answer_via(via, b"EVALSHA", self._publish.sha, len(keys), *keys, *args)
+        reply = await _answer_via(via, b"EVALSHA", self._publish.sha, len(keys), *keys, *args,
+                                  writes=True)
         if reply is _UNANSWERED:
             reply = await self._publish(keys=keys, args=args)
         result, conversation = protocol.decode_publish_reply(reply)

@@ -19,7 +19,7 @@ from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM, stream_failure
 from worker.body import ChunkDecoder, lean_body
-from worker.llm import LLM
+from worker.llm import DONE_DRAIN, LLM
 
 
 @pytest.fixture
@@ -151,7 +151,9 @@ class RawLLM:
     the fake LLM's server would never write (extensions, trailers, a head and body in one
     write, one byte per write, broken chunks). Counts the connections it accepted."""
 
-    def __init__(self, writes: list[bytes]) -> None:
+    def __init__(self, writes: list[bytes | float]) -> None:
+        """``writes``: bytes to write, or seconds to wait before the next (a pause on the
+        wire, as between two TLS records)."""
         self.writes = writes
         self.connections = 0
         self.server: asyncio.Server | None = None
@@ -175,6 +177,9 @@ class RawLLM:
                                if line.lower().startswith(b"content-length:")), 0)
                 await reader.readexactly(length)
                 for write in self.writes:
+                    if isinstance(write, float):
+                        await asyncio.sleep(write)
+                        continue
                     writer.write(write)
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -229,3 +234,35 @@ async def test_broken_chunk_framing_mid_answer_is_llm_stream_broken(bad: bytes) 
             assert (await stream_failure(llm, "raw")).code == "llm_stream_broken"
         finally:
             await llm.aclose()
+
+
+DONE_CHUNK = sse_chunks(*TOKENS)[-1]
+
+
+@pytest.mark.parametrize("ending", [
+    pytest.param([DONE_CHUNK + b"0\r\n\r\n"], id="the end in the same read as [DONE]"),
+    # A pause well within the wait for the end after [DONE]: the end comes in a read of its own.
+    pytest.param([DONE_CHUNK, DONE_DRAIN / 10, b"0\r\n\r\n"], id="the end in a read of its own"),
+])
+async def test_the_worker_stopping_at_done_leaves_the_connection_reusable(
+    ending: list[bytes | float],
+) -> None:
+    """The worker stops reading at `[DONE]`; the body's end, after it in the same read or the
+    next, still reaches h11, which ends the message: three answers, one connection."""
+    raw = RawLLM([RAW_HEAD, b"".join(sse_chunks(*TOKENS[:-1])), DONE_DRAIN / 10, *ending])
+    async with raw as base_url:
+        llm = LLM(Settings(openai_base_url=base_url, openai_api_key="k", llm_max_retries=0))
+        texts: list[str] = []
+
+        async def keep(pieces: list[Piece]) -> None:
+            texts.extend(p.text for p in pieces if isinstance(p, Text))
+
+        try:
+            for _ in range(3):
+                completion = await llm.stream(
+                    {"model": "m", "messages": [{"role": "user", "content": "raw"}]}, keep)
+                assert completion.finish_reason == "stop"
+        finally:
+            await llm.aclose()
+    assert "".join(texts) == "Hello wörld 😀\u2028." * 3
+    assert raw.connections == 1

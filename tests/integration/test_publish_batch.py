@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
-from broker.core import protocol
+from broker.core import protocol, pubsub
 from broker.core.pubsub import PushConnection
-from broker.core.store import Store
+from broker.core.settings import Settings
+from broker.core.store import Store, connect
+from broker.core.tasks import cancel_and_wait
+from tests.support.procs import RedisServer, eventually
+from tests.support.tcpproxy import TcpProxy
 from worker.batch import PublishBatcher
+from worker.llm import LLM
+from worker.loop import Worker
 
 
 async def running(store: Store, owner: str) -> str:
@@ -86,3 +93,47 @@ async def test_publishes_on_a_given_connection_answer_as_through_redis_py(
 async def read_forever(listener: PushConnection) -> None:
     while True:
         await listener.read()
+
+
+async def test_a_frozen_cancel_listener_costs_one_timeout_and_is_replaced(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's listener stops delivering (a frozen connection): the publish waiting on it
+    gives up after ``CALL_TIMEOUT`` and is made again through redis-py (it had run: the
+    repeat answers 0), the listener starts over on a new connection, and the publishes after
+    go there, at once."""
+    monkeypatch.setattr(pubsub, "CALL_TIMEOUT", 0.3)
+    proxy = TcpProxy(own_redis.port).start()
+    settings = Settings(redis_url=f"redis://127.0.0.1:{proxy.port}/0", openai_api_key="k")
+    client = connect(settings, "frozen-listener")
+    store = Store(client, settings)
+    llm = LLM(settings)
+    worker = Worker(store, llm, settings)
+    listening = asyncio.create_task(worker._listen_for_cancels())
+
+    async def listener() -> PushConnection | None:
+        return worker._publish_caller()
+
+    try:
+        first = await eventually(listener, what="the cancel listener")
+        gen_id = await running(store, "w1")
+        publish = worker.batcher.publish
+        assert await publish(gen_id, "w1", 1, [protocol.new_message("one. ")], 0) == 1
+        assert proxy.freeze_subscribers() == 1
+        assert await publish(gen_id, "w1", 2, [protocol.new_message("two. ")], 0) == 0
+
+        async def a_new_listener() -> PushConnection | None:
+            now = worker._publish_caller()
+            return now if now is not None and now is not first else None
+
+        await eventually(a_new_listener, what="a new cancel listener")
+        assert await publish(gen_id, "w1", 3, [protocol.new_end("stop", None)], 0) == 1
+        snapshot = await store.snapshot(gen_id)
+        assert snapshot is not None
+        assert (snapshot.text, snapshot.meta.status) == ("one. two. ", "completed")
+    finally:
+        await cancel_and_wait(listening)
+        await llm.aclose()
+        await client.aclose()
+        await client.connection_pool.disconnect()
+        proxy.stop()

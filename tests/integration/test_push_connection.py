@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.core import protocol, pubsub
 from broker.core.metrics import Metrics
@@ -23,6 +24,7 @@ from broker.core.settings import Settings
 from broker.core.store import SHORT_LOG_READ, Store, connect
 from broker.edge.subscriptions import Subscriptions
 from tests.support.procs import RedisServer, eventually
+from tests.support.tcpproxy import TcpProxy
 
 
 async def pushes_until(connection: PushConnection, count: int) -> list[Push]:
@@ -290,3 +292,36 @@ async def test_a_redis_that_refuses_the_reads_there_answers_them_through_redis_p
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_call_unanswered_in_time_fails_the_connection_too(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis answers in order: a call unanswered within ``CALL_TIMEOUT`` (a frozen
+    connection, a peer gone without a word) means nothing later will be answered either. The
+    call fails with a timeout, and so does the connection: its reader ends with that error,
+    so its owner starts over on a new one instead of every later call waiting as long."""
+    monkeypatch.setattr(pubsub, "CALL_TIMEOUT", 0.2)
+    proxy = TcpProxy(redis_server.port).start()
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{proxy.port}/0")
+    connection = PushConnection(client)
+    try:
+        await connection.connect()
+        connection.send(b"SUBSCRIBE", "frozen-test")
+
+        async def read_forever() -> None:
+            while True:
+                await connection.read()
+
+        reading = asyncio.create_task(read_forever())  # (replies reach calls through reads)
+        assert await connection.call(b"PING") == b"PONG"
+        assert proxy.freeze_subscribers() == 1
+        with pytest.raises(RedisTimeoutError, match="no reply to PING"):
+            await connection.call(b"PING")
+        assert not connection.takes_calls
+        with pytest.raises(RedisTimeoutError, match="no reply to PING"):
+            await reading
+    finally:
+        await connection.aclose()
+        await client.aclose()
+        proxy.stop()
