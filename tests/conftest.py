@@ -15,6 +15,7 @@ from broker.core.store import Store, connect
 from tests.support.cluster import RedisClusterServers
 from tests.support.fakellm import FakeLLM
 from tests.support.procs import BrokerProcess, RedisServer, free_port
+from worker import body
 
 # The suite is deterministic: hypothesis draws the same examples every run (CI must not fail
 # on a new draw). To hunt for new failures, run with `--hypothesis-profile=explore`. No
@@ -179,3 +180,18 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     """Every async test on uvloop, the loop the edge and the worker run on
     (``broker.tools.cli``): a path that works on asyncio's loop alone is not one users run."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def chunk_decoders(monkeypatch: pytest.MonkeyPatch) -> list[body.ChunkDecoder]:
+    """Every ``worker.body.ChunkDecoder`` the worker's body reader makes during the test: it
+    makes one when it takes a chunked body's decoding over from h11."""
+    made: list[body.ChunkDecoder] = []
+
+    class Counted(body.ChunkDecoder):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(body, "ChunkDecoder", Counted)
+    return made

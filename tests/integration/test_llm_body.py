@@ -13,7 +13,6 @@ import pytest
 import uvloop
 from openai import AsyncOpenAI
 
-import worker.body
 from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
@@ -126,22 +125,15 @@ async def test_a_stream_ended_without_finish_reason_or_done_is_broken_not_comple
 
 
 async def test_the_chunks_are_decoded_by_the_lean_reader_and_h11_ends_the_body(
-    client: AsyncOpenAI, fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch,
+    client: AsyncOpenAI, fake_llm: FakeLLM, chunk_decoders: list[ChunkDecoder],
 ) -> None:
     """Token by token, as an LLM streams: after the body's start the chunks are decoded by
     ``worker.body.ChunkDecoder``, and the last one handed back to the connection's h11, which
     ends the message (the connection then serves the next request)."""
-    made: list[ChunkDecoder] = []
-
-    class Counted(ChunkDecoder):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-    monkeypatch.setattr(worker.body, "ChunkDecoder", Counted)
     prompt = fake_llm.script("lean-body chunks", TRICKY_TEXT, delay=0.002)
     first = await body_of(client, prompt, lean=True)
-    assert len(made) == 1 and made[0].last is not None and made[0].last.startswith(b"0")
+    [decoder] = chunk_decoders
+    assert decoder.last is not None and decoder.last.startswith(b"0")
     assert chunks_of(first) == chunks_of(await body_of(client, prompt, lean=False))
     assert chunks_of(await body_of(client, prompt, lean=True)) == chunks_of(first)
 

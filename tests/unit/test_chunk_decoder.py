@@ -12,7 +12,6 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import worker.body
 from worker.body import MAX_CHUNK_HEADER, BodyBroken, ChunkDecoder, _read
 
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -91,29 +90,21 @@ async def test_any_reads_give_the_data_and_h11_ends_the_message(
 
 
 async def test_the_chunks_are_decoded_here_once_h11_rests_between_two(
-    monkeypatch: pytest.MonkeyPatch,
+    chunk_decoders: list[ChunkDecoder],
 ) -> None:
     """Token by token, as an LLM streams: h11 reads the start, the decoder the rest. A
     head that came with half a chunk leaves h11 reading until it rests between two."""
-    made: list[ChunkDecoder] = []
-
-    class Counted(ChunkDecoder):
-        def __init__(self) -> None:
-            super().__init__()
-            made.append(self)
-
-    monkeypatch.setattr(worker.body, "ChunkDecoder", Counted)
     tokens = [b"data: {\"n\": %d}\n\n" % i for i in range(5)]
     chunks = [b"%x\r\n%s\r\n" % (len(t), t) for t in tokens]
     got, connection = await body_of([b"", *chunks, b"0\r\n\r\n"])
     assert got == b"".join(tokens) and connection.their_state is h11.DONE
-    assert len(made) == 1 and made[0].last == b"0\r\n\r\n"
+    assert len(chunk_decoders) == 1 and chunk_decoders[0].last == b"0\r\n\r\n"
 
-    made.clear()
+    chunk_decoders.clear()
     got, connection = await body_of([chunks[0][:7], chunks[0][7:] + chunks[1], *chunks[2:],
                                      b"0\r\n\r\n"])
     assert got == b"".join(tokens) and connection.their_state is h11.DONE
-    assert len(made) == 1
+    assert len(chunk_decoders) == 1
 
 
 @pytest.mark.parametrize("reads", [
