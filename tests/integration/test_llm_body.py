@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -16,6 +18,7 @@ from openai import AsyncOpenAI
 from broker.core.deltas import Piece, Text
 from broker.core.settings import Settings
 from broker.core.sse import SSEDecoder
+from broker.tools.loadbalancer import self_signed_certificate
 from tests.support.fakellm import TRICKY_TEXT, FakeLLM, stream_failure
 from worker.body import ChunkDecoder, lean_body
 from worker.llm import DONE_DRAIN, LLM
@@ -143,17 +146,18 @@ class RawLLM:
     the fake LLM's server would never write (extensions, trailers, a head and body in one
     write, one byte per write, broken chunks). Counts the connections it accepted."""
 
-    def __init__(self, writes: list[bytes | float]) -> None:
+    def __init__(self, writes: list[bytes | float], tls: ssl.SSLContext | None = None) -> None:
         """``writes``: bytes to write, or seconds to wait before the next (a pause on the
-        wire, as between two TLS records)."""
+        wire). ``tls``: served over TLS with this context (each write a record of its own)."""
         self.writes = writes
+        self.tls = tls
         self.connections = 0
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> str:
-        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._answer, "127.0.0.1", 0, ssl=self.tls)
         port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/v1"
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
@@ -242,6 +246,25 @@ async def test_the_worker_stopping_at_done_leaves_the_connection_reusable(
     """The worker stops reading at `[DONE]`; the body's end, after it in the same read or the
     next, still reaches h11, which ends the message: three answers, one connection."""
     raw = RawLLM([RAW_HEAD, b"".join(sse_chunks(*TOKENS[:-1])), DONE_DRAIN / 10, *ending])
+    await three_answers_on_one_connection(raw)
+
+
+async def test_over_tls_the_worker_keeps_its_connection_to_the_llm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over TLS every record is a read of its own, so the body's end came in a read after
+    `[DONE]`, which the worker did not make: each answer paid a new connection and TLS
+    handshake (2.9-3.1 ms of the worker's CPU per answer, against 1.3 with the connection
+    kept). The LLM's client trusts the certificate the way a user's would: SSL_CERT_FILE."""
+    pem = self_signed_certificate(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pem)
+    await three_answers_on_one_connection(
+        RawLLM([RAW_HEAD, *sse_chunks(*TOKENS), b"0\r\n\r\n"], tls=tls))
+
+
+async def three_answers_on_one_connection(raw: RawLLM) -> None:
     async with raw as base_url:
         llm = LLM(Settings(openai_base_url=base_url, openai_api_key="k", llm_max_retries=0))
         texts: list[str] = []
