@@ -300,7 +300,6 @@ async def _read(
     silence = _Silence(read_timeout)
     source.start()
     chunks: ChunkDecoder | None = None  # while the chunks are decoded here, not by h11
-    may_decode = True  # (not again once the last chunk is h11's)
     decoded: list[bytes] = []  # data decoded here, handed on with h11's end of the message
     try:
         while True:
@@ -323,7 +322,8 @@ async def _read(
                         raise BodyBroken("the LLM closed the connection mid-body")
                 if parts:
                     yield b"".join(parts)
-                if may_decode and _resting_between_chunks(state):
+                # (Never again once h11 has the last chunk: it reads the trailers then.)
+                if _resting_between_chunks(state):
                     chunks = ChunkDecoder()
             silence.waiting_since = silence.loop.time()
             try:
@@ -353,7 +353,6 @@ async def _read(
                 # ended and the connection reusable.
                 state.receive_data(chunks.last)
                 chunks = None
-                may_decode = False
                 decoded = parts
                 continue
             if parts:
